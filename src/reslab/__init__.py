@@ -1,0 +1,31 @@
+"""reslab: residual techniques for ResNets, measured honestly.
+
+A residual block is branch + shortcut + merge; a *technique* decides the merge::
+
+    import reslab
+    model = reslab.build_model("resnet20", technique="scale", num_classes=10, in_channels=1)
+    reslab.list_techniques()  # ['baseline', 'scale', 'norm', 'fusion', ...]
+"""
+
+from reslab.blocks import BasicBlock, Bottleneck, DropPath, ResidualBlock, residual_blocks
+from reslab.models import ModelSpec, ResNet, build_model, cifar_resnet, list_models
+from reslab.techniques import Technique, get_technique, list_techniques, register
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "DropPath",
+    "ModelSpec",
+    "ResNet",
+    "ResidualBlock",
+    "Technique",
+    "build_model",
+    "cifar_resnet",
+    "get_technique",
+    "list_models",
+    "list_techniques",
+    "register",
+    "residual_blocks",
+]

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``reslab`` CLI, one module each (discovered by :mod:`reslab.cli`)."""

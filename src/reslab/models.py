@@ -1,0 +1,259 @@
+"""ResNet families built from :mod:`reslab.blocks`, registered once and built by name.
+
+* CIFAR-style (He et al. 2016, section 4.2): a 3x3 stem and three stages of ``n``
+  BasicBlocks at widths 16/32/64 (times ``width``), depth ``6n + 2``: ``resnet20/32/44/
+  56/110/1202``, and any other ``6n + 2`` depth through :func:`cifar_resnet`. Shortcuts
+  that change shape are projections (torchvision's option B), not zero padding.
+* ImageNet-style: torchvision's ``resnet18/34/50/101/152``, with its state-dict names, so
+  ``build_model("resnet50").load_state_dict(torchvision.models.resnet50().state_dict())``
+  works.
+
+Every model takes a technique and the options of :class:`ResNet`; ``model.spec`` records
+what is needed to build it again (checkpoints store it).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import Tensor, nn
+
+from reslab.blocks import BasicBlock, Bottleneck, ResidualBlock, projection
+from reslab.techniques import Technique, get_technique
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a model: ``build_model(**spec.as_kwargs())``."""
+
+    name: str
+    technique: str = "baseline"
+    num_classes: int = 10
+    in_channels: int = 3
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def as_kwargs(self) -> dict[str, Any]:
+        d = asdict(self)
+        opts = d.pop("options")
+        return {**d, **opts}
+
+
+class ResNet(nn.Module):
+    """A ResNet whose blocks all use one technique.
+
+    Args:
+        block: :class:`BasicBlock` or :class:`Bottleneck`.
+        layers: blocks per stage.
+        widths: base width of each stage (``planes`` for Bottleneck).
+        stem: ``"cifar"`` (3x3 conv, stride 1) or ``"imagenet"`` (7x7 stride 2 + max pool).
+        width: multiplier applied to every stage width and the stem.
+        drop_path_rate: stochastic depth rate of the last block; earlier blocks get a
+            linearly smaller rate (Huang et al. 2016).
+        zero_init_last, conv_bias, technique_args: passed to every block.
+    """
+
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        layers: Sequence[int],
+        widths: Sequence[int],
+        num_classes: int = 10,
+        in_channels: int = 3,
+        technique: str | Technique = "baseline",
+        stem: str = "cifar",
+        width: float = 1.0,
+        drop_path_rate: float = 0.0,
+        zero_init_last: bool | None = None,
+        conv_bias: bool = False,
+        technique_args: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if stem not in ("cifar", "imagenet"):
+            raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+        if width <= 0:
+            raise ValueError(f"width must be positive, got {width}")
+        if num_classes < 1 or in_channels < 1:
+            raise ValueError("num_classes and in_channels must be positive")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        tech = get_technique(technique, **(technique_args or {}))
+        self.technique = tech
+        widths = [max(1, round(w * width)) for w in widths]
+        stem_width = widths[0] if stem == "cifar" else max(1, round(64 * width))
+        if stem == "cifar":
+            self.conv1 = nn.Conv2d(in_channels, stem_width, 3, stride=1, padding=1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, stem_width, 7, stride=2, padding=3, bias=False)
+        # Pre-activation nets normalize at the start of each block instead of in the stem.
+        self.bn1 = nn.Identity() if tech.preact else tech.norm(stem_width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
+
+        num_blocks = sum(layers)
+        channels = stem_width
+        index = 0
+        for stage, (n, w) in enumerate(zip(layers, widths, strict=True)):
+            stride = 1 if stage == 0 else 2
+            blocks: list[nn.Module] = []
+            for i in range(n):
+                out = w * block.expansion
+                s = stride if i == 0 else 1
+                down = projection(channels, out, s, tech) if (s != 1 or channels != out) else None
+                rate = drop_path_rate * (index + 1) / num_blocks
+                blocks.append(
+                    block(
+                        channels,
+                        w,
+                        stride=s,
+                        downsample=down,
+                        technique=tech,
+                        conv_bias=conv_bias,
+                        drop_path_rate=rate,
+                        zero_init_last=zero_init_last,
+                        num_blocks=num_blocks,
+                    )
+                )
+                channels = out
+                index += 1
+            self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
+        self.num_stages = len(layers)
+        # Pre-activation blocks leave their output un-normalized: finish with BN-ReLU.
+        self.final_norm = (
+            nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True)) if tech.preact else None
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(channels, num_classes)
+        self.num_features = channels
+        self._init_weights(num_blocks)
+
+    def _init_weights(self, num_blocks: int) -> None:
+        # torchvision's init: He normal (fan_out) for convs, BN at identity.
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.modules():
+            if isinstance(m, ResidualBlock):
+                m.init_weights(num_blocks)
+        self.technique.init_model(self)
+
+    def stages(self) -> list[nn.Sequential]:
+        return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for stage in self.stages():
+            x = stage(x)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        return self.avgpool(x).flatten(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.forward_features(x))
+
+
+# ---------------------------------------------------------------------------------------
+# Registry of named models.
+
+_MODELS: dict[str, Callable[..., ResNet]] = {}
+_FAMILY: dict[str, str] = {}
+
+IMAGENET_LAYERS: dict[int, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, ...]]] = {
+    18: (BasicBlock, (2, 2, 2, 2)),
+    34: (BasicBlock, (3, 4, 6, 3)),
+    50: (Bottleneck, (3, 4, 6, 3)),
+    101: (Bottleneck, (3, 4, 23, 3)),
+    152: (Bottleneck, (3, 8, 36, 3)),
+}
+CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
+
+
+def register_model(name: str, family: str) -> Callable[[Callable[..., ResNet]], Callable[..., ResNet]]:
+    def deco(fn: Callable[..., ResNet]) -> Callable[..., ResNet]:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is already registered")
+        _MODELS[name] = fn
+        _FAMILY[name] = family
+        return fn
+
+    return deco
+
+
+def cifar_resnet(depth: int, **kwargs: Any) -> ResNet:
+    """CIFAR-style ResNet of any depth ``6n + 2`` (BasicBlocks, 3 stages)."""
+    if depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"CIFAR-style ResNet depth must be 6n+2 with n >= 1 (8, 14, 20, ...), got {depth}")
+    n = (depth - 2) // 6
+    return ResNet(BasicBlock, (n, n, n), (16, 32, 64), stem="cifar", **kwargs)
+
+
+def imagenet_resnet(depth: int, **kwargs: Any) -> ResNet:
+    """torchvision's ImageNet ResNet of depth 18, 34, 50, 101 or 152."""
+    if depth not in IMAGENET_LAYERS:
+        raise ValueError(f"ImageNet-style ResNet depth must be one of {sorted(IMAGENET_LAYERS)}, got {depth}")
+    block, layers = IMAGENET_LAYERS[depth]
+    return ResNet(block, layers, (64, 128, 256, 512), stem="imagenet", **kwargs)
+
+
+def _register_families() -> None:
+    for d in CIFAR_DEPTHS:
+        register_model(f"resnet{d}", "cifar")(lambda d=d, **kw: cifar_resnet(d, **kw))
+    for d in IMAGENET_LAYERS:
+        register_model(f"resnet{d}", "imagenet")(lambda d=d, **kw: imagenet_resnet(d, **kw))
+
+
+_register_families()
+
+
+def list_models() -> list[str]:
+    """Registered model names. ``resnetD`` for any other ``D = 6n + 2`` also builds."""
+    return list(_MODELS)
+
+
+def model_family(name: str) -> str:
+    """``"cifar"`` or ``"imagenet"`` for a buildable model name."""
+    _constructor(name)
+    return _FAMILY.get(name, "cifar")
+
+
+def _constructor(name: str) -> Callable[..., ResNet]:
+    if name in _MODELS:
+        return _MODELS[name]
+    m = re.fullmatch(r"resnet(\d+)", name)
+    if m and int(m.group(1)) >= 8 and (int(m.group(1)) - 2) % 6 == 0:
+        depth = int(m.group(1))
+        return lambda **kw: cifar_resnet(depth, **kw)
+    raise ValueError(
+        f"unknown model {name!r}; valid models: {', '.join(_MODELS)} "
+        "(or resnetD for any CIFAR depth D = 6n+2)"
+    )
+
+
+def build_model(
+    name: str,
+    technique: str | Technique = "baseline",
+    num_classes: int = 10,
+    in_channels: int = 3,
+    **options: Any,
+) -> ResNet:
+    """Build a registered model with a technique.
+
+    ``options`` are :class:`ResNet` arguments: ``width``, ``drop_path_rate``,
+    ``zero_init_last``, ``conv_bias``, ``technique_args``.
+    """
+    ctor = _constructor(name)
+    allowed = {"width", "drop_path_rate", "zero_init_last", "conv_bias", "technique_args"}
+    unknown = set(options) - allowed
+    if unknown:
+        raise ValueError(f"unknown model options {sorted(unknown)}; valid: {sorted(allowed)}")
+    model = ctor(technique=technique, num_classes=num_classes, in_channels=in_channels, **options)
+    tech_name = technique if isinstance(technique, str) else technique.name
+    model.spec = ModelSpec(name, tech_name, num_classes, in_channels, dict(options))
+    return model

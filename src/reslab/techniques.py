@@ -1,0 +1,348 @@
+"""Residual techniques: how a block merges its branch ``F(x)`` with its shortcut ``s``.
+
+A residual block (see :mod:`reslab.blocks`) computes a branch and a shortcut and hands
+both to its technique's :meth:`Technique.merge`. A technique is a small stateless object:
+it adds its parameters to the block (under the attribute names the source article uses,
+so the article's state dicts load as they are), decides the merge, and where it must, the
+branch's normalization layers and the initialisation. Adding a technique means one class
+here and one :func:`register` call; it then works in both block kinds and every model.
+
+The merges are written for speed: one fused op where the arithmetic allows (``addcmul``
+for the scalar and per-channel gains), and the multi-scale fusion computes its 1x1 conv on
+``cat[F, s]`` as two matrix products without materialising the concatenation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from reslab.blocks import ResidualBlock
+
+
+class Technique:
+    """Base class. The default is the plain residual merge ``F(x) + s`` of He et al."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    reference: ClassVar[str] = ""
+    #: whether the branch uses BatchNorm (Fixup removes normalization).
+    normalized: ClassVar[bool] = True
+    #: pre-activation ordering BN -> ReLU -> conv, no ReLU after the merge.
+    preact: ClassVar[bool] = False
+    #: whether the last BN gamma of each branch starts at zero by default.
+    zero_init_last: ClassVar[bool] = False
+    #: names of the parameters/modules this technique adds to each block.
+    parameter_names: ClassVar[tuple[str, ...]] = ()
+
+    def add_parameters(self, block: ResidualBlock, channels: int) -> None:
+        """Register the technique's parameters on ``block`` (``channels`` = block output)."""
+
+    def merge(self, block: ResidualBlock, branch: Tensor, shortcut: Tensor) -> Tensor:
+        """Combine branch output and shortcut, before the block's final activation."""
+        return branch + shortcut
+
+    def init_block(self, block: ResidualBlock, num_blocks: int) -> None:
+        """Apply the technique's init rule after the generic (He) init of the block.
+
+        ``num_blocks`` is the number of residual blocks in the whole network.
+        """
+
+    # Layers the block builds through the technique, so that Fixup can drop BatchNorm.
+    def norm(self, channels: int) -> nn.Module:
+        return nn.BatchNorm2d(channels)
+
+    def last_norm(self, channels: int) -> nn.Module:
+        return nn.BatchNorm2d(channels)
+
+    def conv(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int, bias: bool
+    ) -> nn.Conv2d:
+        return nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=kernel_size // 2,
+            bias=bias,
+        )
+
+    def init_model(self, model: nn.Module) -> None:
+        """Model-level init after every block has been initialised."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+_REGISTRY: dict[str, type[Technique]] = {}
+
+
+def register(cls: type[Technique]) -> type[Technique]:
+    """Class decorator: make a technique available under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    if cls.name in _REGISTRY:
+        raise ValueError(f"technique {cls.name!r} is already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def list_techniques() -> list[str]:
+    """Names of every registered technique, in registration order."""
+    return list(_REGISTRY)
+
+
+def technique_class(name: str) -> type[Technique]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        valid = ", ".join(_REGISTRY)
+        raise ValueError(f"unknown technique {name!r}; valid techniques: {valid}") from None
+
+
+def get_technique(technique: str | Technique, **kwargs: Any) -> Technique:
+    """Return a technique object from a name (``kwargs`` go to its constructor) or as is."""
+    if isinstance(technique, Technique):
+        if kwargs:
+            raise ValueError("technique arguments can only be given with a technique name")
+        return technique
+    if not isinstance(technique, str):
+        raise ValueError(f"technique must be a name or a Technique, not {type(technique).__name__}")
+    cls = technique_class(technique)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"technique {technique!r} does not take arguments {sorted(kwargs)}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# The plain merge and the article's three techniques.
+
+
+@register
+class Baseline(Technique):
+    name = "baseline"
+    summary = "F(x) + s"
+    reference = "He et al. 2016, Deep Residual Learning"
+
+
+@register
+class ResidualScaling(Technique):
+    name = "scale"
+    summary = "F(x) + scale * s, scalar scale (init 1)"
+    reference = "source article, technique 1 (scales the shortcut, not the branch)"
+    parameter_names = ("scale",)
+
+    def add_parameters(self, block: ResidualBlock, channels: int) -> None:
+        block.scale = nn.Parameter(torch.ones(1))
+
+    def merge(self, block: ResidualBlock, branch: Tensor, shortcut: Tensor) -> Tensor:
+        return torch.addcmul(branch, block.scale, shortcut)
+
+
+@register
+class ResidualNormalization(Technique):
+    name = "norm"
+    summary = "F(x) + BN(F(x) - s)"
+    reference = "source article, technique 2 (no plain identity path)"
+    parameter_names = ("residual_norm",)
+
+    def add_parameters(self, block: ResidualBlock, channels: int) -> None:
+        block.residual_norm = nn.BatchNorm2d(channels)
+
+    def merge(self, block: ResidualBlock, branch: Tensor, shortcut: Tensor) -> Tensor:
+        # The BN output is not saved for its backward, so the add can reuse its storage.
+        return block.residual_norm(branch - shortcut).add_(branch)
+
+
+@register
+class FeatureFusion(Technique):
+    name = "fusion"
+    summary = "F(x) + Conv1x1(cat[F(x), s])"
+    reference = "source article, technique 3 (no plain identity path)"
+    parameter_names = ("feature_fusion",)
+
+    def add_parameters(self, block: ResidualBlock, channels: int) -> None:
+        block.feature_fusion = nn.Conv2d(2 * channels, channels, kernel_size=1)
+
+    def init_block(self, block: ResidualBlock, num_blocks: int) -> None:
+        # The article keeps PyTorch's default init for the fusion conv.
+        block.feature_fusion.reset_parameters()
+
+    def merge(self, block: ResidualBlock, branch: Tensor, shortcut: Tensor) -> Tensor:
+        return fused_concat_conv1x1(
+            branch, shortcut, block.feature_fusion.weight, block.feature_fusion.bias, add_identity=True
+        )
+
+
+def fused_concat_conv1x1(
+    a: Tensor, b: Tensor, weight: Tensor, bias: Tensor | None, add_identity: bool = False
+) -> Tensor:
+    """``(a if add_identity else 0) + conv1x1(cat[a, b], weight, bias)`` without the cat.
+
+    The 1x1 conv on a concatenation is ``W_a a + W_b b``: two matrix products that
+    accumulate into one buffer. Adding ``a`` itself is folded into the weight as
+    ``W_a + I``, which costs a CxC add instead of a pass over the activations.
+    """
+    c = a.shape[1]
+    w = weight.reshape(weight.shape[0], weight.shape[1])
+    w_a, w_b = w[:, :c], w[:, c:]
+    if add_identity:
+        w_a = w_a + torch.eye(c, dtype=w.dtype, device=w.device)
+    if a.is_contiguous(memory_format=torch.channels_last) and b.is_contiguous(
+        memory_format=torch.channels_last
+    ):
+        # NHWC: a 1x1 conv is a GEMM on the (N*H*W, C) view, no copies needed.
+        n, _, h, wd = a.shape
+        a2 = a.permute(0, 2, 3, 1).reshape(-1, c)
+        b2 = b.permute(0, 2, 3, 1).reshape(-1, b.shape[1])
+        if bias is None:
+            out = torch.mm(a2, w_a.t())
+        else:
+            out = torch.addmm(bias.to(a2.dtype), a2, w_a.t())
+        # Under autocast the first product may come back in a lower precision.
+        out = out.addmm_(b2.to(out.dtype), w_b.t().to(out.dtype))
+        return out.view(n, h, wd, -1).permute(0, 3, 1, 2)
+    out = F.conv2d(a, w_a[:, :, None, None], bias)
+    return out.add_(F.conv2d(b, w_b[:, :, None, None]))
+
+
+# ---------------------------------------------------------------------------------------
+# Known techniques for the same goal, for the comparison.
+
+
+@register
+class SkipInit(Technique):
+    name = "skipinit"
+    summary = "s + alpha * F(x), scalar alpha (init 0)"
+    reference = "De & Smith 2020 (SkipInit); Bachlechner et al. 2020 (ReZero)"
+    parameter_names = ("alpha",)
+
+    def add_parameters(self, block: ResidualBlock, channels: int) -> None:
+        block.alpha = nn.Parameter(torch.zeros(1))
+
+    def merge(self, block: ResidualBlock, branch: Tensor, shortcut: Tensor) -> Tensor:
+        return torch.addcmul(shortcut, block.alpha, branch)
+
+
+@register
+class LayerScale(Technique):
+    name = "layerscale"
+    summary = "s + gamma * F(x), per-channel gamma (init 1e-6)"
+    reference = "Touvron et al. 2021 (CaiT); ConvNeXt uses init 1e-6"
+    parameter_names = ("gamma",)
+
+    def __init__(self, init_value: float = 1e-6) -> None:
+        if not (isinstance(init_value, (int, float)) and math.isfinite(init_value)):
+            raise ValueError(f"layerscale init_value must be a finite number, not {init_value!r}")
+        self.init_value = float(init_value)
+
+    def add_parameters(self, block: ResidualBlock, channels: int) -> None:
+        block.gamma = nn.Parameter(torch.full((channels, 1, 1), self.init_value))
+
+    def merge(self, block: ResidualBlock, branch: Tensor, shortcut: Tensor) -> Tensor:
+        return torch.addcmul(shortcut, block.gamma, branch)
+
+    def __repr__(self) -> str:
+        return f"LayerScale(init_value={self.init_value:g})"
+
+
+@register
+class ZeroInit(Technique):
+    name = "zero_init"
+    summary = "F(x) + s, last BN gamma of each branch initialised to 0"
+    reference = "Goyal et al. 2017; torchvision zero_init_residual, timm zero_init_last"
+    zero_init_last = True
+
+
+class FixupBias(nn.Module):
+    """A learnable scalar bias (Fixup's replacement for a BN shift)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.bias
+
+
+class FixupScaleBias(nn.Module):
+    """A learnable scalar multiplier and bias at the end of a Fixup branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.addcmul(self.bias, x, self.scale)
+
+
+class BiasedConv2d(nn.Conv2d):
+    """A conv whose input is shifted by a learnable scalar first (Fixup's pre-conv bias)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.input_bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x + self.input_bias)
+
+
+@register
+class Fixup(Technique):
+    """Fixup (Zhang et al. 2019): train without normalization.
+
+    Every BatchNorm becomes a scalar bias (the last one of each branch a scalar
+    multiplier and bias), each conv of a branch gets a scalar input bias, the last conv
+    of each branch starts at zero, the other branch convs are He-initialised and scaled
+    by ``L ** (-1 / (2m - 2))`` (L residual branches, m layers per branch) and the
+    classifier starts at zero.
+    """
+
+    name = "fixup"
+    summary = "no normalization; scalar biases and multiplier; rescaled init"
+    reference = "Zhang, Dauphin & Ma 2019, Fixup Initialization"
+    normalized = False
+
+    def norm(self, channels: int) -> nn.Module:
+        return FixupBias()
+
+    def last_norm(self, channels: int) -> nn.Module:
+        return FixupScaleBias()
+
+    def conv(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int, bias: bool
+    ) -> nn.Conv2d:
+        return BiasedConv2d(
+            in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=bias
+        )
+
+    def init_block(self, block: ResidualBlock, num_blocks: int) -> None:
+        convs = block.branch_convs()
+        m = len(convs)
+        factor = num_blocks ** (-1.0 / (2 * m - 2))
+        for conv in convs[:-1]:
+            # He normal for the fan-in, as in the paper's reference code, then rescaled.
+            std = math.sqrt(2.0 / (conv.weight.shape[1] * conv.weight[0, 0].numel())) * factor
+            nn.init.normal_(conv.weight, mean=0.0, std=std)
+        nn.init.zeros_(convs[-1].weight)
+
+    def init_model(self, model: nn.Module) -> None:
+        fc = getattr(model, "fc", None)
+        if isinstance(fc, nn.Linear):
+            nn.init.zeros_(fc.weight)
+            nn.init.zeros_(fc.bias)
+
+
+@register
+class PreActivation(Technique):
+    name = "preact"
+    summary = "s + F(x) with F = (BN-ReLU-conv) x 2, no ReLU after the merge"
+    reference = "He et al. 2016, Identity Mappings in Deep Residual Networks"
+    preact = True
