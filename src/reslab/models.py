@@ -121,9 +121,7 @@ class ResNet(nn.Module):
             self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
         self.num_stages = len(layers)
         # Pre-activation blocks leave their output un-normalized: finish with BN-ReLU.
-        self.final_norm = (
-            nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True)) if tech.preact else None
-        )
+        self.final_norm = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True)) if tech.preact else None
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(channels, num_classes)
         self.num_features = channels
@@ -231,8 +229,7 @@ def _constructor(name: str) -> Callable[..., ResNet]:
         depth = int(m.group(1))
         return lambda **kw: cifar_resnet(depth, **kw)
     raise ValueError(
-        f"unknown model {name!r}; valid models: {', '.join(_MODELS)} "
-        "(or resnetD for any CIFAR depth D = 6n+2)"
+        f"unknown model {name!r}; valid models: {', '.join(_MODELS)} (or resnetD for any CIFAR depth D = 6n+2)"
     )
 
 

@@ -60,9 +60,7 @@ class Technique:
     def last_norm(self, channels: int) -> nn.Module:
         return nn.BatchNorm2d(channels)
 
-    def conv(
-        self, in_channels: int, out_channels: int, kernel_size: int, stride: int, bias: bool
-    ) -> nn.Conv2d:
+    def conv(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, bias: bool) -> nn.Conv2d:
         return nn.Conv2d(
             in_channels,
             out_channels,
@@ -194,9 +192,7 @@ def fused_concat_conv1x1(
     w_a, w_b = w[:, :c], w[:, c:]
     if add_identity:
         w_a = w_a + torch.eye(c, dtype=w.dtype, device=w.device)
-    if a.is_contiguous(memory_format=torch.channels_last) and b.is_contiguous(
-        memory_format=torch.channels_last
-    ):
+    if a.is_contiguous(memory_format=torch.channels_last) and b.is_contiguous(memory_format=torch.channels_last):
         # NHWC: a 1x1 conv is a GEMM on the (N*H*W, C) view, no copies needed.
         n, _, h, wd = a.shape
         a2 = a.permute(0, 2, 3, 1).reshape(-1, c)
@@ -316,12 +312,8 @@ class Fixup(Technique):
     def last_norm(self, channels: int) -> nn.Module:
         return FixupScaleBias()
 
-    def conv(
-        self, in_channels: int, out_channels: int, kernel_size: int, stride: int, bias: bool
-    ) -> nn.Conv2d:
-        return BiasedConv2d(
-            in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=bias
-        )
+    def conv(self, in_channels: int, out_channels: int, kernel_size: int, stride: int, bias: bool) -> nn.Conv2d:
+        return BiasedConv2d(in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2, bias=bias)
 
     def init_block(self, block: ResidualBlock, num_blocks: int) -> None:
         convs = block.branch_convs()
