@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
@@ -83,7 +83,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = (f.metadata() or {}).get(METADATA_KEY)
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise UsageError(f"{path} is not a readable safetensors file ({e}); re-create it") from None
     if raw is None:
         raise UsageError(f"{path} has no reslab metadata: it was not written by reslab")
@@ -97,7 +97,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 def load_state(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device=str(device))
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise UsageError(f"{path} is not a readable safetensors file ({e}); re-create it") from None
 
 
