@@ -1,0 +1,994 @@
+"""Results of a technique x seed grid: per-run records, per-technique statistics, report.
+
+Everything here reads stored run folders (``config.yaml``, ``metrics.jsonl``,
+``summary.json``, ``gradients.jsonl``) and never trains, so a report regenerates at any
+time, from an incomplete grid, or from the merged shards of several machines.
+
+Layout of a results folder (written by :mod:`reslab.compare`)::
+
+    RESULTS/
+      grid.json          the grid: models, techniques, seeds, target, shared train settings
+      runs/MODEL-TECHNIQUE-sSEED/   one run folder each (as ``reslab train`` writes it)
+      failed/MODEL-TECHNIQUE-sSEED.json   a run that raised an unexpected error (message)
+      results.jsonl      one record per run (derived; rewritten by every report)
+      summary.csv        one row per model x technique (derived)
+      report.md, report.html, figures/*.png
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from reslab import stats
+from reslab.checkpoint import atomic_write_text
+from reslab.errors import UsageError
+
+GRID_FILE = "grid.json"
+RUNS_DIR = "runs"
+FAILED_DIR = "failed"
+FIGURES_DIR = "figures"
+BASELINE = "baseline"
+FINISHED = ("completed", "diverged")
+
+
+def run_name(model: str, technique: str, seed: int) -> str:
+    return f"{model}-{technique}-s{seed}"
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    """One grid point: a model trained with a technique from a seed."""
+
+    model: str
+    technique: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return run_name(self.model, self.technique, self.seed)
+
+
+@dataclass
+class RunData:
+    """What a run folder holds (any part may be missing for an unfinished run)."""
+
+    cell: Cell
+    path: Path
+    status: str  # completed | diverged | interrupted | running | failed | missing
+    config: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    gradients: list[dict[str, Any]] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """JSON lines; a torn last line (the writer was killed mid-write) is skipped, not fatal."""
+    out: list[dict[str, Any]] = []
+    if not path.is_file():
+        return out
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        obj = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def read_run(path: Path) -> RunData | None:
+    """Read one run folder; ``None`` when it does not say which model/technique/seed it is."""
+    config = _read_yaml(path / "config.yaml")
+    summary = _read_json(path / "summary.json")
+    ident = {**config, **{k: v for k, v in summary.items() if v is not None}}
+    try:
+        cell = Cell(str(ident["model"]), str(ident["technique"]), int(ident["seed"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    metrics = sorted(read_jsonl(path / "metrics.jsonl"), key=lambda m: int(m.get("epoch", 0)))
+    # A resumed run may have re-logged an epoch; keep the last record of each.
+    by_epoch = {int(m.get("epoch", 0)): m for m in metrics}
+    status = str(summary.get("status") or ("interrupted" if metrics else "running"))
+    return RunData(
+        cell=cell,
+        path=path,
+        status=status,
+        config=config,
+        summary=summary,
+        metrics=[by_epoch[e] for e in sorted(by_epoch)],
+        gradients=read_jsonl(path / "gradients.jsonl"),
+    )
+
+
+def read_grid(results_dir: Path) -> dict[str, Any] | None:
+    path = results_dir / GRID_FILE
+    if not path.exists():
+        return None
+    grid = _read_json(path)
+    if not grid:
+        raise UsageError(f"{path} is not valid JSON; restore it or delete it to report only the run folders found")
+    return grid
+
+
+def grid_cells(grid: dict[str, Any]) -> list[Cell]:
+    return [Cell(m, t, int(s)) for m in grid["models"] for t in grid["techniques"] for s in grid["seeds"]]
+
+
+def collect(dirs: Sequence[Path]) -> tuple[dict[str, Any] | None, dict[Cell, RunData]]:
+    """The grid (from the first folder that has one) and every run found in ``dirs``.
+
+    Several folders (e.g. shards copied from several machines) merge: when the same run is
+    found twice, a finished copy wins over an unfinished one, and the first finished copy
+    over later ones.
+    """
+    grid: dict[str, Any] | None = None
+    runs: dict[Cell, RunData] = {}
+    for d in dirs:
+        if not d.is_dir():
+            raise UsageError(f"results folder {d} does not exist; pass the --out folder of 'reslab compare'")
+        g = read_grid(d)
+        if grid is None and g is not None:
+            grid = g
+        elif g is not None and grid is not None:
+            for key in ("models", "techniques", "seeds"):
+                grid[key] = list(dict.fromkeys([*grid[key], *g[key]]))
+        root = d / RUNS_DIR if (d / RUNS_DIR).is_dir() else d
+        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+            run = read_run(sub)
+            if run is None:
+                continue
+            old = runs.get(run.cell)
+            if old is None or (run.finished and not old.finished):
+                runs[run.cell] = run
+        for f in sorted((d / FAILED_DIR).glob("*.json")) if (d / FAILED_DIR).is_dir() else []:
+            info = _read_json(f)
+            try:
+                cell = Cell(str(info["model"]), str(info["technique"]), int(info["seed"]))
+            except (KeyError, TypeError, ValueError):
+                continue
+            if cell not in runs or not runs[cell].finished:
+                old = runs.get(cell)
+                runs[cell] = RunData(
+                    cell,
+                    old.path if old else d / RUNS_DIR / cell.name,
+                    "failed",
+                    config=old.config if old else {},
+                    summary=old.summary if old else {},
+                    metrics=old.metrics if old else [],
+                    error=str(info.get("error", "unknown error")),
+                )
+    if not runs and grid is None:
+        raise UsageError(
+            f"no run folders found in {', '.join(map(str, dirs))}; run 'reslab compare --out FOLDER' first"
+        )
+    return grid, runs
+
+
+# ---------------------------------------------------------------------------------------
+# Per-run records
+
+
+def _num(x: Any) -> float:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return math.nan
+    return v
+
+
+def _block_norms(rec: dict[str, Any]) -> list[float]:
+    """Per-block gradient norms from one gradients.jsonl record (several plausible layouts)."""
+    for key in ("block_grad_norms", "grad_norms", "norms", "output_grad_rms", "blocks"):
+        v = rec.get(key)
+        if isinstance(v, list) and v:
+            vals = []
+            for item in v:
+                if isinstance(item, dict):
+                    for k in ("grad_norm", "param_grad_norm", "norm", "output_grad_rms", "value"):
+                        if k in item:
+                            vals.append(_num(item[k]))
+                            break
+                else:
+                    vals.append(_num(item))
+            return vals
+        if isinstance(v, dict) and v:
+            return [_num(x) for x in v.values()]
+    return []
+
+
+def gradient_ratios(gradients: Sequence[dict[str, Any]]) -> tuple[list[float], list[float]]:
+    """(steps, max/min per-block gradient norm) for each gradients.jsonl record."""
+    steps, ratios = [], []
+    for i, rec in enumerate(gradients):
+        if isinstance(rec.get("ratio"), int | float) and not _block_norms(rec):
+            r = float(rec["ratio"])
+        else:
+            norms = [n for n in _block_norms(rec) if math.isfinite(n) and n > 0]
+            if len(norms) < 2:
+                continue
+            r = max(norms) / min(norms)
+        steps.append(_num(rec.get("step", i)))
+        ratios.append(r)
+    return steps, ratios
+
+
+def _median_images_per_s(metrics: Sequence[dict[str, Any]]) -> float:
+    vals = [_num(m.get("images_per_s")) for m in metrics]
+    vals = [v for v in vals if math.isfinite(v) and v > 0]
+    if not vals:
+        return math.nan
+    # The first epoch carries one-off start-up costs; leave it out when there are others.
+    return float(np.median(vals[1:] if len(vals) > 2 else vals))
+
+
+def run_record(run: RunData, target: float) -> dict[str, Any]:
+    """One results.jsonl record: identity, status, accuracy, convergence and cost of a run."""
+    s, m = run.summary, run.metrics
+    val_acc = [_num(r.get("val_acc")) for r in m]
+    elapsed = [_num(r.get("elapsed_s")) for r in m]
+    epochs_done = [int(r.get("epoch", i + 1)) for i, r in enumerate(m)]
+    finite_val = [v for v in val_acc if math.isfinite(v)]
+    usable = run.status == "completed"
+    # A diverged run counts as never reaching the target: its model is not usable.
+    ep_t, sec_t = stats.time_to_target(val_acc, elapsed, target, epochs_done) if usable else (math.inf, math.inf)
+    _, ratios = gradient_ratios(run.gradients)
+    rec: dict[str, Any] = {
+        "model": run.cell.model,
+        "technique": run.cell.technique,
+        "seed": run.cell.seed,
+        "status": run.status,
+        "run_dir": str(run.path),
+        "dataset": s.get("dataset", run.config.get("dataset")),
+        "epochs": s.get("epochs", run.config.get("epochs")),
+        "epochs_done": epochs_done[-1] if epochs_done else 0,
+        "final_val_acc": finite_val[-1] if finite_val else None,
+        "best_val_acc": _num(s.get("best_val_acc")) if usable else None,
+        "best_epoch": s.get("best_epoch") if usable else None,
+        "test_acc": _num(s.get("test_acc")) if usable else None,
+        "test_loss": _num(s.get("test_loss")) if usable else None,
+        "auc": stats.curve_auc(val_acc) if usable else None,
+        "target_acc": target,
+        "reached_target": math.isfinite(ep_t),
+        "epochs_to_target": ep_t if math.isfinite(ep_t) else None,
+        "seconds_to_target": sec_t if math.isfinite(sec_t) else None,
+        "elapsed_s": _num(s.get("elapsed_s", elapsed[-1] if elapsed else math.nan)),
+        "images_per_s": _median_images_per_s(m),
+        "params": s.get("params"),
+        "flops": s.get("flops"),
+        "diverged_epoch": s.get("diverged_epoch"),
+        "worst_grad_ratio": max(ratios) if ratios else None,
+        "error": run.error,
+    }
+    # JSON has no NaN: missing numbers are null.
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# Per-technique statistics
+
+
+def _vals(records: Sequence[dict[str, Any]], key: str, seeds: Sequence[int], inf_if_none: bool = False) -> list[float]:
+    """Values of ``key`` aligned to ``seeds`` (nan for a missing seed, inf for unreached if asked)."""
+    by_seed = {r["seed"]: r for r in records}
+    out = []
+    for s in seeds:
+        r = by_seed.get(s)
+        v = None if r is None else r.get(key)
+        if v is None:
+            # A finished run without the value never reached it (diverged runs included).
+            done = r is not None and r["status"] in FINISHED
+            out.append(math.inf if (inf_if_none and done) else math.nan)
+        else:
+            out.append(float(v))
+    return out
+
+
+def _iv_fields(prefix: str, iv: stats.Interval) -> dict[str, float]:
+    return {f"{prefix}_ci_low": iv.low, f"{prefix}_ci_high": iv.high}
+
+
+def summarize_technique(
+    records: Sequence[dict[str, Any]],
+    base: Sequence[dict[str, Any]] | None,
+    seeds: Sequence[int],
+    target: float,
+    method: str,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """One summary.csv row: every metric of one model x technique over its seeds."""
+    r0 = records[0]
+    row: dict[str, Any] = {"model": r0["model"], "technique": r0["technique"]}
+    statuses = [r["status"] for r in records]
+    row["seeds_planned"] = len(seeds)
+    row["completed"] = statuses.count("completed")
+    row["diverged"] = statuses.count("diverged")
+    row["unfinished"] = len(seeds) - row["completed"] - row["diverged"]
+    for key in ("test_acc", "best_val_acc", "auc"):
+        sm = stats.summarize(_vals(records, key, seeds), level)
+        row[f"{key}_mean"], row[f"{key}_std"] = sm.mean, sm.std
+        row.update(_iv_fields(key, sm.ci))
+    row["target_acc"] = target
+    reached_ep = _vals(records, "epochs_to_target", seeds, inf_if_none=True)
+    reached_s = _vals(records, "seconds_to_target", seeds, inf_if_none=True)
+    finished = [v for v in reached_ep if not math.isnan(v)]
+    row["reached"] = sum(math.isfinite(v) for v in finished)
+    row["reached_of"] = len(finished)
+    ep_all = finished
+    s_all = [v for v in reached_s if not math.isnan(v)]
+    row["epochs_to_target_median"] = stats.censored_median(ep_all)
+    row["seconds_to_target_median"] = stats.censored_median(s_all)
+    for key, vals in (("epochs_to_target", reached_ep), ("seconds_to_target", reached_s)):
+        sm = stats.summarize([v for v in vals if math.isfinite(v)], level)
+        row[f"{key}_mean"] = sm.mean
+        row.update(_iv_fields(key, sm.ci))
+    ips = _vals(records, "images_per_s", seeds)
+    row["images_per_s"] = stats.summarize(ips, level).mean
+    row["params"] = next((r["params"] for r in records if r.get("params") is not None), None)
+    row["flops"] = next((r["flops"] for r in records if r.get("flops") is not None), None)
+    ratios = [r["worst_grad_ratio"] for r in records if r.get("worst_grad_ratio") is not None]
+    row["worst_grad_ratio"] = max(ratios) if ratios else math.nan
+    row["interval_method"] = method
+    # Paired comparisons with the baseline of the same model, seed by seed.
+    cmp_keys = (
+        "speedup_epochs",
+        "speedup_seconds",
+        "test_acc_diff",
+        "auc_diff",
+        "throughput_ratio",
+    )
+    for k in cmp_keys:
+        row[k] = math.nan
+        row[f"{k}_ci_low"] = row[f"{k}_ci_high"] = math.nan
+    row["speedup_pairs"] = row["test_acc_diff_pairs"] = 0
+    row["test_acc_diff_p"] = row["auc_diff_p"] = math.nan
+    row["test_acc_diff_significant"] = False
+    row["params_ratio"] = row["flops_ratio"] = math.nan
+    if base:
+        b_ep = _vals(base, "epochs_to_target", seeds, inf_if_none=True)
+        b_s = _vals(base, "seconds_to_target", seeds, inf_if_none=True)
+        # speed-up = baseline time / technique time, on seeds where both reached the target
+        for k, num, den in (("speedup_epochs", b_ep, reached_ep), ("speedup_seconds", b_s, reached_s)):
+            iv = stats.ratio_interval(num, den, level, method)
+            row[k] = iv.estimate
+            row.update(_iv_fields(k, iv))
+        row["speedup_pairs"] = int(
+            sum(math.isfinite(a) and math.isfinite(b) for a, b in zip(b_ep, reached_ep, strict=True))
+        )
+        for key in ("test_acc", "auc"):
+            pt = stats.paired_test(_vals(records, key, seeds), _vals(base, key, seeds), level, method)
+            row[f"{key}_diff"] = pt.mean_diff
+            row.update(_iv_fields(f"{key}_diff", pt.ci))
+            row[f"{key}_diff_p"] = pt.p_value
+            if key == "test_acc":
+                row["test_acc_diff_pairs"] = pt.n
+                row["test_acc_diff_significant"] = pt.significant
+        iv = stats.ratio_interval(ips, _vals(base, "images_per_s", seeds), level, method)
+        row["throughput_ratio"] = iv.estimate
+        row.update(_iv_fields("throughput_ratio", iv))
+        bp = next((r["params"] for r in base if r.get("params")), None)
+        bf = next((r["flops"] for r in base if r.get("flops")), None)
+        if bp and row["params"]:
+            row["params_ratio"] = row["params"] / bp
+        if bf and row["flops"]:
+            row["flops_ratio"] = row["flops"] / bf
+    return row
+
+
+SUMMARY_COLUMNS = [
+    "model",
+    "technique",
+    "seeds_planned",
+    "completed",
+    "diverged",
+    "unfinished",
+    "test_acc_mean",
+    "test_acc_std",
+    "test_acc_ci_low",
+    "test_acc_ci_high",
+    "best_val_acc_mean",
+    "best_val_acc_std",
+    "best_val_acc_ci_low",
+    "best_val_acc_ci_high",
+    "auc_mean",
+    "auc_std",
+    "auc_ci_low",
+    "auc_ci_high",
+    "target_acc",
+    "reached",
+    "reached_of",
+    "epochs_to_target_median",
+    "seconds_to_target_median",
+    "epochs_to_target_mean",
+    "epochs_to_target_ci_low",
+    "epochs_to_target_ci_high",
+    "seconds_to_target_mean",
+    "seconds_to_target_ci_low",
+    "seconds_to_target_ci_high",
+    "speedup_pairs",
+    "speedup_epochs",
+    "speedup_epochs_ci_low",
+    "speedup_epochs_ci_high",
+    "speedup_seconds",
+    "speedup_seconds_ci_low",
+    "speedup_seconds_ci_high",
+    "test_acc_diff_pairs",
+    "test_acc_diff",
+    "test_acc_diff_ci_low",
+    "test_acc_diff_ci_high",
+    "test_acc_diff_p",
+    "test_acc_diff_significant",
+    "auc_diff",
+    "auc_diff_ci_low",
+    "auc_diff_ci_high",
+    "auc_diff_p",
+    "params",
+    "flops",
+    "params_ratio",
+    "flops_ratio",
+    "images_per_s",
+    "throughput_ratio",
+    "throughput_ratio_ci_low",
+    "throughput_ratio_ci_high",
+    "worst_grad_ratio",
+    "interval_method",
+]
+
+
+def summarize_all(
+    records: Sequence[dict[str, Any]], grid: dict[str, Any] | None, target: float, method: str, level: float = 0.95
+) -> list[dict[str, Any]]:
+    """summary.csv rows, in grid order (models, then techniques)."""
+    models = list(dict.fromkeys([*(grid["models"] if grid else []), *(r["model"] for r in records)]))
+    techs = list(dict.fromkeys([*(grid["techniques"] if grid else []), *(r["technique"] for r in records)]))
+    seeds = sorted({*(int(s) for s in (grid["seeds"] if grid else [])), *(r["seed"] for r in records)})
+    rows = []
+    for model in models:
+        base = [r for r in records if r["model"] == model and r["technique"] == BASELINE] or None
+        for tech in techs:
+            recs = [r for r in records if r["model"] == model and r["technique"] == tech]
+            if not recs:
+                continue
+            rows.append(summarize_technique(recs, base if tech != BASELINE else None, seeds, target, method, level))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Verdicts
+
+
+def _pp(x: float) -> str:
+    return f"{100 * x:+.2f} pp"
+
+
+def _ratio_words(x: float) -> str:
+    return f"{x:.2f}x"
+
+
+def verdict(row: dict[str, Any], level: float = 0.95) -> list[str]:
+    """Plain-words findings for one technique, each backed by the interval next to it.
+
+    A difference is claimed only when its interval excludes "no difference" (0 for
+    accuracy, 1 for a speed-up); otherwise the sentence says there is no significant
+    difference, and quotes the interval so that a reader sees how large it could be.
+    """
+    lvl = f"{round(100 * level)}%"
+    tech = row["technique"]
+    out: list[str] = []
+    n_fin = row["completed"] + row["diverged"]
+    if row["diverged"]:
+        out.append(
+            f"Diverged (non-finite loss) in {row['diverged']} of {n_fin} finished seeds; accuracy figures "
+            f"below cover the {row['completed']} completed seeds only."
+        )
+    if row["unfinished"]:
+        out.append(f"{row['unfinished']} of {row['seeds_planned']} seeds have no finished result yet.")
+    if tech == BASELINE:
+        if row["completed"]:
+            out.append(
+                f"Reference: final test accuracy {stats.fmt_pct(row['test_acc_mean'])} "
+                f"({lvl} CI {stats.fmt_interval(_iv(row, 'test_acc'), 100, 2, '%')}, {row['completed']} seeds)."
+            )
+        return out
+    n = row["test_acc_diff_pairs"]
+    if n < 2:
+        out.append(
+            f"Accuracy: too few paired seeds with baseline ({n}) for an interval; no claim about accuracy is made."
+        )
+    else:
+        d, iv, p = row["test_acc_diff"], _iv(row, "test_acc_diff"), row["test_acc_diff_p"]
+        ci = f"{lvl} CI [{100 * iv.low:+.2f}, {100 * iv.high:+.2f}] pp, paired t p = {p:.3g}, {n} seeds"
+        if row["test_acc_diff_significant"]:
+            word = "higher" if d > 0 else "lower"
+            out.append(f"Accuracy: final test accuracy is {word} than baseline by {_pp(d)} ({ci}).")
+        else:
+            out.append(
+                f"Accuracy: no significant difference from baseline in final test accuracy "
+                f"(difference {_pp(d)}, {ci}; the interval contains 0)."
+            )
+    target = f"{100 * row['target_acc']:.1f}%"
+    if row["reached"] == 0:
+        out.append(f"Convergence: no seed reached {target} validation accuracy, so no speed-up can be measured.")
+    elif row["speedup_pairs"] < 2:
+        out.append(
+            f"Convergence: reached {target} in {row['reached']} of {row['reached_of']} seeds; fewer than 2 seeds "
+            f"where both it and baseline reached it, so no speed-up is claimed."
+        )
+    else:
+        s, iv = row["speedup_epochs"], _iv(row, "speedup_epochs")
+        ci = f"{lvl} CI [{iv.low:.2f}, {iv.high:.2f}], {row['speedup_pairs']} paired seeds"
+        reach = f"reached {target} in {row['reached']} of {row['reached_of']} seeds"
+        if iv.defined and not iv.contains(1.0):
+            word = "faster" if s > 1 else "slower"
+            out.append(f"Convergence: {reach}, {_ratio_words(s)} {word} than baseline in epochs ({ci}).")
+        else:
+            out.append(
+                f"Convergence: {reach}; no significant difference from baseline in epochs to target "
+                f"(speed-up {_ratio_words(s)}, {ci}; the interval contains 1)."
+            )
+    cost = []
+    if math.isfinite(_f(row["params_ratio"])):
+        cost.append(f"{100 * (row['params_ratio'] - 1):+.1f}% parameters")
+    if math.isfinite(_f(row["flops_ratio"])):
+        cost.append(f"{100 * (row['flops_ratio'] - 1):+.1f}% FLOPs")
+    tr = _f(row["throughput_ratio"])
+    if math.isfinite(tr):
+        iv = _iv(row, "throughput_ratio")
+        ci = f" ({lvl} CI {iv.low:.2f}-{iv.high:.2f})" if iv.defined else ""
+        cost.append(f"training throughput {tr:.2f}x baseline's{ci}")
+    if cost:
+        out.append("Cost: " + ", ".join(cost) + ".")
+    return out
+
+
+def _f(x: Any) -> float:
+    return math.nan if x is None else float(x)
+
+
+def _iv(row: dict[str, Any], key: str) -> stats.Interval:
+    est = _f(row.get(key, row.get(f"{key}_mean")))
+    return stats.Interval(est, _f(row[f"{key}_ci_low"]), _f(row[f"{key}_ci_high"]), method=row["interval_method"])
+
+
+# ---------------------------------------------------------------------------------------
+# Document model: one list of blocks rendered both to Markdown and to HTML.
+
+
+@dataclass
+class Doc:
+    blocks: list[tuple[str, Any]] = field(default_factory=list)
+
+    def h(self, level: int, text: str) -> None:
+        self.blocks.append(("h", (level, text)))
+
+    def p(self, text: str) -> None:
+        self.blocks.append(("p", text))
+
+    def ul(self, items: Iterable[str]) -> None:
+        items = list(items)
+        if items:
+            self.blocks.append(("ul", items))
+
+    def table(self, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+        self.blocks.append(("table", (list(header), [list(r) for r in rows])))
+
+    def img(self, path: Path, rel: str, alt: str) -> None:
+        self.blocks.append(("img", (path, rel, alt)))
+
+    def markdown(self) -> str:
+        out: list[str] = []
+        for kind, v in self.blocks:
+            if kind == "h":
+                out.append("#" * v[0] + " " + v[1])
+            elif kind == "p":
+                out.append(v)
+            elif kind == "ul":
+                out.append("\n".join(f"- {i}" for i in v))
+            elif kind == "table":
+                header, rows = v
+                lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+                lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+                out.append("\n".join(lines))
+            elif kind == "img":
+                out.append(f"![{v[2]}]({v[1]})")
+        return "\n\n".join(out) + "\n"
+
+    def html(self, title: str) -> str:
+        e = html.escape
+        body: list[str] = []
+        for kind, v in self.blocks:
+            if kind == "h":
+                body.append(f"<h{v[0]}>{e(v[1])}</h{v[0]}>")
+            elif kind == "p":
+                body.append(f"<p>{e(v)}</p>")
+            elif kind == "ul":
+                body.append("<ul>" + "".join(f"<li>{e(i)}</li>" for i in v) + "</ul>")
+            elif kind == "table":
+                header, rows = v
+                head = "".join(f"<th>{e(c)}</th>" for c in header)
+                trs = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
+                body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>")
+            elif kind == "img":
+                data = base64.b64encode(Path(v[0]).read_bytes()).decode("ascii")
+                body.append(f'<figure><img alt="{e(v[2])}" src="data:image/png;base64,{data}"></figure>')
+        style = (
+            "body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}"
+            "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
+            "th,td{border:1px solid #bbb;padding:3px 8px;text-align:left}th{background:#eee}"
+            "img{max-width:100%}figure{margin:1em 0}"
+            "@media print{body{max-width:none}figure{break-inside:avoid}}"
+        )
+        return (
+            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Building the report
+
+
+@dataclass
+class ReportFiles:
+    results_jsonl: Path
+    summary_csv: Path
+    report_md: Path
+    report_html: Path
+    figures: list[Path]
+    missing: list[str]
+
+
+def _curves(runs: Sequence[RunData]) -> dict[str, np.ndarray]:
+    """seeds x epochs matrices of val_acc, train_loss, elapsed_s (nan-padded)."""
+    width = max((int(r.get("epoch", 0)) for run in runs for r in run.metrics), default=0)
+    out = {}
+    for key in ("val_acc", "train_loss", "elapsed_s"):
+        mat = np.full((len(runs), width), np.nan)
+        for i, run in enumerate(runs):
+            for r in run.metrics:
+                e = int(r.get("epoch", 0))
+                if 1 <= e <= width:
+                    mat[i, e - 1] = _num(r.get(key))
+        out[key] = mat
+    return out
+
+
+def _fmt(x: Any, spec: str = ".2f") -> str:
+    v = _f(x) if not isinstance(x, str) else math.nan
+    return "n/a" if not math.isfinite(v) else format(v, spec)
+
+
+def _fmt_ci(row: dict[str, Any], key: str, scale: float = 1.0, spec: str = ".2f") -> str:
+    lo, hi = _f(row[f"{key}_ci_low"]), _f(row[f"{key}_ci_high"])
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return "n/a"
+    return f"[{format(lo * scale, spec)}, {format(hi * scale, spec)}]"
+
+
+def _describe_missing(cells: Sequence[Cell], runs: dict[Cell, RunData]) -> list[str]:
+    out = []
+    for c in cells:
+        run = runs.get(c)
+        if run is None:
+            out.append(f"{c.model} / {c.technique} / seed {c.seed}: not started")
+        elif run.status == "failed":
+            out.append(f"{c.model} / {c.technique} / seed {c.seed}: failed ({run.error})")
+        elif not run.finished:
+            done = run.metrics[-1].get("epoch", 0) if run.metrics else 0
+            total = run.config.get("epochs", "?")
+            out.append(f"{c.model} / {c.technique} / seed {c.seed}: {run.status} after epoch {done} of {total}")
+    return out
+
+
+def _settings(grid: dict[str, Any] | None, runs: dict[Cell, RunData]) -> list[str]:
+    cfg = dict(grid.get("train", {})) if grid else {}
+    if not cfg and runs:
+        cfg = next(iter(runs.values())).config
+    keys = (
+        "dataset",
+        "epochs",
+        "batch_size",
+        "lr",
+        "train_subset",
+        "train_size",
+        "val_size",
+        "width",
+        "optimizer",
+        "schedule",
+        "augment",
+        "label_smoothing",
+        "weight_decay",
+    )
+    shown = [f"{k}={cfg[k]}" for k in keys if k in cfg]
+    items = []
+    if grid:
+        preset = f"; preset {grid['preset']}" if grid.get("preset") else ""
+        seeds = ", ".join(str(s) for s in grid["seeds"])
+        techs = ", ".join(grid["techniques"])
+        items.append(f"Grid: models {', '.join(grid['models'])}; techniques {techs}; seeds {seeds}{preset}")
+    if shown:
+        items.append("Training settings: " + ", ".join(shown) + " (full settings: each run's config.yaml).")
+    return items
+
+
+def build_report(
+    results_dir: str | Path,
+    *,
+    extra_dirs: Sequence[str | Path] = (),
+    target_acc: float | None = None,
+    method: str | None = None,
+    level: float = 0.95,
+) -> ReportFiles:
+    """Read every run under ``results_dir`` (and ``extra_dirs``), write records, summary and report.
+
+    ``target_acc`` and ``method`` default to what the grid was run with (grid.json), else
+    0.9 and ``"t"``.
+    """
+    out = Path(results_dir)
+    dirs = [out, *(Path(d) for d in extra_dirs)]
+    grid, runs = collect(dirs)
+    target = float(target_acc if target_acc is not None else (grid or {}).get("target_acc", 0.9))
+    if not 0.0 < target <= 1.0:
+        raise UsageError(f"--target-acc must be a fraction in (0, 1], e.g. 0.9, got {target}")
+    method = method or (grid or {}).get("interval", "t")
+    if method not in stats.METHODS:
+        raise UsageError(f"--interval must be one of {', '.join(stats.METHODS)}, got {method!r}")
+    cells = sorted(set(grid_cells(grid)) | set(runs)) if grid else sorted(runs)
+    records = [run_record(runs[c], target) for c in cells if c in runs]
+    rows = summarize_all(records, grid, target, method, level)
+    missing = _describe_missing(cells, runs)
+
+    # Derived files first: they are the machine-readable truth the report is drawn from.
+    results_jsonl = out / "results.jsonl"
+    atomic_write_text(results_jsonl, "".join(json.dumps(r, sort_keys=False) + "\n" for r in records))
+    summary_csv = out / "summary.csv"
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: _csv_value(row.get(k)) for k in SUMMARY_COLUMNS})
+    atomic_write_text(summary_csv, buf.getvalue())
+
+    from reslab import plots  # matplotlib only when drawing
+
+    fig_dir = out / FIGURES_DIR
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    figures: list[Path] = []
+    doc = Doc()
+    lvl = f"{round(100 * level)}%"
+    title = f"reslab comparison: {out.name}"
+    doc.h(1, title)
+    doc.ul(_settings(grid, runs))
+    method_words = (
+        "Student's t distribution over seeds"
+        if method == "t"
+        else "paired percentile bootstrap over seeds (10,000 resamples, fixed seed)"
+    )
+    doc.p(
+        f"Intervals are {lvl} confidence intervals from the {method_words}. Differences and speed-ups are paired "
+        f"by seed (seed k sees the same data order and augmentation in every technique). Speed-ups are "
+        f"geometric means of baseline time / technique time over the seeds where both reached the target. "
+        f"p-values are two-sided paired t-tests. Target: {100 * target:.1f}% validation accuracy."
+    )
+    n_done = sum(1 for c in cells if c in runs and runs[c].finished)
+    if missing:
+        doc.p(f"Incomplete grid: {n_done} of {len(cells)} runs finished. Missing or unfinished:")
+        doc.ul(missing)
+    else:
+        doc.p(f"Complete grid: all {len(cells)} runs finished.")
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    for model in models:
+        mrows = [r for r in rows if r["model"] == model]
+        suffix = f" ({model})" if len(models) > 1 else ""
+        doc.h(2, f"Verdict{suffix}")
+        if not any(r["technique"] == BASELINE for r in mrows):
+            doc.p("No baseline runs found, so no technique is compared against baseline.")
+        for r in mrows:
+            doc.p(f"{r['technique']}: " + " ".join(verdict(r, level) or ["no finished runs yet."]))
+
+        doc.h(2, f"Summary{suffix}")
+        doc.table(
+            [
+                "technique",
+                "runs (ok/div/open)",
+                "test acc % (mean ± sd)",
+                f"{lvl} CI",
+                "best val acc %",
+                "AUC val acc %",
+                "diff vs baseline (pp)",
+                f"{lvl} CI (pp)",
+                "p",
+            ],
+            [
+                [
+                    r["technique"],
+                    f"{r['completed']}/{r['diverged']}/{r['unfinished']}",
+                    f"{_fmt(_f(r['test_acc_mean']) * 100)} ± {_fmt(_f(r['test_acc_std']) * 100)}",
+                    _fmt_ci(r, "test_acc", 100),
+                    _fmt(_f(r["best_val_acc_mean"]) * 100),
+                    _fmt(_f(r["auc_mean"]) * 100),
+                    "-" if r["technique"] == BASELINE else _fmt(_f(r["test_acc_diff"]) * 100, "+.2f"),
+                    "-" if r["technique"] == BASELINE else _fmt_ci(r, "test_acc_diff", 100, "+.2f"),
+                    "-" if r["technique"] == BASELINE else _fmt(r["test_acc_diff_p"], ".3g"),
+                ]
+                for r in mrows
+            ],
+        )
+        doc.h(2, f"Convergence{suffix}")
+        doc.table(
+            [
+                "technique",
+                f"reached {100 * target:.1f}%",
+                "median epochs",
+                "median seconds",
+                "speed-up (epochs)",
+                f"{lvl} CI",
+                "speed-up (seconds)",
+                f"{lvl} CI",
+            ],
+            [
+                [
+                    r["technique"],
+                    f"{r['reached']}/{r['reached_of']}",
+                    _fmt(r["epochs_to_target_median"], ".0f")
+                    if math.isfinite(_f(r["epochs_to_target_median"]))
+                    else "not reached",
+                    _fmt(r["seconds_to_target_median"], ".1f")
+                    if math.isfinite(_f(r["seconds_to_target_median"]))
+                    else "not reached",
+                    "-" if r["technique"] == BASELINE else _fmt(r["speedup_epochs"]),
+                    "-" if r["technique"] == BASELINE else _fmt_ci(r, "speedup_epochs"),
+                    "-" if r["technique"] == BASELINE else _fmt(r["speedup_seconds"]),
+                    "-" if r["technique"] == BASELINE else _fmt_ci(r, "speedup_seconds"),
+                ]
+                for r in mrows
+            ],
+        )
+        doc.p(
+            "Medians count a seed that never reached the target (or diverged) as slower than every other seed; "
+            "'not reached' means fewer than half of the seeds reached it. Seconds are cumulative training time "
+            "(evaluation excluded), measured while the grid ran, so they include any sharing of the CPU."
+        )
+        model_runs = {c: run for c, run in runs.items() if c.model == model}
+        by_tech: dict[str, list[RunData]] = {}
+        for c in sorted(model_runs):
+            by_tech.setdefault(c.technique, []).append(model_runs[c])
+        order = [r["technique"] for r in mrows]
+        curves = {t: _curves(by_tech[t]) for t in order if t in by_tech and any(x.metrics for x in by_tech[t])}
+        if curves:
+            tag = f"-{model}" if len(models) > 1 else ""
+            p1 = fig_dir / f"curves-epoch{tag}.png"
+            plots.plot_curves(curves, p1, x_axis="epoch", title=f"{model}: against epoch")
+            p2 = fig_dir / f"curves-time{tag}.png"
+            plots.plot_curves(curves, p2, x_axis="time", title=f"{model}: against training time")
+            doc.h(2, f"Curves{suffix}")
+            doc.img(p1, f"{FIGURES_DIR}/{p1.name}", f"{model}: validation accuracy and training loss against epoch")
+            doc.img(p2, f"{FIGURES_DIR}/{p2.name}", f"{model}: validation accuracy and training loss against time")
+            figures += [p1, p2]
+            ttt = [
+                {
+                    "technique": r["technique"],
+                    "reached": r["reached"],
+                    "n": r["reached_of"],
+                    "epochs": (
+                        _f(r["epochs_to_target_mean"]),
+                        _f(r["epochs_to_target_ci_low"]),
+                        _f(r["epochs_to_target_ci_high"]),
+                    ),
+                    "seconds": (
+                        _f(r["seconds_to_target_mean"]),
+                        _f(r["seconds_to_target_ci_low"]),
+                        _f(r["seconds_to_target_ci_high"]),
+                    ),
+                }
+                for r in mrows
+            ]
+            p3 = fig_dir / f"time-to-target{tag}.png"
+            plots.plot_time_to_target(ttt, p3, target=target, title=f"{model}: time to target")
+            doc.img(p3, f"{FIGURES_DIR}/{p3.name}", f"{model}: time to {100 * target:.1f}% validation accuracy")
+            figures.append(p3)
+
+        doc.h(2, f"Cost{suffix}")
+        doc.table(
+            ["technique", "parameters", "vs baseline", "FLOPs / image", "vs baseline", "train images/s", "vs baseline"],
+            [
+                [
+                    r["technique"],
+                    f"{int(r['params']):,}" if r["params"] else "n/a",
+                    "-" if r["technique"] == BASELINE else _fmt(r["params_ratio"], ".3f") + "x",
+                    f"{int(r['flops']):,}" if r["flops"] else "n/a",
+                    "-" if r["technique"] == BASELINE else _fmt(r["flops_ratio"], ".3f") + "x",
+                    _fmt(r["images_per_s"], ".0f"),
+                    "-"
+                    if r["technique"] == BASELINE
+                    else f"{_fmt(r['throughput_ratio'])}x {_fmt_ci(r, 'throughput_ratio')}",
+                ]
+                for r in mrows
+            ],
+        )
+        doc.p(
+            "FLOPs count convolutions and matrix products for one image (a multiply-add is 2). Images/s is the "
+            "median training throughput over epochs (first epoch left out when there are more than two)."
+        )
+        grad_series = {
+            t: [gradient_ratios(run.gradients)[:2] for run in by_tech.get(t, []) if run.gradients] for t in order
+        }
+        grad_series = {t: [s for s in v if s[0]] for t, v in grad_series.items()}
+        grad_series = {t: v for t, v in grad_series.items() if v}
+        doc.h(2, f"Gradient health{suffix}")
+        if grad_series:
+            tag = f"-{model}" if len(models) > 1 else ""
+            p4 = fig_dir / f"gradients{tag}.png"
+            plots.plot_gradients(grad_series, p4, model)
+            doc.table(
+                ["technique", "worst max/min gradient-norm ratio across blocks"],
+                [[r["technique"], _fmt(r["worst_grad_ratio"], ".3g")] for r in mrows],
+            )
+            doc.img(p4, f"{FIGURES_DIR}/{p4.name}", f"{model}: gradient-norm spread across blocks during training")
+            figures.append(p4)
+        else:
+            doc.p(
+                "Not measured: the runs have no gradients.jsonl (train with --probe-every K to record per-block "
+                "gradient norms), and 'reslab probe' measures gradient flow at initialisation across depths."
+            )
+    doc.h(2, "Files")
+    doc.p(
+        "results.jsonl holds one record per run, summary.csv one row per technique with every figure above "
+        "(and more); each run folder under runs/ holds its config.yaml, metrics.jsonl and summary.json. "
+        "Regenerate this report with: reslab report " + str(out)
+    )
+    report_md = out / "report.md"
+    atomic_write_text(report_md, doc.markdown())
+    report_html = out / "report.html"
+    atomic_write_text(report_html, doc.html(title))
+    return ReportFiles(results_jsonl, summary_csv, report_md, report_html, figures, missing)
+
+
+def _csv_value(v: Any) -> Any:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return ""
+        if math.isinf(v):
+            return "inf"
+        return f"{v:.6g}"
+    return "" if v is None else v
