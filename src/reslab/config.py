@@ -1,0 +1,250 @@
+"""The training configuration: one dataclass, read from Python, YAML, TOML or the command
+line, validated in one place so every entry point gives the same one-line errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reslab.errors import UsageError
+
+SCHEDULES = ("onecycle", "cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+#: fields that may differ between a run and its ``--resume`` (they change where and how
+#: fast it runs, not what it computes).
+RESUMABLE_CHANGES = frozenset({"device", "threads", "compile", "tensorboard", "workers", "data_dir", "precision"})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run.
+
+    The defaults train ``resnet20`` on fashion-mnist to about 93% test accuracy in 10
+    epochs: SGD with Nesterov momentum 0.9, peak learning rate 0.1 at batch 128, weight
+    decay 5e-4 (not on BatchNorm, biases or technique scalars), a one-cycle schedule
+    (linear warm-up over the first 20% of steps, then linear decay to zero), label
+    smoothing 0.1, random crop and horizontal flip.
+
+    Fields set to ``None`` are resolved from the dataset and machine by :meth:`resolved`
+    (``val_size``: 5,000 for fashion-mnist and CIFAR, 10% otherwise; ``flip`` and
+    ``crop_padding``: what suits the dataset; ``device``: CUDA when present).
+    """
+
+    model: str = "resnet20"
+    technique: str = "baseline"
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    schedule: str = "onecycle"
+    #: fraction of all steps spent warming the learning rate up linearly from zero
+    warmup: float = 0.2
+    #: images held out of the training set for validation curves; 0 = use the test set
+    val_size: int | None = None
+    #: train on the first N images of the fixed shuffle of the training split (quick runs)
+    train_subset: int | None = None
+    flip: bool | None = None
+    crop_padding: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    compile: bool = False
+    channels_last: bool = True
+    #: "auto" = bf16 autocast on CUDA, fp32 on the CPU
+    precision: str = "auto"
+    width: float = 1.0
+    drop_path_rate: float = 0.0
+    technique_args: dict[str, Any] = field(default_factory=dict)
+    #: record per-block gradient norms every K optimizer steps into gradients.jsonl (0 = off)
+    probe_every: int = 0
+    #: CPU threads for this process (None = PyTorch's default)
+    threads: int | None = None
+    #: DataLoader workers for folder:PATH datasets
+    workers: int = 2
+    eval_batch_size: int = 1000
+    #: square size folder:PATH images are resized to (None = the first image's size)
+    image_size: int | None = None
+    tensorboard: bool = False
+
+    # ---------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
+        """Build from a mapping (e.g. a parsed YAML file), coercing and validating types."""
+        if not isinstance(data, dict):
+            raise UsageError(f"{source} must be a mapping of option: value, got {type(data).__name__}")
+        names = cls.field_names()
+        unknown = [k for k in data if k.replace("-", "_") not in names]
+        if unknown:
+            raise UsageError(f"{source}: unknown option(s) {', '.join(map(str, unknown))}; valid: {', '.join(names)}")
+        hints = typing.get_type_hints(cls)
+        values = {k.replace("-", "_"): _coerce(k, v, hints[k.replace("-", "_")], source) for k, v in data.items()}
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    def validate(self) -> None:
+        """Raise :class:`UsageError` for a value no run could use."""
+        from reslab.models import _constructor
+        from reslab.techniques import technique_class
+
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise UsageError(msg)
+
+        try:
+            _constructor(self.model)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        try:
+            technique_class(self.technique)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        need(self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}")
+        need(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
+        need(self.eval_batch_size >= 1, f"eval_batch_size must be at least 1, got {self.eval_batch_size}")
+        need(self.lr > 0, f"lr must be positive, got {self.lr}")
+        need(0 <= self.momentum < 1, f"momentum must be in [0, 1), got {self.momentum}")
+        need(not (self.nesterov and self.momentum == 0), "nesterov needs a momentum above 0; set --no-nesterov")
+        need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        need(self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        need(0 <= self.warmup < 1, f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        need(self.val_size is None or self.val_size >= 0, f"val_size must be >= 0, got {self.val_size}")
+        need(
+            self.train_subset is None or self.train_subset >= 1,
+            f"train_subset must be at least 1 (or unset), got {self.train_subset}",
+        )
+        need(self.crop_padding is None or self.crop_padding >= 0, "crop_padding must be >= 0")
+        need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        need(self.width > 0, f"width must be positive, got {self.width}")
+        need(0 <= self.drop_path_rate < 1, f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        need(self.probe_every >= 0, f"probe_every must be >= 0 (0 = off), got {self.probe_every}")
+        need(self.threads is None or self.threads >= 1, f"threads must be at least 1, got {self.threads}")
+        need(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
+        need(self.image_size is None or self.image_size >= 1, "image_size must be at least 1")
+        need(
+            self.precision in PRECISIONS,
+            f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",
+        )
+        need(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith(("cuda", "mps", "xpu")),
+            f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}",
+        )
+        from reslab.data import DATASETS
+
+        need(
+            self.dataset in DATASETS or self.dataset.startswith("folder:"),
+            f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}, folder:PATH",
+        )
+        try:
+            from reslab.techniques import get_technique
+
+            get_technique(self.technique, **self.technique_args)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+
+
+def _is_optional(tp: Any) -> tuple[bool, Any]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return True, rest[0]
+    return False, tp
+
+
+def _coerce(name: str, value: Any, tp: Any, source: str) -> Any:
+    optional, base = _is_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise UsageError(f"{source}: {name} cannot be empty")
+    origin = typing.get_origin(base) or base
+    bad = UsageError(f"{source}: {name} must be {getattr(origin, '__name__', origin)}, got {value!r}")
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise bad
+    if origin is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                raise bad from None
+        raise bad
+    if origin is float:
+        if isinstance(value, bool):
+            raise bad
+        try:
+            return float(value)  # YAML reads 5e-4 as a string; float() takes it
+        except (TypeError, ValueError):
+            raise bad from None
+    if origin is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    if origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise bad
+    return value
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The options of a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file, as a dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"config file {p} does not exist")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        else:
+            data = yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"config file {p} cannot be parsed ({first}); fix its syntax") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"config file {p} must hold a mapping of option: value")
+    # allow the options either at the top level or under a [train] table
+    if set(data) == {"train"} and isinstance(data["train"], dict):
+        data = data["train"]
+    return data
+
+
+def config_to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=False)
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
