@@ -1,0 +1,119 @@
+"""Train-step time of every technique relative to ``baseline``, measured interleaved.
+
+    python benchmarks/technique_overhead.py                 # resnet20, batch 128, NHWC
+    python benchmarks/technique_overhead.py --rounds 15 --steps 5 --threads 2
+
+Each round times ``--steps`` SGD steps (forward, backward, update) of every variant, in a
+shuffled order, and divides each by the ``baseline`` time of the same round, so that
+drifts of a shared machine hit both sides of a ratio alike. The table gives the median
+ratio over rounds and its spread (interquartile range). ``article-eager:*`` rows are the
+source article's merges transcribed literally (``out + scale * s``, ``out +
+residual_norm(out - s)``, ``out + feature_fusion(cat[out, s])``), for comparison with
+reslab's fused forms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+import reslab
+from reslab.describe import forward_flops
+from reslab.techniques import FeatureFusion, ResidualNormalization, ResidualScaling
+
+
+class EagerScale(ResidualScaling):
+    def merge(self, block, branch: Tensor, shortcut: Tensor) -> Tensor:
+        return branch + block.scale * shortcut
+
+
+class EagerNorm(ResidualNormalization):
+    def merge(self, block, branch: Tensor, shortcut: Tensor) -> Tensor:
+        return branch + block.residual_norm(branch - shortcut)
+
+
+class EagerFusion(FeatureFusion):
+    def merge(self, block, branch: Tensor, shortcut: Tensor) -> Tensor:
+        return branch + block.feature_fusion(torch.cat([branch, shortcut], dim=1))
+
+
+EAGER = {"article-eager:scale": EagerScale(), "article-eager:norm": EagerNorm(), "article-eager:fusion": EagerFusion()}
+
+
+def make_step(model: torch.nn.Module, x: Tensor, y: Tensor):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--input-size", default="1x28x28")
+    p.add_argument("--rounds", type=int, default=11)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-eager", action="store_true", help="skip the article-eager reference rows")
+    p.add_argument("--techniques", default="all")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    c, h, w = (int(v) for v in args.input_size.split("x"))
+    techniques = reslab.list_techniques() if args.techniques == "all" else args.techniques.split(",")
+    variants: dict[str, reslab.Technique | str] = {t: t for t in techniques}
+    if not args.no_eager:
+        variants.update(EAGER)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch, c, h, w).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (args.batch,))
+    steps = {}
+    flops = {}
+    for name, tech in variants.items():
+        model = reslab.build_model(args.model, technique=tech, in_channels=c).to(memory_format=torch.channels_last)
+        flops[name] = forward_flops(model, (c, h, w))
+        steps[name] = make_step(model.train(), x, y)
+        for _ in range(2):  # warm-up: allocator, kernels, optimizer state
+            steps[name]()
+    ratios: dict[str, list[float]] = {n: [] for n in variants}
+    base_times: list[float] = []
+    order = list(variants)
+    rng = random.Random(0)
+    for r in range(args.rounds):
+        rng.shuffle(order)
+        times = {}
+        for name in order:
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                steps[name]()
+            times[name] = (time.perf_counter() - t0) / args.steps
+        base_times.append(times["baseline"])
+        for name in variants:
+            ratios[name].append(times[name] / times["baseline"])
+        print(f"round {r + 1}/{args.rounds}: baseline {times['baseline'] * 1e3:.1f} ms/step", flush=True)
+
+    print(
+        f"\n{args.model}, batch {args.batch}, input {args.input_size}, channels_last, {args.threads} threads, "
+        f"torch {torch.__version__}; baseline median {statistics.median(base_times) * 1e3:.1f} ms/step"
+    )
+    print(f"{'variant':<22} {'time / baseline':>15} {'IQR':>15} {'FLOPs / baseline':>17}")
+    for name in variants:
+        q = statistics.quantiles(ratios[name], n=4)
+        print(
+            f"{name:<22} {statistics.median(ratios[name]):>14.3f}x {q[0]:>7.3f}-{q[2]:<7.3f}"
+            f" {flops[name] / flops['baseline']:>16.3f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()
