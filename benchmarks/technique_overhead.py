@@ -67,6 +67,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-eager", action="store_true", help="skip the article-eager reference rows")
     p.add_argument("--techniques", default="all")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="wall: elapsed time (the figure users feel); cpu: this process's CPU time, steadier on a "
+        "shared machine (use with --threads 1, where OpenMP spin-waits cannot inflate it)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     c, h, w = (int(v) for v in args.input_size.split("x"))
@@ -80,8 +87,9 @@ def main() -> None:
     steps = {}
     flops = {}
     for name, tech in variants.items():
-        model = reslab.build_model(args.model, technique=tech, in_channels=c).to(memory_format=torch.channels_last)
+        model = reslab.build_model(args.model, technique=tech, in_channels=c)
         flops[name] = forward_flops(model, (c, h, w))
+        model = model.to(memory_format=torch.channels_last)
         steps[name] = make_step(model.train(), x, y)
         for _ in range(2):  # warm-up: allocator, kernels, optimizer state
             steps[name]()
@@ -89,21 +97,22 @@ def main() -> None:
     base_times: list[float] = []
     order = list(variants)
     rng = random.Random(0)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     for r in range(args.rounds):
         rng.shuffle(order)
         times = {}
         for name in order:
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(args.steps):
                 steps[name]()
-            times[name] = (time.perf_counter() - t0) / args.steps
+            times[name] = (clock() - t0) / args.steps
         base_times.append(times["baseline"])
         for name in variants:
             ratios[name].append(times[name] / times["baseline"])
         print(f"round {r + 1}/{args.rounds}: baseline {times['baseline'] * 1e3:.1f} ms/step", flush=True)
 
     print(
-        f"\n{args.model}, batch {args.batch}, input {args.input_size}, channels_last, {args.threads} threads, "
+        f"\n{args.model}, batch {args.batch}, input {args.input_size}, channels_last, {args.threads} threads, {args.clock} clock, "
         f"torch {torch.__version__}; baseline median {statistics.median(base_times) * 1e3:.1f} ms/step"
     )
     print(f"{'variant':<22} {'time / baseline':>15} {'IQR':>15} {'FLOPs / baseline':>17}")
