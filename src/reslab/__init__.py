@@ -8,6 +8,7 @@ A residual block is branch + shortcut + merge; a *technique* decides the merge::
 """
 
 from reslab.blocks import BasicBlock, Bottleneck, DropPath, ResidualBlock, residual_blocks
+from reslab.fuse import fuse
 from reslab.models import ModelSpec, ResNet, build_model, cifar_resnet, list_models
 from reslab.techniques import Technique, get_technique, list_techniques, register
 
@@ -23,6 +24,7 @@ __all__ = [
     "Technique",
     "build_model",
     "cifar_resnet",
+    "fuse",
     "get_technique",
     "list_models",
     "list_techniques",
