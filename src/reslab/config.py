@@ -215,8 +215,18 @@ def _coerce(name: str, value: Any, tp: Any, source: str) -> Any:
         raise bad
     if origin is dict:
         if isinstance(value, dict):
-            return dict(value)
+            return {str(k): _number_or_str(v) for k, v in value.items()}
         raise bad
+    return value
+
+
+def _number_or_str(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` as a string; give technique arguments their number back."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
     return value
 
 

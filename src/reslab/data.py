@@ -18,6 +18,7 @@ and the fixes.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import os
@@ -340,7 +341,8 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
 
 def _fashion_from(folder: Path, verify: bool) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
-    for key, (stem, sha, count) in FASHION_FILES.items():
+    # smallest files first: a broken download is reported without decoding 47 MB first
+    for key, (stem, sha, count) in sorted(FASHION_FILES.items(), key=lambda kv: (kv[0].endswith("_x"), kv[1][2])):
         path = _find_idx(folder, stem)
         if path is None:
             raise FileNotFoundError(stem)
@@ -620,6 +622,22 @@ def load_folder(path: str | Path, image_size: int | None = None, flip: bool = Tr
 # ---------------------------------------------------------------------------------------
 # Entry points
 
+# Decoding and checksumming fashion-mnist takes seconds; a comparison trains many runs in
+# one process, so the last dataset loaded is kept (tensors are never modified in place).
+_CACHE: dict[tuple[Any, ...], ArrayDataset] = {}
+
+
+def _file_stamps(name: str, data_dir: str | Path | None) -> tuple[tuple[str, int, int], ...]:
+    """(path, size, mtime) of the candidate files, so a changed file is re-read and re-checked."""
+    stamps = []
+    for d in search_dirs(name, data_dir):
+        if d.is_dir():
+            for p in sorted(d.rglob("*")):
+                if p.is_file():
+                    st = p.stat()
+                    stamps.append((str(p), st.st_size, st.st_mtime_ns))
+    return tuple(stamps)
+
 
 def load_arrays(
     name: str, data_dir: str | Path | None = None, *, download: bool = True, verify: bool = True
@@ -629,10 +647,13 @@ def load_arrays(
     ``data_dir`` is looked at first. ``verify=False`` skips the checksums of the official
     files (for hand-made files in the same format); structure is always validated.
     """
-    if name == "fashion-mnist":
-        return _load_fashion(data_dir, download, verify)
-    if name in CIFAR:
-        return _load_cifar(name, data_dir, download, verify)
+    if name in ("fashion-mnist", *CIFAR):
+        key = (name, str(data_dir), verify, os.environ.get("RESLAB_DATA"), _file_stamps(name, data_dir))
+        if key not in _CACHE:
+            loader = _load_fashion if name == "fashion-mnist" else lambda *a: _load_cifar(name, *a)
+            _CACHE.clear()  # one dataset at a time: a sweep over datasets should not pile them up
+            _CACHE[key] = loader(data_dir, download, verify)
+        return dataclasses.replace(_CACHE[key])
     if name == "digits":
         return _load_digits()
     if name.startswith("folder:"):

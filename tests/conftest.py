@@ -1,0 +1,32 @@
+"""Shared fixtures (small and additive: other test modules add their own here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture
+def tiny_train_config():
+    """A factory of TrainConfigs for runs of a second or two on fashion-mnist: resnet8 at
+    width 0.25 on a few hundred real images, one thread."""
+    from reslab.train import TrainConfig
+
+    def make(**overrides):
+        base = dict(
+            model="resnet8",
+            width=0.25,
+            epochs=2,
+            batch_size=64,
+            train_subset=256,
+            val_size=200,
+            eval_batch_size=500,
+            threads=1,
+        )
+        base.update(overrides)
+        return TrainConfig(**base)
+
+    return make
