@@ -29,6 +29,7 @@ it is installed.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import warnings
@@ -155,6 +156,9 @@ def export(
     if model.training:
         raise UsageError("export needs a model in eval mode; call model.eval() first")
     out = Path(out)
+    if next(model.parameters()).device.type != "cpu":
+        # Exported files are loaded on the CPU by default; export (and check) from there.
+        model = copy.deepcopy(model).cpu()
     c, h, w = metadata["input_size"]
     gen = torch.Generator().manual_seed(0)
     device = next(model.parameters()).device
@@ -167,15 +171,29 @@ def export(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 traced = torch.jit.trace(model, example, check_trace=False)
-                atomic_write(out, lambda p: torch.jit.save(traced, str(p), _extra_files={META_NAME: text}))
+
+            def write(p: Path) -> None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", FutureWarning)
+                    torch.jit.save(traced, str(p), _extra_files={META_NAME: text})
+
         elif fmt == "exported":
             ep = _torch_export(model, example)
-            # torch.export.save insists on a .pt2 name for files; write to a buffer.
-            atomic_write(out, lambda p: p.write_bytes(_pt2_bytes(ep, text)))
+
+            def write(p: Path) -> None:
+                # torch.export.save wants a .pt2 name for files; a buffer has none.
+                p.write_bytes(_pt2_bytes(ep, text))
+
         else:
-            _export_onnx(model, example, text, out)
-    if check:
-        _check_roundtrip(model, fmt, out, c, h, w)
+            write = _onnx_writer(model, example, text)
+
+    def write_checked(p: Path) -> None:
+        write(p)
+        if check:
+            # Checked before the rename: a failed export never replaces an existing file.
+            _check_file(model, fmt, p, c, h, w)
+
+    atomic_write(out, write_checked)
     return out
 
 
@@ -204,7 +222,7 @@ def onnx_available() -> bool:
     return True
 
 
-def _export_onnx(model: nn.Module, example: Tensor, text: str, out: Path) -> None:
+def _onnx_writer(model: nn.Module, example: Tensor, text: str) -> Callable[[Path], None]:
     if not onnx_available():
         raise UsageError(
             "ONNX export needs the optional packages onnx and onnxscript, which are not installed; "
@@ -213,8 +231,8 @@ def _export_onnx(model: nn.Module, example: Tensor, text: str, out: Path) -> Non
     import onnx
     from torch.export import Dim
 
-    def write(p: Path) -> None:
-        batch = Dim("batch", min=1, max=1 << 16)
+    batch = Dim("batch", min=1, max=1 << 16)
+    try:
         program = torch.onnx.export(
             model,
             (example,),
@@ -224,28 +242,29 @@ def _export_onnx(model: nn.Module, example: Tensor, text: str, out: Path) -> Non
             dynamo=True,
             verbose=False,
         )
-        assert program is not None
-        proto = program.model_proto
-        onnx.helper.set_model_props(proto, {"reslab": text})
-        onnx.save(proto, str(p))
+    except Exception as e:  # noqa: BLE001 - the ONNX exporter raises many kinds
+        raise UsageError(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    assert program is not None
+    proto = program.model_proto
+    onnx.helper.set_model_props(proto, {"reslab": text})
+    return lambda p: onnx.save(proto, str(p))
 
-    atomic_write(out, write)
 
-
-def _check_roundtrip(model: nn.Module, fmt: str, out: Path, c: int, h: int, w: int) -> None:
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(3, c, h, w, generator=gen)
+def _check_file(model: nn.Module, fmt: str, path: Path, c: int, h: int, w: int) -> None:
+    x = torch.randn(3, c, h, w, generator=torch.Generator().manual_seed(1))
     device = next(model.parameters()).device
     with torch.no_grad():
         want = model(x.to(device)).float().cpu()
     if fmt == "onnx" and not _onnxruntime_available():
-        return  # nothing to run it with here; the export itself succeeded
-    predictor = load_predictor(out, trust=True)
-    got = predictor.logits(x)
+        return  # nothing here can run it; the exporter itself succeeded
+    run = _load_file(path, fmt, {}).run
+    with torch.no_grad():
+        got = run(x).float().cpu()
     err = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
     if not err <= 1e-4:
-        out.unlink(missing_ok=True)
-        raise UsageError(f"the exported {fmt} file does not reproduce the model (relative error {err:.2e}); removed it")
+        raise UsageError(
+            f"the exported {fmt} file does not reproduce the model (relative error {err:.2e}); not written"
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -316,23 +335,27 @@ def load_predictor(source: str | Path, *, trust: bool = False, device: str = "cp
                 f"{p} is a {kind} file, and loading one runs code from it; pass --trust if you made it or trust "
                 "its author, or predict from the fused .safetensors ('reslab fuse'), which is data only"
             )
-        if suffix == ".pt2":
-            try:
-                ep = torch.export.load(str(p))
-            except Exception as e:  # noqa: BLE001 - torch raises many kinds for bad archives
-                raise UsageError(f"{p} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-            return Predictor(ep.module(), meta, str(p))
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                ts = torch.jit.load(str(p), map_location=device)
-        except Exception as e:  # noqa: BLE001
-            raise UsageError(f"{p} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-        return Predictor(ts.eval(), meta, str(p))
+        return _load_file(p, "exported" if suffix == ".pt2" else "torchscript", meta)
     raise UsageError(
         f"{p}: unknown model file type {suffix or '(none)'}; pass a run folder, .safetensors, .pt/.ts (TorchScript), "
         ".pt2 or .onnx"
     )
+
+
+def _load_file(path: Path, fmt: str, meta: dict[str, Any]) -> Predictor:
+    """Load an exported file of format ``fmt`` (TorchScript and .pt2 run code: trusted files only)."""
+    if fmt == "onnx":
+        return _onnx_predictor(path)
+    try:
+        if fmt == "exported":
+            ep = torch.export.load(io.BytesIO(path.read_bytes()))
+            return Predictor(ep.module(), meta, str(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            ts = torch.jit.load(str(path), map_location="cpu")
+        return Predictor(ts.eval(), meta, str(path))
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for bad archives
+        raise UsageError(f"{path} cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
 def _onnx_predictor(path: Path) -> Predictor:

@@ -2,8 +2,8 @@
 (.pt2) or ONNX (needs 'pip install reslab[onnx]'). The model is fused first (--no-fuse
 exports it as trained). The file carries the model name, technique, input size, classes
 and mean/std as reslab.json metadata, and is reloaded and compared with the model before
-the command succeeds. TorchScript and .pt2 files run code when loaded: share them only
-with people who trust you; the fused .safetensors from 'reslab fuse' is data only."""
+the command succeeds. TorchScript and .pt2 files run code when loaded: load them only
+from authors you trust; the fused .safetensors from 'reslab fuse' is data only."""
 
 from __future__ import annotations
 
