@@ -20,7 +20,7 @@ from torch import nn
 import reslab
 from reslab.blocks import BasicBlock, Bottleneck, ResidualBlock
 from reslab.errors import UsageError
-from reslab.fuse import ChannelAffine, FusedBlock, FusedResNet, count_technique_leftovers, load_fused, save_fused
+from reslab.fuse import ChannelAffine, FusedBlock, FusedResNet, load_fused, save_fused, technique_leftovers
 from reslab.models import ResNet
 from reslab.techniques import ResidualScaling
 
@@ -113,7 +113,7 @@ def test_fused_model_matches_original(technique: str, arch: str, images: torch.T
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     # No BatchNorm and no technique parameter is left.
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused.modules())
-    assert count_technique_leftovers(fused) == []
+    assert technique_leftovers(fused) == []
     tech_names = set(reslab.get_technique(technique).parameter_names) | {"input_bias"}
     assert not any(tech_names & set(n.split(".")) for n, _ in fused.named_parameters())
     assert not any(type(m).__module__.startswith("reslab.techniques") for m in fused.modules())
@@ -196,7 +196,7 @@ def test_fused_block_matches_original(technique: str, kind: str, shortcut: str, 
     assert isinstance(fused, FusedBlock)
     with torch.no_grad():
         assert rel_err(block(x), fused(x)) < REL_TOL
-    assert count_technique_leftovers(fused) == []
+    assert technique_leftovers(fused) == []
 
 
 def test_fixup_input_bias_at_padded_borders_is_exact() -> None:

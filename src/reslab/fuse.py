@@ -849,7 +849,7 @@ def load_fused(path: str | Path, device: str | torch.device = "cpu") -> tuple[Fu
     return model.eval(), meta
 
 
-def count_technique_leftovers(model: nn.Module) -> list[str]:
+def technique_leftovers(model: nn.Module) -> list[str]:
     """Names of BatchNorm modules and technique parameters left in ``model`` (for checks)."""
     names = {n for c in _KNOWN_TECHNIQUES for n in c.parameter_names} | {"input_bias"}
     left = [
@@ -865,9 +865,9 @@ __all__ = [
     "ChannelAffine",
     "FusedBlock",
     "FusedResNet",
-    "count_technique_leftovers",
     "fuse",
     "is_fused_file",
     "load_fused",
     "save_fused",
+    "technique_leftovers",
 ]
