@@ -31,8 +31,10 @@ from __future__ import annotations
 import math
 import multiprocessing as mp
 import os
+import signal
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -413,24 +415,43 @@ def probe_cell(
     return probe_model(model, data)
 
 
-def _worker_init(threads: int) -> None:
+# Per-process state of a worker: the batches arrive once, through the pool initializer.
+_WORKER_BATCHES: list[tuple[Tensor, Tensor]] = []
+
+
+def _worker_init(threads: int, batches: list[tuple[Tensor, Tensor]]) -> None:
+    # Ctrl-C goes to the whole process group; only the parent handles it (and terminates
+    # the pool), so the user sees one message instead of a traceback per worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
+    _WORKER_BATCHES[:] = batches
+
+
+def _spawn_pool(ctx: Any, processes: int, data: list[tuple[Tensor, Tensor]]) -> Any:
+    """A pool whose workers ignore SIGINT from their first instruction.
+
+    A disposition of SIG_IGN survives exec, and Python keeps it, so setting it around the
+    spawn covers the seconds a worker spends importing torch, where the initializer has
+    not run yet. The parent's handler is restored at once: Ctrl-C reaches the parent
+    only, which terminates the pool.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return ctx.Pool(processes, initializer=_worker_init, initargs=(1, data))
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return ctx.Pool(processes, initializer=_worker_init, initargs=(1, data))
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _cell_job(
-    technique: str,
-    depth: int,
-    batches: list[tuple[Tensor, Tensor]],
-    num_classes: int,
-    width: float,
-    seed: int,
-    dtype: str,
-) -> tuple[ModelProbe, float]:
-    import time
-
+    job: tuple[str, int, int, float, int, str], batches: Sequence[tuple[Tensor, Tensor]] | None = None
+) -> tuple[str, int, ModelProbe, float]:
+    technique, depth, num_classes, width, seed, dtype = job
     t0 = time.perf_counter()
-    probe = probe_cell(technique, depth, batches, num_classes, width, seed, getattr(torch, dtype))
-    return probe, time.perf_counter() - t0
+    data = _WORKER_BATCHES if batches is None else batches
+    probe = probe_cell(technique, depth, data, num_classes, width, seed, getattr(torch, dtype))
+    return technique, depth, probe, time.perf_counter() - t0
 
 
 def cell_cost(depth: int, batches: int) -> float:
@@ -470,22 +491,17 @@ def run_probe(
             on_done(entry, cell_cost(cell[1], len(batches)))
 
     data = [(x.contiguous(), y.contiguous()) for x, y in batches]
+    jobs = [(t, d, num_classes, width, seed, dtype) for t, d in order]
     if workers <= 1 or len(cells) == 1:
-        for cell in order:
-            finish(cell, *_cell_job(cell[0], cell[1], data, num_classes, width, seed, dtype))
+        for job in jobs:
+            t, d, probe, seconds = _cell_job(job, data)
+            finish((t, d), probe, seconds)
     else:
-        ctx = mp.get_context("spawn")
-        with ProcessPoolExecutor(
-            min(workers, len(cells)), mp_context=ctx, initializer=_worker_init, initargs=(1,)
-        ) as ex:
-            pending: dict[Future[tuple[ModelProbe, float]], tuple[str, int]] = {
-                ex.submit(_cell_job, c[0], c[1], data, num_classes, width, seed, dtype): c for c in order
-            }
-            while pending:
-                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    cell = pending.pop(fut)
-                    finish(cell, *fut.result())
+        ctx = mp.get_context("spawn")  # fork is unsafe once torch has started its threads
+        # Leaving the with-block terminates the workers, also on Ctrl-C or an error.
+        with _spawn_pool(ctx, min(workers, len(cells)), data) as pool:
+            for t, d, probe, seconds in pool.imap_unordered(_cell_job, jobs):
+                finish((t, d), probe, seconds)
     return [done[c] for c in cells]
 
 
