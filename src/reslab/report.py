@@ -216,37 +216,32 @@ def _num(x: Any) -> float:
     return v
 
 
+#: keys of a gradients.jsonl record that are not per-block norms
+_GRAD_META = frozenset({"step", "epoch", "time", "elapsed_s", "lr", "loss", "ratio"})
+
+
 def _block_norms(rec: dict[str, Any]) -> list[float]:
-    """Per-block gradient norms from one gradients.jsonl record (several plausible layouts)."""
-    for key in ("block_grad_norms", "grad_norms", "norms", "output_grad_rms", "blocks"):
+    """Per-block gradient norms from one gradients.jsonl record.
+
+    ``reslab train --probe-every`` writes ``{"step", "epoch", "<block name>": norm, ...}``;
+    lists under ``grad_norms``/``norms``/``blocks`` are read too.
+    """
+    for key in ("grad_norms", "norms", "blocks"):
         v = rec.get(key)
         if isinstance(v, list) and v:
-            vals = []
-            for item in v:
-                if isinstance(item, dict):
-                    for k in ("grad_norm", "param_grad_norm", "norm", "output_grad_rms", "value"):
-                        if k in item:
-                            vals.append(_num(item[k]))
-                            break
-                else:
-                    vals.append(_num(item))
-            return vals
-        if isinstance(v, dict) and v:
-            return [_num(x) for x in v.values()]
-    return []
+            return [_num(item.get("grad_norm", item.get("norm")) if isinstance(item, dict) else item) for item in v]
+    return [_num(v) for k, v in rec.items() if k not in _GRAD_META and isinstance(v, int | float)]
 
 
 def gradient_ratios(gradients: Sequence[dict[str, Any]]) -> tuple[list[float], list[float]]:
     """(steps, max/min per-block gradient norm) for each gradients.jsonl record."""
     steps, ratios = [], []
     for i, rec in enumerate(gradients):
-        if isinstance(rec.get("ratio"), int | float) and not _block_norms(rec):
-            r = float(rec["ratio"])
-        else:
-            norms = [n for n in _block_norms(rec) if math.isfinite(n) and n > 0]
-            if len(norms) < 2:
-                continue
-            r = max(norms) / min(norms)
+        # blocks with an exactly zero gradient (e.g. a branch zeroed at init) have no ratio
+        norms = [n for n in _block_norms(rec) if math.isfinite(n) and n > 0]
+        if len(norms) < 2:
+            continue
+        r = max(norms) / min(norms)
         steps.append(_num(rec.get("step", i)))
         ratios.append(r)
     return steps, ratios
@@ -496,6 +491,18 @@ def summarize_all(
 # Verdicts
 
 
+def fmt_bounds(low: float, high: float, ref: float, scale: float = 1.0, sign: bool = False, digits: int = 2) -> str:
+    """``[low, high]`` with enough digits that a bound next to ``ref`` (0 or 1) still shows
+    on which side of it it lies: an interval [0.00004, 0.02] must not print as [+0.00, ...]."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "n/a"
+    d = digits
+    while d < 6 and any(b != ref and round(b * scale, d) == ref * scale for b in (low, high)):
+        d += 1
+    spec = f"+.{d}f" if sign else f".{d}f"
+    return f"[{format(low * scale, spec)}, {format(high * scale, spec)}]"
+
+
 def _pp(x: float) -> str:
     return f"{100 * x:+.2f} pp"
 
@@ -536,7 +543,7 @@ def verdict(row: dict[str, Any], level: float = 0.95) -> list[str]:
         )
     else:
         d, iv, p = row["test_acc_diff"], _iv(row, "test_acc_diff"), row["test_acc_diff_p"]
-        ci = f"{lvl} CI [{100 * iv.low:+.2f}, {100 * iv.high:+.2f}] pp, paired t p = {p:.3g}, {n} seeds"
+        ci = f"{lvl} CI {fmt_bounds(iv.low, iv.high, 0.0, 100, sign=True)} pp, paired t p = {p:.3g}, {n} seeds"
         if row["test_acc_diff_significant"]:
             word = "higher" if d > 0 else "lower"
             out.append(f"Accuracy: final test accuracy is {word} than baseline by {_pp(d)} ({ci}).")
@@ -555,7 +562,7 @@ def verdict(row: dict[str, Any], level: float = 0.95) -> list[str]:
         )
     else:
         s, iv = row["speedup_epochs"], _iv(row, "speedup_epochs")
-        ci = f"{lvl} CI [{iv.low:.2f}, {iv.high:.2f}], {row['speedup_pairs']} paired seeds"
+        ci = f"{lvl} CI {fmt_bounds(iv.low, iv.high, 1.0)}, {row['speedup_pairs']} paired seeds"
         reach = f"reached {target} in {row['reached']} of {row['reached_of']} seeds"
         if iv.defined and not iv.contains(1.0):
             word = "faster" if s > 1 else "slower"
@@ -698,10 +705,9 @@ def _fmt(x: Any, spec: str = ".2f") -> str:
 
 
 def _fmt_ci(row: dict[str, Any], key: str, scale: float = 1.0, spec: str = ".2f") -> str:
-    lo, hi = _f(row[f"{key}_ci_low"]), _f(row[f"{key}_ci_high"])
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return "n/a"
-    return f"[{format(lo * scale, spec)}, {format(hi * scale, spec)}]"
+    # differences are judged against 0, ratios against 1: keep the side of those visible
+    ref = 0.0 if key.endswith("_diff") else 1.0 if key.startswith(("speedup", "throughput")) else math.nan
+    return fmt_bounds(_f(row[f"{key}_ci_low"]), _f(row[f"{key}_ci_high"]), ref, scale, sign=spec.startswith("+"))
 
 
 def _describe_missing(cells: Sequence[Cell], runs: dict[Cell, RunData]) -> list[str]:
@@ -886,8 +892,9 @@ def build_report(
         )
         doc.p(
             "Medians count a seed that never reached the target (or diverged) as slower than every other seed; "
-            "'not reached' means fewer than half of the seeds reached it. Seconds are cumulative training time "
-            "(evaluation excluded), measured while the grid ran, so they include any sharing of the CPU."
+            "'not reached' means fewer than half of the seeds reached it. Seconds are the cumulative time of the "
+            "epochs (training and the per-epoch validation) as measured while the grid ran, so they include any "
+            "sharing of the CPU between parallel runs."
         )
         model_runs = {c: run for c, run in runs.items() if c.model == model}
         by_tech: dict[str, list[RunData]] = {}

@@ -1,0 +1,230 @@
+"""reslab compare: real (tiny) grids on real Fashion-MNIST images, end to end.
+
+Every grid here trains resnet8 at quarter width on a small fixed subset for 1-2 epochs, so a
+run takes about a second of compute; what is tested is the grid machinery (files, pairing,
+resume after a real kill, divergence, shards, jobs), not accuracy.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from reslab.cli import main
+from reslab.compare import Grid, parse_shard, prepare_results, shard_cells
+from reslab.errors import UsageError
+from reslab.report import SUMMARY_COLUMNS
+
+TINY = [
+    "--models",
+    "resnet8",
+    "--width",
+    "0.25",
+    "--train-subset",
+    "512",
+    "--val-size",
+    "256",
+    "--batch-size",
+    "64",
+    "--target-acc",
+    "0.2",
+    "--quiet",
+]
+
+
+def tiny_args(out: Path, *extra: str, techniques: str = "baseline,scale", seeds: str = "2", epochs: int = 1) -> list:
+    return [
+        "compare",
+        *TINY,
+        "--techniques",
+        techniques,
+        "--seeds",
+        seeds,
+        "--epochs",
+        str(epochs),
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_tiny_grid_end_to_end_with_shards_and_jobs(tmp_path: Path) -> None:
+    out = tmp_path / "res"
+    # two shards into one folder: the first with 2 worker processes, the second in-process
+    assert main(tiny_args(out, "--shard", "1/2", "--jobs", "2", "--set", "probe_every=4")) == 0
+    assert len(records(out)) == 2  # the report after shard 1 covers its half ...
+    assert "Incomplete grid: 2 of 4 runs finished" in (out / "report.md").read_text()
+    assert main(tiny_args(out, "--shard", "2/2", "--jobs", "1", "--set", "probe_every=4")) == 0
+    recs = records(out)
+    assert sorted((r["technique"], r["seed"]) for r in recs) == [
+        ("baseline", 0),
+        ("baseline", 1),
+        ("scale", 0),
+        ("scale", 1),
+    ]
+    assert all(r["status"] == "completed" and 0 < r["test_acc"] <= 1 for r in recs)
+    for r in recs:
+        run = Path(r["run_dir"])
+        for f in ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "gradients.jsonl"):
+            assert (run / f).is_file(), f
+    # paired seeds: runs of one seed differ only in the technique
+    import yaml
+
+    cfgs = {(r["technique"], r["seed"]): yaml.safe_load((Path(r["run_dir"]) / "config.yaml").read_text()) for r in recs}
+    diff = {k for k in cfgs["baseline", 1] if cfgs["baseline", 1][k] != cfgs["scale", 1][k]}
+    assert diff - {"threads"} == {"technique"}  # threads: shard 1 ran 2 jobs x 1 thread, shard 2 1 x 2
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["technique"] for r in rows] == ["baseline", "scale"]
+    assert list(rows[0]) == SUMMARY_COLUMNS
+    scale = rows[1]
+    for key in ("test_acc_mean", "test_acc_ci_low", "test_acc_diff", "test_acc_diff_p", "auc_mean", "params_ratio"):
+        assert scale[key] != "", key
+    assert float(scale["params_ratio"]) > 1.0  # one scalar per block
+    assert scale["worst_grad_ratio"] != ""
+    md = (out / "report.md").read_text()
+    assert "Complete grid: all 4 runs finished" in md and "scale: Accuracy:" in md
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4  # curves x2, time to target, gradients
+    for fig in ("curves-epoch.png", "curves-time.png", "time-to-target.png", "gradients.png"):
+        assert (out / "figures" / fig).stat().st_size > 5000
+    # re-running the finished grid trains nothing and keeps every result
+    before = (Path(recs[0]["run_dir"]) / "summary.json").read_bytes()
+    assert main(tiny_args(out, "--set", "probe_every=4")) == 0
+    assert (Path(recs[0]["run_dir"]) / "summary.json").read_bytes() == before
+
+
+def _wait_for(pred, proc: subprocess.Popen, timeout: float = 240.0) -> None:
+    t0 = time.monotonic()
+    while not pred():
+        if proc.poll() is not None:
+            raise AssertionError(f"compare exited early: {proc.stderr.read() if proc.stderr else ''}")
+        if time.monotonic() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("timed out waiting for the grid")
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_resume_after_killing_the_grid(tmp_path: Path) -> None:
+    out = tmp_path / "res"
+    args = [sys.executable, "-m", "reslab", *tiny_args(out, "--jobs", "1", seeds="1", epochs=3)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
+    first = out / "runs" / "resnet8-baseline-s0"
+    second = out / "runs" / "resnet8-scale-s0"
+
+    def second_mid_run() -> bool:
+        try:
+            return json.loads((second / "checkpoint" / "latest.json").read_text())["epoch"] >= 1
+        except (OSError, ValueError, KeyError):
+            return False
+
+    _wait_for(second_mid_run, proc)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up: the worst case
+    proc.wait()
+    assert json.loads((first / "summary.json").read_text())["status"] == "completed"
+    assert json.loads((second / "summary.json").read_text())["status"] == "running"
+    first_files = {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()}
+    killed_rows = [json.loads(x) for x in (second / "metrics.jsonl").read_text().splitlines()]
+
+    # the report reads the killed grid and says what is missing
+    assert main(["report", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "Incomplete grid: 1 of 2 runs finished" in md
+    assert "resnet8 / scale / seed 0: running after epoch" in md
+
+    # the same command again: the finished run is kept byte for byte, the killed one resumes
+    res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "1 runs trained (0 diverged), 1 already finished" in res.stdout
+    assert {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()} == first_files
+    rows = [json.loads(x) for x in (second / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    wall = ("epoch_s", "elapsed_s", "images_per_s")
+    for before, after in zip(killed_rows, rows, strict=False):  # resumed, not restarted
+        assert {k: v for k, v in before.items() if k not in wall} == {k: v for k, v in after.items() if k not in wall}
+    assert all(r["status"] == "completed" for r in records(out))
+
+
+@pytest.mark.slow
+def test_diverged_run_is_recorded_and_the_grid_goes_on(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "res"
+    # a learning rate of 1e6 overflows the first steps: every run diverges, each one is recorded
+    assert main(tiny_args(out, "--lr", "1e6", "--jobs", "1", seeds="1")) == 0
+    recs = records(out)
+    assert [r["status"] for r in recs] == ["diverged", "diverged"]
+    assert all(r["diverged_epoch"] == 1 and r["test_acc"] is None for r in recs)
+    md = (out / "report.md").read_text()
+    assert "Diverged (non-finite loss) in 1 of 1 finished seeds" in md
+    assert "2 runs trained (2 diverged)" in capsys.readouterr().out
+    # a diverged run is a finished result: re-running does not train it again
+    assert main(tiny_args(out, "--lr", "1e6", "--jobs", "1", seeds="1")) == 0
+    assert "0 runs trained (0 diverged), 2 already finished" in capsys.readouterr().out
+
+
+def test_shards_partition_the_grid() -> None:
+    g = Grid(["resnet8", "resnet14"], ["baseline", "scale", "norm"], [0, 1, 2, 3, 4], {})
+    cells = g.cells()
+    for n in (1, 2, 3, 7):
+        parts = [shard_cells(cells, (i, n)) for i in range(1, n + 1)]
+        assert sorted(c for p in parts for c in p) == sorted(cells)  # every cell once
+        assert sum(len(p) for p in parts) == len(cells)
+    assert shard_cells(cells, (2, 3)) == shard_cells(list(cells), (2, 3))  # deterministic
+    assert parse_shard("2/3") == (2, 3)
+    for bad in ("0/2", "3/2", "1-2", "x"):
+        with pytest.raises(UsageError, match="--shard must be i/n"):
+            parse_shard(bad)
+
+
+def test_results_folder_with_other_settings_is_refused(tmp_path: Path) -> None:
+    g = Grid(["resnet8"], ["baseline"], [0], {"epochs": 2, "train_subset": 100})
+    prepare_results(tmp_path / "r", g)
+    before = (tmp_path / "r" / "grid.json").read_text()
+    with pytest.raises(UsageError, match=r"epochs=3 \(stored: 2\)"):
+        prepare_results(tmp_path / "r", Grid(["resnet8"], ["baseline"], [0], {"epochs": 3, "train_subset": 100}))
+    assert (tmp_path / "r" / "grid.json").read_text() == before
+    # more seeds and techniques extend the grid
+    merged = prepare_results(tmp_path / "r", Grid(["resnet8"], ["baseline", "scale"], [0, 1], g.train))
+    assert merged.techniques == ["baseline", "scale"] and merged.seeds == [0, 1]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="not a 'reslab compare' results folder"):
+        prepare_results(tmp_path / "other", g)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--seeds", "0"], "--seeds takes N >= 1"),
+        (["--seeds", "1,1"], "lists a seed twice"),
+        (["--techniques", "baseline,nope"], "unknown technique"),
+        (["--target-acc", "90"], "--target-acc is a fraction"),
+        (["--set", "lr"], "--set takes KEY=VALUE"),
+        (["--set", "bogus=1"], "unknown option"),
+        (["--set", "seed=3"], "seed is set per run by the grid"),
+        (["--models", "resnet9"], "unknown model"),
+        (["--epochs", "0"], "epochs must be at least 1"),
+        (["--shard", "3/2"], "--shard must be i/n"),
+    ],
+)
+def test_usage_errors_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert main(["compare", "--out", str(tmp_path / "r"), "--quiet", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "r").exists()  # nothing written before the settings are valid
