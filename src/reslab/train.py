@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +171,8 @@ class Dist:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    #: where collectives run: NCCL only reduces CUDA tensors, gloo CPU ones
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def enabled(self) -> bool:
@@ -181,11 +183,22 @@ class Dist:
         return self.rank == 0
 
     def all_sum(self, t: Tensor) -> Tensor:
+        """Sum over ranks (identity in one process); the result is on the CPU."""
         if self.enabled:
             import torch.distributed as dist
 
+            t = t.to(self.device)
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
+        return t.cpu()
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Give every rank rank 0's BatchNorm running statistics (each rank updated its
+        own from its half of the batch), so evaluation shards agree with the saved model."""
+        if self.enabled:
+            import torch.distributed as dist
+
+            for b in model.buffers():
+                dist.broadcast(b, 0)
 
     def barrier(self) -> None:
         if self.enabled:
@@ -205,7 +218,8 @@ def _setup_distributed(device_name: str) -> Dist:
     if not dist.is_initialized():
         backend = "nccl" if device_name.startswith("cuda") else "gloo"
         dist.init_process_group(backend=backend)
-    return Dist(rank=rank, world=world, local_rank=local)
+    dev = torch.device(f"cuda:{local}") if device_name.startswith("cuda") else torch.device("cpu")
+    return Dist(rank=rank, world=world, local_rank=local, device=dev)
 
 
 def _resolve_device(cfg: TrainConfig, d: Dist) -> torch.device:
@@ -435,6 +449,7 @@ def resolve_config(cfg: TrainConfig, ds: ArrayDataset | FolderDataset, device: t
 def _evaluate(
     model: nn.Module, source: Any, which: str, cfg: TrainConfig, norm: Normalize, d: Dist, autocast: Any
 ) -> tuple[float, float]:
+    d.sync_buffers(model)
     model.eval()
     dev = norm.scale.device
     loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
@@ -448,7 +463,7 @@ def _evaluate(
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
             correct += (logits.argmax(1) == y).sum().double()
             count += len(y)
-    totals = d.all_sum(torch.stack([loss_sum, correct, count]).cpu())
+    totals = d.all_sum(torch.stack([loss_sum, correct, count]))
     model.train()
     n = max(float(totals[2]), 1.0)
     return float(totals[0]) / n, float(totals[1]) / n
@@ -743,8 +758,9 @@ def train(
                             "img_s": f"{rate:.0f}",
                         }
                     prog.step(1, **post)
-            if not diverged and not math.isfinite(float(loss_sum)):
-                diverged = True
+            if not diverged:
+                # an inf that never showed in a checked step (checks are spaced on GPUs)
+                diverged = d.all_sum(torch.tensor(0.0 if math.isfinite(float(loss_sum)) else 1.0)).item() > 0
             if diverged:
                 prog.close()
                 summary.update(status="diverged", diverged_epoch=epoch, epochs_completed=epoch - 1)
@@ -755,7 +771,7 @@ def train(
                 return summary
             train_time = time.perf_counter() - t0
             totals = d.all_sum(
-                torch.stack([loss_sum, correct, torch.tensor(float(seen), dtype=torch.float64, device=device)]).cpu()
+                torch.stack([loss_sum, correct, torch.tensor(float(seen), dtype=torch.float64, device=device)])
             )
             val_loss, val_acc = _evaluate(raw_model, source, "val", cfg, norm, d, autocast)
             epoch_s = time.perf_counter() - t0
