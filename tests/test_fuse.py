@@ -107,6 +107,10 @@ def test_fused_model_matches_original(technique: str, arch: str, images: torch.T
         want, got = model(images), fused(images)
     assert want.abs().max() > 0.1  # a meaningful comparison, not two near-zero outputs
     assert rel_err(want, got) < REL_TOL
+    # Channels-last (NHWC) models and inputs take other code paths; same outputs.
+    nhwc = copy.deepcopy(fused).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert rel_err(want, nhwc(images.contiguous(memory_format=torch.channels_last))) < REL_TOL
     # The input model is untouched.
     assert model.training is False
     after = model.state_dict()
@@ -269,3 +273,22 @@ def test_refuses_training_mode_unknown_modules_and_techniques() -> None:
         reslab.fuse(no_stats)
     with pytest.raises(UsageError):
         reslab.fuse(nn.Sequential(nn.Conv2d(1, 1, 1)).eval())
+
+
+def test_fusion_identity_shortcut_is_one_accumulated_matmul(images: torch.Tensor, tmp_path: Path) -> None:
+    from reslab.export import export, load_predictor
+
+    model = build("basic", "fusion")
+    fused = reslab.fuse(model)
+    blocks = [b for b in fused.modules() if isinstance(b, FusedBlock)]
+    originals = [b for b in model.modules() if isinstance(b, ResidualBlock)]
+    for orig, blk in zip(originals, blocks, strict=True):
+        # W_s on an identity shortcut: a 1x1 conv weight, applied as a matmul into the branch output.
+        assert blk.shortcut_matmul == (orig.downsample is None)
+        assert isinstance(blk.shortcut, nn.Conv2d) and blk.shortcut.kernel_size == (1, 1)
+    # The matmul path survives tracing and torch.export.
+    with torch.no_grad():
+        want = model(images[:16])
+    for fmt, name in (("exported", "f.pt2"), ("torchscript", "f.pt")):
+        path = export(fused, {"input_size": [1, 28, 28]}, fmt, tmp_path / name)
+        assert rel_err(want, load_predictor(path, trust=True).logits(images[:16])) < REL_TOL
