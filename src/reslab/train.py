@@ -11,7 +11,15 @@ continues a killed run exactly: on the CPU, the resumed run's ``metrics.jsonl`` 
 from the wall-clock fields ``epoch_s``, ``elapsed_s`` and ``images_per_s``) and final
 weights equal an uninterrupted run's bit for bit.
 
-Run folder layout: see ``docs/architecture.md``. Under ``torchrun`` the engine trains with
+Run folder layout: see ``docs/architecture.md``. With ``probe_every = K``,
+``gradients.jsonl`` gets one JSON object every K optimizer steps, taken from ``.grad``
+right after the backward pass (before the optimizer step; no extra backward):
+``{"step": S, "epoch": E, "<block name>": norm, ...}`` where ``step`` counts optimizer
+steps from 1 over the whole run, ``epoch`` is 1-based, and each further key is a
+residual block's qualified name (:func:`reslab.blocks.residual_blocks`, forward order)
+mapped to the L2 norm of the gradients of all that block's parameters (shortcut
+projection and technique parameters included). Under DDP the gradients are the
+all-reduced ones. Under ``torchrun`` the engine trains with
 DistributedDataParallel: every rank draws the same global batch and takes its slice, so
 a 2-process run sees the same images and augmentations as a 1-process run with the same
 global batch; only rank 0 writes files.
@@ -535,6 +543,8 @@ def train(
         hint = "pass --overwrite to replace it" + ("" if state == "completed" else " or --resume to continue it")
         raise UsageError(f"{out} already holds a {state} run; {hint}")
 
+    # every rank has looked at out_dir before rank 0 writes to it
+    d.barrier()
     device = _resolve_device(cfg, d)
     try:
         ds = open_dataset(cfg.dataset, cfg.data_dir)
