@@ -303,3 +303,30 @@ def test_cli_user_errors_are_one_line(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
     assert not out.exists()
+
+
+def test_cli_probes_saved_weights_like_the_library(tmp_path, fashion, capsys):
+    from reslab.checkpoint import save_weights
+
+    torch.manual_seed(4)
+    model = build_model("resnet14", technique="scale", num_classes=10, in_channels=1, width=0.25)
+    with torch.no_grad():
+        for _, block in residual_blocks(model):
+            block.scale.fill_(0.5)  # as if trained: the probe must use these weights
+    extra = {"dataset": "fashion-mnist", "input_size": [1, 28, 28]}
+    extra.update(mean=list(fashion.mean), std=list(fashion.std))
+    save_weights(tmp_path / "run" / "model.safetensors", model, extra=extra)
+    out = tmp_path / "p"
+    argv = ["probe", "--weights", str(tmp_path / "run"), "--batches", "2", "--batch-size", "16", "--seed", "3"]
+    assert main([*argv, "--out", str(out), "--no-progress"]) == 0
+    result = json.loads((out / "probe.json").read_text())["results"]
+    assert [(r["technique"], r["depth"]) for r in result] == [("scale", 14)]
+    batches = make_batches(fashion.train_x, fashion.train_y, fashion.mean, fashion.std, 2, 16, seed=3)
+    direct = probe_model(model, batches)
+    # The command runs channels_last, whose float32 BatchNorm kernels round more than the
+    # NCHW ones used here (measured: ~1e-4 relative on this net, against float64).
+    assert result[0]["grad_ratio"] == pytest.approx(direct.grad_ratio, rel=2e-3)
+    assert [b["out_var"] for b in result[0]["blocks"]] == pytest.approx([b.out_var for b in direct.blocks], rel=2e-3)
+    capsys.readouterr()
+    assert main([*argv, "--depths", "20", "--out", str(tmp_path / "q")]) == 2
+    assert "drop --depths" in capsys.readouterr().err

@@ -98,6 +98,7 @@ def plot_gradient_ratio(entries: Sequence[ProbeEntry], path: str | Path) -> Path
     styles = _style(techniques)
     fig, ax = plt.subplots(figsize=(7.5, 5.0))
     depths = sorted({e.depth for e in entries})
+    blocks = {e.depth: e.probe.num_blocks for e in entries}
     undefined = []
     for t in techniques:
         cells = sorted((e for e in entries if e.technique == t), key=lambda e: e.depth)
@@ -107,10 +108,10 @@ def plot_gradient_ratio(entries: Sequence[ProbeEntry], path: str | Path) -> Path
             undefined.append(t)
             continue
         ax.plot(xs, ys, lw=1.6, label=t, **styles[t])  # type: ignore[arg-type]
-    # The verdict's threshold L^2 (L = residual blocks = (depth - 2) / 2).
+    # The verdict's threshold L^2 (L = residual blocks; (depth - 2) / 2 for CIFAR-style nets).
     ax.plot(
         depths,
-        [ratio_threshold((d - 2) // 2) for d in depths],
+        [ratio_threshold(blocks[d]) for d in depths],
         color="grey",
         ls="--",
         lw=1.2,

@@ -7,12 +7,16 @@ the gradient with respect to the block output and the block's parameter-gradient
 The headline is the ratio of the largest to the smallest output-gradient RMS across
 blocks; the verdict calls a network exploding or vanishing when that ratio exceeds L^2
 (L = number of residual blocks; see reslab.probe.ratio_threshold for why). Writes
-probe.json, probe.md, signal_propagation.png and gradient_ratio.png to --out."""
+probe.json, probe.md, signal_propagation.png and gradient_ratio.png to --out.
+
+With --weights, probes one saved model (e.g. RUN/model.safetensors from reslab train)
+instead, on batches of the dataset it was trained on: gradient flow after training."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from datetime import UTC, datetime
@@ -30,25 +34,30 @@ from reslab.probe import (
     entry_to_dict,
     fmt,
     make_batches,
+    probe_model,
     ratio_threshold,
     resolve_depths,
     resolve_techniques,
     run_probe,
+    verdict,
 )
 
 NAME = "probe"
 HELP = "gradient flow and signal propagation at init, techniques x depths"
 ORDER = 30
 
+DEFAULT_DEPTHS = "20,56,110,218"
 OUTPUT_FILES = ("probe.json", "probe.md", "signal_propagation.png", "gradient_ratio.png")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--techniques", "-t", default="all", help="comma-separated technique names, or 'all' (default)")
+    parser.add_argument("--techniques", "-t", default=None, help="comma-separated technique names, or 'all' (default)")
+    parser.add_argument("--depths", "-d", default=None, help="comma-separated depths 6n+2 (default: 20,56,110,218)")
     parser.add_argument(
-        "--depths", "-d", default="20,56,110,218", help="comma-separated depths 6n+2 (default: 20,56,110,218)"
+        "--dataset",
+        default=None,
+        help="in-memory dataset (default: fashion-mnist, or that of --weights)",
     )
-    parser.add_argument("--dataset", default="fashion-mnist", help="in-memory dataset (default: fashion-mnist)")
     parser.add_argument("--data-dir", default=None, help="folder with the dataset files (searched first)")
     parser.add_argument("--batches", type=int, default=4, help="number of batches to average over (default: 4)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per batch (default: 128)")
@@ -66,17 +75,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"parallel processes, one thread each (default: one per core, here {default_workers()})",
     )
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="probe trained weights (a .safetensors written by reslab, or a run folder) instead of fresh models",
+    )
     parser.add_argument("--out", "-o", default=None, help="output folder (default: probe/<dataset>-<time>)")
     parser.add_argument("--overwrite", action="store_true", help="replace the probe files of an existing --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or per-cell lines")
 
 
 def _check(args: argparse.Namespace) -> tuple[list[str], list[int], Path]:
-    try:
-        techniques = resolve_techniques(args.techniques)
-        depths = resolve_depths(args.depths)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    if args.weights is not None:
+        given = [f"--{n}" for n in ("techniques", "depths", "width") if getattr(args, n) not in (None, 1.0)]
+        if given:
+            raise UsageError(f"--weights probes the saved model as it is; drop {', '.join(given)}")
+        techniques, depths = [], []
+    else:
+        try:
+            techniques = resolve_techniques(args.techniques or "all")
+            depths = resolve_depths(args.depths or DEFAULT_DEPTHS)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     if args.batches < 1:
         raise UsageError(f"--batches must be at least 1, got {args.batches}")
     if args.batch_size < 2:
@@ -85,11 +105,11 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[int], Path]:
         raise UsageError(f"--width must be positive, got {args.width}")
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {args.workers}")
-    if args.dataset.startswith("folder:"):
+    if args.dataset is not None and args.dataset.startswith("folder:"):
         raise UsageError("reslab probe needs an in-memory dataset (fashion-mnist, cifar10, cifar100, digits)")
     if args.out is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        out = Path("probe") / f"{args.dataset}-{stamp}"
+        out = Path("probe") / f"{args.dataset or 'fashion-mnist'}-{stamp}"
     else:
         out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -143,13 +163,16 @@ def _table(entries: list[ProbeEntry], techniques: list[str], depths: list[int], 
     return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [head, *rows]]
 
 
-def _command_line(args: argparse.Namespace, techniques: list[str], depths: list[int]) -> str:
+def _command_line(args: argparse.Namespace, techniques: list[str], depths: list[int], dataset: str) -> str:
     """The command that reproduces these numbers (every setting that changes them)."""
+    if args.weights is not None:
+        grid = [f"--weights {args.weights}"]
+    else:
+        grid = [f"--techniques {','.join(techniques)}", f"--depths {','.join(map(str, depths))}"]
     parts = [
         "reslab probe",
-        f"--techniques {','.join(techniques)}",
-        f"--depths {','.join(map(str, depths))}",
-        f"--dataset {args.dataset}",
+        *grid,
+        f"--dataset {dataset}",
         f"--batches {args.batches}",
         f"--batch-size {args.batch_size}",
         f"--seed {args.seed}",
@@ -166,14 +189,16 @@ def _ratio_cell(e: ProbeEntry) -> str:
 
 
 def render_markdown(entries: list[ProbeEntry], techniques: list[str], depths: list[int], meta: dict[str, Any]) -> str:
-    thresholds = ", ".join(f"ResNet-{d}: L={(d - 2) // 2}, {fmt(ratio_threshold((d - 2) // 2))}" for d in depths)
+    blocks = {e.depth: e.probe.num_blocks for e in entries}
+    thresholds = ", ".join(f"ResNet-{d}: L={blocks[d]}, {fmt(ratio_threshold(blocks[d]))}" for d in depths)
     lines = [
-        "# reslab probe: gradient flow and signal propagation at initialisation",
+        f"# reslab probe: gradient flow and signal propagation {meta['source']}",
         "",
         f"`{meta['command']}`",
         "",
-        f"{meta['dataset']}, {meta['batches']} batch(es) of {meta['batch_size']} training images (train-mode BatchNorm, "
-        f"cross-entropy), default init, seed {meta['seed']}, width {meta['width']:g}, {meta['dtype']} "
+        f"{meta['dataset']}, {meta['batches']} batch(es) of {meta['batch_size']} training images "
+        f"(train-mode BatchNorm, cross-entropy), {meta['init']}, seed {meta['seed']}, width {meta['width']:g}, "
+        f"{meta['dtype']} "
         f"(reductions in float64), torch {meta['torch']}. {meta['cells']} models in {meta['elapsed_s']:.0f} s "
         f"with {meta['workers']} worker(s).",
         "",
@@ -213,31 +238,123 @@ def render_markdown(entries: list[ProbeEntry], techniques: list[str], depths: li
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    techniques, depths, out = _check(args)
+def _weights_path(text: str) -> Path:
+    path = Path(text)
+    if path.is_dir():
+        path = path / "model.safetensors"
+    if not path.is_file():
+        raise UsageError(f"--weights {text}: no such file (give a model.safetensors or a run folder that has one)")
+    return path
+
+
+def _probe_weights(
+    args: argparse.Namespace, path: Path
+) -> tuple[list[ProbeEntry], list[str], list[int], str, dict[str, Any]]:
+    """Probe one saved model on batches of the dataset it was trained on."""
+    from reslab.checkpoint import load_model, read_metadata
     from reslab.data import load_arrays
 
+    meta = read_metadata(path)
+    model = load_model(path)
+    spec = model.spec
+    dataset = args.dataset or meta.get("dataset") or "fashion-mnist"
+    if dataset.startswith("folder:"):
+        raise UsageError(f"{path} was trained on {dataset}; pass an in-memory --dataset to probe it")
+    ds = load_arrays(dataset, args.data_dir)
+    size = list(ds.input_size)
+    if meta.get("input_size") not in (None, size) or spec.in_channels != size[0] or spec.num_classes != ds.num_classes:
+        raise UsageError(
+            f"{path} expects {meta.get('input_size', spec.in_channels)} inputs and {spec.num_classes} classes; "
+            f"{dataset} has {size} and {ds.num_classes}: pass the --dataset it was trained on"
+        )
+    # Normalize as the model saw its data in training.
+    mean, std = meta.get("mean", ds.mean), meta.get("std", ds.std)
     try:
-        ds = load_arrays(args.dataset, args.data_dir)
-    except ValueError as e:  # UsageError is a ValueError too
-        raise UsageError(str(e)) from None
+        batches = make_batches(ds.train_x, ds.train_y, mean, std, args.batches, args.batch_size, args.seed)
+    except ValueError as e:
+        raise UsageError(f"{e}; use fewer --batches or a smaller --batch-size") from None
+    m = re.fullmatch(r"resnet(\d+)", spec.name)
+    depth = int(m.group(1)) if m else 0
+    dtype = getattr(torch, args.dtype)
+    model = model.to(dtype=dtype, memory_format=torch.channels_last)
+    data = [(x.to(dtype).contiguous(memory_format=torch.channels_last), y) for x, y in batches]
+    torch.manual_seed(args.seed)  # DropPath, if the model has it, draws from here
+    t0 = time.perf_counter()
+    probe = probe_model(model, data)
+    entry = ProbeEntry(spec.technique, depth, probe, verdict(probe), time.perf_counter() - t0)
+    return [entry], [spec.technique], [depth], dataset, {"weights": str(path), "model": spec.name}
+
+
+def run(args: argparse.Namespace) -> int:
+    techniques, depths, out = _check(args)
+    t0 = time.perf_counter()
+    extra: dict[str, Any] = {}
+    if args.weights is not None:
+        workers = 1
+        entries, techniques, depths, dataset, extra = _probe_weights(args, _weights_path(args.weights))
+    else:
+        workers = args.workers or default_workers()
+        dataset = args.dataset or "fashion-mnist"
+        entries = _probe_grid(args, techniques, depths, dataset, workers)
+    elapsed = time.perf_counter() - t0
+
+    for line in _table(entries, techniques, depths, _ratio_cell, md=False):
+        print(line)
+    print(f"(max/min RMS of d loss / d block output; healthy when <= L^2, L = blocks; {elapsed:.0f} s)")
+
+    meta = {
+        "command": _command_line(args, techniques, depths, dataset),
+        "source": f"of trained weights {extra['weights']}" if extra else "at initialisation",
+        "init": "trained weights" if extra else "default init",
+        "techniques": techniques,
+        "depths": depths,
+        "dataset": dataset,
+        "batches": args.batches,
+        "batch_size": args.batch_size,
+        "width": args.width,
+        "seed": args.seed,
+        "dtype": args.dtype,
+        "workers": workers,
+        "torch": torch.__version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "elapsed_s": round(elapsed, 2),
+        "cells": len(entries),
+        "threshold_rule": "ratio > max(L^2, 10), L = residual blocks",
+        **extra,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    from reslab.probe_plots import plot_gradient_ratio, plot_signal_propagation
+
+    plot_signal_propagation(entries, out / "signal_propagation.png")
+    plot_gradient_ratio(entries, out / "gradient_ratio.png")
+    payload = {"config": meta, "results": [entry_to_dict(e) for e in entries]}
+    atomic_write_text(out / "probe.json", json.dumps(payload, indent=1, allow_nan=False) + "\n")
+    atomic_write_text(out / "probe.md", render_markdown(entries, techniques, depths, meta))
+    print(f"wrote {out}/probe.md, probe.json, signal_propagation.png, gradient_ratio.png")
+    return 0
+
+
+def _probe_grid(
+    args: argparse.Namespace, techniques: list[str], depths: list[int], dataset: str, workers: int
+) -> list[ProbeEntry]:
+    from reslab.data import load_arrays
+
+    ds = load_arrays(dataset, args.data_dir)
     try:
         batches = make_batches(ds.train_x, ds.train_y, ds.mean, ds.std, args.batches, args.batch_size, args.seed)
     except ValueError as e:
         raise UsageError(f"{e}; use fewer --batches or a smaller --batch-size") from None
-    workers = args.workers or default_workers()
     cells = len(techniques) * len(depths)
     progress = _Progress(sum(cell_cost(d, args.batches) for d in depths) * len(techniques), cells, not args.no_progress)
     if not args.no_progress:
         print(
-            f"probing {len(techniques)} techniques x depths {','.join(map(str, depths))} on {args.dataset} "
+            f"probing {len(techniques)} techniques x depths {','.join(map(str, depths))} on {dataset} "
             f"({args.batches} x {args.batch_size} images, {args.dtype}, {workers} worker(s))",
             file=sys.stderr,
             flush=True,
         )
-    t0 = time.perf_counter()
     try:
-        entries = run_probe(
+        return run_probe(
             techniques,
             depths,
             batches,
@@ -250,36 +367,3 @@ def run(args: argparse.Namespace) -> int:
         )
     finally:
         progress.close()
-    elapsed = time.perf_counter() - t0
-
-    for line in _table(entries, techniques, depths, _ratio_cell, md=False):
-        print(line)
-    print(f"(max/min RMS of d loss / d block output; healthy when <= L^2, L = blocks; {elapsed:.0f} s)")
-
-    meta = {
-        "command": _command_line(args, techniques, depths),
-        "techniques": techniques,
-        "depths": depths,
-        "dataset": args.dataset,
-        "batches": args.batches,
-        "batch_size": args.batch_size,
-        "width": args.width,
-        "seed": args.seed,
-        "dtype": args.dtype,
-        "workers": workers,
-        "torch": torch.__version__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "elapsed_s": round(elapsed, 2),
-        "cells": cells,
-        "threshold_rule": "ratio > max(L^2, 10), L = residual blocks",
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    from reslab.probe_plots import plot_gradient_ratio, plot_signal_propagation
-
-    plot_signal_propagation(entries, out / "signal_propagation.png")
-    plot_gradient_ratio(entries, out / "gradient_ratio.png")
-    payload = {"config": meta, "results": [entry_to_dict(e) for e in entries]}
-    atomic_write_text(out / "probe.json", json.dumps(payload, indent=1, allow_nan=False) + "\n")
-    atomic_write_text(out / "probe.md", render_markdown(entries, techniques, depths, meta))
-    print(f"wrote {out}/probe.md, probe.json, signal_propagation.png, gradient_ratio.png")
-    return 0
