@@ -311,17 +311,19 @@ def _onnxruntime_available() -> bool:
     return True
 
 
-def load_predictor(source: str | Path, *, trust: bool = False, device: str = "cpu") -> Predictor:
+def load_predictor(
+    source: str | Path, *, trust: bool = False, device: str = "cpu", input_size: Sequence[int] | None = None
+) -> Predictor:
     """Load a run folder, a weights/fused ``.safetensors``, or an exported file for prediction.
 
-    Reslab weights are fused on load. TorchScript (``.pt``/``.ts``) and ``.pt2`` files run
-    code when loaded and need ``trust=True`` (see the module docstring); ``.onnx`` needs
-    onnxruntime.
+    Reslab weights are fused on load (``input_size`` supplies ``[C, H, W]`` for weights
+    saved without it). TorchScript (``.pt``/``.ts``) and ``.pt2`` files run code when
+    loaded and need ``trust=True`` (see the module docstring); ``.onnx`` needs onnxruntime.
     """
     p = Path(source)
     if p.is_dir() or p.suffix == ".safetensors":
         fused, meta = fused_source(p, device)
-        return Predictor(fused.eval(), export_metadata(fused, meta), str(p))
+        return Predictor(fused.eval(), export_metadata(fused, meta, input_size), str(p))
     if not p.is_file():
         raise UsageError(f"{p} does not exist")
     suffix = p.suffix.lower()

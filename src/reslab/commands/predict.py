@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from reslab.commands.describe import parse_input_size
 from reslab.errors import UsageError
 from reslab.export import load_images, load_predictor, predict
 
@@ -26,12 +27,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top", "-k", type=int, default=3, help="classes to print per image (default 3)")
     parser.add_argument("--trust", action="store_true", help="allow loading TorchScript/.pt2 files (they run code)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
+    parser.add_argument("--input-size", help="CxHxW, for weights saved without it (default: from the metadata)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
-    predictor = load_predictor(args.model, trust=args.trust)
+    size = parse_input_size(args.input_size) if args.input_size else None
+    predictor = load_predictor(args.model, trust=args.trust, input_size=size)
     size = predictor.metadata.get("input_size")
     if not size:
         raise UsageError(f"{args.model} has no input_size in its metadata; export it again with 'reslab export'")
