@@ -45,7 +45,7 @@ def _positive(values: Sequence[float]) -> list[float]:
     return [v if (math.isfinite(v) and v > 0) else math.nan for v in values]
 
 
-def plot_signal_propagation(entries: Sequence[ProbeEntry], path: str | Path) -> Path:
+def plot_signal_propagation(entries: Sequence[ProbeEntry], path: str | Path, when: str = "at init") -> Path:
     """One column per depth; rows: output variance, squared channel mean, output-gradient RMS.
 
     The first two rows are the signal propagation plot of Brock, De & Smith (2021),
@@ -84,14 +84,14 @@ def plot_signal_propagation(entries: Sequence[ProbeEntry], path: str | Path) -> 
                 ax.set_ylabel(label)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), frameon=False)
-    fig.suptitle("Signal propagation at init (train-mode BN, real batches, mean over batches)")
+    fig.suptitle(f"Signal propagation {when} (train-mode BN, real batches, mean over batches)")
     fig.tight_layout(rect=(0, 0.07 if len(labels) > 5 else 0.04, 1, 1))
     atomic_write(path, lambda p: fig.savefig(p, dpi=DPI, format="png"))
     plt.close(fig)
     return path
 
 
-def plot_gradient_ratio(entries: Sequence[ProbeEntry], path: str | Path) -> Path:
+def plot_gradient_ratio(entries: Sequence[ProbeEntry], path: str | Path, when: str = "at init") -> Path:
     """Max/min output-gradient RMS across blocks against depth (log y), with the threshold."""
     path = Path(path)
     techniques = list(dict.fromkeys(e.technique for e in entries))
@@ -124,9 +124,9 @@ def plot_gradient_ratio(entries: Sequence[ProbeEntry], path: str | Path) -> Path
     ax.minorticks_off()
     ax.set_xlabel("depth (layers)")
     ax.set_ylabel("max / min RMS of d loss / d block output")
-    title = "Gradient ratio across blocks at init"
+    title = f"Gradient ratio across blocks {when}"
     if undefined:
-        title += f"\n(not shown, all block gradients zero at init: {', '.join(undefined)})"
+        title += f"\n(not shown, all block gradients zero: {', '.join(undefined)})"
     ax.set_title(title)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8, frameon=False, loc="upper left")

@@ -325,8 +325,9 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     from reslab.probe_plots import plot_gradient_ratio, plot_signal_propagation
 
-    plot_signal_propagation(entries, out / "signal_propagation.png")
-    plot_gradient_ratio(entries, out / "gradient_ratio.png")
+    when = "of trained weights" if extra else "at init"
+    plot_signal_propagation(entries, out / "signal_propagation.png", when)
+    plot_gradient_ratio(entries, out / "gradient_ratio.png", when)
     payload = {"config": meta, "results": [entry_to_dict(e) for e in entries]}
     atomic_write_text(out / "probe.json", json.dumps(payload, indent=1, allow_nan=False) + "\n")
     atomic_write_text(out / "probe.md", render_markdown(entries, techniques, depths, meta))
@@ -345,7 +346,6 @@ def _probe_grid(
     except ValueError as e:
         raise UsageError(f"{e}; use fewer --batches or a smaller --batch-size") from None
     cells = len(techniques) * len(depths)
-    progress = _Progress(sum(cell_cost(d, args.batches) for d in depths) * len(techniques), cells, not args.no_progress)
     if not args.no_progress:
         print(
             f"probing {len(techniques)} techniques x depths {','.join(map(str, depths))} on {dataset} "
@@ -353,6 +353,7 @@ def _probe_grid(
             file=sys.stderr,
             flush=True,
         )
+    progress = _Progress(sum(cell_cost(d, args.batches) for d in depths) * len(techniques), cells, not args.no_progress)
     try:
         return run_probe(
             techniques,
