@@ -147,6 +147,7 @@ def test_summary_figures_match_hand_computation(grid_dir: Path) -> None:
     assert float(s["params_ratio"]) == pytest.approx(1.01)
     assert float(s["throughput_ratio"]) == pytest.approx(0.9)
     assert s["interval_method"] == "t"
+    assert float(s["test_acc_diff_p_holm"]) == float(s["test_acc_diff_p"])  # one comparison: nothing to adjust
     # results.jsonl: one record per run with its own figures
     recs = [json.loads(x) for x in (grid_dir / "results.jsonl").read_text().splitlines()]
     assert len(recs) == 6
@@ -295,3 +296,25 @@ def test_cli_report_regenerates(grid_dir: Path, capsys: pytest.CaptureFixture[st
     assert main(["report", str(grid_dir), "--target-acc", "0.8", "--interval", "t"]) == 0
     assert float(read_summary(grid_dir)["baseline"]["target_acc"]) == 0.8
     assert "report.md" in capsys.readouterr().out
+
+
+def test_significant_alone_but_not_after_holm_is_said(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    write_grid(root, ["baseline", "scale", "norm", "fusion"], target=0.99)
+    base = [0.880, 0.890, 0.870]
+    finals = {
+        "scale": [0.900, 0.915, 0.885],  # +0.020, +0.025, +0.015: paired t p = 0.0202
+        "norm": [0.885, 0.884, 0.872],
+        "fusion": [0.875, 0.893, 0.871],
+    }
+    for s in SEEDS:
+        write_run(root, "baseline", s, [0.5, base[s]])
+        for tech, acc in finals.items():
+            write_run(root, tech, s, [0.5, acc[s]])
+    build_report(root)
+    rows = read_summary(root)
+    p = sps.ttest_rel(finals["scale"], base).pvalue
+    assert float(rows["scale"]["test_acc_diff_p"]) == pytest.approx(p, rel=1e-6)
+    assert float(rows["scale"]["test_acc_diff_p_holm"]) == pytest.approx(3 * p, rel=1e-6)  # the smallest of 3
+    md = (root / "report.md").read_text()
+    assert "higher than baseline by +2.00 pp" in md and "not after the Holm correction" in md

@@ -24,6 +24,9 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing as mp
+import os
+import queue as queue_mod
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -253,9 +256,12 @@ def _worker_init(threads: int, events: Any) -> None:
 
 
 def _worker(grid: Grid, cell: Cell, results: str, threads: int) -> dict[str, Any]:
+    if _EVENTS is not None:
+        _EVENTS.put(("pid", os.getpid()))
+
     def on_epoch(row: dict[str, Any]) -> None:
         if _EVENTS is not None:
-            _EVENTS.put((cell.name, int(row["epoch"])))
+            _EVENTS.put(("epoch", int(row["epoch"])))
 
     return run_cell(grid, cell, Path(results), threads, on_epoch)
 
@@ -411,18 +417,32 @@ def _run_parallel(
 ) -> None:
     # spawn, not fork: forking a process that has started OpenMP/torch threads can deadlock
     ctx = mp.get_context("spawn")
-    manager = ctx.Manager()
-    events = manager.Queue()
+    events = ctx.Queue()
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads, events))
     pending: dict[Future[dict[str, Any]], Cell] = {}
-    try:
-        for cell in todo:
-            pending[pool.submit(_worker, grid, cell, str(results), threads)] = cell
-        while pending:
-            done, _ = wait(list(pending), timeout=0.5, return_when=FIRST_COMPLETED)
-            while not events.empty():
-                events.get_nowait()
+    queue = list(todo)
+    pids: set[int] = set()
+
+    def drain() -> None:
+        while True:
+            try:
+                kind, value = events.get_nowait()
+            except (queue_mod.Empty, OSError, ValueError):
+                return
+            if kind == "pid":
+                pids.add(int(value))
+            else:
                 prog.epoch()
+
+    try:
+        while queue or pending:
+            # Submit only as many runs as there are workers: nothing waits in the pool's
+            # queue, so after Ctrl-C no new run starts.
+            while queue and len(pending) < jobs:
+                cell = queue.pop(0)
+                pending[pool.submit(_worker, grid, cell, str(results), threads)] = cell
+            done, _ = wait(list(pending), timeout=0.5, return_when=FIRST_COMPLETED)
+            drain()
             for fut in done:
                 cell = pending.pop(fut)
                 try:
@@ -434,12 +454,19 @@ def _run_parallel(
                 else:
                     finished(cell, summary, None)
     except KeyboardInterrupt:
-        # workers got the same SIGINT and mark their runs interrupted; don't start new ones
-        pool.shutdown(wait=True, cancel_futures=True)
+        # A terminal's Ctrl-C reaches the workers too; a SIGINT sent to this process alone
+        # does not, so pass it on: each run then records "interrupted" after its last
+        # complete checkpoint, and the next invocation resumes it.
+        drain()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGINT)
+            except OSError:
+                pass
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        manager.shutdown()
+        events.close()
 
 
 def _check_data(grid: Grid) -> None:

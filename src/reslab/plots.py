@@ -151,19 +151,43 @@ def plot_time_to_target(
 def plot_gradients(
     series: Mapping[str, Sequence[tuple[Sequence[float], Sequence[float]]]], path: Path, title: str
 ) -> None:
-    """Largest / smallest per-block gradient norm during training, log scale, one line per technique.
+    """Largest / smallest per-block gradient norm during training, one line per technique.
 
-    ``series[technique]`` is a list (one per seed) of ``(steps, ratios)``.
+    ``series[technique]`` is a list (one per seed) of ``(steps, ratios)``. The line is the
+    geometric mean over seeds at each step (ratios multiply, so they average on a log
+    scale), the band the range over seeds. The y axis is logarithmic when the ratios span
+    more than a factor of 10, where an explosion with depth would show.
     """
     colors = technique_colors(list(series))
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 4.2))
+    all_vals: list[float] = []
     for tech, seeds in series.items():
-        for k, (steps, ratios) in enumerate(seeds):
-            ax.plot(steps, ratios, color=colors[tech], lw=1.2, alpha=0.85, label=tech if k == 0 else None)
-    ax.set_yscale("log")
+        by_step: dict[float, list[float]] = {}
+        for steps, ratios in seeds:
+            for st, r in zip(steps, ratios, strict=True):
+                if math.isfinite(r) and r > 0:
+                    by_step.setdefault(float(st), []).append(float(r))
+        if not by_step:
+            continue
+        xs = np.array(sorted(by_step))
+        logs = [np.log(by_step[x]) for x in xs]
+        mean = np.exp([v.mean() for v in logs])
+        lo = np.exp([v.min() for v in logs])
+        hi = np.exp([v.max() for v in logs])
+        all_vals += list(lo) + list(hi)
+        style = "--" if tech == BASELINE else "-"
+        ax.plot(xs, mean, style, color=colors[tech], lw=1.6, label=f"{tech} (n={len(seeds)})")
+        if len(seeds) > 1:
+            ax.fill_between(xs, lo, hi, color=colors[tech], alpha=0.12, lw=0)
+    if all_vals and max(all_vals) / max(min(all_vals), 1e-300) > 10:
+        ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel("max / min gradient norm across blocks")
-    ax.set_title(f"{title}: gradient-norm spread across depth (one line per seed)", fontsize=10)
+    ax.set_title(
+        f"{title}: spread of per-block parameter-gradient norms during training\n"
+        "(line: geometric mean over seeds; band: min-max over seeds; 1 = equal norms in every block)",
+        fontsize=10,
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     _save(fig, path)

@@ -451,6 +451,7 @@ SUMMARY_COLUMNS = [
     "test_acc_diff_ci_low",
     "test_acc_diff_ci_high",
     "test_acc_diff_p",
+    "test_acc_diff_p_holm",
     "test_acc_diff_significant",
     "auc_diff",
     "auc_diff_ci_low",
@@ -484,6 +485,10 @@ def summarize_all(
             if not recs:
                 continue
             rows.append(summarize_technique(recs, base if tech != BASELINE else None, seeds, target, method, level))
+        # Holm correction over this model's comparisons with baseline (the family of tests one report makes)
+        mine = [r for r in rows if r["model"] == model]
+        for r, adj in zip(mine, stats.holm([r["test_acc_diff_p"] for r in mine]), strict=True):
+            r["test_acc_diff_p_holm"] = adj
     return rows
 
 
@@ -546,7 +551,14 @@ def verdict(row: dict[str, Any], level: float = 0.95) -> list[str]:
         ci = f"{lvl} CI {fmt_bounds(iv.low, iv.high, 0.0, 100, sign=True)} pp, paired t p = {p:.3g}, {n} seeds"
         if row["test_acc_diff_significant"]:
             word = "higher" if d > 0 else "lower"
-            out.append(f"Accuracy: final test accuracy is {word} than baseline by {_pp(d)} ({ci}).")
+            text = f"Accuracy: final test accuracy is {word} than baseline by {_pp(d)} ({ci})"
+            p_holm = _f(row.get("test_acc_diff_p_holm"))
+            if math.isfinite(p_holm) and p_holm >= 1 - level:
+                text += (
+                    f"; but not after the Holm correction for the comparisons in this report (adjusted p = "
+                    f"{p_holm:.3g}), so treat it as a lead to confirm with more seeds"
+                )
+            out.append(text + ".")
         else:
             out.append(
                 f"Accuracy: no significant difference from baseline in final test accuracy "
@@ -564,7 +576,12 @@ def verdict(row: dict[str, Any], level: float = 0.95) -> list[str]:
         s, iv = row["speedup_epochs"], _iv(row, "speedup_epochs")
         ci = f"{lvl} CI {fmt_bounds(iv.low, iv.high, 1.0)}, {row['speedup_pairs']} paired seeds"
         reach = f"reached {target} in {row['reached']} of {row['reached_of']} seeds"
-        if iv.defined and not iv.contains(1.0):
+        if iv.defined and iv.low == iv.high == 1.0:
+            out.append(
+                f"Convergence: {reach}, in the same epoch as baseline in each of the "
+                f"{row['speedup_pairs']} paired seeds."
+            )
+        elif iv.defined and not iv.contains(1.0):
             word = "faster" if s > 1 else "slower"
             out.append(f"Convergence: {reach}, {_ratio_words(s)} {word} than baseline in epochs ({ci}).")
         else:
@@ -813,7 +830,8 @@ def build_report(
         f"Intervals are {lvl} confidence intervals from the {method_words}. Differences and speed-ups are paired "
         f"by seed (seed k sees the same data order and augmentation in every technique). Speed-ups are "
         f"geometric means of baseline time / technique time over the seeds where both reached the target. "
-        f"p-values are two-sided paired t-tests. Target: {100 * target:.1f}% validation accuracy."
+        f"p-values are two-sided paired t-tests; 'p (Holm)' adjusts them for comparing several techniques with "
+        f"one baseline (Holm-Bonferroni). Target: {100 * target:.1f}% validation accuracy."
     )
     n_done = sum(1 for c in cells if c in runs and runs[c].finished)
     if missing:
@@ -844,6 +862,7 @@ def build_report(
                 "diff vs baseline (pp)",
                 f"{lvl} CI (pp)",
                 "p",
+                "p (Holm)",
             ],
             [
                 [
@@ -856,6 +875,7 @@ def build_report(
                     "-" if r["technique"] == BASELINE else _fmt(_f(r["test_acc_diff"]) * 100, "+.2f"),
                     "-" if r["technique"] == BASELINE else _fmt_ci(r, "test_acc_diff", 100, "+.2f"),
                     "-" if r["technique"] == BASELINE else _fmt(r["test_acc_diff_p"], ".3g"),
+                    "-" if r["technique"] == BASELINE else _fmt(r.get("test_acc_diff_p_holm"), ".3g"),
                 ]
                 for r in mrows
             ],
