@@ -19,10 +19,13 @@ from reslab.probe import (
     ModelProbe,
     _channel_stats,
     _sq_norm,
+    entry_from_dict,
+    entry_to_dict,
     make_batches,
     probe_cell,
     probe_model,
     ratio_threshold,
+    read_probe,
     resolve_depths,
     resolve_techniques,
     run_probe,
@@ -246,6 +249,9 @@ def test_same_seed_same_numbers_in_process_and_in_workers(batch32):
         # Workers run one thread, as here: the same kernels, so the same bits.
         assert a.probe.blocks == c.probe.blocks
     assert serial[0].probe.blocks != other[0].probe.blocks
+    # probe.json round trip: what the command writes reads back as the same measurements.
+    for e in serial:
+        assert entry_from_dict(json.loads(json.dumps(entry_to_dict(e)))).probe == e.probe
 
 
 def test_float64_agrees_with_float32(batch32):
@@ -267,6 +273,8 @@ def test_cli_writes_tables_figures_and_refuses_to_overwrite(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "ResNet-14" in printed and "undefined" in printed
     data = json.loads((out / "probe.json").read_text())
+    config, entries = read_probe(out / "probe.json")
+    assert config == data["config"] and len(entries) == 6
     assert data["config"]["depths"] == [8, 14] and data["config"]["batches"] == 2
     cells = {(r["technique"], r["depth"]): r for r in data["results"]}
     assert len(cells) == 6

@@ -327,15 +327,22 @@ def verdict(probe: ModelProbe) -> Verdict:
     return Verdict(label, threshold, f"ratio {fmt(r)} > {fmt(threshold)} (L^2); gradient {towards_input} towards input")
 
 
-def fmt(x: float) -> str:
-    """Compact number for tables: 3 significant digits, scientific beyond 1e4."""
-    if x is None or (isinstance(x, float) and math.isnan(x)):
+def fmt(x: float | None) -> str:
+    """Compact number for tables: 3 significant digits, ``4.4e07`` style from 1e4 up."""
+    if x is None or math.isnan(x):
         return "n/a"
     if math.isinf(x):
-        return "inf"
-    if x != 0 and (abs(x) >= 1e4 or abs(x) < 1e-2):
-        return f"{x:.2g}" if abs(x) < 1e-2 else f"{x:.1e}".replace("e+", "e")
-    return f"{x:.3g}"
+        return "inf" if x > 0 else "-inf"
+    a = abs(x)
+    if a == 0:
+        return "0"
+    if a < 1e-2:
+        return f"{x:.2g}"
+    if a < 1e3:
+        return f"{x:.3g}"
+    if a < 1e4:
+        return f"{x:.0f}"
+    return f"{x:.1e}".replace("e+", "e")
 
 
 # ---------------------------------------------------------------------------------------
@@ -544,12 +551,62 @@ def entry_to_dict(e: ProbeEntry) -> dict[str, Any]:
         "logit_std": _num(p.logit_std),
         "loss": _num(p.loss),
         "finite": p.finite,
+        "batches": p.batches,
         "verdict": e.verdict.label,
         "threshold": e.verdict.threshold,
         "reason": e.verdict.reason,
         "seconds": round(e.seconds, 3),
         "blocks": [{k: _num(v) for k, v in asdict(b).items()} for b in p.blocks],
     }
+
+
+def _float(v: Any) -> float:
+    if v is None:
+        return math.nan
+    if v == "inf":
+        return math.inf
+    if v == "-inf":
+        return -math.inf
+    return float(v)
+
+
+def entry_from_dict(d: dict[str, Any]) -> ProbeEntry:
+    """Inverse of :func:`entry_to_dict` (for reading ``probe.json`` back)."""
+    blocks = [
+        BlockProbe(
+            name=b["name"],
+            index=int(b["index"]),
+            **{k: _float(b[k]) for k in ("out_mean", "out_var", "out_mean_sq", "grad_rms", "param_grad_norm")},
+            conv1_grad_norm=_float(b["conv1_grad_norm"]),
+        )
+        for b in d["blocks"]
+    ]
+    probe = ModelProbe(
+        blocks=blocks,
+        logit_std=_float(d["logit_std"]),
+        loss=_float(d["loss"]),
+        grad_ratio=_float(d["grad_ratio"]),
+        grad_first_last=_float(d["grad_first_last"]),
+        conv1_ratio=_float(d["conv1_ratio"]),
+        finite=bool(d["finite"]),
+        batches=int(d.get("batches", 0)),
+    )
+    v = Verdict(d["verdict"], float(d["threshold"]), d["reason"])
+    return ProbeEntry(d["technique"], int(d["depth"]), probe, v, float(d["seconds"]))
+
+
+def read_probe(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[ProbeEntry]]:
+    """``(config, entries)`` from a ``probe.json`` written by ``reslab probe``."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return data["config"], [entry_from_dict(r) for r in data["results"]]
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist; run reslab probe first") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path} is not a probe.json written by reslab probe ({e})") from None
 
 
 def iter_cells(entries: Sequence[ProbeEntry]) -> Iterator[tuple[int, list[ProbeEntry]]]:
@@ -566,12 +623,14 @@ __all__ = [
     "ProbeEntry",
     "Verdict",
     "default_workers",
+    "entry_from_dict",
     "entry_to_dict",
     "fmt",
     "make_batches",
     "probe_cell",
     "probe_model",
     "ratio_threshold",
+    "read_probe",
     "resolve_depths",
     "resolve_techniques",
     "run_probe",

@@ -3,6 +3,7 @@ the output-gradient ratio against depth."""
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot: probes run on headless machines
 import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
+from PIL import Image
 
 from reslab.checkpoint import atomic_write
 from reslab.plots import technique_colors
@@ -20,10 +22,17 @@ from reslab.probe import ProbeEntry, iter_cells, ratio_threshold
 DPI = 100
 
 
-def _save(fig: plt.Figure, path: Path) -> None:
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, dpi=DPI, format="png"))
+def _save(fig: plt.Figure, path: Path, tight: bool = True) -> None:
+    if tight:
+        fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=DPI, format="png")
     plt.close(fig)
+    buf.seek(0)
+    # A palette of 256 colours is lossless for these line plots and a third of the size,
+    # which matters for figures committed to repositories and embedded in reports.
+    image = Image.open(buf).convert("RGB").quantize(256)
+    atomic_write(path, lambda p: image.save(p, format="PNG", optimize=True))
 
 
 _STYLES = ("-", "--", ":", "-.")
@@ -86,8 +95,7 @@ def plot_signal_propagation(entries: Sequence[ProbeEntry], path: str | Path, whe
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), frameon=False)
     fig.suptitle(f"Signal propagation {when} (train-mode BN, real batches, mean over batches)")
     fig.tight_layout(rect=(0, 0.07 if len(labels) > 5 else 0.04, 1, 1))
-    atomic_write(path, lambda p: fig.savefig(p, dpi=DPI, format="png"))
-    plt.close(fig)
+    _save(fig, path, tight=False)
     return path
 
 

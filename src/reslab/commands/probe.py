@@ -198,8 +198,8 @@ def render_markdown(entries: list[ProbeEntry], techniques: list[str], depths: li
         "",
         f"{meta['dataset']}, {meta['batches']} batch(es) of {meta['batch_size']} training images "
         f"(train-mode BatchNorm, cross-entropy), {meta['init']}, seed {meta['seed']}, width {meta['width']:g}, "
-        f"{meta['dtype']} "
-        f"(reductions in float64), torch {meta['torch']}. {meta['cells']} models in {meta['elapsed_s']:.0f} s "
+        f"{meta['dtype']} (norms overflow-safe, combined in float64), torch {meta['torch']}. "
+        f"{meta['cells']} models in {meta['elapsed_s']:.0f} s "
         f"with {meta['workers']} worker(s).",
         "",
         "## Headline: max / min RMS of the gradient w.r.t. each block's output, and verdict",
@@ -213,6 +213,10 @@ def render_markdown(entries: list[ProbeEntry], techniques: list[str], depths: li
         "grows about linearly with depth at init (De & Smith 2020), so the backward gain across the network "
         "grows like a low power of L; a merge without an identity path multiplies the gradient by a constant "
         f"factor per block, which passes L² within a few dozen blocks. Thresholds: {thresholds}.",
+        "",
+        "Precision: the backward pass of an exploding net amplifies float32 rounding by its own gain, so "
+        "exploding cells are good to an order of magnitude and a few percent (ratio) to ~10% (single norms); "
+        "healthy cells agree with float64 to ~1e-4. `--dtype float64` gives reference digits (~5x slower).",
         "",
         "## Gradient norm of the first block's conv1 / the last block's conv1",
         "",
