@@ -201,6 +201,15 @@ def test_fixup_has_no_gradient_flow_at_init(batch32):
     assert verdict(probe).label == "undefined"
 
 
+@pytest.mark.parametrize("technique", ["fixup", "baseline"])
+def test_skipped_backward_of_a_zero_gradient_changes_nothing(technique, batch32):
+    # Passing blocks explicitly turns the shortcut off, so this compares with a full backward.
+    model = cifar_resnet(14, technique=technique, num_classes=10, in_channels=1, width=0.25)
+    fast = probe_model(model, batch32)
+    full = probe_model(model, batch32, blocks=residual_blocks(model))
+    assert fast.blocks == full.blocks
+
+
 # ---------------------------------------------------------------------------------------
 # Verdicts.
 

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reslab.blocks import residual_blocks
-from reslab.models import cifar_resnet
+from reslab.models import ResNet, cifar_resnet
 from reslab.techniques import list_techniques, technique_class
 
 VERDICTS = ("healthy", "vanishing", "exploding", "undefined")
@@ -201,9 +201,14 @@ def probe_model(
     handles = []
     # Each tensor hook adds the squared gradient norm of one block output for this batch.
     grad_sq_batch: list[float] = [0.0] * n
+    last_output: list[Tensor] = []
+    # In a reslab ResNet every block reaches the loss only through the last block's output.
+    chain = blocks is None and isinstance(model, ResNet)
 
     def forward_hook(i: int) -> Callable[[nn.Module, Any, Tensor], None]:
         def hook(module: nn.Module, inputs: Any, out: Tensor) -> None:
+            if i == n - 1:
+                last_output.append(out)
             with torch.no_grad():
                 mean, var = _channel_stats(out.detach())
                 sums["mean"][i] += float(mean.mean())
@@ -227,9 +232,11 @@ def probe_model(
             for p in model.parameters():
                 p.grad = None
             grad_sq_batch[:] = [0.0] * n
+            last_output.clear()
             logits = model(x)
             loss = F.cross_entropy(logits, y)
-            loss.backward()
+            if not _upstream_is_zero(loss, last_output if chain else []):
+                loss.backward()
             with torch.no_grad():
                 logit_var += float(logits.detach().double().var(correction=0))
                 loss_sum += float(loss.detach())
@@ -283,6 +290,20 @@ def probe_model(
         finite=finite,
         batches=nb,
     )
+
+
+def _upstream_is_zero(loss: Tensor, last_output: list[Tensor]) -> bool:
+    """Whether d loss / d (last block output) is exactly zero, so the backward can be skipped.
+
+    Backward maps are linear in the incoming gradient, so a zero gradient there stays zero
+    in every block and parameter behind it: skipping the backward pass gives the same
+    numbers for the cost of the head's backward. This is the case for Fixup at init (its
+    classifier starts at zero), which would otherwise cost a full backward of zeros.
+    """
+    if not last_output or not last_output[0].requires_grad:
+        return False
+    (g,) = torch.autograd.grad(loss, last_output[0], retain_graph=True)
+    return bool(torch.isfinite(g).all()) and not bool(g.any())
 
 
 # ---------------------------------------------------------------------------------------
