@@ -77,13 +77,13 @@ def test_tiny_grid_end_to_end_with_shards_and_jobs(tmp_path: Path) -> None:
     ]
     assert all(r["status"] == "completed" and 0 < r["test_acc"] <= 1 for r in recs)
     for r in recs:
-        run = Path(r["run_dir"])
+        run = out / r["run_dir"]
         for f in ("config.yaml", "metrics.jsonl", "summary.json", "model.safetensors", "gradients.jsonl"):
             assert (run / f).is_file(), f
     # paired seeds: runs of one seed differ only in the technique
     import yaml
 
-    cfgs = {(r["technique"], r["seed"]): yaml.safe_load((Path(r["run_dir"]) / "config.yaml").read_text()) for r in recs}
+    cfgs = {(r["technique"], r["seed"]): yaml.safe_load((out / r["run_dir"] / "config.yaml").read_text()) for r in recs}
     diff = {k for k in cfgs["baseline", 1] if cfgs["baseline", 1][k] != cfgs["scale", 1][k]}
     assert diff - {"threads"} == {"technique"}  # threads: shard 1 ran 2 jobs x 1 thread, shard 2 1 x 2
     with open(out / "summary.csv") as f:
@@ -95,6 +95,9 @@ def test_tiny_grid_end_to_end_with_shards_and_jobs(tmp_path: Path) -> None:
         assert scale[key] != "", key
     assert float(scale["params_ratio"]) > 1.0  # one scalar per block
     assert scale["worst_grad_ratio"] != ""
+    # gradient flow at init, measured once for every technique by reslab.probe
+    assert rows[0]["init_grad_verdict"] == "healthy" and float(rows[0]["init_grad_ratio"]) >= 1.0
+    assert json.loads((out / "probe-init.json").read_text())["entries"][1]["technique"] == "scale"
     md = (out / "report.md").read_text()
     assert "Complete grid: all 4 runs finished" in md and "scale: Accuracy:" in md
     html = (out / "report.html").read_text()
@@ -102,9 +105,9 @@ def test_tiny_grid_end_to_end_with_shards_and_jobs(tmp_path: Path) -> None:
     for fig in ("curves-epoch.png", "curves-time.png", "time-to-target.png", "gradients.png"):
         assert (out / "figures" / fig).stat().st_size > 5000
     # re-running the finished grid trains nothing and keeps every result
-    before = (Path(recs[0]["run_dir"]) / "summary.json").read_bytes()
+    before = (out / recs[0]["run_dir"] / "summary.json").read_bytes()
     assert main(tiny_args(out, "--set", "probe_every=4")) == 0
-    assert (Path(recs[0]["run_dir"]) / "summary.json").read_bytes() == before
+    assert (out / recs[0]["run_dir"] / "summary.json").read_bytes() == before
 
 
 def _wait_for(pred, proc: subprocess.Popen, timeout: float = 240.0) -> None:

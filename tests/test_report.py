@@ -318,3 +318,17 @@ def test_significant_alone_but_not_after_holm_is_said(tmp_path: Path) -> None:
     assert float(rows["scale"]["test_acc_diff_p_holm"]) == pytest.approx(3 * p, rel=1e-6)  # the smallest of 3
     md = (root / "report.md").read_text()
     assert "higher than baseline by +2.00 pp" in md and "not after the Holm correction" in md
+
+
+def test_init_probe_file_is_reported(grid_dir: Path) -> None:
+    entries = [
+        {"model": "resnet8", "technique": "baseline", "blocks": 3, "grad_ratio": 1.5, "verdict": "healthy"},
+        {"model": "resnet8", "technique": "scale", "blocks": 3, "grad_ratio": 2.0e6, "verdict": "exploding"},
+    ]
+    (grid_dir / "probe-init.json").write_text(json.dumps({"entries": entries}))
+    files = build_report(grid_dir)
+    rows = read_summary(grid_dir)
+    assert float(rows["scale"]["init_grad_ratio"]) == 2.0e6 and rows["scale"]["init_grad_verdict"] == "exploding"
+    md = files.report_md.read_text()
+    assert "Gradient flow at initialisation: exploding (max/min block-output gradient ratio 2e+06)" in md
+    assert "| scale | 2e+06 | exploding |" in md

@@ -39,7 +39,7 @@ from typing import Any
 from reslab.checkpoint import atomic_write_text
 from reslab.config import RESUMABLE_CHANGES, TrainConfig, default_threads
 from reslab.errors import UsageError
-from reslab.report import FAILED_DIR, FINISHED, GRID_FILE, RUNS_DIR, Cell, build_report
+from reslab.report import FAILED_DIR, FINISHED, GRID_FILE, PROBE_FILE, RUNS_DIR, Cell, build_report
 
 #: Presets. ``quick`` is sized for a 2-core CPU: the whole grid (12 runs) and its report in
 #: under 5 minutes, still training on real Fashion-MNIST images (a fixed 10,000-image subset,
@@ -335,6 +335,7 @@ def run_grid(
     shard: tuple[int, int] | None = None,
     progress: bool = True,
     report: bool = True,
+    probe_init: bool = True,
 ) -> CompareResult:
     """Train every unfinished cell of ``grid`` (or of its shard) into ``out``, then report.
 
@@ -349,6 +350,8 @@ def run_grid(
         grid.config(cell)
     _check_data(grid)
     grid = prepare_results(results, grid)
+    if probe_init:
+        _probe_if_needed(grid, results, progress)
     mine = shard_cells(grid.cells(), shard)
     todo, skipped = [], []
     for c in mine:
@@ -467,6 +470,77 @@ def _run_parallel(
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         events.close()
+
+
+def probe_at_init(grid: Grid, results: Path, batches: int = 2, batch_size: int = 128) -> Path | None:
+    """Gradient flow of every model x technique at initialisation, into ``PROBE_FILE``.
+
+    Uses :func:`reslab.probe.probe_model` on a few real training batches (the same for every
+    technique): the ratio of the largest to the smallest block-output gradient across depth,
+    and the probe's verdict. It costs a forward and backward pass per batch and model, so the
+    grid always carries it. Skipped for streamed (folder) datasets; errors are recorded in the
+    file rather than stopping the grid, since the training results do not depend on it.
+    """
+    import torch
+
+    from reslab import probe
+    from reslab.data import ArrayDataset, open_dataset
+    from reslab.models import build_model
+
+    settings = grid.shared_settings()
+    entries: list[dict[str, Any]] = []
+    try:
+        ds = open_dataset(settings["dataset"], grid.train.get("data_dir"))
+        if not isinstance(ds, ArrayDataset):
+            return None
+        data = probe.make_batches(ds.train_x, ds.train_y, ds.mean, ds.std, batches, batch_size, seed=0)
+        for model_name in grid.models:
+            for tech in grid.techniques:
+                torch.manual_seed(0)
+                model = build_model(
+                    model_name,
+                    tech,
+                    ds.num_classes,
+                    ds.input_size[0],
+                    width=settings["width"],
+                    drop_path_rate=settings["drop_path_rate"],
+                    technique_args=dict(settings["technique_args"]),
+                )
+                pr = probe.probe_model(model, data)
+                v = probe.verdict(pr)
+                entries.append(
+                    {
+                        "model": model_name,
+                        "technique": tech,
+                        "blocks": pr.num_blocks,
+                        "grad_ratio": pr.grad_ratio if math.isfinite(pr.grad_ratio) else None,
+                        "grad_first_last": pr.grad_first_last if math.isfinite(pr.grad_first_last) else None,
+                        "verdict": v.label,
+                        "reason": v.reason,
+                    }
+                )
+        payload: dict[str, Any] = {"batches": batches, "batch_size": batch_size, "entries": entries}
+    except Exception as e:  # noqa: BLE001 - a failed measurement must not stop the training grid
+        payload = {"error": f"{type(e).__name__}: {e}", "entries": entries}
+    path = results / PROBE_FILE
+    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def _probe_if_needed(grid: Grid, results: Path, progress: bool) -> None:
+    """Probe at init unless ``PROBE_FILE`` already covers every model x technique of the grid."""
+    have: set[tuple[str, str]] = set()
+    try:
+        old = json.loads((results / PROBE_FILE).read_text())
+        if "error" not in old:  # a failed probe is tried again
+            have = {(e["model"], e["technique"]) for e in old["entries"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if {(m, t) for m in grid.models for t in grid.techniques} <= have:
+        return
+    if progress:
+        print("compare: measuring gradient flow at initialisation (reslab.probe)", file=sys.stderr, flush=True)
+    probe_at_init(grid, results)
 
 
 def _check_data(grid: Grid) -> None:

@@ -39,6 +39,7 @@ GRID_FILE = "grid.json"
 RUNS_DIR = "runs"
 FAILED_DIR = "failed"
 FIGURES_DIR = "figures"
+PROBE_FILE = "probe-init.json"
 BASELINE = "baseline"
 FINISHED = ("completed", "diverged")
 
@@ -208,6 +209,15 @@ def collect(dirs: Sequence[Path]) -> tuple[dict[str, Any] | None, dict[Cell, Run
 # Per-run records
 
 
+def _relative(path: Path, base: Path | None) -> str:
+    if base is not None:
+        try:
+            return str(path.resolve().relative_to(base.resolve()))
+        except ValueError:
+            pass
+    return str(path)
+
+
 def _num(x: Any) -> float:
     try:
         v = float(x)
@@ -256,8 +266,12 @@ def _median_images_per_s(metrics: Sequence[dict[str, Any]]) -> float:
     return float(np.median(vals[1:] if len(vals) > 2 else vals))
 
 
-def run_record(run: RunData, target: float) -> dict[str, Any]:
-    """One results.jsonl record: identity, status, accuracy, convergence and cost of a run."""
+def run_record(run: RunData, target: float, base: Path | None = None) -> dict[str, Any]:
+    """One results.jsonl record: identity, status, accuracy, convergence and cost of a run.
+
+    ``run_dir`` is relative to ``base`` (the results folder) when inside it, so a results
+    folder can be moved or copied between machines.
+    """
     s, m = run.summary, run.metrics
     val_acc = [_num(r.get("val_acc")) for r in m]
     elapsed = [_num(r.get("elapsed_s")) for r in m]
@@ -272,7 +286,7 @@ def run_record(run: RunData, target: float) -> dict[str, Any]:
         "technique": run.cell.technique,
         "seed": run.cell.seed,
         "status": run.status,
-        "run_dir": str(run.path),
+        "run_dir": _relative(run.path, base),
         "dataset": s.get("dataset", run.config.get("dataset")),
         "epochs": s.get("epochs", run.config.get("epochs")),
         "epochs_done": epochs_done[-1] if epochs_done else 0,
@@ -466,6 +480,8 @@ SUMMARY_COLUMNS = [
     "throughput_ratio_ci_low",
     "throughput_ratio_ci_high",
     "worst_grad_ratio",
+    "init_grad_ratio",
+    "init_grad_verdict",
     "interval_method",
 ]
 
@@ -540,7 +556,7 @@ def verdict(row: dict[str, Any], level: float = 0.95) -> list[str]:
                 f"Reference: final test accuracy {stats.fmt_pct(row['test_acc_mean'])} "
                 f"({lvl} CI {stats.fmt_interval(_iv(row, 'test_acc'), 100, 2, '%')}, {row['completed']} seeds)."
             )
-        return out
+        return out + _gradient_words(row)
     n = row["test_acc_diff_pairs"]
     if n < 2:
         out.append(
@@ -601,7 +617,16 @@ def verdict(row: dict[str, Any], level: float = 0.95) -> list[str]:
         cost.append(f"training throughput {tr:.2f}x baseline's{ci}")
     if cost:
         out.append("Cost: " + ", ".join(cost) + ".")
+    out += _gradient_words(row)
     return out
+
+
+def _gradient_words(row: dict[str, Any]) -> list[str]:
+    r, v = _f(row.get("init_grad_ratio")), row.get("init_grad_verdict")
+    if not v:
+        return []
+    ratio = f"max/min block-output gradient ratio {r:.3g}" if math.isfinite(r) else "gradient ratio undefined"
+    return [f"Gradient flow at initialisation: {v} ({ratio})."]
 
 
 def _f(x: Any) -> float:
@@ -796,8 +821,13 @@ def build_report(
     if method not in stats.METHODS:
         raise UsageError(f"--interval must be one of {', '.join(stats.METHODS)}, got {method!r}")
     cells = sorted(set(grid_cells(grid)) | set(runs)) if grid else sorted(runs)
-    records = [run_record(runs[c], target) for c in cells if c in runs]
+    records = [run_record(runs[c], target, out) for c in cells if c in runs]
     rows = summarize_all(records, grid, target, method, level)
+    init_probe = read_init_probe(dirs)
+    for row in rows:
+        e = init_probe.get((row["model"], row["technique"]))
+        row["init_grad_ratio"] = _f(e.get("grad_ratio")) if e else math.nan
+        row["init_grad_verdict"] = e.get("verdict") if e else None
     missing = _describe_missing(cells, runs)
 
     # Derived files first: they are the machine-readable truth the report is drawn from.
@@ -983,20 +1013,44 @@ def build_report(
         grad_series = {t: [s for s in v if s[0]] for t, v in grad_series.items()}
         grad_series = {t: v for t, v in grad_series.items() if v}
         doc.h(2, f"Gradient health{suffix}")
+        have_init = any(math.isfinite(_f(r["init_grad_ratio"])) or r["init_grad_verdict"] for r in mrows)
+        if have_init or grad_series:
+            blocks = next((e["blocks"] for (m, _), e in init_probe.items() if m == model and "blocks" in e), None)
+            doc.table(
+                [
+                    "technique",
+                    "at init: max/min block-output gradient" + (f" ({blocks} blocks)" if blocks else ""),
+                    "at init: verdict",
+                    "during training: worst max/min block parameter-gradient norm",
+                ],
+                [
+                    [
+                        r["technique"],
+                        _fmt(r["init_grad_ratio"], ".3g"),
+                        str(r["init_grad_verdict"] or "n/a"),
+                        _fmt(r["worst_grad_ratio"], ".3g"),
+                    ]
+                    for r in mrows
+                ],
+            )
+            doc.p(
+                "At init: reslab.probe on real training batches (train-mode BatchNorm, cross-entropy): the ratio of "
+                "the largest to the smallest root-mean-square gradient of a block output across the network, and the "
+                "probe's verdict (healthy up to max(L^2, 10) for L blocks). During training: the per-block norm of "
+                "the parameter gradients recorded every K steps (--probe-every K), the worst ratio over the run. "
+                "A shallow model cannot show an explosion with depth; 'reslab probe --depths 20,56,110,218' does."
+            )
         if grad_series:
             tag = f"-{model}" if len(models) > 1 else ""
             p4 = fig_dir / f"gradients{tag}.png"
             plots.plot_gradients(grad_series, p4, model)
-            doc.table(
-                ["technique", "worst max/min gradient-norm ratio across blocks"],
-                [[r["technique"], _fmt(r["worst_grad_ratio"], ".3g")] for r in mrows],
-            )
             doc.img(p4, f"{FIGURES_DIR}/{p4.name}", f"{model}: gradient-norm spread across blocks during training")
             figures.append(p4)
-        else:
+        if not (have_init or grad_series):
             doc.p(
-                "Not measured: the runs have no gradients.jsonl (train with --probe-every K to record per-block "
-                "gradient norms), and 'reslab probe' measures gradient flow at initialisation across depths."
+                "Not measured: no probe-init.json (written by 'reslab compare') and no gradients.jsonl in the runs "
+                "(train with --probe-every K to record per-block gradient norms); 'reslab probe' measures gradient "
+                "flow at initialisation across depths."
             )
     doc.h(2, "Files")
     doc.p(
@@ -1009,6 +1063,17 @@ def build_report(
     report_html = out / "report.html"
     atomic_write_text(report_html, doc.html(title))
     return ReportFiles(results_jsonl, summary_csv, report_md, report_html, figures, missing)
+
+
+def read_init_probe(dirs: Sequence[Path]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(model, technique) -> entry of the first probe-init.json found in ``dirs``."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for d in dirs:
+        data = _read_json(d / PROBE_FILE)
+        for e in data.get("entries", []) if isinstance(data.get("entries"), list) else []:
+            if isinstance(e, dict) and "model" in e and "technique" in e:
+                out.setdefault((str(e["model"]), str(e["technique"])), e)
+    return out
 
 
 def _csv_value(v: Any) -> Any:
