@@ -231,3 +231,27 @@ def test_usage_errors_are_one_line(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not (tmp_path / "r").exists()  # nothing written before the settings are valid
+
+
+def test_presets_and_custom_grids() -> None:
+    from reslab.cli import build_parser
+    from reslab.commands.compare import build_grid
+    from reslab.techniques import list_techniques
+
+    parse = build_parser().parse_args
+    grid, jobs, out = build_grid(parse(["compare"]))
+    assert grid.preset == "quick" and out == "results/quick" and jobs == 2
+    assert grid.techniques == ["baseline", "scale", "norm", "fusion"] and len(grid.cells()) == 12
+    grid, _, out = build_grid(parse(["compare", "--preset", "paper"]))
+    assert grid.models == ["resnet20", "resnet56", "resnet110"] and grid.techniques == list_techniques()
+    assert len(grid.cells()) == 3 * len(list_techniques()) * 5 and "train_subset" not in grid.train
+    # an option without --preset starts from the engine's defaults, not from quick's subset
+    grid, jobs, out = build_grid(parse(["compare", "--epochs", "15", "--techniques", "scale"]))
+    assert grid.preset is None and out == "results/compare" and jobs == 1
+    assert grid.train == {"epochs": 15} and grid.techniques == ["baseline", "scale"]
+    # a preset with one setting changed keeps the rest of the preset
+    grid, _, _ = build_grid(parse(["compare", "--preset", "quick", "--epochs", "6", "--set", "lr=0.05"]))
+    assert grid.train["epochs"] == 6 and grid.train["lr"] == 0.05 and grid.train["train_subset"] == 10000
+    assert grid.preset == "quick (modified)"
+    # seed-major order: a grid stopped early still has complete paired seeds
+    assert [c.seed for c in grid.cells()[:4]] == [0, 0, 0, 0]

@@ -2,11 +2,11 @@
 and ends better than baseline, with confidence intervals.
 
 With no options it runs the 'quick' preset (baseline, scale, norm, fusion on a Fashion-MNIST
-subset with a small ResNet-8, 4 epochs, 3 seeds: 12 runs, about 290 CPU-seconds, so under 5
-minutes on an idle 2-core CPU). '--preset paper'
-runs resnet20/56/110 with every technique, full data, 5 seeds (for a GPU). Giving any grid or
-training option without --preset starts from the training engine's defaults instead
-(resnet20, full data); '--preset quick --epochs 6' changes one setting of a preset.
+subset with a small ResNet-8, 4 epochs, 3 seeds: 12 runs, about 290 CPU-seconds shared by 2
+processes). '--preset paper' runs resnet20/56/110 with every technique, full data, 5 seeds (for
+a GPU). Giving any grid or training option without --preset starts from the training engine's
+defaults instead (resnet20, full data); '--preset quick --epochs 6' changes one setting of a
+preset.
 
 Re-running the same command resumes: finished runs are kept, interrupted ones continue from
 their checkpoints. '--shard i/n' trains every n-th run, for n machines sharing one --out.
