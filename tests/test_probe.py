@@ -246,6 +246,7 @@ def test_resolvers_reject_bad_input():
 # Determinism and the parallel path.
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_in_process_and_in_workers(batch32):
     kwargs = dict(num_classes=10, width=0.25, seed=5)
     serial = run_probe(["baseline", "norm"], [8, 14], batch32, workers=1, **kwargs)
