@@ -40,7 +40,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -114,20 +114,6 @@ class ProbeEntry:
     seconds: float
 
 
-@dataclass
-class ProbeConfig:
-    techniques: list[str]
-    depths: list[int]
-    dataset: str = "fashion-mnist"
-    batches: int = 4
-    batch_size: int = 128
-    width: float = 1.0
-    seed: int = 0
-    dtype: str = "float32"
-    workers: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 # ---------------------------------------------------------------------------------------
 # Measuring one model.
 
@@ -199,7 +185,7 @@ def probe_model(
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
     saved_grads = {p: p.grad for p in model.parameters()}
     handles = []
-    # Each tensor hook adds the squared gradient norm of one block output for this batch.
+    # Each tensor hook stores the mean squared gradient of one block output for this batch.
     grad_sq_batch: list[float] = [0.0] * n
     last_output: list[Tensor] = []
     # In a reslab ResNet every block reaches the loss only through the last block's output.
@@ -248,6 +234,7 @@ def probe_model(
                 if isinstance(conv1, nn.Conv2d) and conv1.weight.grad is not None:
                     sums["conv1_sq"][i] += _sq_norm(conv1.weight.grad)
     finally:
+        last_output.clear()  # it may hold a retained graph (see _upstream_is_zero)
         for h in handles:
             h.remove()
         with torch.no_grad():
@@ -640,7 +627,6 @@ __all__ = [
     "VERDICTS",
     "BlockProbe",
     "ModelProbe",
-    "ProbeConfig",
     "ProbeEntry",
     "Verdict",
     "default_workers",
