@@ -172,8 +172,12 @@ def prepare_results(out: Path, grid: Grid) -> Grid:
     if path.exists():
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            raise UsageError(f"{path} is unreadable; restore it, or use a new --out") from None
+            if not all(isinstance(old.get(k), list) for k in ("models", "techniques", "seeds")):
+                raise ValueError("missing the grid's lists")
+            if not isinstance(old.get("train"), dict):
+                raise ValueError("missing the training settings")
+        except (OSError, ValueError, AttributeError):
+            raise UsageError(f"{path} is unreadable or not a reslab grid; restore it, or use a new --out") from None
         diffs = [
             f"{k}={new['train'].get(k)!r} (stored: {old['train'].get(k)!r})"
             for k in sorted(set(old["train"]) | set(new["train"]))
