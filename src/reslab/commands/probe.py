@@ -286,7 +286,8 @@ def _probe_weights(
     t0 = time.perf_counter()
     probe = probe_model(model, data)
     entry = ProbeEntry(spec.technique, depth, probe, verdict(probe), time.perf_counter() - t0)
-    return [entry], [spec.technique], [depth], dataset, {"weights": str(path), "model": spec.name}
+    extra = {"weights": str(path), "model": spec.name, "width": spec.options.get("width", 1.0)}
+    return [entry], [spec.technique], [depth], dataset, extra
 
 
 def run(args: argparse.Namespace) -> int:
