@@ -61,3 +61,6 @@ def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
     atomic_write_text(path, "second")
     assert path.read_text() == "second"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temporary left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would create it

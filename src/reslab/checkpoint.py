@@ -45,6 +45,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
+        # mkstemp makes the file private (0600); give it the mode an ordinary open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
         write(tmp_path)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
