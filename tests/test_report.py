@@ -16,6 +16,7 @@ import yaml
 from scipy import stats as sps
 
 from reslab.cli import main
+from reslab.errors import UsageError
 from reslab.report import build_report, collect, verdict
 
 SEEDS = (0, 1, 2)
@@ -332,3 +333,14 @@ def test_init_probe_file_is_reported(grid_dir: Path) -> None:
     md = files.report_md.read_text()
     assert "Gradient flow at initialisation: exploding (max/min block-output gradient ratio 2e+06)" in md
     assert "| scale | 2e+06 | exploding |" in md
+
+
+def test_report_without_run_folders_never_overwrites_stored_results(grid_dir: Path) -> None:
+    build_report(grid_dir)
+    import shutil
+
+    shutil.rmtree(grid_dir / "runs")  # e.g. the committed example report: derived files only
+    before = (grid_dir / "report.md").read_text()
+    with pytest.raises(UsageError, match="no run folders"):
+        build_report(grid_dir)
+    assert (grid_dir / "report.md").read_text() == before

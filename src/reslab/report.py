@@ -814,6 +814,13 @@ def build_report(
     out = Path(results_dir)
     dirs = [out, *(Path(d) for d in extra_dirs)]
     grid, runs = collect(dirs)
+    if not runs and read_jsonl(out / "results.jsonl"):
+        # e.g. a copied report without its run folders: regenerating would replace the stored
+        # figures with an empty report, so refuse rather than destroy them
+        raise UsageError(
+            f"{out} has results.jsonl but no run folders under {out / RUNS_DIR}; a report regenerates from the "
+            "run folders, so copy them back or point at the original results folder"
+        )
     target = float(target_acc if target_acc is not None else (grid or {}).get("target_acc", 0.9))
     if not 0.0 < target <= 1.0:
         raise UsageError(f"--target-acc must be a fraction in (0, 1], e.g. 0.9, got {target}")
