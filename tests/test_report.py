@@ -344,3 +344,29 @@ def test_report_without_run_folders_never_overwrites_stored_results(grid_dir: Pa
     with pytest.raises(UsageError, match="no run folders"):
         build_report(grid_dir)
     assert (grid_dir / "report.md").read_text() == before
+
+
+def test_several_models_get_their_own_sections_and_figures(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    write_grid(root, ["baseline", "norm"], seeds=(0, 1))
+    grid = json.loads((root / "grid.json").read_text())
+    grid["models"] = ["resnet8", "resnet14"]
+    (root / "grid.json").write_text(json.dumps(grid))
+    for model in ("resnet8", "resnet14"):
+        for s in (0, 1):
+            write_run(root, "baseline", s, [0.8, 0.86 + 0.01 * s], model=model)
+            write_run(root, "norm", s, [0.8, 0.85 + 0.02 * s], model=model)
+    files = build_report(root)
+    with open(root / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["model"], r["technique"]) for r in rows] == [
+        ("resnet8", "baseline"),
+        ("resnet8", "norm"),
+        ("resnet14", "baseline"),
+        ("resnet14", "norm"),
+    ]
+    md = files.report_md.read_text()
+    assert "## Verdict (resnet8)" in md and "## Verdict (resnet14)" in md
+    for model in ("resnet8", "resnet14"):
+        assert (root / "figures" / f"curves-epoch-{model}.png").exists()
+        assert (root / "figures" / f"time-to-target-{model}.png").exists()
