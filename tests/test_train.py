@@ -265,6 +265,10 @@ def test_finished_run_is_not_overwritten(tmp_path, capsys, tiny_train_config):
     assert main(["train", "--out", str(out), "--epochs", "1"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "notes.txt"} == before
+    # --overwrite with a config that is refused later (batch larger than the data) keeps the old run
+    with pytest.raises(UsageError, match="batch_size"):
+        train(tiny_train_config(batch_size=4096), out, overwrite=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != "notes.txt"} == before
     train(tiny_train_config(epochs=1, seed=3), out, overwrite=True, progress=False)
     assert (out / "notes.txt").read_text() == "mine"  # overwrite removes only the run's files
     assert json.loads((out / "summary.json").read_text())["seed"] == 3

@@ -560,7 +560,9 @@ def train(
     if resume:
         try:
             ckpt_info = json.loads(latest.read_text())
-        except (OSError, ValueError):
+            if not {"state", "weights"} <= set(ckpt_info):
+                raise KeyError("state")
+        except (OSError, ValueError, KeyError, TypeError):
             raise UsageError(f"{latest} is unreadable; the checkpoint is damaged, start a new run") from None
         saved_cfg = torch_load_safe(out / "checkpoint" / ckpt_info["state"])["config"]
         _check_resume_config(saved_cfg, cfg, out)
@@ -571,8 +573,6 @@ def train(
                 f"the checkpoint weights in {out} are for model {spec.name} with technique {spec.technique}, "
                 f"not {cfg.model} with {cfg.technique}"
             )
-    if overwrite and not resume and d.main:
-        _remove_run(out)
 
     # --- model, optimizer, data ----------------------------------------------------------
     c, h, w = ds.input_size
@@ -679,6 +679,9 @@ def train(
         "device": str(device),
     }
     if d.main:
+        if overwrite and not resume:
+            # only now: every check that could refuse the run has passed
+            _remove_run(out)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
         _write_jsonl(out / "metrics.jsonl", metrics)
