@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats as _sps
 
 NAN = float("nan")
 METHODS = ("t", "bootstrap")
@@ -99,6 +98,8 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> Interval:
     mean = float(x.mean())
     if n < 2:
         return Interval(mean, NAN, NAN, level, "t")
+    from scipy import stats as _sps  # a 0.6 s import: only when an interval is computed
+
     half = float(_sps.t.ppf((1 + level) / 2, n - 1)) * float(x.std(ddof=1)) / math.sqrt(n)
     return Interval(mean, mean - half, mean + half, level, "t")
 
@@ -189,6 +190,8 @@ def paired_test(
         p = 1.0 if mean == 0.0 else 0.0
     else:
         t = mean / (sd / math.sqrt(n))
+        from scipy import stats as _sps
+
         p = float(2 * _sps.t.sf(abs(t), n - 1))
     ci = t_interval(d, level) if method == "t" else bootstrap_interval([d], _mean_rows, level, n_resamples, seed)
     return PairedTest(n, mean, sd, ci, t, p)
