@@ -112,8 +112,9 @@ def main() -> None:
         print(f"round {r + 1}/{args.rounds}: baseline {times['baseline'] * 1e3:.1f} ms/step", flush=True)
 
     print(
-        f"\n{args.model}, batch {args.batch}, input {args.input_size}, channels_last, {args.threads} threads, {args.clock} clock, "
-        f"torch {torch.__version__}; baseline median {statistics.median(base_times) * 1e3:.1f} ms/step"
+        f"\n{args.model}, batch {args.batch}, input {args.input_size}, channels_last, {args.threads} threads, "
+        f"{args.clock} clock, torch {torch.__version__}; "
+        f"baseline median {statistics.median(base_times) * 1e3:.1f} ms/step"
     )
     print(f"{'variant':<22} {'time / baseline':>15} {'IQR':>15} {'FLOPs / baseline':>17}")
     for name in variants:
