@@ -230,6 +230,25 @@ def _number_or_str(value: Any) -> Any:
     return value
 
 
+def parse_assignments(items: list[str], flag: str, example: str) -> dict[str, Any]:
+    """``KEY=VALUE`` strings of a repeatable option as a dict; values read as YAML scalars.
+
+    Keys take underscores for dashes, like the option names. Numbers YAML 1.1 leaves as
+    strings (``1e-4``) are restored by :meth:`TrainConfig.from_dict`.
+    """
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise UsageError(f"{flag} takes KEY=VALUE, e.g. {flag} {example}, got {item!r}")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key] = value
+    return out
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """The options of a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file, as a dict."""
     p = Path(path)

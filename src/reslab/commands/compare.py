@@ -21,8 +21,6 @@ import sys
 import time
 from typing import Any
 
-import yaml
-
 from reslab.errors import UsageError
 
 NAME = "compare"
@@ -97,23 +95,10 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def _set_options(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--set takes KEY=VALUE, e.g. --set lr=0.05, got {item!r}")
-        try:
-            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            out[key.strip().replace("-", "_")] = value
-    return out
-
-
 def build_grid(args: argparse.Namespace) -> tuple[Any, int, str]:
     """(Grid, jobs, out) from the options: preset or engine defaults < --config < options < --set."""
     from reslab.compare import PRESETS, Grid, resolve_techniques
-    from reslab.config import read_config_file
+    from reslab.config import parse_assignments, read_config_file
 
     explicit_train = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k) is not None}
     custom = bool(explicit_train or args.config or args.set or any(getattr(args, k) for k in _GRID_OPTIONS))
@@ -141,7 +126,7 @@ def build_grid(args: argparse.Namespace) -> tuple[Any, int, str]:
     if args.config:
         train.update(read_config_file(args.config))
     train.update(explicit_train)
-    train.update(_set_options(args.set))
+    train.update(parse_assignments(args.set, "--set", "lr=0.05"))
     for k in ("model", "technique", "seed"):
         if k in train:
             raise UsageError(f"{k} is set per run by the grid; use --{k}s instead of setting {k} in the options")

@@ -16,10 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from reslab.config import TrainConfig, read_config_file
-from reslab.errors import UsageError
+from reslab.config import TrainConfig, parse_assignments, read_config_file
 
 NAME = "train"
 HELP = "train a model with a technique and write a run folder"
@@ -80,24 +77,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **kw)
 
 
-def _technique_args(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--technique-arg takes KEY=VALUE, got {item!r}")
-        try:
-            out[key] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            out[key] = value
-        if isinstance(out[key], str):
-            try:
-                out[key] = float(out[key])  # YAML leaves 1e-4 as a string
-            except ValueError:
-                pass
-    return out
-
-
 def build_config(args: argparse.Namespace) -> TrainConfig:
     """Defaults < --config file < (for --resume: the saved config) < explicit options."""
     values: dict[str, Any] = {}
@@ -109,7 +88,8 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     explicit = {k: getattr(args, k) for k in _OPTIONS if getattr(args, k) is not None}
     values.update(explicit)
     if args.technique_arg:
-        values["technique_args"] = {**(values.get("technique_args") or {}), **_technique_args(args.technique_arg)}
+        extra = parse_assignments(args.technique_arg, "--technique-arg", "init_value=1e-4")
+        values["technique_args"] = {**(values.get("technique_args") or {}), **extra}
     source = f"config file {args.config}" if args.config else "options"
     return TrainConfig.from_dict(values, source=source)
 
