@@ -6,7 +6,6 @@ thousand fashion-mnist images); references are the unfused model's own outputs.
 
 from __future__ import annotations
 
-import gzip
 import json
 from pathlib import Path
 
@@ -31,35 +30,19 @@ from reslab.export import (
 )
 from reslab.fuse import FusedResNet
 
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 
-
-def test_images(n: int) -> tuple[np.ndarray, np.ndarray]:
-    x = np.frombuffer(gzip.decompress((FASHION / "t10k-images-idx3-ubyte.gz").read_bytes()), np.uint8, offset=16)
-    y = np.frombuffer(gzip.decompress((FASHION / "t10k-labels-idx1-ubyte.gz").read_bytes()), np.uint8, offset=8)
-    return x.reshape(-1, 1, 28, 28)[:n].copy(), y[:n].astype(np.int64)
-
-
-test_images.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+def first_test_images(fashion, n: int) -> np.ndarray:
+    """The first ``n`` fashion-mnist test images as uint8 N x 1 x 28 x 28."""
+    return fashion.test_x[:n].numpy().copy()
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_train_config) -> Path:
     """A real one-epoch run folder (technique 'norm': its merge has the most to fold)."""
-    from reslab.train import TrainConfig, train
+    from reslab.train import train
 
     out = tmp_path_factory.mktemp("runs") / "norm"
-    cfg = TrainConfig(
-        model="resnet8",
-        technique="norm",
-        width=0.25,
-        epochs=1,
-        batch_size=64,
-        train_subset=3000,
-        val_size=500,
-        eval_batch_size=1000,
-        threads=1,
-    )
+    cfg = tiny_train_config(technique="norm", epochs=1, train_subset=3000, val_size=500, eval_batch_size=1000)
     summary = train(cfg, out, progress=False)
     assert summary["status"] == "completed"
     return out
@@ -75,9 +58,9 @@ def unfused_top1(run: Path, x_u8: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_round_trip_train_fuse_export_reload_predict(run_dir: Path, tmp_path: Path) -> None:
+def test_round_trip_train_fuse_export_reload_predict(run_dir: Path, tmp_path: Path, fashion) -> None:
     """Train 1 epoch, fuse, export, reload, predict: the same top-1 on 1,000 test images."""
-    x_u8, _ = test_images(1000)
+    x_u8 = first_test_images(fashion, 1000)
     want = unfused_top1(run_dir, x_u8)
     assert len(set(want.tolist())) > 3  # a trained model, not a constant one
     fused_file = tmp_path / "model.safetensors"
@@ -157,8 +140,8 @@ def test_onnx_export_says_what_is_missing(run_dir: Path, tmp_path: Path) -> None
         assert code == 2 and not out.exists()
 
 
-def test_predict_cli_png_and_npy(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    x_u8, _ = test_images(4)
+def test_predict_cli_png_and_npy(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], fashion) -> None:
+    x_u8 = first_test_images(fashion, 4)
     want = unfused_top1(run_dir, x_u8)
     classes = read_metadata(run_dir / "model.safetensors")["classes"]
     png = tmp_path / "img0.png"
@@ -176,8 +159,8 @@ def test_predict_cli_png_and_npy(run_dir: Path, tmp_path: Path, capsys: pytest.C
     assert [r["top"][0]["class"] for r in rows] == [classes[k] for k in want]
 
 
-def test_load_images_shapes_and_bad_input(tmp_path: Path) -> None:
-    x_u8, _ = test_images(3)
+def test_load_images_shapes_and_bad_input(tmp_path: Path, fashion) -> None:
+    x_u8 = first_test_images(fashion, 3)
     for name, arr in (("hw", x_u8[0, 0]), ("nhw", x_u8[:, 0]), ("chw", x_u8[0]), ("nchw", x_u8)):
         np.save(tmp_path / f"{name}.npy", arr)
         batch, names = load_images([tmp_path / f"{name}.npy"], (1, 28, 28))

@@ -9,10 +9,8 @@ eval forward.
 from __future__ import annotations
 
 import copy
-import gzip
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -24,18 +22,15 @@ from reslab.fuse import ChannelAffine, FusedBlock, FusedResNet, load_fused, save
 from reslab.models import ResNet
 from reslab.techniques import ResidualScaling
 
-FASHION_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 TECHNIQUES = reslab.list_techniques()
 REL_TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def images() -> torch.Tensor:
+def images(fashion) -> torch.Tensor:
     """128 real fashion-mnist test images, normalized (N x 1 x 28 x 28, float32)."""
-    raw = gzip.decompress(FASHION_TEST.read_bytes())
-    x = np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(-1, 1, 28, 28)[:128]
-    t = torch.from_numpy(x.astype(np.float32) / 255.0)
-    return (t - 0.2860) / 0.3530
+    t = fashion.test_x[:128].float() / 255.0
+    return (t - fashion.mean[0]) / fashion.std[0]
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
