@@ -233,3 +233,13 @@ def test_every_technique_builds_every_family(technique: str) -> None:
         out = model(torch.randn(2, 2, size, size))
         assert out.shape == (2, 7)
         assert model.spec.technique == technique
+
+
+def test_channels_last_safe_avoids_the_small_strided_1x1_conv() -> None:
+    """oneDNN's channels_last backward of a 1x1 stride-2 conv with 2-7 input channels
+    corrupts the heap on AVX2-only CPUs (torch 2.14.1); the engine then runs NCHW."""
+    from reslab.models import channels_last_safe
+
+    assert not channels_last_safe(build_model("resnet8", width=0.25, in_channels=1))  # 4 -> 8 projection
+    assert channels_last_safe(build_model("resnet8", width=0.5, in_channels=1))  # 8 -> 16 is fine
+    assert channels_last_safe(build_model("resnet8", width=0.25, in_channels=1), "meta")

@@ -21,7 +21,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 #: fields that may differ between a run and its ``--resume`` (they change where and how
 #: fast it runs, not what it computes).
-RESUMABLE_CHANGES = frozenset({"device", "threads", "compile", "tensorboard", "workers", "data_dir", "precision"})
+RESUMABLE_CHANGES = frozenset(
+    {"device", "threads", "compile", "tensorboard", "workers", "data_dir", "precision", "channels_last"}
+)
 
 
 @dataclass

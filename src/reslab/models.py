@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from reslab.blocks import BasicBlock, Bottleneck, ResidualBlock, projection
@@ -254,3 +255,21 @@ def build_model(
     tech_name = technique if isinstance(technique, str) else technique.name
     model.spec = ModelSpec(name, tech_name, num_classes, in_channels, dict(options))
     return model
+
+
+def channels_last_safe(model: nn.Module, device: str | torch.device = "cpu") -> bool:
+    """Whether ``model`` may run in channels_last memory on ``device``.
+
+    False on the CPU when the model has a 1x1 stride-2 convolution with 2 to 7 input
+    channels: with torch 2.14.1 on an AVX2-only CPU (AMD EPYC, no AVX-512), oneDNN's
+    channels_last backward of such a convolution corrupts the heap (SIGSEGV, SIGBUS or
+    "free(): invalid next size"), always with one thread and sometimes with two. Reduced-width
+    CIFAR ResNets have exactly such projection shortcuts (width 0.25: 4 -> 8 channels). NCHW
+    computes the same function through other kernels, so callers fall back to it.
+    """
+    if torch.device(device).type != "cpu":
+        return True
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1 and 1 < m.in_channels < 8:
+            return False
+    return True

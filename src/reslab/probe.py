@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reslab.blocks import residual_blocks
-from reslab.models import ResNet, cifar_resnet
+from reslab.models import ResNet, channels_last_safe, cifar_resnet
 from reslab.techniques import list_techniques, technique_class
 
 VERDICTS = ("healthy", "vanishing", "exploding", "undefined")
@@ -430,8 +430,9 @@ def probe_cell(
     in_channels = batches[0][0].shape[1]
     model = cifar_resnet(depth, technique=technique, num_classes=num_classes, in_channels=in_channels, width=width)
     # NHWC is the faster layout for CPU convolutions (oneDNN), and it does not change the maths.
-    model = model.to(dtype=dtype, memory_format=torch.channels_last)
-    data = [(x.to(dtype).contiguous(memory_format=torch.channels_last), y) for x, y in batches]
+    fmt = torch.channels_last if channels_last_safe(model) else torch.contiguous_format
+    model = model.to(dtype=dtype, memory_format=fmt)
+    data = [(x.to(dtype).contiguous(memory_format=fmt), y) for x, y in batches]
     return probe_model(model, data)
 
 

@@ -59,7 +59,7 @@ from reslab.config import RESUMABLE_CHANGES, TrainConfig, config_to_yaml, defaul
 from reslab.data import ArrayDataset, FolderDataset, open_dataset
 from reslab.describe import count_params, forward_flops
 from reslab.errors import DivergedError, UsageError
-from reslab.models import build_model
+from reslab.models import build_model, channels_last_safe
 
 __all__ = [
     "RUN_FILES",
@@ -592,6 +592,8 @@ def train(
     params = count_params(model)
     flops = forward_flops(model, (c, h, w))
     model.to(device)
+    if cfg.channels_last and not channels_last_safe(model, device):
+        cfg = cfg.replace(channels_last=False)  # see channels_last_safe: a CPU kernel bug
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     raw_model = model

@@ -263,6 +263,7 @@ def _probe_weights(
     """Probe one saved model on batches of the dataset it was trained on."""
     from reslab.checkpoint import load_model, read_metadata
     from reslab.data import load_arrays
+    from reslab.models import channels_last_safe
 
     meta = read_metadata(path)
     model = load_model(path)
@@ -286,8 +287,9 @@ def _probe_weights(
     m = re.fullmatch(r"resnet(\d+)", spec.name)
     depth = int(m.group(1)) if m else 0
     dtype = getattr(torch, args.dtype)
-    model = model.to(dtype=dtype, memory_format=torch.channels_last)
-    data = [(x.to(dtype).contiguous(memory_format=torch.channels_last), y) for x, y in batches]
+    fmt = torch.channels_last if channels_last_safe(model) else torch.contiguous_format
+    model = model.to(dtype=dtype, memory_format=fmt)
+    data = [(x.to(dtype).contiguous(memory_format=fmt), y) for x, y in batches]
     torch.manual_seed(args.seed)  # DropPath, if the model has it, draws from here
     t0 = time.perf_counter()
     probe = probe_model(model, data)
