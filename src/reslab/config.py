@@ -59,6 +59,8 @@ class TrainConfig:
     val_size: int | None = None
     #: train on the first N images of the fixed shuffle of the training split (quick runs)
     train_subset: int | None = None
+    #: test on the first N images of a fixed shuffle of the test split (quick runs; None = all)
+    test_subset: int | None = None
     flip: bool | None = None
     crop_padding: int | None = None
     seed: int = 0
@@ -77,6 +79,9 @@ class TrainConfig:
     #: DataLoader workers for folder:PATH datasets
     workers: int = 2
     eval_batch_size: int = 1000
+    #: validation evaluations per epoch; above 1, the extra ones fall at evenly spaced steps
+    #: inside each epoch and go to evals.jsonl (time-to-target at sub-epoch resolution)
+    evals_per_epoch: int = 1
     #: square size folder:PATH images are resized to (None = the first image's size)
     image_size: int | None = None
     tensorboard: bool = False
@@ -139,12 +144,17 @@ class TrainConfig:
             self.train_subset is None or self.train_subset >= 1,
             f"train_subset must be at least 1 (or unset), got {self.train_subset}",
         )
+        need(
+            self.test_subset is None or self.test_subset >= 1,
+            f"test_subset must be at least 1 (or unset), got {self.test_subset}",
+        )
         need(self.crop_padding is None or self.crop_padding >= 0, "crop_padding must be >= 0")
         need(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         need(self.width > 0, f"width must be positive, got {self.width}")
         need(0 <= self.drop_path_rate < 1, f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         need(self.probe_every >= 0, f"probe_every must be >= 0 (0 = off), got {self.probe_every}")
         need(self.threads is None or self.threads >= 1, f"threads must be at least 1, got {self.threads}")
+        need(self.evals_per_epoch >= 1, f"evals_per_epoch must be at least 1, got {self.evals_per_epoch}")
         need(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
         need(self.image_size is None or self.image_size >= 1, "image_size must be at least 1")
         need(

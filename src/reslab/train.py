@@ -80,6 +80,7 @@ RUN_FILES = (
     "model.safetensors",
     "checkpoint",
     "gradients.jsonl",
+    "evals.jsonl",
     "tensorboard",
 )
 #: validation images held out for these datasets; others hold out 10%
@@ -264,8 +265,10 @@ class _ArraySource:
             self.val = (ds.train_x[val_idx].to(device), ds.train_y[val_idx].to(device))
         else:
             self.val = (ds.test_x.to(device), ds.test_y.to(device))
-        self.test = (ds.test_x.to(device), ds.test_y.to(device))
+        test_idx = _test_subset(len(ds.test_x), cfg.test_subset)
+        self.test = (ds.test_x[test_idx].to(device), ds.test_y[test_idx].to(device))
         self.n_train = len(train_idx)
+        self.chance_acc = _chance_acc(ds.test_y[test_idx].tolist())
 
     def train_batches(
         self, order: Tensor, aug: tuple[Tensor, Tensor, Tensor], batch: int, steps: int, start: int = 0
@@ -300,7 +303,9 @@ class _FolderSource:
         self.ds, self.device, self.d, self.workers = ds, device, d, cfg.workers
         self.train_files = train
         self.val_files = val if val_size else ds.test_files
+        self.test_files = [ds.test_files[i] for i in _test_subset(len(ds.test_files), cfg.test_subset).tolist()]
         self.n_train = len(train)
+        self.chance_acc = _chance_acc([label for _, label in self.test_files])
 
     def train_batches(
         self, order: Tensor, aug: tuple[Tensor, Tensor, Tensor], batch: int, steps: int, start: int = 0
@@ -322,10 +327,29 @@ class _FolderSource:
             )
 
     def eval_batches(self, which: str, batch: int) -> Iterator[tuple[Tensor, Tensor]]:
-        files = self.val_files if which == "val" else self.ds.test_files
+        files = self.val_files if which == "val" else self.test_files
         mine = files[self.d.rank :: self.d.world]
         for x, y in self.ds.loader(mine, batch, None, self.workers):
             yield x.to(self.device), y.to(self.device)
+
+
+def _test_subset(n: int, subset: int | None) -> Tensor:
+    """Indices of the test images used: all, or the first ``subset`` of a fixed shuffle (the same
+    images for every run, seed and technique, so test accuracies stay paired)."""
+    if subset is None or subset >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))[:subset].sort().values
+
+
+def _chance_acc(labels: list[int]) -> float:
+    """Test accuracy of a constant prediction of the most frequent class: what a run that
+    lost its weights (diverged) is worth; comparisons count a diverged run at this level."""
+    if not labels:
+        return 0.0
+    counts: dict[int, int] = {}
+    for y in labels:
+        counts[y] = counts.get(y, 0) + 1
+    return max(counts.values()) / len(labels)
 
 
 # ---------------------------------------------------------------------------------------
@@ -614,6 +638,8 @@ def train(
     )
 
     metrics: list[dict[str, Any]] = []
+    #: validation inside epochs (evals_per_epoch > 1), for time-to-target at sub-epoch resolution
+    evals: list[dict[str, Any]] = []
     start_epoch, step, elapsed = 1, 0, 0.0
     best_acc, best_epoch = -1.0, 0
     if ckpt_info is not None:
@@ -626,6 +652,7 @@ def train(
         start_epoch, step, elapsed = int(st["epoch"]) + 1, int(st["step"]), float(st["elapsed_s"])
         best_acc, best_epoch = float(st["best_val_acc"]), int(st["best_epoch"])
         metrics = list(st["metrics"])
+        evals = list(st.get("evals", []))
 
     train_model: nn.Module = raw_model
     if d.enabled:
@@ -677,6 +704,7 @@ def train(
         "params": params,
         "flops": flops,
         "val_source": "val" if cfg.val_size else "test",
+        "chance_acc": source.chance_acc,
         "world_size": d.world,
         "device": str(device),
     }
@@ -687,6 +715,8 @@ def train(
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
         _write_jsonl(out / "metrics.jsonl", metrics)
+        if cfg.evals_per_epoch > 1:
+            _write_jsonl(out / "evals.jsonl", evals)
         _write_json(out / "summary.json", summary)
         if cfg.probe_every:
             # keep the records up to the checkpoint's step; later ones will be recomputed
@@ -711,6 +741,9 @@ def train(
 
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     check_every = 1 if device.type == "cpu" else 25
+    # steps (1-based, within an epoch) after which the validation set is evaluated besides the epoch's end
+    mid_evals = {round(k * steps_per_epoch / cfg.evals_per_epoch) for k in range(1, cfg.evals_per_epoch)}
+    mid_evals -= {0, steps_per_epoch}
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
@@ -728,6 +761,7 @@ def train(
             correct = torch.zeros((), dtype=torch.float64, device=device)
             seen = 0
             diverged = False
+            eval_time = 0.0
             train_model.train()
             prog.start_epoch(epoch, cfg.epochs, steps_per_epoch, 0)
             lr = cfg.lr
@@ -773,6 +807,18 @@ def train(
                             "img_s": f"{rate:.0f}",
                         }
                     prog.step(1, **post)
+                if i + 1 in mid_evals:
+                    te = time.perf_counter()
+                    vl, va = _evaluate(raw_model, source, "val", cfg, norm, d, autocast)
+                    evals.append(
+                        {
+                            "epoch": round(epoch - 1 + (i + 1) / steps_per_epoch, 4),
+                            "step": step,
+                            "val_loss": vl,
+                            "val_acc": va,
+                        }
+                    )
+                    eval_time += time.perf_counter() - te
             if not diverged:
                 # an inf that never showed in a checked step (checks are spaced on GPUs)
                 diverged = d.all_sum(torch.tensor(0.0 if math.isfinite(float(loss_sum)) else 1.0)).item() > 0
@@ -784,7 +830,7 @@ def train(
                 if d.main:
                     _write_json(out / "summary.json", summary)
                 return summary
-            train_time = time.perf_counter() - t0
+            train_time = time.perf_counter() - t0 - eval_time
             totals = d.all_sum(
                 torch.stack([loss_sum, correct, torch.tensor(float(seen), dtype=torch.float64, device=device)])
             )
@@ -803,14 +849,19 @@ def train(
                 "images_per_s": round(float(totals[2]) / train_time, 1),
             }
             metrics.append(row)
+            evals.append({"epoch": epoch, "step": step, "val_loss": val_loss, "val_acc": val_acc})
             if val_acc > best_acc:
                 best_acc, best_epoch = val_acc, epoch
             summary.update(
                 epochs_completed=epoch, best_val_acc=best_acc, best_epoch=best_epoch, elapsed_s=round(elapsed, 3)
             )
             if d.main:
-                _save_checkpoint(out, raw_model, optimizer, cfg, epoch, step, elapsed, best_acc, best_epoch, metrics)
+                _save_checkpoint(
+                    out, raw_model, optimizer, cfg, epoch, step, elapsed, best_acc, best_epoch, metrics, evals
+                )
                 _write_jsonl(out / "metrics.jsonl", metrics)
+                if cfg.evals_per_epoch > 1:
+                    _write_jsonl(out / "evals.jsonl", evals)
                 _write_json(out / "summary.json", summary)
                 if grad_file is not None:
                     grad_file.flush()
@@ -858,6 +909,7 @@ def _save_checkpoint(
     best_acc: float,
     best_epoch: int,
     metrics: list[dict[str, Any]],
+    evals: list[dict[str, Any]] | None = None,
 ) -> None:
     """Write epoch ``epoch``'s weights and state under new names, then point latest.json
     at them, then remove older ones: a kill at any moment leaves latest.json naming a
@@ -873,6 +925,7 @@ def _save_checkpoint(
         "best_val_acc": best_acc,
         "best_epoch": best_epoch,
         "metrics": metrics,
+        "evals": evals or [],
         "config": cfg.to_dict(),
     }
     atomic_write(ck / state, lambda p: torch.save(payload, str(p)))

@@ -42,6 +42,7 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     "warmup": {"type": float, "help": "fraction of steps for linear warm-up (default 0.2)"},
     "val_size": {"type": int, "help": "validation images held out of train (default 5000; 0 = test set)"},
     "train_subset": {"type": int, "help": "train on the first N training images only"},
+    "test_subset": {"type": int, "help": "test on a fixed N-image part of the test split"},
     "flip": {"action": argparse.BooleanOptionalAction, "help": "random horizontal flip (default: per dataset)"},
     "crop_padding": {"type": int, "help": "random-crop padding in pixels (default: per dataset)"},
     "seed": {"type": int, "help": "random seed (default 0)"},
@@ -55,6 +56,7 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     "threads": {"type": int, "help": "CPU threads (default: PyTorch's)"},
     "workers": {"type": int, "help": "DataLoader workers for folder datasets (default 2)"},
     "eval_batch_size": {"type": int, "help": "evaluation batch size (default 1000)"},
+    "evals_per_epoch": {"type": int, "help": "validation evaluations per epoch, into evals.jsonl (default 1)"},
     "image_size": {"type": int, "help": "resize folder images to this square size"},
     "tensorboard": {"action": argparse.BooleanOptionalAction, "help": "also write TensorBoard event files"},
 }
