@@ -40,10 +40,13 @@ TINY = [
 ]
 
 
-def tiny_args(out: Path, *extra: str, techniques: str = "baseline,scale", seeds: str = "2", epochs: int = 1) -> list:
+def tiny_args(
+    out: Path, *extra: str, techniques: str = "baseline,scale", seeds: str = "2", epochs: int = 1, probe: bool = False
+) -> list:
     return [
         "compare",
         *TINY,
+        *(() if probe else ("--no-probe",)),
         "--techniques",
         techniques,
         "--seeds",
@@ -64,7 +67,7 @@ def records(out: Path) -> list[dict]:
 def test_tiny_grid_end_to_end_with_shards_and_jobs(tmp_path: Path) -> None:
     out = tmp_path / "res"
     # two shards into one folder: the first with 2 worker processes, the second in-process
-    assert main(tiny_args(out, "--shard", "1/2", "--jobs", "2", "--set", "probe_every=4")) == 0
+    assert main(tiny_args(out, "--shard", "1/2", "--jobs", "2", "--set", "probe_every=4", probe=True)) == 0
     assert len(records(out)) == 2  # the report after shard 1 covers its half ...
     assert "Incomplete grid: 2 of 4 runs finished" in (out / "report.md").read_text()
     assert main(tiny_args(out, "--shard", "2/2", "--jobs", "1", "--set", "probe_every=4")) == 0
@@ -95,10 +98,15 @@ def test_tiny_grid_end_to_end_with_shards_and_jobs(tmp_path: Path) -> None:
         assert scale[key] != "", key
     assert float(scale["params_ratio"]) > 1.0  # one scalar per block
     assert scale["worst_grad_ratio"] != ""
+    md = (out / "report.md").read_text()
     # gradient flow at init, measured once for every technique by reslab.probe
     assert rows[0]["init_grad_verdict"] == "healthy" and float(rows[0]["init_grad_ratio"]) >= 1.0
-    assert json.loads((out / "probe-init.json").read_text())["entries"][1]["technique"] == "scale"
-    md = (out / "report.md").read_text()
+    # ... at the grid's model and at 56 and 110 layers (width 1), in reslab.probe's format
+    probe = json.loads((out / "probe-init.json").read_text())
+    assert {(e["technique"], e["depth"], e["width"]) for e in probe["results"]} == {
+        (t, d, w) for t in ("baseline", "scale") for d, w in ((8, 0.25), (56, 1.0), (110, 1.0))
+    }
+    assert "healthy at 8 layers at width 0.25" in md
     assert "Complete grid: all 4 runs finished" in md and "scale: Accuracy:" in md
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 4  # curves x2, time to target, gradients
@@ -244,17 +252,100 @@ def test_presets_and_custom_grids() -> None:
     parse = build_parser().parse_args
     grid, jobs, out = build_grid(parse(["compare"]))
     assert grid.preset == "quick" and out == "results/quick" and jobs == 2
-    assert grid.techniques == ["baseline", "scale", "norm", "fusion"] and len(grid.cells()) == 12
+    assert grid.models == ["resnet8", "resnet56"] and grid.techniques == ["baseline", "scale", "norm", "fusion"]
+    assert grid.plan() is not None and grid.plan().looks == (3, 4, 5) and len(grid.cells()) == 2 * 4 * 5
     grid, _, out = build_grid(parse(["compare", "--preset", "paper"]))
     assert grid.models == ["resnet20", "resnet56", "resnet110"] and grid.techniques == list_techniques()
-    assert len(grid.cells()) == 3 * len(list_techniques()) * 5 and "train_subset" not in grid.train
+    assert len(grid.cells()) == 3 * len(list_techniques()) * 10 and "train_subset" not in grid.train
+    assert grid.plan() is not None and grid.plan().max_seeds == 10
     # an option without --preset starts from the engine's defaults, not from quick's subset
     grid, jobs, out = build_grid(parse(["compare", "--epochs", "15", "--techniques", "scale"]))
     assert grid.preset is None and out == "results/compare" and jobs == 1
     assert grid.train == {"epochs": 15} and grid.techniques == ["baseline", "scale"]
+    assert grid.plan() is None and grid.seeds == [0, 1, 2]  # fixed seeds unless --until-decided
     # a preset with one setting changed keeps the rest of the preset
     grid, _, _ = build_grid(parse(["compare", "--preset", "quick", "--epochs", "6", "--set", "lr=0.05"]))
-    assert grid.train["epochs"] == 6 and grid.train["lr"] == 0.05 and grid.train["train_subset"] == 10000
+    assert grid.train["epochs"] == 6 and grid.train["lr"] == 0.05 and grid.train["train_subset"] == 3000
     assert grid.preset == "quick (modified)"
     # seed-major order: a grid stopped early still has complete paired seeds
     assert [c.seed for c in grid.cells()[:4]] == [0, 0, 0, 0]
+
+
+SEQ = ("--until-decided", "--max-seeds", "3", "--no-probe", "--set", "evals_per_epoch=2", "--set", "test_subset=500")
+
+
+def decisions(out: Path) -> dict[str, dict]:
+    return {d["technique"]: d for d in json.loads((out / "decisions.json").read_text())}
+
+
+def trained_seeds(out: Path, technique: str) -> list[int]:
+    return sorted(int(p.name.rsplit("-s", 1)[1]) for p in (out / "runs").glob(f"resnet8-{technique}-s*"))
+
+
+@pytest.mark.slow
+def test_sequential_grid_stops_each_technique_at_its_decision_and_resumes_identically(tmp_path: Path) -> None:
+    """Seeds 2 to 3: each technique trains exactly the seeds its decision needed, and a grid
+    interrupted after its first finished run and re-run ends with the same decisions, figure
+    for figure, as one that ran straight through (CPU training is deterministic)."""
+    straight = tmp_path / "straight"
+    assert main(tiny_args(straight, *SEQ, techniques="baseline,scale,norm")) == 0
+    dec = decisions(straight)
+    for tech in ("scale", "norm"):
+        d = dec[tech]
+        assert d["decision"] in ("better", "worse", "equivalent", "undecided")
+        assert d["seeds"] in (2, 3) and trained_seeds(straight, tech) == list(range(d["seeds"]))
+        if d["decision"] == "undecided":
+            assert d["open_because"] == "max seeds" and d["seeds"] == 3
+    assert trained_seeds(straight, "baseline") == list(range(max(dec[t]["seeds"] for t in ("scale", "norm"))))
+
+    resumed = tmp_path / "resumed"
+    cmd = [sys.executable, "-m", "reslab", *tiny_args(resumed, *SEQ, techniques="baseline,scale,norm")[:]]
+    # a shell's background job may inherit SIGINT ignored; the child must take Ctrl-C like a terminal's
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not any((resumed / "runs").glob("*/model.safetensors")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    assert main(tiny_args(resumed, *SEQ, techniques="baseline,scale,norm")) == 0
+    a, b = decisions(straight), decisions(resumed)
+    for tech in a:
+        for key in ("decision", "seeds", "diff_mean", "diff_low", "diff_high", "p_better"):
+            assert a[tech][key] == b[tech][key], (tech, key)
+
+
+def test_budget_stops_before_a_run_that_cannot_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "budget"
+    assert main(tiny_args(out, *SEQ, "--budget", "0.01s")) == 0
+    assert not (out / "runs").exists() or not any((out / "runs").iterdir())
+    (d,) = decisions(out).values()
+    assert (d["decision"], d["open_because"]) == ("undecided", "too few seeds")
+    assert "budget" in capsys.readouterr().out
+
+
+def test_sequential_options_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="belong to --until-decided"):
+        from reslab.cli import build_parser
+        from reslab.commands.compare import build_grid
+
+        build_grid(build_parser().parse_args(["compare", "--models", "resnet8", "--max-seeds", "4"]))
+    with pytest.raises(SystemExit) as exc:  # no abbreviation: --seed is not --seeds
+        main(["compare", "--seed", "3", "--out", str(tmp_path / "x")])
+    assert exc.value.code == 2
+    assert main(tiny_args(tmp_path / "y", "--until-decided", "--budget", "soon")) == 2
+
+
+def test_quick_preset_includes_a_deep_model_and_decides_sequentially() -> None:
+    from reslab.blocks import residual_blocks
+    from reslab.compare import PRESETS
+    from reslab.models import build_model
+
+    quick = PRESETS["quick"]
+    depths = [2 * len(residual_blocks(build_model(m))) + 2 for m in quick["models"]]
+    assert max(depths) >= 56 and min(depths) <= 20
+    assert quick["sequential"]["min_seeds"] >= 3 and quick["budget_s"] is not None

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from scipy import stats as sps
 
+from reslab import stats
 from reslab.cli import main
 from reslab.errors import UsageError
 from reslab.report import build_report, collect, verdict
@@ -238,13 +239,22 @@ def test_gradients_are_plotted_when_present(tmp_path: Path) -> None:
     assert (root / "figures" / "gradients.png").exists() and "Gradient health" in files.report_md.read_text()
 
 
-def test_bootstrap_interval_option_is_recorded(grid_dir: Path) -> None:
-    build_report(grid_dir, method="bootstrap")
-    row = read_summary(grid_dir)["scale"]
+def test_bootstrap_interval_is_refused_below_the_n_where_it_holds_its_level(grid_dir: Path, tmp_path: Path) -> None:
+    """At 3 seeds a nominal 95% percentile bootstrap covers ~74% (tests/test_stats.py): refused."""
+    with pytest.raises(UsageError, match="bootstrap needs at least 20 seeds"):
+        build_report(grid_dir, method="bootstrap")
+    root = tmp_path / "many"
+    seeds = range(stats.BOOTSTRAP_MIN_N)
+    write_grid(root, ["baseline", "scale"], seeds=seeds)
+    for s in seeds:
+        write_run(root, "baseline", s, [0.70, 0.80, 0.86])
+        # log speed-ups ln 1.5 (epoch 2 vs 3) or ln 3 (epoch 1): the interval lies within [1.5, 3]
+        write_run(root, "scale", s, [0.85, 0.87, 0.90] if s % 3 == 2 else [0.75, 0.85, 0.88])
+    build_report(root, method="bootstrap")
+    row = read_summary(root)["scale"]
     assert row["interval_method"] == "bootstrap"
-    # paired bootstrap of log speed-ups {ln1.5, ln1.5, ln3}: the interval lies within [1.5, 3]
     assert 1.5 - 1e-9 <= float(row["speedup_epochs_ci_low"]) <= float(row["speedup_epochs_ci_high"]) <= 3 + 1e-9
-    assert "paired percentile bootstrap" in (grid_dir / "report.md").read_text()
+    assert "paired percentile bootstrap" in (root / "report.md").read_text()
 
 
 def test_merging_two_shard_folders(tmp_path: Path) -> None:
@@ -370,3 +380,65 @@ def test_several_models_get_their_own_sections_and_figures(tmp_path: Path) -> No
     for model in ("resnet8", "resnet14"):
         assert (root / "figures" / f"curves-epoch-{model}.png").exists()
         assert (root / "figures" / f"time-to-target-{model}.png").exists()
+
+
+def write_sequential_grid(root: Path, techniques: list[str], max_seeds: int = 5) -> None:
+    write_grid(root, techniques, seeds=range(max_seeds))
+    grid = json.loads((root / "grid.json").read_text())
+    grid["sequential"] = {"min_seeds": 3, "max_seeds": max_seeds, "step": 1, "alpha": 0.05, "margin": 0.005}
+    (root / "grid.json").write_text(json.dumps(grid))
+
+
+def test_decision_table_gives_every_label_from_stored_runs(tmp_path: Path) -> None:
+    """Synthetic final test accuracies, chosen so each technique lands on one label; the
+    decision is read off the stored runs exactly as the sequential grid took it."""
+    root = tmp_path / "seq"
+    write_sequential_grid(root, ["baseline", "up", "down", "same", "noisy", "short"])
+    base = [0.850, 0.860, 0.855, 0.852, 0.858]
+    acc = {
+        "up": [b + d for b, d in zip(base, [0.020, 0.021, 0.019], strict=False)],  # decided at 3 seeds
+        "down": [b - d for b, d in zip(base, [0.030, 0.031, 0.029], strict=False)],
+        "same": [b + d for b, d in zip(base, [0.002, -0.002, 0.0015, 0.0], strict=False)],  # equivalent at 4
+        "noisy": [b + d for b, d in zip(base, [0.01, -0.01, 0.004, -0.006, 0.008], strict=True)],  # all 5 seeds
+        "short": [b + d for b, d in zip(base, [0.01, -0.01, 0.004], strict=False)],  # stopped (budget) at 3
+    }
+    for s, b in enumerate(base):
+        write_run(root, "baseline", s, [0.8, b], test_acc=b)
+    for tech, vals in acc.items():
+        for s, v in enumerate(vals):
+            write_run(root, tech, s, [0.8, v], test_acc=v)
+    build_report(root)
+    dec = {d["technique"]: d for d in json.loads((root / "decisions.json").read_text())}
+    assert (dec["up"]["decision"], dec["up"]["seeds"]) == ("better", 3)
+    assert (dec["down"]["decision"], dec["down"]["seeds"]) == ("worse", 3)
+    assert (dec["same"]["decision"], dec["same"]["seeds"]) == ("equivalent", 4)
+    assert (dec["noisy"]["decision"], dec["noisy"]["open_because"], dec["noisy"]["seeds"]) == (
+        "undecided",
+        "max seeds",
+        5,
+    )
+    assert (dec["short"]["decision"], dec["short"]["open_because"]) == ("undecided", "budget or interrupted")
+    assert dec["up"]["diff_low"] > 0 and dec["down"]["diff_high"] < 0
+    assert -0.005 < dec["same"]["diff_low"] and dec["same"]["diff_high"] < 0.005
+    assert "re-run the same command" in dec["short"]["recommendation"]
+    # P(beats baseline in a seed): 3 of 3 wins, exact Clopper-Pearson lower bound 0.025^(1/3)
+    assert dec["up"]["p_better"] == 1.0 and dec["up"]["p_better_low"] == pytest.approx(0.025 ** (1 / 3))
+    md = (root / "report.md").read_text()
+    # the report opens with the decision table
+    assert md.index("## Decision") < md.index("## Settings") < md.index("## Verdict")
+    assert "**better**" in md and "**worse**" in md and "**equivalent**" in md and "undecided (max seeds)" in md
+
+
+def test_diverged_runs_count_at_chance_level(tmp_path: Path) -> None:
+    root = tmp_path / "div"
+    write_sequential_grid(root, ["baseline", "boom"])
+    for s in range(3):
+        write_run(root, "baseline", s, [0.8, 0.85 + 0.002 * s], test_acc=0.85 + 0.002 * s)
+        run = write_run(root, "boom", s, [0.3], status="diverged")
+        summary = json.loads((run / "summary.json").read_text())
+        summary["chance_acc"] = 0.1
+        (run / "summary.json").write_text(json.dumps(summary))
+    build_report(root)
+    (d,) = json.loads((root / "decisions.json").read_text())
+    assert (d["decision"], d["seeds"], d["diverged"]) == ("worse", 3, 3)
+    assert d["diff_mean"] == pytest.approx(0.1 - 0.852)

@@ -159,3 +159,49 @@ def test_holm_adjustment_hand_computed() -> None:
     assert adj[0] == pytest.approx(0.03) and adj[1] == pytest.approx(0.06) and adj[3] == pytest.approx(0.06)
     assert math.isnan(adj[2])
     assert holm([0.5, 0.9]) == [1.0, 1.0]  # capped at 1
+
+
+def test_prob_improvement_is_an_exact_binomial_interval() -> None:
+    from scipy.stats import binomtest
+
+    from reslab.stats import prob_improvement
+
+    for diffs in ([0.1, 0.2, 0.3], [-0.1, 0.2, 0.3, 0.05, -0.02], [-0.1, -0.2, -0.3]):
+        k = sum(d > 0 for d in diffs)
+        iv = prob_improvement(diffs)
+        ref = binomtest(k, len(diffs)).proportion_ci(0.95, method="exact")
+        assert iv.estimate == k / len(diffs)
+        assert iv.low == pytest.approx(ref.low) and iv.high == pytest.approx(ref.high)
+    tie = prob_improvement([0.0, 0.1, -0.1, 0.2])  # a tie counts half: 2.5 of 4
+    assert tie.estimate == 0.625
+    lo = binomtest(2, 4).proportion_ci(0.95, method="exact").low
+    hi = binomtest(3, 4).proportion_ci(0.95, method="exact").high
+    assert tie.low == pytest.approx(lo) and tie.high == pytest.approx(hi)
+
+
+def test_iqm_trims_a_quarter_at_each_end() -> None:
+    from reslab.stats import iqm
+
+    assert iqm([1, 2, 3, 100]) == 2.5
+    assert iqm([0, 1, 2, 3, 4, 5, 6, 1000]) == 3.5
+    assert math.isnan(iqm([1, 2, 3]))
+
+
+def test_interval_coverage_at_three_seeds() -> None:
+    """At n = 3 the t interval holds its 95% level; the percentile bootstrap cannot (its widest
+    interval is [min, max], which covers the mean of 3 normal values 75% of the time): why
+    reslab refuses --interval bootstrap below BOOTSTRAP_MIN_N seeds."""
+    from reslab.stats import bootstrap_interval, t_interval
+
+    rng = np.random.default_rng(11)
+    sims = 3000
+    cover_t = cover_b = 0
+    for i in range(sims):
+        x = rng.normal(1.0, 2.0, 3)
+        iv = t_interval(x)
+        cover_t += iv.low <= 1.0 <= iv.high
+        b = bootstrap_interval([x], lambda a: a.mean(axis=1), n_resamples=1000, seed=i)
+        cover_b += b.low <= 1.0 <= b.high
+    se = math.sqrt(0.05 * 0.95 / sims)
+    assert abs(cover_t / sims - 0.95) < 3 * se
+    assert cover_b / sims < 0.80

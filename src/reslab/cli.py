@@ -20,6 +20,11 @@ from reslab.errors import UsageError
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        # No abbreviations: '--seed 3' must not silently become '--seeds 3'.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
     def error(self, message: str) -> None:  # type: ignore[override]
         # argparse already exits 2; keep its one-line form and point at --help.
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")

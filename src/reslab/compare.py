@@ -27,6 +27,7 @@ import multiprocessing as mp
 import os
 import queue as queue_mod
 import signal
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -39,39 +40,59 @@ from typing import Any
 from reslab.checkpoint import atomic_write_text
 from reslab.config import RESUMABLE_CHANGES, TrainConfig, default_threads
 from reslab.errors import UsageError
-from reslab.report import FAILED_DIR, FINISHED, GRID_FILE, PROBE_FILE, RUNS_DIR, Cell, build_report
+from reslab.report import build_report
+from reslab.results import (
+    BASELINE,
+    FAILED_DIR,
+    FINISHED,
+    GRID_FILE,
+    PROBE_FILE,
+    RUNS_DIR,
+    TIMING_FILE,
+    Cell,
+    read_run,
+    run_value,
+)
+from reslab.sequential import Look, Plan, run_to_decision
+from reslab.timing import measure_step_times, step_seconds
 
-#: Presets. ``quick`` is sized for a 2-core CPU: the whole grid (12 runs) and its report in
-#: under 5 minutes, still training on real Fashion-MNIST images (a fixed 10,000-image subset,
-#: 2,000 held-out validation images, the full 10,000-image test set), with a ResNet-8 at half
-#: width (8/16/32 channels, 20k parameters), batch 64, for 4 epochs and 3 paired seeds. Batch
-#: 64 rather than 128 gives twice the steps for ~20% more compute and ends ~3 points higher
-#: (82% vs 79% test accuracy for baseline seed 0). The target, 78% validation accuracy, is
-#: reached by baseline in epoch 3, so techniques can be measured both faster and slower.
+#: Presets, sized by measurement (benchmarks/README.md, "The quick preset").
+#:
+#: ``quick`` (what ``reslab compare`` runs with no options) asks the article's question where
+#: it can be answered on a 2-core CPU in about 6 minutes: a shallow ResNet-8 and a deep
+#: ResNet-56, both at quarter width (4/8/16 channels), on a fixed 3,000-image Fashion-MNIST
+#: subset for 2 epochs, validated 4 times per epoch on 500 held-out images, tested on 5,000
+#: test images. Seeds are added until each technique is decided (3 to 5 seeds) within a
+#: 4-minute training budget.
 #: ``paper`` is the full study, for a GPU machine.
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
-        "models": ["resnet8"],
+        "models": ["resnet8", "resnet56"],
         "techniques": ["baseline", "scale", "norm", "fusion"],
-        "seeds": [0, 1, 2],
-        "target_acc": 0.78,
+        "seeds": [0, 1, 2, 3, 4],
+        "sequential": {"min_seeds": 3, "max_seeds": 5, "step": 1, "alpha": 0.05, "margin": 0.005},
+        "budget_s": 240.0,
+        "target_acc": "auto",
         "train": {
             "dataset": "fashion-mnist",
-            "epochs": 4,
-            "width": 0.5,
-            "train_subset": 10000,
-            "val_size": 2000,
+            "epochs": 2,
+            "width": 0.25,
+            "train_subset": 3000,
+            "val_size": 500,
+            "test_subset": 5000,
             "batch_size": 64,
-            "probe_every": 20,
+            "evals_per_epoch": 4,
         },
         "jobs": 2,
     },
     "paper": {
         "models": ["resnet20", "resnet56", "resnet110"],
         "techniques": ["all"],
-        "seeds": [0, 1, 2, 3, 4],
-        "target_acc": 0.93,
-        "train": {"dataset": "fashion-mnist", "epochs": 30, "probe_every": 100},
+        "seeds": list(range(10)),
+        "sequential": {"min_seeds": 3, "max_seeds": 10, "step": 1, "alpha": 0.05, "margin": 0.005},
+        "budget_s": None,
+        "target_acc": "auto",
+        "train": {"dataset": "fashion-mnist", "epochs": 30, "probe_every": 100, "evals_per_epoch": 4},
         "jobs": 1,
     },
 }
@@ -84,19 +105,30 @@ FREE_FIELDS = RESUMABLE_CHANGES | {"threads"}
 
 @dataclass
 class Grid:
-    """What a comparison trains: cells = models x techniques x seeds, sharing ``train`` settings."""
+    """What a comparison trains: cells = models x techniques x seeds, sharing ``train`` settings.
+
+    With ``sequential`` (a :class:`reslab.sequential.Plan` as a dict), ``seeds`` is the most the
+    plan may use; seeds are added in rounds and each technique stops when it is decided.
+    ``target_acc`` is a validation accuracy, or ``"auto"`` (per model: 99% of baseline's mean
+    final validation accuracy, set when the report is drawn).
+    """
 
     models: list[str]
     techniques: list[str]
     seeds: list[int]
     train: dict[str, Any] = field(default_factory=dict)
-    target_acc: float = 0.9
+    target_acc: float | str = 0.9
     interval: str = "t"
     preset: str | None = None
+    sequential: dict[str, Any] | None = None
+    budget_s: float | None = None
 
     def cells(self) -> list[Cell]:
         """Seed-major order: a grid stopped half-way still has complete, paired seeds."""
         return [Cell(m, t, s) for s in self.seeds for m in self.models for t in self.techniques]
+
+    def plan(self) -> Plan | None:
+        return Plan(**self.sequential) if self.sequential else None
 
     def config(self, cell: Cell, **extra: Any) -> TrainConfig:
         values = {**self.train, "model": cell.model, "technique": cell.technique, "seed": cell.seed, **extra}
@@ -111,12 +143,16 @@ class Grid:
         return {k: v for k, v in full.items() if k not in CELL_FIELDS and k not in FREE_FIELDS}
 
     def to_json(self) -> dict[str, Any]:
+        from reslab import __version__
+
         return {
-            "version": 1,
+            "version": 2,
+            "reslab": __version__,
             "preset": self.preset,
             "models": self.models,
             "techniques": self.techniques,
             "seeds": self.seeds,
+            "sequential": self.sequential,
             "target_acc": self.target_acc,
             "interval": self.interval,
             "train": self.shared_settings(),
@@ -183,6 +219,8 @@ def prepare_results(out: Path, grid: Grid) -> Grid:
             for k in sorted(set(old["train"]) | set(new["train"]))
             if old["train"].get(k) != new["train"].get(k)
         ]
+        if old.get("sequential") != new["sequential"]:
+            diffs.append(f"sequential plan {new['sequential']} (stored: {old.get('sequential')})")
         if diffs:
             raise UsageError(
                 f"{out} holds a grid trained with other settings: {'; '.join(diffs)}; "
@@ -196,6 +234,8 @@ def prepare_results(out: Path, grid: Grid) -> Grid:
             target_acc=grid.target_acc,
             interval=grid.interval,
             preset=grid.preset if grid.preset == old.get("preset") else None,
+            sequential=grid.sequential,
+            budget_s=grid.budget_s,
         )
     else:
         if out.exists() and any(out.iterdir()):
@@ -270,24 +310,127 @@ def _worker(grid: Grid, cell: Cell, results: str, threads: int) -> dict[str, Any
     return run_cell(grid, cell, Path(results), threads, on_epoch)
 
 
+# -- what to train next ------------------------------------------------------------------
+
+
+@dataclass
+class Outcomes:
+    """Every cell's outcome value so far (:func:`reslab.results.run_value`) and status."""
+
+    values: dict[Cell, float] = field(default_factory=dict)
+    status: dict[Cell, str] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, results: Path, cells: Sequence[Cell]) -> Outcomes:
+        out = cls()
+        for c in cells:
+            run = read_run(results / RUNS_DIR / c.name)
+            if run is None:
+                continue
+            out.status[c] = run.status
+            v = run_value(run)
+            if v is not None:
+                out.values[c] = v
+        return out
+
+    def add(self, cell: Cell, summary: dict[str, Any]) -> None:
+        self.status[cell] = str(summary.get("status"))
+        key = "test_acc" if summary.get("status") == "completed" else "chance_acc"
+        v = summary.get(key) if summary.get("status") in FINISHED else None
+        if isinstance(v, (int, float)) and math.isfinite(v):
+            self.values[cell] = float(v)
+
+    def finished(self, cell: Cell) -> bool:
+        return self.status.get(cell) in FINISHED
+
+
+def comparison_looks(grid: Grid, outcomes: Outcomes, model: str, technique: str) -> list[Look]:
+    """The looks a sequential comparison has taken so far (the last one is its state)."""
+    plan = grid.plan()
+    assert plan is not None
+    diffs: list[float] = []
+    for s in grid.seeds[: plan.max_seeds]:
+        a, b = outcomes.values.get(Cell(model, technique, s)), outcomes.values.get(Cell(model, BASELINE, s))
+        if a is None or b is None:
+            break
+        diffs.append(a - b)
+    return run_to_decision(diffs, plan)
+
+
+def needed_cells(grid: Grid, outcomes: Outcomes) -> list[Cell]:
+    """Cells the grid needs now and has no outcome for: every cell of a fixed grid; for a
+    sequential one, the seeds of the next look of every undecided technique (and baseline's)."""
+    plan = grid.plan()
+    if plan is None:
+        return [c for c in grid.cells() if not outcomes.finished(c)]
+    need: set[Cell] = set()
+    for m in grid.models:
+        base_n = 0
+        for t in grid.techniques:
+            if t == BASELINE:
+                continue
+            looks = comparison_looks(grid, outcomes, m, t)
+            if looks and looks[-1].decision != "continue":
+                continue  # decided, or undecided after the last look
+            n = plan.next_look(looks[-1].n) if looks else plan.looks[0]
+            assert n is not None
+            need |= {Cell(m, t, s) for s in grid.seeds[:n]}
+            base_n = max(base_n, n)
+        if BASELINE in grid.techniques and len(grid.techniques) == 1:
+            base_n = plan.looks[0]
+        need |= {Cell(m, BASELINE, s) for s in grid.seeds[:base_n]}
+    order = {c: i for i, c in enumerate(grid.cells())}
+    return sorted((c for c in need if not outcomes.finished(c)), key=order.__getitem__)
+
+
+def planned_cells(grid: Grid, outcomes: Outcomes, upper: bool) -> list[Cell]:
+    """Cells still to train if every open comparison stops at its next look (``upper=False``)
+    or runs to the plan's last look (``upper=True``): the bounds of the time estimate."""
+    plan = grid.plan()
+    if plan is None or not upper:
+        return needed_cells(grid, outcomes)
+    need = set(needed_cells(grid, outcomes))
+    for m in grid.models:
+        open_techs = [c.technique for c in need if c.model == m and c.technique != BASELINE]
+        for t in {*open_techs, *([BASELINE] if open_techs else [])}:
+            need |= {Cell(m, t, s) for s in grid.seeds[: plan.max_seeds] if not outcomes.finished(Cell(m, t, s))}
+    return sorted(need)
+
+
 # -- progress ----------------------------------------------------------------------------
 
 
 class _GridProgress:
-    """A tqdm bar over epochs of the grid (ETA) on a terminal; one line per run otherwise."""
+    """Work left as estimated seconds: a tqdm bar with ETA on a terminal, a line every
+    ``every`` seconds (and one per finished run) otherwise."""
 
-    def __init__(self, total_epochs: int, done_epochs: int, enabled: bool) -> None:
+    def __init__(self, enabled: bool, every: float = 30.0) -> None:
         self.enabled = enabled
         self.tty = enabled and sys.stderr.isatty()
+        self.every = every
         self.bar: Any = None
+        self.last = time.perf_counter()
+        self.status = ""
+
+    def update(self, done_s: float, total_s: float, status: str) -> None:
+        """``done_s`` of ``total_s`` estimated worker-seconds are done (divided by jobs outside)."""
+        self.status = status
+        if not self.enabled:
+            return
         if self.tty:
-            from tqdm import tqdm
+            if self.bar is None:
+                from tqdm import tqdm
 
-            self.bar = tqdm(total=total_epochs, initial=done_epochs, unit="epoch", desc="grid", file=sys.stderr)
-
-    def epoch(self, n: int = 1) -> None:
-        if self.bar is not None:
-            self.bar.update(n)
+                fmt = "{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}"
+                self.bar = tqdm(total=max(total_s, 1e-9), desc="compare", file=sys.stderr, bar_format=fmt)
+            self.bar.total = max(total_s, done_s, 1e-9)
+            self.bar.n = done_s
+            self.bar.set_postfix_str(status, refresh=False)
+            self.bar.refresh()
+        elif time.perf_counter() - self.last >= self.every:
+            self.last = time.perf_counter()
+            left = max(total_s - done_s, 0.0)
+            print(f"compare: {status}; about {fmt_duration(left)} left", file=sys.stderr, flush=True)
 
     def line(self, text: str) -> None:
         if not self.enabled:
@@ -300,6 +443,7 @@ class _GridProgress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 @dataclass
@@ -311,6 +455,7 @@ class CompareResult:
     diverged: list[Cell]
     wall_s: float
     report: Any = None
+    budget_spent: bool = False
 
 
 def _describe(cell: Cell, summary: dict[str, Any]) -> str:
@@ -331,6 +476,60 @@ def _record_failure(results: Path, cell: Cell, error: BaseException) -> None:
     atomic_write_text(results / FAILED_DIR / f"{cell.name}.json", json.dumps(payload) + "\n")
 
 
+# -- time estimate -----------------------------------------------------------------------
+
+
+class Estimator:
+    """Seconds one cell takes in a worker: from the timing pass (step time x steps, plus the
+    evaluations at the cost of a forward pass, a third of a step per image), corrected by the
+    ratio measured on the runs that have finished."""
+
+    def __init__(self, grid: Grid, timing: dict[str, Any], n_train: int, n_eval: int) -> None:
+        st = grid.shared_settings()
+        self.batch = int(st["batch_size"])
+        self.epochs = int(st["epochs"])
+        self.steps = max(1, n_train // self.batch) * self.epochs
+        self.eval_images = n_eval
+        self.timing = timing
+        self.measured: list[float] = []  # actual / predicted of finished runs
+
+    def predicted(self, cell: Cell) -> float:
+        step = step_seconds(self.timing, cell.model, cell.technique) or step_seconds(self.timing, cell.model, BASELINE)
+        if step is None:
+            return 60.0
+        return step * (self.steps + self.eval_images / (3 * self.batch))
+
+    def seconds(self, cell: Cell) -> float:
+        factor = statistics.median(self.measured) if self.measured else 1.0
+        return self.predicted(cell) * factor
+
+    def observe(self, cell: Cell, elapsed_s: float) -> None:
+        p = self.predicted(cell)
+        if p > 0 and elapsed_s > 0:
+            self.measured.append(elapsed_s / p)
+
+
+def estimate_lines(grid: Grid, est: Estimator, outcomes: Outcomes, jobs: int, overhead_s: float) -> tuple[float, str]:
+    """(upper estimate in seconds, one-line description) of what is left to train."""
+    low = sum(est.seconds(c) for c in planned_cells(grid, outcomes, upper=False)) / jobs + overhead_s
+    high = sum(est.seconds(c) for c in planned_cells(grid, outcomes, upper=True)) / jobs + overhead_s
+    if grid.budget_s is not None:
+        high = min(high, grid.budget_s + overhead_s)
+        low = min(low, high)
+    if grid.plan() is None or abs(high - low) < 1:
+        return high, f"estimated time {fmt_duration(high)}"
+    return high, (
+        f"estimated time {fmt_duration(low)} if every technique is decided at the next look, "
+        f"at most {fmt_duration(high)}" + (f" (budget {fmt_duration(grid.budget_s)})" if grid.budget_s else "")
+    )
+
+
+# -- the grid ----------------------------------------------------------------------------
+
+#: estimates above this many seconds on a CPU are announced before training starts
+LONG_RUN_S = 30 * 60
+
+
 def run_grid(
     grid: Grid,
     out: str | Path,
@@ -341,7 +540,7 @@ def run_grid(
     report: bool = True,
     probe_init: bool = True,
 ) -> CompareResult:
-    """Train every unfinished cell of ``grid`` (or of its shard) into ``out``, then report.
+    """Train the cells ``grid`` needs (all of them, or seeds until decided) into ``out``, then report.
 
     Settings errors (unknown technique, missing dataset, a results folder made with other
     settings) raise :class:`UsageError` before any training starts.
@@ -352,49 +551,96 @@ def run_grid(
         raise UsageError(f"--jobs must be at least 1, got {jobs}")
     for cell in grid.cells():  # validate every cell before the first one trains
         grid.config(cell)
-    _check_data(grid)
+    ds = _check_data(grid)
     grid = prepare_results(results, grid)
+    prog = _GridProgress(progress)
     if probe_init:
-        _probe_if_needed(grid, results, progress)
-    mine = shard_cells(grid.cells(), shard)
-    todo, skipped = [], []
-    for c in mine:
-        (skipped if run_state(results / RUNS_DIR / c.name) in FINISHED else todo).append(c)
-    epochs = int(grid.shared_settings()["epochs"])
-    done_epochs = sum(epochs_done(results / RUNS_DIR / c.name) for c in todo)
-    prog = _GridProgress(len(todo) * epochs, done_epochs, progress)
-    shard_txt = f" (shard {shard[0]}/{shard[1]}: {len(mine)} of {len(grid.cells())} runs)" if shard else ""
-    jobs = max(1, min(jobs, len(todo) or 1))
+        _probe_if_needed(grid, results, prog)
     threads = max(1, default_threads() // jobs)
+    timing = _timing_if_needed(grid, results, ds, threads, prog)
+    settings = grid.shared_settings()
+    n_train, n_eval = _image_counts(settings, ds)
+    est = Estimator(grid, timing, n_train, n_eval)
+    all_cells = grid.cells()
+    outcomes = Outcomes.read(results, all_cells)
+    for c in all_cells:
+        run = read_run(results / RUNS_DIR / c.name)
+        if run is not None and run.finished and run.summary.get("elapsed_s"):
+            est.observe(c, float(run.summary["elapsed_s"]))
+    mine = set(shard_cells(all_cells, shard))
+    skipped = [c for c in all_cells if outcomes.finished(c) and c in mine]
+    total_s, words = estimate_lines(grid, est, outcomes, jobs, overhead_s=0.0)
     prog.line(
-        f"compare: {len(todo)} runs to train, {len(skipped)} already finished{shard_txt}; "
-        f"{jobs} job(s) x {threads} thread(s); results in {results}"
+        f"compare: {len(grid.cells())} cells at most, {len(skipped)} already finished"
+        + (f" (shard {shard[0]}/{shard[1]})" if shard else "")
+        + f"; {jobs} job(s) x {threads} thread(s); {words}; results in {results}"
     )
+    if total_s > LONG_RUN_S and not str(settings.get("device", "cpu")).startswith("cuda") and not _has_cuda():
+        prog.line(
+            f"compare: note: this grid is estimated at {fmt_duration(total_s)} on this CPU (over 30 minutes); "
+            "Ctrl-C stops it at any time and the same command resumes it; '--preset quick' asks the same "
+            "question in about 6 minutes"
+        )
     ran: list[Cell] = []
     failed: list[Cell] = []
     diverged: list[Cell] = []
+    budget_spent = False
+    done_s = 0.0
+
+    def status() -> str:
+        plan = grid.plan()
+        if plan is None:
+            return f"{len(ran) + len(failed)} runs done"
+        looks = [comparison_looks(grid, outcomes, m, t) for m in grid.models for t in grid.techniques if t != BASELINE]
+        decided = sum(1 for lk in looks if lk and lk[-1].decision != "continue")
+        return f"{len(ran) + len(failed)} runs done, {decided}/{len(looks)} comparisons decided"
 
     def finished(cell: Cell, summary: dict[str, Any] | None, error: BaseException | None) -> None:
+        nonlocal done_s
+        done_s += est.seconds(cell) / jobs
         if error is not None:
             failed.append(cell)
+            outcomes.status[cell] = "failed"
             _record_failure(results, cell, error)
             prog.line(f"{cell.name}: FAILED ({type(error).__name__}: {error}); the grid goes on")
             return
         assert summary is not None
         (results / FAILED_DIR / f"{cell.name}.json").unlink(missing_ok=True)
         ran.append(cell)
+        outcomes.add(cell, summary)
+        if summary.get("elapsed_s"):
+            est.observe(cell, float(summary["elapsed_s"]))
         if summary.get("status") == "diverged":
             diverged.append(cell)
-            # the epochs it will never train still count towards the bar's total
-            prog.epoch(max(0, epochs - int(summary.get("epochs_completed") or 0)))
-        prog.line(f"[{len(ran) + len(failed)}/{len(todo)}] " + _describe(cell, summary))
+        prog.line(f"[{len(ran) + len(failed)}] " + _describe(cell, summary))
+
+    def next_cells(busy: set[Cell]) -> list[Cell]:
+        nonlocal budget_spent
+        tried = set(failed)
+        cand = [c for c in needed_cells(grid, outcomes) if c in mine and c not in busy and c not in tried]
+        # seed-major (a grid stopped half-way keeps complete, paired seeds); within a seed the
+        # costliest model first, so the last runs to finish are short ones
+        order = {c: i for i, c in enumerate(all_cells)}
+        cand.sort(key=lambda c: (c.seed, -est.seconds(Cell(c.model, BASELINE, c.seed)), order[c]))
+        if grid.budget_s is not None and cand:
+            left = grid.budget_s - (time.perf_counter() - t0)
+            fits = [c for c in cand if est.seconds(c) <= left]
+            if len(fits) < len(cand):
+                budget_spent = True
+            cand = fits
+        return cand
+
+    def refresh() -> None:
+        total, _ = estimate_lines(grid, est, outcomes, jobs, 0.0)
+        prog.update(done_s, done_s + total, status())
 
     try:
         if jobs == 1:
-            for cell in todo:
-                prog.line(f"{cell.name}: training")
+            while cand := next_cells(set()):
+                cell = cand[0]
+                refresh()
                 try:
-                    summary = run_cell(grid, cell, results, threads, lambda _row: prog.epoch())
+                    summary = run_cell(grid, cell, results, threads, lambda _row: refresh())
                 except KeyboardInterrupt:
                     raise
                 except Exception as e:  # noqa: BLE001 - one broken run must not stop the grid
@@ -402,32 +648,38 @@ def run_grid(
                 else:
                     finished(cell, summary, None)
         else:
-            _run_parallel(grid, todo, results, jobs, threads, prog, finished)
+            _run_parallel(grid, results, jobs, threads, next_cells, finished, refresh)
     finally:
         prog.close()
-    wall = time.perf_counter() - t0
-    res = CompareResult(results, ran, skipped, failed, diverged, wall)
+    res = CompareResult(results, ran, skipped, failed, diverged, time.perf_counter() - t0, budget_spent=budget_spent)
     if report:
         res.report = build_report(results)
     res.wall_s = time.perf_counter() - t0
     return res
 
 
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _run_parallel(
     grid: Grid,
-    todo: Sequence[Cell],
     results: Path,
     jobs: int,
     threads: int,
-    prog: _GridProgress,
+    next_cells: Callable[[set[Cell]], list[Cell]],
     finished: Callable[[Cell, dict[str, Any] | None, BaseException | None], None],
+    refresh: Callable[[], None],
 ) -> None:
+    """Keep ``jobs`` worker processes busy with the cells ``next_cells`` asks for, until it
+    asks for none and none is running. One pool serves every round of a sequential grid."""
     # spawn, not fork: forking a process that has started OpenMP/torch threads can deadlock
     ctx = mp.get_context("spawn")
     events = ctx.Queue()
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads, events))
     pending: dict[Future[dict[str, Any]], Cell] = {}
-    queue = list(todo)
     pids: set[int] = set()
 
     def drain() -> None:
@@ -439,15 +691,17 @@ def _run_parallel(
             if kind == "pid":
                 pids.add(int(value))
             else:
-                prog.epoch()
+                refresh()
 
     try:
-        while queue or pending:
+        while True:
             # Submit only as many runs as there are workers: nothing waits in the pool's
-            # queue, so after Ctrl-C no new run starts.
-            while queue and len(pending) < jobs:
-                cell = queue.pop(0)
-                pending[pool.submit(_worker, grid, cell, str(results), threads)] = cell
+            # queue, so after Ctrl-C no new run starts, and each submission sees the latest decisions.
+            if len(pending) < jobs:
+                for cell in next_cells(set(pending.values()))[: jobs - len(pending)]:
+                    pending[pool.submit(_worker, grid, cell, str(results), threads)] = cell
+            if not pending:
+                return
             done, _ = wait(list(pending), timeout=0.5, return_when=FIRST_COMPLETED)
             drain()
             for fut in done:
@@ -476,91 +730,140 @@ def _run_parallel(
         events.close()
 
 
-def probe_at_init(grid: Grid, results: Path, batches: int = 2, batch_size: int = 128) -> Path | None:
-    """Gradient flow of every model x technique at initialisation, into ``PROBE_FILE``.
+# -- measurements before training --------------------------------------------------------
 
-    Uses :func:`reslab.probe.probe_model` on a few real training batches (the same for every
-    technique): the ratio of the largest to the smallest block-output gradient across depth,
-    and the probe's verdict. It costs a forward and backward pass per batch and model, so the
-    grid always carries it. Skipped for streamed (folder) datasets; errors are recorded in the
+#: depths the init probe always covers besides the grid's models, at the standard width 1:
+#: where the article's claims about depth are decided
+PROBE_DEPTHS = (56, 110)
+
+
+def probe_targets(grid: Grid) -> list[tuple[int, float]]:
+    """(depth, width) pairs the init probe covers: the grid's CIFAR-style models at the grid's
+    width, and :data:`PROBE_DEPTHS` at width 1."""
+    width = float(grid.shared_settings()["width"])
+    out: list[tuple[int, float]] = []
+    for m in grid.models:
+        d = _cifar_depth(m)
+        if d is not None:
+            out.append((d, width))
+    out += [(d, 1.0) for d in PROBE_DEPTHS]
+    return list(dict.fromkeys(out))
+
+
+def _cifar_depth(model: str) -> int | None:
+    from reslab.models import model_family
+
+    try:
+        if model_family(model) != "cifar":
+            return None
+    except ValueError:
+        return None
+    return int(model.removeprefix("resnet"))
+
+
+def probe_at_init(grid: Grid, results: Path, batches: int = 1, batch_size: int = 64) -> Path:
+    """Gradient flow at initialisation of every technique at the grid's models and at depths
+    56 and 110, by :func:`reslab.probe.run_probe`, into ``PROBE_FILE`` in the probe's own
+    format (``{"config", "results"}``, each result with its ``width``).
+
+    It costs a forward and backward pass per batch and model. Errors are recorded in the
     file rather than stopping the grid, since the training results do not depend on it.
     """
-    import torch
-
     from reslab import probe
     from reslab.data import ArrayDataset, open_dataset
-    from reslab.models import build_model
 
     settings = grid.shared_settings()
-    entries: list[dict[str, Any]] = []
+    results_out: list[dict[str, Any]] = []
+    config: dict[str, Any] = {"batches": batches, "batch_size": batch_size, "source": "at initialisation"}
     try:
         ds = open_dataset(settings["dataset"], grid.train.get("data_dir"))
         if not isinstance(ds, ArrayDataset):
-            return None
-        data = probe.make_batches(ds.train_x, ds.train_y, ds.mean, ds.std, batches, batch_size, seed=0)
-        for model_name in grid.models:
-            for tech in grid.techniques:
-                torch.manual_seed(0)
-                model = build_model(
-                    model_name,
-                    tech,
-                    ds.num_classes,
-                    ds.input_size[0],
-                    width=settings["width"],
-                    drop_path_rate=settings["drop_path_rate"],
-                    technique_args=dict(settings["technique_args"]),
-                )
-                pr = probe.probe_model(model, data)
-                v = probe.verdict(pr)
-                entries.append(
-                    {
-                        "model": model_name,
-                        "technique": tech,
-                        "blocks": pr.num_blocks,
-                        "grad_ratio": pr.grad_ratio if math.isfinite(pr.grad_ratio) else None,
-                        "grad_first_last": pr.grad_first_last if math.isfinite(pr.grad_first_last) else None,
-                        "verdict": v.label,
-                        "reason": v.reason,
-                    }
-                )
-        payload: dict[str, Any] = {"batches": batches, "batch_size": batch_size, "entries": entries}
+            config["error"] = "streamed (folder) datasets are not probed"
+        else:
+            data = probe.make_batches(ds.train_x, ds.train_y, ds.mean, ds.std, batches, batch_size, seed=0)
+            by_width: dict[float, list[int]] = {}
+            for d, w in probe_targets(grid):
+                by_width.setdefault(w, []).append(d)
+            for w, depths in by_width.items():
+                entries = probe.run_probe(grid.techniques, depths, data, ds.num_classes, width=w, workers=1)
+                results_out += [{**probe.entry_to_dict(e), "width": w} for e in entries]
     except Exception as e:  # noqa: BLE001 - a failed measurement must not stop the training grid
-        payload = {"error": f"{type(e).__name__}: {e}", "entries": entries}
+        config["error"] = f"{type(e).__name__}: {e}"
     path = results / PROBE_FILE
-    atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(path, json.dumps({"config": config, "results": results_out}, indent=1) + "\n")
     return path
 
 
-def _probe_if_needed(grid: Grid, results: Path, progress: bool) -> None:
-    """Probe at init unless ``PROBE_FILE`` already covers every model x technique of the grid."""
-    have: set[tuple[str, str]] = set()
+def _probe_if_needed(grid: Grid, results: Path, prog: _GridProgress) -> None:
+    """Probe at init unless ``PROBE_FILE`` already covers every technique at every target."""
+    have: set[tuple[str, int, float]] = set()
     try:
         old = json.loads((results / PROBE_FILE).read_text())
-        if "error" not in old:  # a failed probe is tried again
-            have = {(e["model"], e["technique"]) for e in old["entries"]}
-    except (OSError, ValueError, KeyError, TypeError):
+        if "error" not in old.get("config", {}):  # a failed probe is tried again
+            have = {(e["technique"], int(e["depth"]), float(e["width"])) for e in old["results"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
-    if {(m, t) for m in grid.models for t in grid.techniques} <= have:
+    want = {(t, d, w) for d, w in probe_targets(grid) for t in grid.techniques}
+    if want <= have:
         return
-    if progress:
-        print("compare: measuring gradient flow at initialisation (reslab.probe)", file=sys.stderr, flush=True)
+    depths = ", ".join(str(d) for d, _ in probe_targets(grid))
+    prog.line(f"compare: measuring gradient flow at initialisation at depths {depths} (reslab.probe)")
     probe_at_init(grid, results)
 
 
-def _check_data(grid: Grid) -> None:
-    """Fail before training when the dataset cannot be found (one message, with the fix)."""
+def _timing_if_needed(grid: Grid, results: Path, ds: Any, threads: int, prog: _GridProgress) -> dict[str, Any]:
+    """The dedicated step-time pass (:mod:`reslab.timing`), once per results folder."""
+    path = results / TIMING_FILE
+    try:
+        old = json.loads(path.read_text())
+        if {f"{m}/{t}" for m in grid.models for t in grid.techniques} <= set(old.get("steps", {})):
+            return old
+    except (OSError, ValueError, AttributeError):
+        pass
+    settings = grid.shared_settings()
+    prog.line("compare: timing a few training steps of every model x technique, side by side")
+    timing = measure_step_times(
+        grid.models,
+        grid.techniques,
+        tuple(ds.input_size),
+        ds.num_classes,
+        batch_size=int(settings["batch_size"]),
+        width=float(settings["width"]),
+        technique_args=dict(settings["technique_args"]),
+        threads=threads,
+    )
+    atomic_write_text(path, json.dumps(timing, indent=1) + "\n")
+    return timing
+
+
+def _image_counts(settings: dict[str, Any], ds: Any) -> tuple[int, int]:
+    """(training images, images evaluated per run) under ``settings``."""
+    n_all = len(ds.train_x) if hasattr(ds, "train_x") else len(ds.train_files)
+    n_test = len(ds.test_x) if hasattr(ds, "test_x") else len(ds.test_files)
+    val = settings.get("val_size")
+    val = val if val is not None else min(5000, n_all // 10)
+    n_train = n_all - val
+    if settings.get("train_subset"):
+        n_train = min(n_train, int(settings["train_subset"]))
+    test = min(n_test, int(settings["test_subset"])) if settings.get("test_subset") else n_test
+    evals = (val or n_test) * int(settings.get("evals_per_epoch") or 1) * int(settings["epochs"]) + test
+    return n_train, evals
+
+
+def _check_data(grid: Grid) -> Any:
+    """Open the dataset before training (one message, with the fix, when it cannot be found)."""
     from reslab.data import open_dataset
 
     try:
-        open_dataset(grid.shared_settings()["dataset"], grid.train.get("data_dir"))
+        return open_dataset(grid.shared_settings()["dataset"], grid.train.get("data_dir"))
     except UsageError:
         raise
     except ValueError as e:
         raise UsageError(str(e)) from None
 
 
-def fmt_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
         return "n/a"
     m, s = divmod(round(seconds), 60)
     return f"{m}m{s:02d}s" if m else f"{s}s"

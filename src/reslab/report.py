@@ -29,181 +29,31 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from reslab import stats
+from reslab import __version__, stats
 from reslab.checkpoint import atomic_write_text
+from reslab.decisions import Decision, auto_target, decide, gradient_verdict, pp
 from reslab.errors import UsageError
-
-GRID_FILE = "grid.json"
-RUNS_DIR = "runs"
-FAILED_DIR = "failed"
-FIGURES_DIR = "figures"
-PROBE_FILE = "probe-init.json"
-BASELINE = "baseline"
-FINISHED = ("completed", "diverged")
-
-
-def run_name(model: str, technique: str, seed: int) -> str:
-    return f"{model}-{technique}-s{seed}"
-
-
-@dataclass(frozen=True, order=True)
-class Cell:
-    """One grid point: a model trained with a technique from a seed."""
-
-    model: str
-    technique: str
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return run_name(self.model, self.technique, self.seed)
-
-
-@dataclass
-class RunData:
-    """What a run folder holds (any part may be missing for an unfinished run)."""
-
-    cell: Cell
-    path: Path
-    status: str  # completed | diverged | interrupted | running | failed | missing
-    config: dict[str, Any] = field(default_factory=dict)
-    summary: dict[str, Any] = field(default_factory=dict)
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-    gradients: list[dict[str, Any]] = field(default_factory=list)
-    error: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.status in FINISHED
-
-
-# ---------------------------------------------------------------------------------------
-# Reading
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """JSON lines; a torn last line (the writer was killed mid-write) is skipped, not fatal."""
-    out: list[dict[str, Any]] = []
-    if not path.is_file():
-        return out
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            out.append(obj)
-    return out
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        obj = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
-
-
-def read_run(path: Path) -> RunData | None:
-    """Read one run folder; ``None`` when it does not say which model/technique/seed it is."""
-    config = _read_yaml(path / "config.yaml")
-    summary = _read_json(path / "summary.json")
-    ident = {**config, **{k: v for k, v in summary.items() if v is not None}}
-    try:
-        cell = Cell(str(ident["model"]), str(ident["technique"]), int(ident["seed"]))
-    except (KeyError, TypeError, ValueError):
-        return None
-    metrics = sorted(read_jsonl(path / "metrics.jsonl"), key=lambda m: int(m.get("epoch", 0)))
-    # A resumed run may have re-logged an epoch; keep the last record of each.
-    by_epoch = {int(m.get("epoch", 0)): m for m in metrics}
-    status = str(summary.get("status") or ("interrupted" if metrics else "running"))
-    return RunData(
-        cell=cell,
-        path=path,
-        status=status,
-        config=config,
-        summary=summary,
-        metrics=[by_epoch[e] for e in sorted(by_epoch)],
-        gradients=read_jsonl(path / "gradients.jsonl"),
-    )
-
-
-def read_grid(results_dir: Path) -> dict[str, Any] | None:
-    path = results_dir / GRID_FILE
-    if not path.exists():
-        return None
-    grid = _read_json(path)
-    if not grid:
-        raise UsageError(f"{path} is not valid JSON; restore it or delete it to report only the run folders found")
-    return grid
-
-
-def grid_cells(grid: dict[str, Any]) -> list[Cell]:
-    return [Cell(m, t, int(s)) for m in grid["models"] for t in grid["techniques"] for s in grid["seeds"]]
-
-
-def collect(dirs: Sequence[Path]) -> tuple[dict[str, Any] | None, dict[Cell, RunData]]:
-    """The grid (from the first folder that has one) and every run found in ``dirs``.
-
-    Several folders (e.g. shards copied from several machines) merge: when the same run is
-    found twice, a finished copy wins over an unfinished one, and the first finished copy
-    over later ones.
-    """
-    grid: dict[str, Any] | None = None
-    runs: dict[Cell, RunData] = {}
-    for d in dirs:
-        if not d.is_dir():
-            raise UsageError(f"results folder {d} does not exist; pass the --out folder of 'reslab compare'")
-        g = read_grid(d)
-        if grid is None and g is not None:
-            grid = g
-        elif g is not None and grid is not None:
-            for key in ("models", "techniques", "seeds"):
-                grid[key] = list(dict.fromkeys([*grid[key], *g[key]]))
-        root = d / RUNS_DIR if (d / RUNS_DIR).is_dir() else d
-        for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-            run = read_run(sub)
-            if run is None:
-                continue
-            old = runs.get(run.cell)
-            if old is None or (run.finished and not old.finished):
-                runs[run.cell] = run
-        for f in sorted((d / FAILED_DIR).glob("*.json")) if (d / FAILED_DIR).is_dir() else []:
-            info = _read_json(f)
-            try:
-                cell = Cell(str(info["model"]), str(info["technique"]), int(info["seed"]))
-            except (KeyError, TypeError, ValueError):
-                continue
-            if cell not in runs or not runs[cell].finished:
-                old = runs.get(cell)
-                runs[cell] = RunData(
-                    cell,
-                    old.path if old else d / RUNS_DIR / cell.name,
-                    "failed",
-                    config=old.config if old else {},
-                    summary=old.summary if old else {},
-                    metrics=old.metrics if old else [],
-                    error=str(info.get("error", "unknown error")),
-                )
-    if not runs and grid is None:
-        raise UsageError(
-            f"no run folders found in {', '.join(map(str, dirs))}; run 'reslab compare --out FOLDER' first"
-        )
-    return grid, runs
-
+from reslab.results import (  # noqa: F401 - re-exported: the layout lives in reslab.results
+    BASELINE,
+    FAILED_DIR,
+    FIGURES_DIR,
+    FINISHED,
+    GRID_FILE,
+    PROBE_FILE,
+    RUNS_DIR,
+    TIMING_FILE,
+    Cell,
+    RunData,
+    collect,
+    grid_cells,
+    read_grid,
+    read_jsonl,
+    read_run,
+    run_name,
+    run_value,
+)
+from reslab.results import _read_json as _read_json
 
 # ---------------------------------------------------------------------------------------
 # Per-run records
@@ -356,6 +206,8 @@ def summarize_technique(
         sm = stats.summarize(_vals(records, key, seeds), level)
         row[f"{key}_mean"], row[f"{key}_std"] = sm.mean, sm.std
         row.update(_iv_fields(key, sm.ci))
+    # interquartile mean (robust to one odd seed) where there are at least 4 seeds to trim
+    row["test_acc_iqm"] = stats.iqm(_vals(records, "test_acc", seeds))
     row["target_acc"] = target
     reached_ep = _vals(records, "epochs_to_target", seeds, inf_if_none=True)
     reached_s = _vals(records, "seconds_to_target", seeds, inf_if_none=True)
@@ -434,6 +286,7 @@ SUMMARY_COLUMNS = [
     "test_acc_std",
     "test_acc_ci_low",
     "test_acc_ci_high",
+    "test_acc_iqm",
     "best_val_acc_mean",
     "best_val_acc_std",
     "best_val_acc_ci_low",
@@ -487,9 +340,13 @@ SUMMARY_COLUMNS = [
 
 
 def summarize_all(
-    records: Sequence[dict[str, Any]], grid: dict[str, Any] | None, target: float, method: str, level: float = 0.95
+    records: Sequence[dict[str, Any]],
+    grid: dict[str, Any] | None,
+    target: float | dict[str, float],
+    method: str,
+    level: float = 0.95,
 ) -> list[dict[str, Any]]:
-    """summary.csv rows, in grid order (models, then techniques)."""
+    """summary.csv rows, in grid order (models, then techniques); ``target`` may be per model."""
     models = list(dict.fromkeys([*(grid["models"] if grid else []), *(r["model"] for r in records)]))
     techs = list(dict.fromkeys([*(grid["techniques"] if grid else []), *(r["technique"] for r in records)]))
     seeds = sorted({*(int(s) for s in (grid["seeds"] if grid else [])), *(r["seed"] for r in records)})
@@ -500,7 +357,8 @@ def summarize_all(
             recs = [r for r in records if r["model"] == model and r["technique"] == tech]
             if not recs:
                 continue
-            rows.append(summarize_technique(recs, base if tech != BASELINE else None, seeds, target, method, level))
+            tgt = target[model] if isinstance(target, dict) else target
+            rows.append(summarize_technique(recs, base if tech != BASELINE else None, seeds, tgt, method, level))
         # Holm correction over this model's comparisons with baseline (the family of tests one report makes)
         mine = [r for r in rows if r["model"] == model]
         for r, adj in zip(mine, stats.holm([r["test_acc_diff_p"] for r in mine]), strict=True):
@@ -626,7 +484,10 @@ def _gradient_words(row: dict[str, Any]) -> list[str]:
     if not v:
         return []
     ratio = f"max/min block-output gradient ratio {r:.3g}" if math.isfinite(r) else "gradient ratio undefined"
-    return [f"Gradient flow at initialisation: {v} ({ratio})."]
+    return [
+        f"Gradient flow at initialisation, at this model's depth ({row['model']}): {v} ({ratio}); "
+        "other depths are in the decision table."
+    ]
 
 
 def _f(x: Any) -> float:
@@ -821,21 +682,31 @@ def build_report(
             f"{out} has results.jsonl but no run folders under {out / RUNS_DIR}; a report regenerates from the "
             "run folders, so copy them back or point at the original results folder"
         )
-    target = float(target_acc if target_acc is not None else (grid or {}).get("target_acc", 0.9))
-    if not 0.0 < target <= 1.0:
-        raise UsageError(f"--target-acc must be a fraction in (0, 1], e.g. 0.9, got {target}")
+    cells = sorted(set(grid_cells(grid)) | set(runs)) if grid else sorted(runs)
+    models_all = list(dict.fromkeys([*((grid or {}).get("models") or []), *(c.model for c in cells)]))
+    targets = _targets(target_acc, grid, runs, models_all)
     method = method or (grid or {}).get("interval", "t")
     if method not in stats.METHODS:
         raise UsageError(f"--interval must be one of {', '.join(stats.METHODS)}, got {method!r}")
-    cells = sorted(set(grid_cells(grid)) | set(runs)) if grid else sorted(runs)
-    records = [run_record(runs[c], target, out) for c in cells if c in runs]
-    rows = summarize_all(records, grid, target, method, level)
+    if method == "bootstrap":
+        n_min = min((sum(1 for c in runs if c.model == m and c.technique == BASELINE) for m in models_all), default=0)
+        if n_min < stats.BOOTSTRAP_MIN_N:
+            raise UsageError(
+                f"--interval bootstrap needs at least {stats.BOOTSTRAP_MIN_N} seeds per technique to hold its "
+                f"level (its 95% interval covers about 74% of the time at 3 seeds, 83% at 5); this grid has "
+                f"{n_min}: use --interval t"
+            )
+    records = [run_record(runs[c], targets[c.model], out) for c in cells if c in runs]
+    rows = summarize_all(records, grid, targets, method, level)
+    probe_entries = read_probe_entries(dirs)
     init_probe = read_init_probe(dirs)
     for row in rows:
         e = init_probe.get((row["model"], row["technique"]))
         row["init_grad_ratio"] = _f(e.get("grad_ratio")) if e else math.nan
         row["init_grad_verdict"] = e.get("verdict") if e else None
     missing = _describe_missing(cells, runs)
+    timing = _read_json(out / TIMING_FILE)
+    decisions = decide(grid, runs, timing, targets)
 
     # Derived files first: they are the machine-readable truth the report is drawn from.
     results_jsonl = out / "results.jsonl"
@@ -847,6 +718,8 @@ def build_report(
     for row in rows:
         w.writerow({k: _csv_value(row.get(k)) for k in SUMMARY_COLUMNS})
     atomic_write_text(summary_csv, buf.getvalue())
+    decisions_json = out / DECISIONS_FILE
+    atomic_write_text(decisions_json, json.dumps([decision_record(d) for d in decisions], indent=1) + "\n")
 
     from reslab import plots  # matplotlib only when drawing
 
@@ -857,6 +730,8 @@ def build_report(
     lvl = f"{round(100 * level)}%"
     title = f"reslab comparison: {out.name}"
     doc.h(1, title)
+    _decision_section(doc, decisions, grid, probe_entries, timing)
+    doc.h(2, "Settings")
     doc.ul(_settings(grid, runs))
     method_words = (
         "Student's t distribution over seeds"
@@ -868,7 +743,9 @@ def build_report(
         f"by seed (seed k sees the same data order and augmentation in every technique). Speed-ups are "
         f"geometric means of baseline time / technique time over the seeds where both reached the target. "
         f"p-values are two-sided paired t-tests; 'p (Holm)' adjusts them for comparing several techniques with "
-        f"one baseline (Holm-Bonferroni). Target: {100 * target:.1f}% validation accuracy."
+        f"one baseline (Holm-Bonferroni). Target validation accuracy: "
+        + ", ".join(f"{m} {stats.fmt_pct(t, 1)}" for m, t in targets.items())
+        + "."
     )
     n_done = sum(1 for c in cells if c in runs and runs[c].finished)
     if missing:
@@ -879,6 +756,7 @@ def build_report(
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     for model in models:
+        target = targets.get(model, math.nan)
         mrows = [r for r in rows if r["model"] == model]
         suffix = f" ({model})" if len(models) > 1 else ""
         doc.h(2, f"Verdict{suffix}")
@@ -894,6 +772,7 @@ def build_report(
                 "runs (ok/div/open)",
                 "test acc % (mean ± sd)",
                 f"{lvl} CI",
+                "IQM %",
                 "best val acc %",
                 "AUC val acc %",
                 "diff vs baseline (pp)",
@@ -907,6 +786,7 @@ def build_report(
                     f"{r['completed']}/{r['diverged']}/{r['unfinished']}",
                     f"{_fmt(_f(r['test_acc_mean']) * 100)} ± {_fmt(_f(r['test_acc_std']) * 100)}",
                     _fmt_ci(r, "test_acc", 100),
+                    _fmt(_f(r["test_acc_iqm"]) * 100) if math.isfinite(_f(r["test_acc_iqm"])) else "n/a (n < 4)",
                     _fmt(_f(r["best_val_acc_mean"]) * 100),
                     _fmt(_f(r["auc_mean"]) * 100),
                     "-" if r["technique"] == BASELINE else _fmt(_f(r["test_acc_diff"]) * 100, "+.2f"),
@@ -1072,14 +952,237 @@ def build_report(
     return ReportFiles(results_jsonl, summary_csv, report_md, report_html, figures, missing)
 
 
+def _targets(
+    target_acc: float | str | None, grid: dict[str, Any] | None, runs: dict[Cell, RunData], models: Sequence[str]
+) -> dict[str, float]:
+    """Per-model validation-accuracy target: the option, the grid's, or 'auto' (see decisions)."""
+    raw = target_acc if target_acc is not None else (grid or {}).get("target_acc", 0.9)
+    if isinstance(raw, str) and raw.strip().lower() == "auto":
+        return {m: auto_target(runs, m) for m in models}
+    try:
+        target = float(raw)
+    except (TypeError, ValueError):
+        target = -1.0
+    if not 0.0 < target <= 1.0:
+        raise UsageError(f"--target-acc must be a fraction in (0, 1], e.g. 0.9, or 'auto', got {raw!r}")
+    return dict.fromkeys(models, target)
+
+
+def _git_commit() -> str | None:
+    """The commit of the reslab source tree, when it is a git checkout (None otherwise)."""
+    import subprocess
+
+    src = Path(__file__).resolve().parent
+    try:
+        res = subprocess.run(
+            ["git", "-C", str(src), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if res.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."], capture_output=True, text=True)
+    return res.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+_LABEL = {"better": "**better**", "worse": "**worse**", "equivalent": "**equivalent**", "undecided": "undecided"}
+
+
+def _decision_section(
+    doc: Doc,
+    decisions: Sequence[Decision],
+    grid: dict[str, Any] | None,
+    probe_entries: Sequence[dict[str, Any]],
+    timing: dict[str, Any],
+) -> None:
+    """The report's first section: what to do, per model and technique, and how sure it is."""
+    commit = _git_commit()
+    doc.p(
+        f"Written by reslab {__version__}"
+        + (f" (git {commit})" if commit else "")
+        + (f"; grid trained by reslab {grid.get('reslab')}" if grid and grid.get("reslab") else "")
+        + "."
+    )
+    doc.h(2, "Decision")
+    if not decisions:
+        doc.p("No technique has paired runs with baseline yet, so nothing is decided.")
+        return
+    d0 = decisions[0]
+    doc.table(
+        [
+            "model",
+            "technique",
+            "decision",
+            "test acc. difference, pp [interval]",
+            "seeds",
+            "P(beats baseline in a seed)",
+            "detectable diff., pp",
+            "params / FLOPs",
+            "time per step",
+            "gradients at init",
+            "recommendation",
+        ],
+        [
+            [
+                d.model,
+                d.technique,
+                _LABEL[d.decision] + (f" ({d.why_open})" if d.why_open else ""),
+                (f"{pp(d.look.mean)} [{pp(d.look.low)}, {pp(d.look.high)}]" if d.look else "n/a"),
+                f"{d.seeds}"
+                + (f" of {d.max_seeds}" if d.sequential else "")
+                + (f" ({d.diverged} diverged)" if d.diverged else ""),
+                (
+                    f"{d.p_better.estimate:.2f} [{d.p_better.low:.2f}, {d.p_better.high:.2f}]"
+                    if d.p_better and d.p_better.defined
+                    else "n/a"
+                ),
+                pp(d.look.mdd, sign=False) if d.look else "n/a",
+                f"{_fmt(d.params_ratio, '.3f')}x / {_fmt(d.flops_ratio, '.3f')}x",
+                (f"{d.step[0]:.2f}x [{d.step[1]:.2f}, {d.step[2]:.2f}]" if d.step else "n/a"),
+                gradient_verdict(probe_entries, d.technique),
+                d.recommendation,
+            ]
+            for d in decisions
+        ],
+    )
+    plan_words = (
+        f"seeds were added one round at a time ({d0.max_seeds} at most) and a technique stopped as soon as it was "
+        f"decided; each look's interval is built at a two-sided level of {d0.nominal:.4f} (Pocock-type constant "
+        f"level, found by simulating the paired t statistic over the planned looks), so that the intervals of "
+        f"all looks hold together with probability {1 - d0.alpha:.0%} (repeated confidence intervals, Jennison & "
+        f"Turnbull 1989)"
+        if d0.sequential
+        else f"every seed was trained (no sequential stopping), so the interval is a plain paired t interval at "
+        f"{1 - d0.alpha:.0%}"
+    )
+    doc.p(
+        "How to read this: the difference is technique minus baseline in final test accuracy, paired by seed "
+        f"(seed k sees the same data order and augmentation in every technique); {plan_words}. Decisions: "
+        f"better / worse when the whole interval lies above / below 0, equivalent when it lies within "
+        f"+-{100 * d0.margin:.2g} pp (the margin), otherwise undecided. The chance of any wrong decision per row "
+        f"is at most {d0.alpha:g} (for normally distributed differences; checked by simulation in reslab's tests). "
+        "A diverged run counts at chance level (a constant prediction of the most frequent test class). "
+        "'Detectable diff.' is the smallest true difference these seeds would detect with 80% power at the "
+        "observed spread. P(beats baseline in a seed) is the share of paired seeds the technique won, with an "
+        "exact Clopper-Pearson 95% interval. Params / FLOPs are ratios to baseline; time per step is the "
+        "median ratio to baseline in a dedicated interleaved timing pass (reslab.timing; range over rounds), not "
+        "the grid's own runs, which shared the CPU. Gradients at init: reslab.probe's verdict and max/min "
+        "block-output gradient ratio at each depth measured (the grid's models and 56 and 110 layers at width 1)."
+    )
+    conv = [d for d in decisions if d.convergence]
+    if conv:
+        doc.h(3, "Convergence")
+        doc.table(
+            [
+                "model",
+                "technique",
+                "target (val acc)",
+                "reached (technique / baseline)",
+                "median epochs to target (technique / baseline)",
+                "speed-up in epochs [interval]",
+                "speed-up in time",
+            ],
+            [
+                [
+                    d.model,
+                    d.technique,
+                    f"{100 * d.convergence['target']:.1f}%" if math.isfinite(d.convergence["target"]) else "n/a",
+                    f"{d.convergence['reached']}/{d.convergence['of']} / {d.convergence['base_reached']}/"
+                    f"{d.convergence['of']}",
+                    f"{_fmt(d.convergence['epochs_median'])} / {_fmt(d.convergence['base_epochs_median'])}",
+                    (
+                        f"{d.convergence['speedup']:.2f}x [{d.convergence['low']:.2f}, {d.convergence['high']:.2f}]: "
+                        f"{d.convergence['label']}"
+                        if math.isfinite(d.convergence["speedup"])
+                        else d.convergence["label"]
+                    ),
+                    (
+                        f"{d.convergence['speedup'] / d.step[0]:.2f}x"
+                        if d.step and math.isfinite(d.convergence["speedup"])
+                        else "n/a"
+                    ),
+                ]
+                for d in conv
+            ],
+        )
+        doc.p(
+            "Epochs to target are read off the validation evaluations (several per epoch when the grid sets "
+            "evals_per_epoch), so they have sub-epoch resolution. The speed-up is baseline's epochs over the "
+            "technique's, a geometric mean over the seeds where both reached the target, with an interval at the "
+            "same per-look level as the decision; 'speed-up in time' divides it by the step-time ratio."
+        )
+
+
+#: the decision table, machine-readable (one object per model x technique)
+DECISIONS_FILE = "decisions.json"
+
+
+def decision_record(d: Decision) -> dict[str, Any]:
+    """One decisions.json object (JSON has no NaN: missing numbers are null)."""
+    lk = d.look
+    rec = {
+        "model": d.model,
+        "technique": d.technique,
+        "decision": d.decision,
+        "open_because": d.why_open or None,
+        "seeds": d.seeds,
+        "max_seeds": d.max_seeds,
+        "sequential": d.sequential,
+        "alpha": d.alpha,
+        "margin": d.margin,
+        "per_look_level": d.nominal,
+        "diff_mean": lk.mean if lk else None,
+        "diff_low": lk.low if lk else None,
+        "diff_high": lk.high if lk else None,
+        "detectable_diff": lk.mdd if lk else None,
+        "p_better": d.p_better.estimate if d.p_better else None,
+        "p_better_low": d.p_better.low if d.p_better else None,
+        "p_better_high": d.p_better.high if d.p_better else None,
+        "diverged": d.diverged,
+        "params_ratio": d.params_ratio,
+        "flops_ratio": d.flops_ratio,
+        "step_time_ratio": d.step[0] if d.step else None,
+        "convergence": d.convergence,
+        "recommendation": d.recommendation,
+    }
+    return _json_safe(rec)
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    return v
+
+
+def read_probe_entries(dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    """Init-probe entries (technique, depth, width, verdict, grad_ratio) of the first folder that
+    has them, in reslab.probe's format (results folders of reslab 0.1 have no depth: skipped)."""
+    for d in dirs:
+        data = _read_json(d / PROBE_FILE)
+        res = data.get("results")
+        if isinstance(res, list) and res:
+            return [e for e in res if isinstance(e, dict) and "technique" in e and "depth" in e]
+    return []
+
+
 def read_init_probe(dirs: Sequence[Path]) -> dict[tuple[str, str], dict[str, Any]]:
-    """(model, technique) -> entry of the first probe-init.json found in ``dirs``."""
+    """(model, technique) -> init-probe entry at that model, from the first probe-init.json found
+    (reslab.probe's format, or the ``entries`` list of results folders written by reslab 0.1)."""
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for d in dirs:
         data = _read_json(d / PROBE_FILE)
-        for e in data.get("entries", []) if isinstance(data.get("entries"), list) else []:
-            if isinstance(e, dict) and "model" in e and "technique" in e:
-                out.setdefault((str(e["model"]), str(e["technique"])), e)
+        if isinstance(data.get("entries"), list):
+            items = [e for e in data["entries"] if isinstance(e, dict) and "model" in e and "technique" in e]
+        else:
+            items = []
+            widths = {float((_read_json(d / GRID_FILE).get("train") or {}).get("width", 1.0))}
+            for e in data.get("results", []) if isinstance(data.get("results"), list) else []:
+                if isinstance(e, dict) and "depth" in e and float(e.get("width", 1.0)) in widths:
+                    items.append({**e, "model": f"resnet{int(e['depth'])}", "blocks": e.get("num_blocks")})
+        for e in items:
+            out.setdefault((str(e["model"]), str(e["technique"])), e)
     return out
 
 

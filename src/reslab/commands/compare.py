@@ -1,12 +1,19 @@
-"""Train a grid of techniques x seeds (x models) and report which technique converges faster
-and ends better than baseline, with confidence intervals.
+"""Compare residual techniques with baseline and decide, per model, whether each is better,
+worse or equivalent (within a margin), with intervals that stay honest at a few seeds.
 
-With no options it runs the 'quick' preset (baseline, scale, norm, fusion on a Fashion-MNIST
-subset with a small ResNet-8, 4 epochs, 3 seeds: 12 runs, about 290 CPU-seconds shared by 2
-processes). '--preset paper' runs resnet20/56/110 with every technique, full data, 5 seeds (for
-a GPU). Giving any grid or training option without --preset starts from the training engine's
-defaults instead (resnet20, full data); '--preset quick --epochs 6' changes one setting of a
-preset.
+With no options it runs the 'quick' preset: baseline, scale, norm and fusion on a shallow
+ResNet-8 and a deep ResNet-56 (quarter width, a Fashion-MNIST subset, 2 epochs), adding seeds
+(3 to 5) until each technique is decided, in about 6 minutes on a 2-core CPU. '--preset
+paper' runs resnet20/56/110 with every technique on full data (for a GPU). Any grid or
+training option without --preset starts a custom grid from the training engine's defaults
+(resnet20, full data, fixed seeds); '--preset quick --epochs 3' changes one setting of a
+preset. The header states the preset, the grid and an estimated time before training.
+
+Sequential seeds (--until-decided, the presets' default): seeds are added one round at a
+time; a technique stops when its repeated confidence interval for the difference in final
+test accuracy lies above 0 (better), below 0 (worse) or inside +-margin (equivalent), or
+when --max-seeds or --budget is reached (undecided). The chance of any wrong decision is
+at most --alpha however many rounds are looked at.
 
 Re-running the same command resumes: finished runs are kept, interrupted ones continue from
 their checkpoints. '--shard i/n' trains every n-th run, for n machines sharing one --out.
@@ -39,8 +46,10 @@ _TRAIN_OPTIONS: dict[str, dict[str, Any]] = {
     "val_size": {"type": int, "help": "validation images held out of train (0 = use the test set)"},
     "probe_every": {"type": int, "metavar": "K", "help": "record per-block gradient norms every K steps (0 = off)"},
     "device": {"help": "auto, cpu, cuda or cuda:N"},
+    "test_subset": {"type": int, "help": "test on a fixed N-image part of the test split"},
+    "evals_per_epoch": {"type": int, "help": "validation evaluations per epoch (time-to-target resolution)"},
 }
-_GRID_OPTIONS = ("models", "techniques", "seeds", "target_acc")
+_GRID_OPTIONS = ("models", "techniques", "seeds", "target_acc", "until_decided", "max_seeds", "margin", "alpha")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +64,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", "--model", dest="models", help="model(s), comma-separated, e.g. resnet20,resnet56")
     parser.add_argument("--techniques", help="comma-separated techniques or 'all' (baseline is always included)")
     parser.add_argument("--seeds", help="N (seeds 0..N-1) or a comma-separated list, e.g. 0,1,2")
-    parser.add_argument("--target-acc", type=float, help="validation accuracy for time-to-target, e.g. 0.9")
+    parser.add_argument(
+        "--target-acc", help="validation accuracy for time-to-target, e.g. 0.9, or 'auto' (99%% of baseline's final)"
+    )
+    parser.add_argument(
+        "--until-decided",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="add seeds until each technique is decided (default in the presets; --seeds is then the first look)",
+    )
+    parser.add_argument("--max-seeds", type=int, help="most seeds a sequential comparison may use (default 6)")
+    parser.add_argument(
+        "--margin", type=float, help="equivalence margin in percentage points of test accuracy (default 0.5)"
+    )
+    parser.add_argument("--alpha", type=float, help="chance of any wrong decision per comparison (default 0.05)")
+    parser.add_argument(
+        "--budget", help="wall-time budget for training, e.g. 30m or 2h; then undecided techniques stop"
+    )
     parser.add_argument("--out", "-o", help="results folder (default: results/PRESET or results/compare)")
     parser.add_argument("--jobs", "-j", type=int, help="runs trained at once, in processes (cores are shared)")
     parser.add_argument("--shard", metavar="I/N", help="train only the I-th of N deterministic parts of the grid")
@@ -73,6 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, kw in _TRAIN_OPTIONS.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **kw)
     parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    parser.add_argument(
+        "--no-probe", action="store_true", help="skip the gradient-flow probe at initialisation (depths 56 and 110)"
+    )
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress output")
 
 
@@ -95,29 +123,40 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def parse_duration(text: str) -> float:
+    """'90', '90s', '15m', '2h', '1h30m' -> seconds."""
+    import re
+
+    m = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text)
+    if not text.strip() or m is None or not any(m.groups()):
+        raise UsageError(f"--budget takes a duration like 90s, 15m, 2h or 1h30m, got {text!r}")
+    h, mi, sec = (float(g) if g else 0.0 for g in m.groups())
+    total = 3600 * h + 60 * mi + sec
+    if total <= 0:
+        raise UsageError(f"--budget must be positive, got {text!r}")
+    return total
+
+
 def build_grid(args: argparse.Namespace) -> tuple[Any, int, str]:
     """(Grid, jobs, out) from the options: preset or engine defaults < --config < options < --set."""
     from reslab.compare import PRESETS, Grid, resolve_techniques
     from reslab.config import parse_assignments, read_config_file
+    from reslab.sequential import Plan
 
     explicit_train = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k) is not None}
-    custom = bool(explicit_train or args.config or args.set or any(getattr(args, k) for k in _GRID_OPTIONS))
+    grid_given = any(getattr(args, k) is not None for k in _GRID_OPTIONS)
+    custom = bool(explicit_train or args.config or args.set or grid_given or args.budget)
     preset_name = args.preset or (None if custom else "quick")
     if preset_name:
         p = PRESETS[preset_name]
-        base: dict[str, Any] = {
-            "models": list(p["models"]),
-            "techniques": list(p["techniques"]),
-            "seeds": list(p["seeds"]),
-            "target_acc": p["target_acc"],
-            "train": dict(p["train"]),
-            "jobs": p["jobs"],
-        }
+        base: dict[str, Any] = {**p, "train": dict(p["train"])}
     else:
         base = {
             "models": ["resnet20"],
             "techniques": ["baseline", "scale", "norm", "fusion"],
             "seeds": [0, 1, 2],
+            "sequential": None,
+            "budget_s": None,
             "target_acc": 0.9,
             "train": {},
             "jobs": 1,
@@ -134,16 +173,68 @@ def build_grid(args: argparse.Namespace) -> tuple[Any, int, str]:
     if not models:
         raise UsageError("--models is empty; give e.g. --models resnet20")
     techniques = resolve_techniques(_split(args.techniques) if args.techniques else base["techniques"])
-    seeds = parse_seeds(args.seeds) if args.seeds else base["seeds"]
-    target = args.target_acc if args.target_acc is not None else base["target_acc"]
-    if not 0.0 < target <= 1.0:
-        raise UsageError(f"--target-acc is a fraction in (0, 1], e.g. 0.9, got {target}")
-    grid = Grid(models, techniques, seeds, train, target, args.interval, preset_name if not custom else None)
+    target = _target(args.target_acc, base["target_acc"])
+
+    # sequential plan: the preset's, switched on or off and adjusted by the options
+    seq = dict(base["sequential"]) if base["sequential"] else None
+    until = args.until_decided if args.until_decided is not None else seq is not None
+    if until:
+        seq = seq or {"min_seeds": 3, "max_seeds": 6, "step": 1, "alpha": 0.05, "margin": 0.005}
+        if args.seeds:
+            first = parse_seeds(args.seeds)
+            if first != list(range(len(first))):
+                raise UsageError(
+                    "with --until-decided, --seeds is the number of seeds of the first look, e.g. --seeds 3"
+                )
+            seq["min_seeds"] = len(first)
+        if args.max_seeds is not None:
+            seq["max_seeds"] = args.max_seeds
+        if args.margin is not None:
+            seq["margin"] = args.margin / 100
+        if args.alpha is not None:
+            seq["alpha"] = args.alpha
+        seq["max_seeds"] = max(seq["max_seeds"], seq["min_seeds"])
+        try:
+            plan = Plan(**seq)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        seeds = list(range(plan.max_seeds))
+    else:
+        if args.max_seeds is not None or args.margin is not None or args.alpha is not None:
+            raise UsageError("--max-seeds, --margin and --alpha belong to --until-decided; add it, or drop them")
+        seq = None
+        seeds = parse_seeds(args.seeds) if args.seeds else list(base["seeds"])[: 3 if preset_name else None]
+    budget = parse_duration(args.budget) if args.budget else base.get("budget_s")
+    grid = Grid(
+        models,
+        techniques,
+        seeds,
+        train,
+        target,
+        args.interval,
+        preset_name if not custom else None,
+        sequential=seq,
+        budget_s=budget,
+    )
     if preset_name and custom:
         grid.preset = f"{preset_name} (modified)"
     jobs = args.jobs if args.jobs is not None else base["jobs"]
     out = args.out or f"results/{preset_name or 'compare'}"
     return grid, jobs, out
+
+
+def _target(text: str | None, default: float | str) -> float | str:
+    if text is None:
+        return default
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        target = float(text)
+    except ValueError:
+        target = -1.0
+    if not 0.0 < target <= 1.0:
+        raise UsageError(f"--target-acc is a fraction in (0, 1], e.g. 0.9, or 'auto', got {text!r}")
+    return target
 
 
 def run(args: argparse.Namespace) -> int:
@@ -154,13 +245,29 @@ def run(args: argparse.Namespace) -> int:
     shard = parse_shard(args.shard)
     progress = not args.quiet
     if progress:
+        plan = grid.plan()
+        seeds = (
+            f"seeds added until decided ({plan.min_seeds} to {plan.max_seeds}, alpha {plan.alpha:g}, "
+            f"margin +-{100 * plan.margin:g} pp)"
+            if plan
+            else f"seeds {', '.join(map(str, grid.seeds))}"
+        )
         print(
-            f"compare: {', '.join(grid.models)} x {', '.join(grid.techniques)} x seeds "
-            f"{', '.join(map(str, grid.seeds))}" + (f" [preset {grid.preset}]" if grid.preset else ""),
+            f"compare: {'preset ' + grid.preset if grid.preset else 'custom grid'}: {', '.join(grid.models)} x "
+            f"{', '.join(grid.techniques)} ({len(grid.models) * len(grid.techniques)} model x technique pairs); "
+            f"{seeds}" + (f"; training budget {fmt_duration(grid.budget_s)}" if grid.budget_s else ""),
             file=sys.stderr,
         )
     try:
-        res = run_grid(grid, out, jobs=jobs, shard=shard, progress=progress, report=not args.no_report)
+        res = run_grid(
+            grid,
+            out,
+            jobs=jobs,
+            shard=shard,
+            progress=progress,
+            report=not args.no_report,
+            probe_init=not args.no_probe,
+        )
     except KeyboardInterrupt:
         print(
             f"reslab compare: interrupted; finished runs are kept, re-run the same command to resume ({out})",
@@ -172,6 +279,11 @@ def run(args: argparse.Namespace) -> int:
         f"{len(res.ran)} runs trained ({len(res.diverged)} diverged), {len(res.skipped)} already finished, "
         f"{len(res.failed)} failed; wall-clock {fmt_duration(wall)}"
     )
+    if res.budget_spent:
+        print(
+            f"training budget of {fmt_duration(grid.budget_s)} reached: techniques still undecided stopped "
+            f"adding seeds; re-run the same command to continue them"
+        )
     if res.report is not None:
         if res.report.missing:
             print(f"incomplete grid: {len(res.report.missing)} runs missing or unfinished (see the report)")
