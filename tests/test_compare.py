@@ -101,10 +101,10 @@ def test_tiny_grid_end_to_end_with_shards_and_jobs(tmp_path: Path) -> None:
     md = (out / "report.md").read_text()
     # gradient flow at init, measured once for every technique by reslab.probe
     assert rows[0]["init_grad_verdict"] == "healthy" and float(rows[0]["init_grad_ratio"]) >= 1.0
-    # ... at the grid's model and at 56 and 110 layers (width 1), in reslab.probe's format
+    # ... at the grid's model and at 56 and 110 layers (the grid's width), in reslab.probe's format
     probe = json.loads((out / "probe-init.json").read_text())
     assert {(e["technique"], e["depth"], e["width"]) for e in probe["results"]} == {
-        (t, d, w) for t in ("baseline", "scale") for d, w in ((8, 0.25), (56, 1.0), (110, 1.0))
+        (t, d, 0.25) for t in ("baseline", "scale") for d in (8, 56, 110)
     }
     assert "healthy at 8 layers at width 0.25" in md
     assert "Complete grid: all 4 runs finished" in md and "scale: Accuracy:" in md
@@ -265,7 +265,7 @@ def test_presets_and_custom_grids() -> None:
     assert grid.plan() is None and grid.seeds == [0, 1, 2]  # fixed seeds unless --until-decided
     # a preset with one setting changed keeps the rest of the preset
     grid, _, _ = build_grid(parse(["compare", "--preset", "quick", "--epochs", "6", "--set", "lr=0.05"]))
-    assert grid.train["epochs"] == 6 and grid.train["lr"] == 0.05 and grid.train["train_subset"] == 3000
+    assert grid.train["epochs"] == 6 and grid.train["lr"] == 0.05 and grid.train["train_subset"] == 2000
     assert grid.preset == "quick (modified)"
     # seed-major order: a grid stopped early still has complete paired seeds
     assert [c.seed for c in grid.cells()[:4]] == [0, 0, 0, 0]
@@ -349,3 +349,21 @@ def test_quick_preset_includes_a_deep_model_and_decides_sequentially() -> None:
     depths = [2 * len(residual_blocks(build_model(m))) + 2 for m in quick["models"]]
     assert max(depths) >= 56 and min(depths) <= 20
     assert quick["sequential"]["min_seeds"] >= 3 and quick["budget_s"] is not None
+
+
+def test_estimate_flags_a_long_cpu_grid_and_progress_prints_lines_off_a_terminal(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from reslab.compare import LONG_RUN_S, Estimator, Outcomes, _GridProgress, estimate_lines
+
+    grid = Grid(["resnet20"], ["baseline", "scale"], [0, 1, 2], {"epochs": 15})
+    # 0.15 s a step, as the timing pass measures resnet20 at batch 128 on this 2-core CPU
+    timing = {"steps": {"resnet20/baseline": [0.15] * 3, "resnet20/scale": [0.155] * 3}}
+    est = Estimator(grid, timing, n_train=55_000, n_eval=15 * 5000 + 10_000)
+    total, words = estimate_lines(grid, est, Outcomes(), jobs=1, overhead_s=0.0)
+    steps = 55_000 // 128 * 15
+    assert total == pytest.approx(3 * (0.15 + 0.155) * (steps + 85_000 / (3 * 128)))
+    assert total > LONG_RUN_S and words.startswith("estimated time")
+    prog = _GridProgress(enabled=True, every=0.0)  # pytest's stderr is not a terminal
+    prog.update(10.0, 100.0, "2 runs done")
+    assert "compare: 2 runs done; about 1m30s left" in capsys.readouterr().err

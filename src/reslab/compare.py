@@ -60,10 +60,10 @@ from reslab.timing import measure_step_times, step_seconds
 #:
 #: ``quick`` (what ``reslab compare`` runs with no options) asks the article's question where
 #: it can be answered on a 2-core CPU in about 6 minutes: a shallow ResNet-8 and a deep
-#: ResNet-56, both at quarter width (4/8/16 channels), on a fixed 3,000-image Fashion-MNIST
-#: subset for 2 epochs, validated 4 times per epoch on 500 held-out images, tested on 5,000
-#: test images. Seeds are added until each technique is decided (3 to 5 seeds) within a
-#: 4-minute training budget.
+#: ResNet-56, both at quarter width (4/8/16 channels), on a fixed 2,000-image Fashion-MNIST
+#: subset for 2 epochs, validated twice per epoch on 500 held-out images, tested on a fixed
+#: 2,000 test images. Seeds are added until each technique is decided (3 to 5 seeds) within a
+#: 5-minute budget.
 #: ``paper`` is the full study, for a GPU machine.
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {
@@ -71,17 +71,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "techniques": ["baseline", "scale", "norm", "fusion"],
         "seeds": [0, 1, 2, 3, 4],
         "sequential": {"min_seeds": 3, "max_seeds": 5, "step": 1, "alpha": 0.05, "margin": 0.005},
-        "budget_s": 240.0,
+        "budget_s": 300.0,
         "target_acc": "auto",
         "train": {
             "dataset": "fashion-mnist",
             "epochs": 2,
             "width": 0.25,
-            "train_subset": 3000,
+            "train_subset": 2000,
             "val_size": 500,
-            "test_subset": 5000,
+            "test_subset": 2000,
             "batch_size": 64,
-            "evals_per_epoch": 4,
+            "evals_per_epoch": 2,
         },
         "jobs": 2,
     },
@@ -484,7 +484,12 @@ class Estimator:
     evaluations at the cost of a forward pass, a third of a step per image), corrected by the
     ratio measured on the runs that have finished."""
 
-    def __init__(self, grid: Grid, timing: dict[str, Any], n_train: int, n_eval: int) -> None:
+    #: how much slower each of several CPU workers runs than one alone: two 1-thread workers on
+    #: the 2-vCPU reference machine trained resnet56 at 173 img/s each against 360 img/s alone
+    #: (benchmarks/README.md); refined by the runs that finish
+    PARALLEL_CPU_SLOWDOWN = 2.0
+
+    def __init__(self, grid: Grid, timing: dict[str, Any], n_train: int, n_eval: int, jobs: int = 1) -> None:
         st = grid.shared_settings()
         self.batch = int(st["batch_size"])
         self.epochs = int(st["epochs"])
@@ -492,6 +497,9 @@ class Estimator:
         self.eval_images = n_eval
         self.timing = timing
         self.measured: list[float] = []  # actual / predicted of finished runs
+        self.prior = (
+            self.PARALLEL_CPU_SLOWDOWN if jobs > 1 and not str(grid.train.get("device", "")).startswith("cuda") else 1.0
+        )
 
     def predicted(self, cell: Cell) -> float:
         step = step_seconds(self.timing, cell.model, cell.technique) or step_seconds(self.timing, cell.model, BASELINE)
@@ -500,7 +508,7 @@ class Estimator:
         return step * (self.steps + self.eval_images / (3 * self.batch))
 
     def seconds(self, cell: Cell) -> float:
-        factor = statistics.median(self.measured) if self.measured else 1.0
+        factor = statistics.median(self.measured) if self.measured else self.prior
         return self.predicted(cell) * factor
 
     def observe(self, cell: Cell, elapsed_s: float) -> None:
@@ -560,7 +568,7 @@ def run_grid(
     timing = _timing_if_needed(grid, results, ds, threads, prog)
     settings = grid.shared_settings()
     n_train, n_eval = _image_counts(settings, ds)
-    est = Estimator(grid, timing, n_train, n_eval)
+    est = Estimator(grid, timing, n_train, n_eval, jobs)
     all_cells = grid.cells()
     outcomes = Outcomes.read(results, all_cells)
     for c in all_cells:
@@ -732,22 +740,18 @@ def _run_parallel(
 
 # -- measurements before training --------------------------------------------------------
 
-#: depths the init probe always covers besides the grid's models, at the standard width 1:
-#: where the article's claims about depth are decided
+#: depths the init probe always covers besides the grid's models: where the article's claims
+#: about depth are decided, however shallow the grid's own models are
 PROBE_DEPTHS = (56, 110)
 
 
 def probe_targets(grid: Grid) -> list[tuple[int, float]]:
-    """(depth, width) pairs the init probe covers: the grid's CIFAR-style models at the grid's
-    width, and :data:`PROBE_DEPTHS` at width 1."""
+    """(depth, width) pairs the init probe covers: the grid's CIFAR-style models and
+    :data:`PROBE_DEPTHS`, all at the grid's width (gradient growth with depth shows at any width;
+    at width 0.25 a depth-110 probe costs a sixteenth of width 1's)."""
     width = float(grid.shared_settings()["width"])
-    out: list[tuple[int, float]] = []
-    for m in grid.models:
-        d = _cifar_depth(m)
-        if d is not None:
-            out.append((d, width))
-    out += [(d, 1.0) for d in PROBE_DEPTHS]
-    return list(dict.fromkeys(out))
+    depths = [d for m in grid.models if (d := _cifar_depth(m)) is not None]
+    return [(d, width) for d in sorted({*depths, *PROBE_DEPTHS})]
 
 
 def _cifar_depth(model: str) -> int | None:
@@ -763,8 +767,8 @@ def _cifar_depth(model: str) -> int | None:
 
 def probe_at_init(grid: Grid, results: Path, batches: int = 1, batch_size: int = 64) -> Path:
     """Gradient flow at initialisation of every technique at the grid's models and at depths
-    56 and 110, by :func:`reslab.probe.run_probe`, into ``PROBE_FILE`` in the probe's own
-    format (``{"config", "results"}``, each result with its ``width``).
+    56 and 110 (at the grid's width), by :func:`reslab.probe.run_probe`, into ``PROBE_FILE`` in
+    the probe's own format (``{"config", "results"}``, each result with its ``width``).
 
     It costs a forward and backward pass per batch and model. Errors are recorded in the
     file rather than stopping the grid, since the training results do not depend on it.
@@ -806,8 +810,9 @@ def _probe_if_needed(grid: Grid, results: Path, prog: _GridProgress) -> None:
     want = {(t, d, w) for d, w in probe_targets(grid) for t in grid.techniques}
     if want <= have:
         return
-    depths = ", ".join(str(d) for d, _ in probe_targets(grid))
-    prog.line(f"compare: measuring gradient flow at initialisation at depths {depths} (reslab.probe)")
+    targets = probe_targets(grid)
+    depths = ", ".join(str(d) for d, _ in targets)
+    prog.line(f"compare: measuring gradient flow at initialisation at depths {depths}, width {targets[0][1]:g}")
     probe_at_init(grid, results)
 
 

@@ -468,12 +468,7 @@ def verdict(row: dict[str, Any], level: float = 0.95) -> list[str]:
         cost.append(f"{100 * (row['params_ratio'] - 1):+.1f}% parameters")
     if math.isfinite(_f(row["flops_ratio"])):
         cost.append(f"{100 * (row['flops_ratio'] - 1):+.1f}% FLOPs")
-    tr = _f(row["throughput_ratio"])
-    if math.isfinite(tr):
-        iv = _iv(row, "throughput_ratio")
-        ci = f" ({lvl} CI {iv.low:.2f}-{iv.high:.2f})" if iv.defined else ""
-        cost.append(f"training throughput {tr:.2f}x baseline's{ci}")
-    if cost:
+    if cost:  # time per step: the decision table and Cost section, from the dedicated timing pass
         out.append("Cost: " + ", ".join(cost) + ".")
     out += _gradient_words(row)
     return out
@@ -874,7 +869,15 @@ def build_report(
 
         doc.h(2, f"Cost{suffix}")
         doc.table(
-            ["technique", "parameters", "vs baseline", "FLOPs / image", "vs baseline", "train images/s", "vs baseline"],
+            [
+                "technique",
+                "parameters",
+                "vs baseline",
+                "FLOPs / image",
+                "vs baseline",
+                "time per training step (timing pass)",
+                "vs baseline [range over rounds]",
+            ],
             [
                 [
                     r["technique"],
@@ -882,17 +885,17 @@ def build_report(
                     "-" if r["technique"] == BASELINE else _fmt(r["params_ratio"], ".3f") + "x",
                     f"{int(r['flops']):,}" if r["flops"] else "n/a",
                     "-" if r["technique"] == BASELINE else _fmt(r["flops_ratio"], ".3f") + "x",
-                    _fmt(r["images_per_s"], ".0f"),
-                    "-"
-                    if r["technique"] == BASELINE
-                    else f"{_fmt(r['throughput_ratio'])}x {_fmt_ci(r, 'throughput_ratio')}",
+                    _step_ms(timing, model, r["technique"]),
+                    "-" if r["technique"] == BASELINE else _step_ratio_text(timing, model, r["technique"]),
                 ]
                 for r in mrows
             ],
         )
         doc.p(
-            "FLOPs count convolutions and matrix products for one image (a multiply-add is 2). Images/s is the "
-            "median training throughput over epochs (first epoch left out when there are more than two)."
+            "FLOPs count convolutions and matrix products for one image (a multiply-add is 2). Step times come from "
+            "the dedicated timing pass (reslab.timing: every technique's training steps interleaved, nothing else "
+            "running, the workers' thread count); the grid's own runs shared the CPU, so their throughput "
+            "(summary.csv, images_per_s) is not a cost figure."
         )
         grad_series = {
             t: [gradient_ratios(run.gradients)[:2] for run in by_tech.get(t, []) if run.gradients] for t in order
@@ -966,6 +969,20 @@ def _targets(
     if not 0.0 < target <= 1.0:
         raise UsageError(f"--target-acc must be a fraction in (0, 1], e.g. 0.9, or 'auto', got {raw!r}")
     return dict.fromkeys(models, target)
+
+
+def _step_ms(timing: dict[str, Any], model: str, technique: str) -> str:
+    from reslab.timing import step_seconds
+
+    v = step_seconds(timing, model, technique)
+    return "n/a" if v is None else f"{1000 * v:.1f} ms"
+
+
+def _step_ratio_text(timing: dict[str, Any], model: str, technique: str) -> str:
+    from reslab.timing import step_ratio
+
+    r = step_ratio(timing, model, technique)
+    return "n/a" if r is None else f"{r[0]:.3f}x [{r[1]:.3f}, {r[2]:.3f}]"
 
 
 def _git_commit() -> str | None:
@@ -1067,7 +1084,8 @@ def _decision_section(
         "exact Clopper-Pearson 95% interval. Params / FLOPs are ratios to baseline; time per step is the "
         "median ratio to baseline in a dedicated interleaved timing pass (reslab.timing; range over rounds), not "
         "the grid's own runs, which shared the CPU. Gradients at init: reslab.probe's verdict and max/min "
-        "block-output gradient ratio at each depth measured (the grid's models and 56 and 110 layers at width 1)."
+        "block-output gradient ratio at each depth measured (the grid's models and 56 and 110 layers, at the grid's "
+        "width)."
     )
     conv = [d for d in decisions if d.convergence]
     if conv:

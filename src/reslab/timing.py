@@ -34,7 +34,7 @@ def measure_step_times(
     width: float = 1.0,
     technique_args: dict[str, Any] | None = None,
     rounds: int = 3,
-    steps: int = 2,
+    steps: int = 1,
     threads: int = 1,
     seed: int = 0,
 ) -> dict[str, Any]:
