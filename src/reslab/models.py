@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from reslab.blocks import BasicBlock, Bottleneck, ResidualBlock, projection
+from reslab.blocks import BasicBlock, Bottleneck, ResidualBlock, block_normalizes_input, projection
 from reslab.techniques import Technique, get_technique
 
 
@@ -88,8 +88,9 @@ class ResNet(nn.Module):
             self.conv1 = nn.Conv2d(in_channels, stem_width, 3, stride=1, padding=1, bias=False)
         else:
             self.conv1 = nn.Conv2d(in_channels, stem_width, 7, stride=2, padding=3, bias=False)
-        # Pre-activation nets normalize at the start of each block instead of in the stem.
-        self.bn1 = nn.Identity() if tech.preact else tech.norm(stem_width)
+        # Blocks that normalize their own input (pre-activation) need no norm in the stem.
+        prenorm = block_normalizes_input(tech)
+        self.bn1 = nn.Identity() if prenorm else tech.norm(stem_width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
 
@@ -121,8 +122,8 @@ class ResNet(nn.Module):
                 index += 1
             self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
         self.num_stages = len(layers)
-        # Pre-activation blocks leave their output un-normalized: finish with BN-ReLU.
-        self.final_norm = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True)) if tech.preact else None
+        # Such blocks leave their output un-normalized: finish with BN-ReLU.
+        self.final_norm = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True)) if prenorm else None
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(channels, num_classes)
         self.num_features = channels

@@ -21,6 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reslab.errors import UsageError
+from reslab.folding import FOLD_DTYPE, MergeFold, bn_affine, fold_is_current, scalar
+
 if TYPE_CHECKING:  # pragma: no cover
     from reslab.blocks import ResidualBlock
 
@@ -110,6 +113,17 @@ class Technique:
         """Combine branch output and shortcut, before the block's final activation."""
         return branch + shortcut
 
+    def fold_merge(self, block: ResidualBlock, channels: int) -> MergeFold:
+        """The eval-mode :meth:`merge` of ``block`` as ``gain * F + coef * s + shift``, in float64.
+
+        ``reslab fuse`` folds this into the block's convolutions, so it must equal
+        :meth:`merge` exactly in eval mode (``channels`` = block output channels). The
+        default describes the plain merge ``F + s``; a technique that overrides
+        :meth:`merge` must override this too, or ``fuse`` refuses it (see
+        :func:`merge_fold`).
+        """
+        return MergeFold()
+
     def init_block(self, block: ResidualBlock, num_blocks: int) -> None:
         """Apply the technique's init rule after the generic (He) init of the block.
 
@@ -138,6 +152,27 @@ class Technique:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def check_foldable(technique: Technique) -> None:
+    """Raise a :class:`~reslab.errors.UsageError` if ``fold_merge`` does not describe ``merge``.
+
+    A subclass that overrides ``merge`` but inherits ``fold_merge`` would be folded as its
+    parent's merge: that is an error naming the method to write, not a silently wrong model.
+    """
+    cls = type(technique)
+    if not fold_is_current(technique, "merge", "fold_merge"):
+        raise UsageError(
+            f"cannot fuse technique {technique.name!r} ({cls.__name__}): it overrides merge() but not "
+            f"fold_merge(); define {cls.__name__}.fold_merge(block, channels) returning a "
+            "reslab.folding.MergeFold(gain, coef, shift) equal to its eval-mode merge"
+        )
+
+
+def merge_fold(technique: Technique, block: ResidualBlock, channels: int) -> MergeFold:
+    """``technique.fold_merge(block, channels)``, after :func:`check_foldable`."""
+    check_foldable(technique)
+    return technique.fold_merge(block, channels)
 
 
 _REGISTRY: dict[str, type[Technique]] = {}
@@ -205,6 +240,9 @@ class ResidualScaling(Technique):
     def merge(self, block: ResidualBlock, branch: Tensor, shortcut: Tensor) -> Tensor:
         return add_scaled(branch, block.scale, shortcut)
 
+    def fold_merge(self, block: ResidualBlock, channels: int) -> MergeFold:
+        return MergeFold(coef=scalar(block.scale))
+
 
 @register
 class ResidualNormalization(Technique):
@@ -219,6 +257,11 @@ class ResidualNormalization(Technique):
     def merge(self, block: ResidualBlock, branch: Tensor, shortcut: Tensor) -> Tensor:
         # The BN output is not saved for its backward, so the add can reuse its storage.
         return block.residual_norm(branch - shortcut).add_(branch)
+
+    def fold_merge(self, block: ResidualBlock, channels: int) -> MergeFold:
+        # F + a (F - s) + b = (1 + a) F - a s + b, with BN(x) = a x + b per channel.
+        a, b = bn_affine(block.residual_norm)
+        return MergeFold(gain=1 + a, coef=-a, shift=b)
 
 
 @register
@@ -239,6 +282,16 @@ class FeatureFusion(Technique):
         return fused_concat_conv1x1(
             branch, shortcut, block.feature_fusion.weight, block.feature_fusion.bias, add_identity=True
         )
+
+    def fold_merge(self, block: ResidualBlock, channels: int) -> MergeFold:
+        # F + W [F; s] + b = (I + W_F) F + W_s s + b: two channel-mixing matrices.
+        ff = block.feature_fusion
+        if type(ff) is not nn.Conv2d or tuple(ff.kernel_size) != (1, 1) or ff.groups != 1:
+            raise UsageError("cannot fuse a feature_fusion layer that is not a plain 1x1 conv")
+        w = ff.weight.detach().to(FOLD_DTYPE).reshape(channels, 2 * channels)
+        b = ff.bias.detach().to(FOLD_DTYPE) if ff.bias is not None else 0.0
+        eye = torch.eye(channels, dtype=FOLD_DTYPE, device=w.device)
+        return MergeFold(gain=eye + w[:, :channels], coef=w[:, channels:].clone(), shift=b)
 
 
 def fused_concat_conv1x1(
@@ -277,6 +330,9 @@ class SkipInit(Technique):
     def merge(self, block: ResidualBlock, branch: Tensor, shortcut: Tensor) -> Tensor:
         return add_scaled(shortcut, block.alpha, branch)
 
+    def fold_merge(self, block: ResidualBlock, channels: int) -> MergeFold:
+        return MergeFold(gain=scalar(block.alpha))
+
 
 @register
 class LayerScale(Technique):
@@ -295,6 +351,9 @@ class LayerScale(Technique):
 
     def merge(self, block: ResidualBlock, branch: Tensor, shortcut: Tensor) -> Tensor:
         return add_scaled(shortcut, block.gamma, branch)
+
+    def fold_merge(self, block: ResidualBlock, channels: int) -> MergeFold:
+        return MergeFold(gain=block.gamma.detach().to(FOLD_DTYPE).reshape(-1))
 
     def __repr__(self) -> str:
         return f"LayerScale(init_value={self.init_value:g})"
@@ -318,6 +377,11 @@ class FixupBias(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x + self.bias
 
+    def fold_affine(self, channels: int) -> tuple[Tensor, Tensor]:
+        """This layer as ``scale * x + shift`` per channel, in float64 (for ``reslab fuse``)."""
+        b = scalar(self.bias)
+        return torch.ones(channels, dtype=FOLD_DTYPE, device=b.device), b.expand(channels)
+
 
 class FixupScaleBias(nn.Module):
     """A learnable scalar multiplier and bias at the end of a Fixup branch."""
@@ -330,6 +394,10 @@ class FixupScaleBias(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return torch.addcmul(self.bias, x, self.scale)
 
+    def fold_affine(self, channels: int) -> tuple[Tensor, Tensor]:
+        """This layer as ``scale * x + shift`` per channel, in float64 (for ``reslab fuse``)."""
+        return scalar(self.scale).expand(channels), scalar(self.bias).expand(channels)
+
 
 class BiasedConv2d(nn.Conv2d):
     """A conv whose input is shifted by a learnable scalar first (Fixup's pre-conv bias)."""
@@ -340,6 +408,10 @@ class BiasedConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x + self.input_bias)
+
+    def fold_input_shift(self) -> float:
+        """The constant this conv adds to its input first (for ``reslab fuse``)."""
+        return float(scalar(self.input_bias))
 
 
 @register
