@@ -188,17 +188,37 @@ def register(cls: type[Technique]) -> type[Technique]:
     return cls
 
 
+def registered(cls: type[Technique]) -> bool:
+    """Whether ``cls`` itself is in the registry."""
+    return _REGISTRY.get(cls.name) is cls
+
+
+def _load_plugins() -> None:
+    # Techniques from outside the package (reslab.plugins): RESLAB_IMPORT modules and the
+    # reslab.techniques entry points, loaded only when they are needed.
+    from reslab.plugins import load_all
+
+    load_all()
+
+
 def list_techniques() -> list[str]:
-    """Names of every registered technique, in registration order."""
+    """Names of every registered technique (plugins included), in registration order."""
+    _load_plugins()
     return list(_REGISTRY)
 
 
 def technique_class(name: str) -> type[Technique]:
+    """The technique class registered as ``name``, looking in the plugins when it is not found."""
+    if name not in _REGISTRY:
+        _load_plugins()
     try:
         return _REGISTRY[name]
     except KeyError:
         valid = ", ".join(_REGISTRY)
-        raise ValueError(f"unknown technique {name!r}; valid techniques: {valid}") from None
+        raise ValueError(
+            f"unknown technique {name!r}; valid techniques: {valid} (a technique from another module loads with "
+            "--import MODULE or the reslab.techniques entry point)"
+        ) from None
 
 
 def get_technique(technique: str | Technique, **kwargs: Any) -> Technique:
