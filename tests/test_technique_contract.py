@@ -284,3 +284,32 @@ def test_a_fresh_process_finds_plugins_in_the_current_directory_and_installed_pa
     # Without the option the module in the current directory is not imported.
     proc = subprocess.run([*cmd, "half_cwd"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown technique 'half_cwd'" in proc.stderr and "--import" in proc.stderr
+
+
+def test_the_readme_technique_example_runs_as_written(
+    registry,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
+    fashion,
+) -> None:
+    """README's HalfShortcut, saved as mymodule.py, trains and fuses with ``--import mymodule``."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("A new technique is one small class") :]
+    code = section[section.index("```python\n") + len("```python\n") :]
+    code = code[: code.index("```")]
+    assert "mymodule.py" in section and "reslab train --import mymodule --technique half" in section
+    (tmp_path / "mymodule.py").write_text(code)
+    monkeypatch.chdir(tmp_path)  # --import searches the current directory
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    request.addfinalizer(lambda: sys.modules.pop("mymodule", None))
+    tiny = ["--model", "resnet8", "--width", "0.25", "--epochs", "1", "--train-subset", "256", "--val-size", "200"]
+    run_cli(["train", "--import", "mymodule", "--technique", "half", "--out", "runs/half", "-q", *tiny], capsys)
+    run_cli(["fuse", "--import", "mymodule", "runs/half", "--out", "half.safetensors"], capsys)
+    # The fused model computes the trained one's logits.
+    meta = read_metadata(tmp_path / "runs/half/model.safetensors")
+    model = load_model(tmp_path / "runs/half/model.safetensors").eval()
+    x = (fashion.test_x[:16].float() / 255.0 - meta["mean"][0]) / meta["std"][0]
+    with torch.no_grad():
+        assert rel_err(model(x), load_predictor(tmp_path / "half.safetensors").logits(x)) < REL_TOL
