@@ -4,8 +4,11 @@ A residual block (see :mod:`reslab.blocks`) computes a branch and a shortcut and
 both to its technique's :meth:`Technique.merge`. A technique is a small stateless object:
 it adds its parameters to the block (under the attribute names the source article uses,
 so the article's state dicts load as they are), decides the merge, and where it must, the
-branch's normalization layers and the initialisation. Adding a technique means one class
-here and one :func:`register` call; it then works in both block kinds and every model.
+branch's normalization layers and the initialisation, and states its merge's eval-mode
+algebra (:meth:`Technique.fold_merge`) so that ``reslab fuse`` can fold it into plain
+convolutions. Adding a technique means one class and one :func:`register` call, here or
+in any module (loaded with ``--import MODULE`` or the ``reslab.techniques`` entry point,
+see :mod:`reslab.plugins`); it then works in both block kinds, every model and command.
 
 The merges are written for speed: one fused op where the arithmetic allows (``addcmul``
 for the scalar and per-channel gains), and the multi-scale fusion computes its 1x1 conv on
