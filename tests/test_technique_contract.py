@@ -313,3 +313,13 @@ def test_the_readme_technique_example_runs_as_written(
     x = (fashion.test_x[:16].float() / 255.0 - meta["mean"][0]) / meta["std"][0]
     with torch.no_grad():
         assert rel_err(model(x), load_predictor(tmp_path / "half.safetensors").logits(x)) < REL_TOL
+
+
+def test_a_broken_plugin_is_one_line_naming_it(
+    registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_distribution(tmp_path, "reslab_broken_plugin", "reslab_module_that_is_not_there", "broken")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["models"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'broken'" in err and plugins.ENTRY_POINT_GROUP in err and "uninstall" in err
