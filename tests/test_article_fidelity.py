@@ -1,120 +1,99 @@
-"""reslab's blocks against the source article's own classes, transcribed as written.
+"""reslab's blocks against an independent reference of the source article's blocks.
 
-The article (../shared/seed/000_329cfd8a0b8212dc.txt) gives one ``ResidualBlock`` class per
-technique. They are copied here line by line (only the class names differ) as the
-independent reference: our BasicBlock with ``conv_bias=True`` must accept each class's
-state dict strictly and compute the same function in train and eval mode.
+The reference below is written for this test from what the article states, not from its
+code: each block has a branch ``F = bn2(conv2(relu(bn1(conv1(x)))))`` of 3x3 convs with a
+bias (PyTorch's default ``bias=True``), the shortcut ``s`` is ``x`` or, when the shape
+changes, a projection, and a ReLU follows the merge. The three techniques differ only in
+the merge and the parameter they add to the block, under the article's names:
+
+* ``scale``: ``F + scale * s``, ``scale = nn.Parameter(torch.ones(1))``;
+* ``norm``: ``F + residual_norm(F - s)``, ``residual_norm = BatchNorm2d(C)``;
+* ``fusion``: ``F + feature_fusion(cat[F, s])``, ``feature_fusion = Conv2d(2C, C, 1)`` with a bias.
+
+reslab's BasicBlock with ``conv_bias=True`` must load the reference's state dict strictly
+(same keys, same order, same shapes) and compute the same outputs, gradients and BN
+statistics in train and eval mode. The mutation test shows the comparison would catch a
+wrong formula or a misplaced ReLU: each plausible mistake, written into the reference,
+makes it disagree with reslab.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn as nn
+from torch import Tensor
 
 from reslab import BasicBlock
 
+Merge = Callable[[nn.Module, Tensor, Tensor], Tensor]
 
-class ArticleBaseline(nn.Module):
-    def __init__(self, in_channels, out_channels, stride=1, downsample=None):
+# The article's merges, F = branch output, s = shortcut.
+MERGES: dict[str, Merge] = {
+    "baseline": lambda blk, f, s: f + s,
+    "scale": lambda blk, f, s: f + blk.scale * s,
+    "norm": lambda blk, f, s: f + blk.residual_norm(f - s),
+    "fusion": lambda blk, f, s: f + blk.feature_fusion(torch.cat([f, s], dim=1)),
+}
+
+# Plausible ways to get each merge wrong; the reference must tell every one from reslab.
+MUTANTS: dict[str, dict[str, Merge]] = {
+    "baseline": {"no shortcut": lambda blk, f, s: f, "difference": lambda blk, f, s: f - s},
+    "scale": {
+        "scale ignored": lambda blk, f, s: f + s,
+        "scale on the branch": lambda blk, f, s: blk.scale * f + s,
+    },
+    "norm": {
+        "reversed difference": lambda blk, f, s: f + blk.residual_norm(s - f),
+        "shortcut kept": lambda blk, f, s: s + blk.residual_norm(f - s),
+    },
+    "fusion": {
+        "swapped concatenation": lambda blk, f, s: f + blk.feature_fusion(torch.cat([s, f], dim=1)),
+        "shortcut kept": lambda blk, f, s: s + blk.feature_fusion(torch.cat([f, s], dim=1)),
+    },
+}
+
+
+class ReferenceBlock(nn.Module):
+    """One article block: ``relu(merge(F, s))`` (``relu_after=False``: ``merge(relu(F), s)``, a mutant)."""
+
+    def __init__(
+        self,
+        technique: str,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        merge: Merge | None = None,
+        relu_after: bool = True,
+    ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1)
+        # Registration order decides the state-dict order, which must be the article's.
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=True)
         self.bn1 = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=True)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.downsample = downsample
+        if technique == "scale":
+            self.scale = nn.Parameter(torch.ones(1))
+        elif technique == "norm":
+            self.residual_norm = nn.BatchNorm2d(out_channels)
+        elif technique == "fusion":
+            self.feature_fusion = nn.Conv2d(2 * out_channels, out_channels, 1, bias=True)
+        self.merge = merge or MERGES[technique]
+        self.relu_after = relu_after
 
-    def forward(self, x):
-        identity = x
-        out = self.conv1(x)
-        out = self.bn1(out)
-        out = self.relu(out)
-        out = self.conv2(out)
-        out = self.bn2(out)
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += identity
-        out = self.relu(out)
-        return out
-
-
-class ArticleScale(nn.Module):
-    def __init__(self, in_channels, out_channels, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.downsample = downsample
-        self.scale = nn.Parameter(torch.ones(1))
-
-    def forward(self, x):
-        identity = x
-        out = self.conv1(x)
-        out = self.bn1(out)
-        out = self.relu(out)
-        out = self.conv2(out)
-        out = self.bn2(out)
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += self.scale * identity
-        out = self.relu(out)
-        return out
+    def forward(self, x: Tensor) -> Tensor:
+        f = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        s = x if self.downsample is None else self.downsample(x)
+        if not self.relu_after:
+            return self.merge(self, torch.relu(f), s)
+        return torch.relu(self.merge(self, f, s))
 
 
-class ArticleNorm(nn.Module):
-    def __init__(self, in_channels, out_channels, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.downsample = downsample
-        self.residual_norm = nn.BatchNorm2d(out_channels)
-
-    def forward(self, x):
-        identity = x
-        out = self.conv1(x)
-        out = self.bn1(out)
-        out = self.relu(out)
-        out = self.conv2(out)
-        out = self.bn2(out)
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += self.residual_norm(out - identity)
-        out = self.relu(out)
-        return out
-
-
-class ArticleFusion(nn.Module):
-    def __init__(self, in_channels, out_channels, stride=1, downsample=None):
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.downsample = downsample
-        self.feature_fusion = nn.Conv2d(out_channels * 2, out_channels, kernel_size=1, stride=1, padding=0)
-
-    def forward(self, x):
-        identity = x
-        out = self.conv1(x)
-        out = self.bn1(out)
-        out = self.relu(out)
-        out = self.conv2(out)
-        out = self.bn2(out)
-        if self.downsample is not None:
-            identity = self.downsample(x)
-        out += self.feature_fusion(torch.cat([out, identity], dim=1))
-        out = self.relu(out)
-        return out
-
-
-ARTICLE = {"baseline": ArticleBaseline, "scale": ArticleScale, "norm": ArticleNorm, "fusion": ArticleFusion}
+TECHNIQUES = list(MERGES)
 
 
 def _randomize(module: nn.Module, gen: torch.Generator) -> None:
@@ -134,13 +113,13 @@ def _projection(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
 
 
-@pytest.mark.parametrize("technique", list(ARTICLE))
+@pytest.mark.parametrize("technique", TECHNIQUES)
 @pytest.mark.parametrize("cin,cout,stride", [(8, 8, 1), (8, 16, 2)], ids=["identity", "projection"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_block_matches_article_class(technique: str, cin: int, cout: int, stride: int, channels_last: bool) -> None:
     gen = torch.Generator().manual_seed(0)
     down = _projection(cin, cout, stride) if stride != 1 or cin != cout else None
-    ref = ARTICLE[technique](cin, cout, stride, down)
+    ref = ReferenceBlock(technique, cin, cout, stride, down)
     _randomize(ref, gen)
     ours = BasicBlock(
         cin,
@@ -181,8 +160,37 @@ def test_block_matches_article_class(technique: str, cin: int, cout: int, stride
         assert torch.allclose(b1.float(), b2.float(), atol=1e-6), n1
 
 
-@pytest.mark.parametrize("technique", list(ARTICLE))
+@pytest.mark.parametrize("technique", TECHNIQUES)
 def test_article_parameter_names(technique: str) -> None:
-    ref = ARTICLE[technique](4, 4)
+    ref = ReferenceBlock(technique, 4, 4)
     ours = BasicBlock(4, 4, technique=technique, conv_bias=True)
     assert list(ref.state_dict()) == list(ours.state_dict())
+
+
+@pytest.mark.parametrize("technique", TECHNIQUES)
+@pytest.mark.parametrize("cin,cout,stride", [(8, 8, 1), (8, 16, 2)], ids=["identity", "projection"])
+def test_every_mutant_of_the_reference_disagrees_with_reslab(technique: str, cin: int, cout: int, stride: int) -> None:
+    """The comparison above is sensitive: a wrong formula or a misplaced ReLU would fail it."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(6, cin, 10, 10, generator=gen)
+    cases = [(label, merge, True) for label, merge in MUTANTS[technique].items()]
+    cases.append(("ReLU on the branch instead of after the merge", MERGES[technique], False))
+    for label, merge, relu_after in cases:
+        down = _projection(cin, cout, stride) if stride != 1 or cin != cout else None
+        mutant = ReferenceBlock(technique, cin, cout, stride, down, merge=merge, relu_after=relu_after)
+        _randomize(mutant, gen)
+        ours = BasicBlock(
+            cin,
+            cout,
+            stride,
+            downsample=_projection(cin, cout, stride) if down is not None else None,
+            technique=technique,
+            conv_bias=True,
+        )
+        ours.load_state_dict(mutant.state_dict(), strict=True)
+        for train in (True, False):
+            mutant.train(train)
+            ours.train(train)
+            with torch.no_grad():
+                gap = (mutant(x) - ours(x)).abs().max().item()
+            assert gap > 1e-2, f"{technique}: the mutant '{label}' (train={train}) is not told apart"

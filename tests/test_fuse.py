@@ -34,12 +34,21 @@ def images(fashion) -> torch.Tensor:
 
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Move every BN statistic and technique parameter away from its init."""
+    """Move every parameter and buffer away from its init, whatever its name.
+
+    BatchNorms get random statistics and affine parameters. Every other floating-point
+    tensor (a technique's, a conv's, the classifier's): one that still holds a constant
+    init value (0, 1, 1e-6...) becomes that value plus noise on the scale of the larger of
+    the value and 1 (0.3 of it for scalars and per-channel gains, 0.1 for weights with a
+    fan-in, so zero-initialised convs are nonzero and gains take both signs); any other
+    is multiplied by ``1 + 0.2 * noise`` per element.
+    """
     g = torch.Generator().manual_seed(seed)
 
     def rnd(shape: torch.Size) -> torch.Tensor:
         return torch.randn(shape, generator=g)
 
+    done: set[int] = set()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
@@ -47,20 +56,18 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) * 1.5 + 0.5)
                 m.weight.copy_(rnd(m.weight.shape) * 0.4 + 1.0)
                 m.bias.copy_(rnd(m.bias.shape) * 0.3)
-        for name, p in model.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf == "scale" and p.numel() == 1:  # residual scaling and Fixup's multiplier
-                p.copy_(1.0 + 0.3 * rnd(p.shape))
-            elif leaf in ("alpha", "input_bias") or (leaf == "bias" and p.numel() == 1):
-                p.copy_(0.3 * rnd(p.shape))
-            elif leaf == "gamma":  # layerscale, per channel, some negative
-                p.copy_(0.5 * rnd(p.shape))
-            elif "feature_fusion" in name:
-                p.add_(0.2 * rnd(p.shape))
-            elif p.dim() >= 2 and not bool(p.any()):  # Fixup's zero last conv and classifier
-                p.copy_(0.1 * rnd(p.shape))
-            elif leaf == "bias" and not bool(p.any()):  # conv biases start at zero
-                p.copy_(0.1 * rnd(p.shape))
+                done |= {id(m.running_mean), id(m.running_var), id(m.weight), id(m.bias)}
+        tensors = [*model.parameters(), *model.buffers()]
+        for t in tensors:
+            if id(t) in done or not t.is_floating_point() or t.numel() == 0:
+                continue
+            done.add(id(t))
+            first = t.reshape(-1)[0]
+            if bool(torch.all(t == first)):
+                spread = (0.3 if t[0].numel() == 1 else 0.1) * max(abs(float(first)), 1.0)
+                t.copy_(first + spread * rnd(t.shape))
+            else:
+                t.mul_(1.0 + 0.2 * rnd(t.shape))
     return model
 
 
@@ -89,6 +96,29 @@ def shortcut_kinds(model: nn.Module) -> set[str]:
     return {
         "identity" if b.downsample is None else "projection" for b in model.modules() if isinstance(b, ResidualBlock)
     }
+
+
+class Offset(reslab.Technique):
+    """A technique with names no other uses: a learnable per-channel shift and a fixed buffer."""
+
+    name = "test_offset"
+
+    def add_parameters(self, block: nn.Module, channels: int) -> None:
+        block.offset_shift = nn.Parameter(torch.zeros(channels, 1, 1))
+        block.register_buffer("offset_gain", torch.ones(1))
+
+    def merge(self, block, branch, shortcut):  # type: ignore[no-untyped-def]
+        return branch + block.offset_gain * shortcut + block.offset_shift
+
+
+@pytest.mark.parametrize("technique", [*TECHNIQUES, "offset"])
+def test_randomize_moves_every_parameter_and_buffer(technique: str) -> None:
+    tech = Offset() if technique == "offset" else technique
+    model = ResNet(BasicBlock, (1, 1), (4, 8), num_classes=10, in_channels=1, technique=tech, conv_bias=True)
+    before = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    after = randomize(model).state_dict()
+    unmoved = [k for k, v in before.items() if bool(torch.any(v == after[k]))]
+    assert unmoved == []
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -1,10 +1,13 @@
 """reslab: residual techniques for ResNets, measured honestly.
 
-A residual block is branch + shortcut + merge; a *technique* decides the merge::
+A residual block is branch + shortcut + merge; a *technique* decides the merge:
 
-    import reslab
-    model = reslab.build_model("resnet20", technique="scale", num_classes=10, in_channels=1)
-    reslab.list_techniques()  # ['baseline', 'scale', 'norm', 'fusion', ...]
+>>> import reslab
+>>> model = reslab.build_model("resnet20", technique="scale", num_classes=10, in_channels=1)
+>>> reslab.list_techniques()[:4]
+['baseline', 'scale', 'norm', 'fusion']
+>>> reslab.build_model("resnet18").fc.out_features  # ImageNet models: 1,000 classes
+1000
 """
 
 from reslab.blocks import BasicBlock, Bottleneck, DropPath, ResidualBlock, residual_blocks

@@ -105,6 +105,31 @@ class ResidualBlock(nn.Module):
         """The normalization at the end of the branch (absent in pre-activation blocks)."""
         return getattr(self, f"bn{self._branch_depth}")
 
+    # What a reader of the block's structure (the fuser) needs, so that the layer order of
+    # each ordering is written down here only.
+
+    def branch_layers(self) -> list[tuple[nn.Conv2d, nn.Module | None]]:
+        """The branch as ``(conv, norm after it or None)`` pairs, in order.
+
+        A ReLU sits between consecutive pairs. In a pre-activation block the norm at index
+        ``i + 1`` follows conv ``i`` and the last conv has none (``bn1`` normalizes the
+        block input, see :meth:`input_norm`).
+        """
+        convs = self.branch_convs()
+        if self.technique.preact:
+            norms: list[nn.Module | None] = [getattr(self, f"bn{i + 2}") for i in range(len(convs) - 1)]
+            return list(zip(convs, [*norms, None], strict=True))
+        return [(c, getattr(self, f"bn{i + 1}")) for i, c in enumerate(convs)]
+
+    def input_norm(self) -> nn.Module | None:
+        """The norm applied, then a ReLU, to the block input before the branch and a
+        projection shortcut (pre-activation), or None when the input goes in as it is."""
+        return self.bn1 if self.technique.preact else None
+
+    def relu_after_merge(self) -> bool:
+        """Whether a ReLU follows the merge (not in pre-activation blocks)."""
+        return not self.technique.preact
+
     def init_weights(self, num_blocks: int = 1) -> None:
         """Apply the technique's init rule; ``num_blocks`` is the network's block count."""
         if self.zero_init_last:
@@ -229,9 +254,26 @@ class Bottleneck(ResidualBlock):
         return self.conv3(out)
 
 
+def block_normalizes_input(technique: str | Technique) -> bool:
+    """Whether blocks with ``technique`` normalize their own input (pre-activation).
+
+    A network of such blocks needs no norm in its stem and a final norm-ReLU before the
+    pooling, since the last block's output is not normalized.
+    """
+    return get_technique(technique).preact
+
+
 def residual_blocks(model: nn.Module) -> list[tuple[str, ResidualBlock]]:
     """Every residual block of ``model`` with its qualified name, in forward order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ResidualBlock)]
 
 
-__all__ = ["BasicBlock", "Bottleneck", "DropPath", "ResidualBlock", "projection", "residual_blocks"]
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "DropPath",
+    "ResidualBlock",
+    "block_normalizes_input",
+    "projection",
+    "residual_blocks",
+]

@@ -2,7 +2,8 @@
 
 Each sub-command lives in :mod:`reslab.commands` as a module with ``NAME``, ``HELP``,
 ``ORDER``, ``add_arguments(parser)`` and ``run(args) -> int``; this file only finds them
-and turns user errors into one line on stderr and exit status 2.
+and turns user errors into one line on stderr and exit status 2. ``--import MODULE`` (on
+any command) imports a module first, e.g. one defining a technique (:mod:`reslab.plugins`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from reslab import __version__
+from reslab import __version__, plugins
 from reslab.errors import UsageError
 
 
@@ -37,13 +38,27 @@ def _commands() -> list[ModuleType]:
     return sorted((m for m in mods if hasattr(m, "run")), key=lambda m: (m.ORDER, m.NAME))
 
 
+_IMPORT_HELP = (
+    "import MODULE before the command runs, e.g. one that registers a technique (repeatable; the current "
+    "directory is searched too)"
+)
+
+
+def _add_import_option(parser: argparse.ArgumentParser, dest: str) -> None:
+    parser.add_argument("--import", dest=dest, action="append", default=[], metavar="MODULE", help=_IMPORT_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="reslab", description="Residual techniques for ResNets, measured honestly.")
     parser.add_argument("--version", action="version", version=f"reslab {__version__}")
+    # On both levels, under two names: argparse lets a sub-parser's default replace what
+    # the top level parsed into the same name.
+    _add_import_option(parser, "_imports_top")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for mod in _commands():
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.__doc__)
         mod.add_arguments(p)
+        _add_import_option(p, "_imports")
         p.set_defaults(_run=mod.run)
     return parser
 
@@ -54,8 +69,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    imports = [*getattr(args, "_imports_top", []), *getattr(args, "_imports", [])]
     try:
-        return int(args._run(args) or 0)
+        with plugins.imported(imports):
+            return int(args._run(args) or 0)
     except UsageError as e:
         print(f"reslab {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -296,7 +296,11 @@ def _worker_init(threads: int, events: Any) -> None:
     _EVENTS = events
     import torch
 
+    from reslab.plugins import import_from_env
+
     torch.set_num_threads(threads)
+    # A spawned worker is a fresh interpreter: import the modules given with --import too.
+    import_from_env()
 
 
 def _worker(grid: Grid, cell: Cell, results: str, threads: int) -> dict[str, Any]:

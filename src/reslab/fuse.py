@@ -5,37 +5,38 @@ linear in the branch output and the shortcut, so both fold into ordinary convolu
 the way RepVGG folds its branches. :func:`fuse` returns a new, eval-only model whose eval
 outputs equal the original's (up to float rounding; the algebra is done in float64):
 
-* every BatchNorm goes into the conv before it (weights and bias);
-* the merge goes into the branch's last conv and the shortcut:
+The fuser knows no technique. It reads each block's structure from the block
+(:meth:`~reslab.blocks.ResidualBlock.branch_layers`, ``input_norm``, ``relu_after_merge``)
+and each piece's eval-mode algebra from the piece itself (:mod:`reslab.folding`):
 
-  - ``baseline``, ``zero_init``: nothing left but the BN folding;
-  - ``skipinit`` / ``layerscale``: ``alpha`` / ``gamma`` scale the branch's last conv;
-  - ``scale``: into the projection conv; on an identity shortcut a positive scale is
-    pulled through the ReLU (``relu(F + s x) = s relu(F / s + x)``) and carried as a
-    per-channel gain into the next block's first conv and shortcut, and finally into the
-    classifier, so no multiply is left; a scale <= 0 stays as a multiply fused into the
-    residual add (one ``addcmul``, the cost of the plain add);
-  - ``norm``: ``F + BN(F - s) = (1 + a) F - a s + b``: ``(1 + a)`` and ``b`` go into the
-    branch's last conv, ``-a`` into the projection conv, or on an identity shortcut it is
-    carried like ``scale`` (pulled through the ReLU where all its channels are positive,
-    else a per-channel multiply fused into the add);
-  - ``fusion``: the 1x1 conv on ``cat[F, s]`` splits into ``W_F`` and ``W_s``: ``I + W_F``
-    goes into the branch's last conv (a 1x1 after a 3x3 is a 3x3), ``W_s`` into the
-    projection, or becomes a 1x1 conv on an identity shortcut;
-  - ``fixup``: the scalar biases after convs go into conv biases and the multiplier into
-    the last conv. A scalar *input* bias ``conv(x + c)`` is not a constant output shift
-    at the borders of a zero-padded conv, so it is never folded into a bias there: the
-    ReLU before such a conv becomes ``max(z + c, c)`` (an ``nn.Threshold``, the cost of a
-    ReLU), which yields ``x + c`` itself, and the conv keeps its zero padding, exactly as
-    in the original. A 1x1 conv (no padding) takes it as a bias. Only a fused standalone
-    block, whose input comes from outside, keeps an explicit constant pad (``pad(x, -c)``
-    then an unpadded conv), which is exact at the borders too;
-  - ``preact``: BN -> ReLU -> conv. The BNs after a branch conv fold into it. The BN at
-    the start of a block (``bn1``) folds into the previous block's last conv and shortcut
-    when the block doesn't need its raw input (a projection shortcut), and the final BN
-    folds into the last block; otherwise (an identity shortcut needs the raw input as
-    well as ``relu(bn1(x))``) it stays an exact per-channel affine (:class:`ChannelAffine`)
-    before the ReLU.
+* every BatchNorm goes into the conv before it (weights and bias), and so does any norm
+  layer that states itself as ``fold_affine(channels) -> (scale, shift)`` (Fixup's scalar
+  biases and multiplier);
+* the merge, as its technique states it (``Technique.fold_merge``: ``G F + K s + h`` with
+  ``G``, ``K`` per channel or channel-mixing matrices), goes into the branch's last conv
+  (``G``, ``h``) and the shortcut (``K``): into the projection conv; on an identity
+  shortcut, a diagonal ``K`` that is positive is pulled through the ReLU
+  (``relu(F + k x) = k relu(F / k + x)``) and carried as a per-channel gain into the next
+  block's first conv and shortcut, and finally into the classifier, so no multiply is
+  left; any other diagonal ``K`` stays a multiply fused into the residual add (one
+  ``addcmul``, the cost of the plain add); a mixing ``K`` becomes a 1x1 conv accumulated
+  into the branch output. So ``F + scale * s`` with a positive scale leaves a plain
+  ResNet, ``F + BN(F - s) = (1 + a) F - a s + b`` leaves a per-channel multiply on
+  identity shortcuts, and ``F + W[F; s] + b`` leaves ``I + W_F`` in the last conv (a 1x1
+  after a 3x3 is a 3x3) and ``W_s`` on the shortcut;
+* a conv that adds a scalar to its input first (``fold_input_shift()``, Fixup's
+  ``conv(x + c)``) is not a constant output shift at the borders of a zero-padded conv,
+  so it is never folded into a bias there: the ReLU before such a conv becomes
+  ``max(z + c, c)`` (an ``nn.Threshold``, the cost of a ReLU), which yields ``x + c``
+  itself, and the conv keeps its zero padding, exactly as in the original. A 1x1 conv (no
+  padding) takes it as a bias. Only a fused standalone block, whose input comes from
+  outside, keeps an explicit constant pad (``pad(x, -c)`` then an unpadded conv);
+* a block that normalizes its input (pre-activation, ``norm -> ReLU -> conv``): the norms
+  after a branch conv fold into it. The input norm folds into the previous block's last
+  conv and shortcut when the block doesn't need its raw input (a projection shortcut), and
+  the network's final norm folds into the last block; otherwise (an identity shortcut
+  needs the raw input as well as ``relu(norm(x))``) it stays an exact per-channel affine
+  (:class:`ChannelAffine`) before the ReLU.
 
 DropPath is the identity in eval mode and disappears. The fused model has no BatchNorm
 and no technique parameters; for ``baseline``, ``scale`` (positive), ``skipinit``,
@@ -60,15 +61,16 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from reslab import techniques as T
 from reslab.blocks import BasicBlock, Bottleneck, DropPath, ResidualBlock
 from reslab.checkpoint import METADATA_KEY, atomic_write, load_state, read_metadata
 from reslab.errors import UsageError
+from reslab.folding import FOLD_DTYPE, bn_affine, fold_is_current
 from reslab.models import ModelSpec, ResNet
+from reslab.techniques import check_foldable, list_techniques, merge_fold, technique_class
 
 LAYOUT_FORMAT = "reslab-fused"
 LAYOUT_VERSION = 1
-_DT = torch.float64  # fold in double precision, store in the model's dtype
+_DT = FOLD_DTYPE  # fold in double precision, store in the model's dtype
 # A positive shortcut gain carried through ReLUs is kept inside this range, so that the
 # activations it rescales stay far from float32 overflow and underflow.
 _MAX_CARRIED_GAIN = 1e6
@@ -301,43 +303,41 @@ def _conv(m: nn.Conv2d) -> _Conv:
     return _Conv(w, b, tuple(m.stride), tuple(m.padding))  # type: ignore[arg-type]
 
 
-def _bn_affine(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """Eval-mode BN as ``a * x + b`` per channel."""
-    if bn.running_mean is None or bn.running_var is None:
-        raise UsageError(
-            f"cannot fuse {bn}: it has no running statistics (track_running_stats=False normalizes with "
-            "batch statistics even in eval mode); build it with running statistics"
-        )
-    a = torch.rsqrt(bn.running_var.detach().to(_DT) + bn.eps)
-    if bn.weight is not None:
-        a = a * bn.weight.detach().to(_DT)
-    b = -bn.running_mean.detach().to(_DT) * a
-    if bn.bias is not None:
-        b = b + bn.bias.detach().to(_DT)
-    return a, b
+_bn_affine = bn_affine
 
 
 def _fold_norm(cw: _Conv, norm: nn.Module) -> None:
-    """Fold the normalization layer that follows a conv into it."""
-    n = cw.out_channels
+    """Fold the normalization layer that follows a conv into it.
+
+    BatchNorm is folded from its statistics; any other norm layer must describe itself
+    with ``fold_affine(channels) -> (scale, shift)`` (see :mod:`reslab.folding`).
+    """
+    if not isinstance(norm, nn.Identity):
+        cw.scale_out(*_norm_affine(norm, cw.out_channels))
+
+
+def _norm_affine(norm: nn.Module, channels: int) -> tuple[Tensor, Tensor]:
+    """An eval-mode norm layer as ``(scale, shift)`` per channel, in float64."""
     if isinstance(norm, nn.BatchNorm2d):
-        cw.scale_out(*_bn_affine(norm))
-    elif type(norm) is T.FixupBias:
-        cw.bias = cw.bias + _scalar(norm.bias)
-    elif type(norm) is T.FixupScaleBias:
-        cw.scale_out(_scalar(norm.scale).expand(n), _scalar(norm.bias))
-    elif not isinstance(norm, nn.Identity):
-        raise UsageError(f"cannot fuse normalization {type(norm).__name__}")
+        return _bn_affine(norm)
+    if _describes(norm, "fold_affine"):
+        a, b = norm.fold_affine(channels)  # type: ignore[operator]
+        return torch.as_tensor(a, dtype=_DT), torch.as_tensor(b, dtype=_DT)
+    raise UsageError(
+        f"cannot fuse normalization {type(norm).__name__}: give it a fold_affine(channels) method returning "
+        "its eval-mode (scale, shift) per channel"
+    )
 
 
-def _scalar(p: Tensor) -> Tensor:
-    return p.detach().to(_DT).reshape(-1)[0]
+def _describes(m: nn.Module, method: str) -> bool:
+    """Whether ``m`` has ``method`` describing the ``forward`` it really runs."""
+    return callable(getattr(m, method, None)) and fold_is_current(m, "forward", method)
 
 
 def _input_bias(conv: nn.Module) -> float:
-    """Fixup's scalar input bias of a conv (0 for an ordinary conv)."""
-    if type(conv) is T.BiasedConv2d:
-        return float(conv.input_bias.detach().to(_DT).reshape(-1)[0])
+    """The scalar a conv adds to its input before convolving (0 for an ordinary conv)."""
+    if _describes(conv, "fold_input_shift"):
+        return float(conv.fold_input_shift())  # type: ignore[operator]
     return 0.0
 
 
@@ -352,46 +352,31 @@ class _Merge:
 
 
 def _merge_algebra(block: ResidualBlock, channels: int, device: torch.device) -> _Merge:
-    tech = block.technique
-    eye = torch.eye(channels, dtype=_DT, device=device)
-    zero = torch.zeros(channels, dtype=_DT, device=device)
-    kind = type(tech)
-    if kind in (T.Baseline, T.ZeroInit, T.Fixup, T.PreActivation):
-        return _Merge(eye, zero, eye, True)
-    if kind is T.ResidualScaling:
-        return _Merge(eye, zero, eye * _scalar(block.scale), True)
-    if kind is T.ResidualNormalization:
-        a, b = _bn_affine(block.residual_norm)
-        return _Merge(torch.diag(1 + a), b, torch.diag(-a), True)
-    if kind is T.FeatureFusion:
-        ff = block.feature_fusion
-        if type(ff) is not nn.Conv2d or tuple(ff.kernel_size) != (1, 1) or ff.groups != 1:
-            raise UsageError("cannot fuse a feature_fusion layer that is not a plain 1x1 conv")
-        w = ff.weight.detach().to(_DT).reshape(channels, 2 * channels)
-        b = ff.bias.detach().to(_DT) if ff.bias is not None else zero
-        return _Merge(eye + w[:, :channels], b, w[:, channels:].clone(), False)
-    if kind is T.SkipInit:
-        return _Merge(eye * _scalar(block.alpha), zero, eye, True)
-    if kind is T.LayerScale:
-        return _Merge(torch.diag(block.gamma.detach().to(_DT).reshape(-1)), zero, eye, True)
-    raise UsageError(
-        f"cannot fuse technique {tech.name!r} ({kind.__name__}): reslab.fuse knows the merges of "
-        f"{', '.join(_KNOWN_TECHNIQUE_NAMES)}"
-    )
+    """The block technique's :class:`~reslab.folding.MergeFold` as ``(C, C)`` matrices."""
+    fold = merge_fold(block.technique, block, channels)
+    where = f"technique {block.technique.name!r} ({type(block.technique).__name__}).fold_merge"
 
+    def matrix(v: Tensor | float, what: str) -> tuple[Tensor, bool]:
+        t = torch.as_tensor(v, dtype=_DT).to(device)
+        if t.numel() == 1:
+            return torch.eye(channels, dtype=_DT, device=device) * t.reshape(()), True
+        if t.shape == (channels,):
+            return torch.diag(t), True
+        if t.shape == (channels, channels):
+            return t, False
+        raise UsageError(
+            f"{where} gave {what} of shape {tuple(t.shape)}; expected a number, ({channels},) or "
+            f"({channels}, {channels})"
+        )
 
-_KNOWN_TECHNIQUES = (
-    T.Baseline,
-    T.ResidualScaling,
-    T.ResidualNormalization,
-    T.FeatureFusion,
-    T.SkipInit,
-    T.LayerScale,
-    T.ZeroInit,
-    T.Fixup,
-    T.PreActivation,
-)
-_KNOWN_TECHNIQUE_NAMES = tuple(c.name for c in _KNOWN_TECHNIQUES)
+    gain, _ = matrix(fold.gain, "gain")
+    coef, diagonal = matrix(fold.coef, "coef")
+    shift = torch.as_tensor(fold.shift, dtype=_DT).to(device)
+    if shift.numel() == 1:
+        shift = shift.reshape(()).expand(channels)
+    if shift.shape != (channels,):
+        raise UsageError(f"{where} gave a shift of shape {tuple(shift.shape)}; expected a number or ({channels},)")
+    return _Merge(gain, shift, coef, diagonal)
 
 
 def _apply_gain(cw: _Conv, m: _Merge) -> None:
@@ -489,24 +474,14 @@ class _Plan:
 # Blocks.
 
 
-def _branch_layers(block: ResidualBlock) -> tuple[list[nn.Module], list[nn.Module | None]]:
-    """Branch convs and the norm after each (None after the last conv of a preact block)."""
-    convs = block.branch_convs()
-    n = len(convs)
-    if block.technique.preact:
-        # BN at index i + 1 follows conv i (bn1 normalizes the block input).
-        norms: list[nn.Module | None] = [getattr(block, f"bn{i + 2}") for i in range(n - 1)] + [None]
-    else:
-        norms = [getattr(block, f"bn{i + 1}") for i in range(n)]
-    return convs, norms
-
-
 def _fold_branch(block: ResidualBlock, c_in: Tensor, e_in: Tensor, emit: _Emitter) -> _Conv:
     """Fold the branch; emit all but the last conv, return the last conv (still open).
 
     The first conv's input is ``c_in * y + e_in`` per channel.
     """
-    convs, norms = _branch_layers(block)
+    layers = block.branch_layers()
+    convs = [c for c, _ in layers]
+    norms = [n for _, n in layers]
     cw = _conv(convs[0])
     beta0 = _input_bias(convs[0])
     cw.take_input(c_in, e_in + beta0)
@@ -616,12 +591,15 @@ def _fuse_preact_block(block: ResidualBlock, input_normalized: bool, consumer: t
     block's output, or None to output the raw sum.
     """
     branch = _Emitter()
-    c_in = torch.ones(block.conv1.in_channels, dtype=_DT, device=block.conv1.weight.device)
+    first = _first_conv(block)
+    c_in = torch.ones(first.in_channels, dtype=_DT, device=first.weight.device)
     g = _fold_branch(block, c_in, torch.zeros_like(c_in), branch)
     channels = g.out_channels
     merge = _merge_algebra(block, channels, g.weight.device)
     _apply_gain(g, merge)
-    affine = None if input_normalized else _bn_affine(block.bn1)
+    input_norm = block.input_norm()
+    assert input_norm is not None
+    affine = None if input_normalized else _norm_affine(input_norm, first.in_channels)
     shortcut: _Emitter | None = None
     scale: Tensor | None = None
     if block.downsample is not None:
@@ -649,7 +627,7 @@ def _fuse_preact_block(block: ResidualBlock, input_normalized: bool, consumer: t
     branch.conv(g)
     cfg = {
         "preact": True,
-        "pre_affine": block.conv1.in_channels if affine is not None else None,
+        "pre_affine": first.in_channels if affine is not None else None,
         "branch": branch.cfgs,
         "shortcut": shortcut.cfgs[0] if shortcut is not None else None,
         "shortcut_scale": channels if scale is not None else None,
@@ -661,15 +639,14 @@ def _fuse_preact_block(block: ResidualBlock, input_normalized: bool, consumer: t
 # ---------------------------------------------------------------------------------------
 # Validation and the public entry points.
 
-_ALLOWED_MODULES: tuple[type[nn.Module], ...] = (
+# Layers the fuser folds by their type. Exact types: a subclass may compute something else
+# in its forward. Any other layer must describe itself (see reslab.folding).
+_PLAIN_MODULES: tuple[type[nn.Module], ...] = (
     ResNet,
     BasicBlock,
     Bottleneck,
     nn.Conv2d,
-    T.BiasedConv2d,
     nn.BatchNorm2d,
-    T.FixupBias,
-    T.FixupScaleBias,
     nn.ReLU,
     nn.Identity,
     nn.MaxPool2d,
@@ -680,25 +657,52 @@ _ALLOWED_MODULES: tuple[type[nn.Module], ...] = (
 )
 
 
+def _first_conv(block: ResidualBlock) -> nn.Conv2d:
+    return block.branch_layers()[0][0]
+
+
+def _normalizes_input(block: ResidualBlock) -> bool:
+    """Whether ``block`` is pre-activation shaped: ``merge(branch(relu(norm(x))), ...)``, no ReLU after."""
+    prenorm = block.input_norm() is not None
+    if prenorm == block.relu_after_merge():
+        raise UsageError(
+            f"cannot fuse a {type(block).__name__} that "
+            + ("normalizes its input and has a ReLU after the merge" if prenorm else "has no input norm and no ReLU")
+        )
+    return prenorm
+
+
+def _technique_owned(model: nn.Module) -> list[str]:
+    """Qualified names of the modules a technique added to its blocks (its fold_merge reads them)."""
+    owned = []
+    for name, m in model.named_modules():
+        if isinstance(m, ResidualBlock):
+            for attr in m.technique.parameter_names:
+                if isinstance(getattr(m, attr, None), nn.Module):
+                    owned.append(f"{name}.{attr}" if name else attr)
+    return owned
+
+
 def _validate(model: nn.Module) -> None:
+    owned = _technique_owned(model)
     for name, m in model.named_modules():
         if m.training:
             raise UsageError(
                 "fuse needs a model in eval mode (its BN running statistics get folded); call model.eval() first"
             )
-        # Exact types: a subclass may compute something else in its forward.
-        if type(m) not in _ALLOWED_MODULES:
-            where = name or "the model"
-            raise UsageError(
-                f"cannot fuse {where}: module type {type(m).__name__} is unknown to reslab.fuse, which folds only "
-                "reslab's ResNet, BasicBlock and Bottleneck layers; fuse a model built by reslab.build_model"
-            )
+        if any(name == o or name.startswith(o + ".") for o in owned) or type(m) in _PLAIN_MODULES:
+            continue
+        if _describes(m, "fold_affine") or (isinstance(m, nn.Conv2d) and _describes(m, "fold_input_shift")):
+            continue
+        where = name or "the model"
+        raise UsageError(
+            f"cannot fuse {where}: module type {type(m).__name__} is unknown to reslab.fuse, which folds reslab's "
+            "ResNet, BasicBlock and Bottleneck layers and norm layers with a fold_affine(channels) method; fuse a "
+            "model built by reslab.build_model"
+        )
     for _, m in model.named_modules():
-        if isinstance(m, ResidualBlock) and type(m.technique) not in _KNOWN_TECHNIQUES:
-            raise UsageError(
-                f"cannot fuse technique {m.technique.name!r} ({type(m.technique).__name__}): reslab.fuse knows the "
-                f"merges of {', '.join(_KNOWN_TECHNIQUE_NAMES)}"
-            )
+        if isinstance(m, ResidualBlock):
+            check_foldable(m.technique)
     if isinstance(model, ResNet):
         if not isinstance(model.avgpool, nn.AdaptiveAvgPool2d) or model.avgpool.output_size not in ((1, 1), 1):
             raise UsageError("cannot fuse a ResNet whose pooling is not a global average pool")
@@ -737,10 +741,10 @@ def fuse(model: nn.Module) -> nn.Module:
 
 
 def _fuse_standalone(block: ResidualBlock, dtype: torch.dtype, device: torch.device) -> FusedBlock:
-    if block.technique.preact:
+    if _normalizes_input(block):
         plan = _fuse_preact_block(block, input_normalized=False, consumer=None)
     else:
-        ones = torch.ones(block.conv1.in_channels, dtype=_DT, device=device)
+        ones = torch.ones(_first_conv(block).in_channels, dtype=_DT, device=device)
         plan, _, _ = _fuse_plain_block(block, ones, torch.zeros_like(ones), out_shift=0.0, carry=False)
     return plan.build(dtype, device)
 
@@ -751,12 +755,15 @@ def _fuse_resnet(model: ResNet, dtype: torch.dtype, device: torch.device) -> Fus
     for b in blocks:
         if not isinstance(b, ResidualBlock):
             raise UsageError(f"cannot fuse a stage member of type {type(b).__name__}")
-    preact = model.technique.preact
+    prenorm = [_normalizes_input(b) for b in blocks]
+    preact = any(prenorm)
+    if preact and not all(prenorm):
+        raise UsageError("cannot fuse a ResNet mixing pre-activation and post-activation blocks")
     stem = _Emitter()
     cw = _conv(model.conv1)
     _fold_norm(cw, model.bn1)
     # The stem's output is stored shifted by the first block's Fixup input bias, if any.
-    first_shift = 0.0 if preact or not blocks else _input_bias(blocks[0].conv1)
+    first_shift = 0.0 if preact or not blocks else _input_bias(_first_conv(blocks[0]))
     cw.bias = cw.bias + first_shift
     stem.conv(cw)
     if type(model.relu) is not nn.ReLU:
@@ -786,7 +793,9 @@ def _fuse_resnet(model: ResNet, dtype: torch.dtype, device: torch.device) -> Fus
             if nxt is None:
                 consumer = _bn_affine(final[0])
             elif nxt.downsample is not None:
-                consumer = _bn_affine(nxt.bn1)
+                nxt_norm = nxt.input_norm()
+                assert nxt_norm is not None
+                consumer = _norm_affine(nxt_norm, _first_conv(nxt).in_channels)
             else:
                 consumer = None
             normalized = k > 0 and b.downsample is not None
@@ -798,7 +807,7 @@ def _fuse_resnet(model: ResNet, dtype: torch.dtype, device: torch.device) -> Fus
     else:
         for k, b in enumerate(blocks):
             nxt = blocks[k + 1] if k + 1 < len(blocks) else None
-            shift = _input_bias(nxt.conv1) if nxt is not None else 0.0
+            shift = _input_bias(_first_conv(nxt)) if nxt is not None else 0.0
             plan, c, d = _fuse_plain_block(b, c, d, shift, carry=True)
             plans.append(plan)
 
@@ -889,12 +898,16 @@ def load_fused(path: str | Path, device: str | torch.device = "cpu") -> tuple[Fu
 
 
 def technique_leftovers(model: nn.Module) -> list[str]:
-    """Names of BatchNorm modules and technique parameters left in ``model`` (for checks)."""
-    names = {n for c in _KNOWN_TECHNIQUES for n in c.parameter_names} | {"input_bias"}
+    """Names of what no fused model should hold: BatchNorms, layers that describe themselves for
+    folding (a technique's norm or biased conv) and parameters named like any registered
+    technique's (for checks)."""
+    names = {n for t in list_techniques() for n in technique_class(t).parameter_names}
     left = [
         n
         for n, m in model.named_modules()
-        if isinstance(m, (nn.modules.batchnorm._BatchNorm, T.FixupBias, T.FixupScaleBias))
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        or callable(getattr(m, "fold_affine", None))
+        or callable(getattr(m, "fold_input_shift", None))
     ]
     left += [n for n, _ in model.named_parameters() if names & set(n.split("."))]
     return left

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from reslab.blocks import BasicBlock, Bottleneck, ResidualBlock, projection
+from reslab.blocks import BasicBlock, Bottleneck, ResidualBlock, block_normalizes_input, projection
 from reslab.techniques import Technique, get_technique
 
 
@@ -88,8 +88,9 @@ class ResNet(nn.Module):
             self.conv1 = nn.Conv2d(in_channels, stem_width, 3, stride=1, padding=1, bias=False)
         else:
             self.conv1 = nn.Conv2d(in_channels, stem_width, 7, stride=2, padding=3, bias=False)
-        # Pre-activation nets normalize at the start of each block instead of in the stem.
-        self.bn1 = nn.Identity() if tech.preact else tech.norm(stem_width)
+        # Blocks that normalize their own input (pre-activation) need no norm in the stem.
+        prenorm = block_normalizes_input(tech)
+        self.bn1 = nn.Identity() if prenorm else tech.norm(stem_width)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
 
@@ -121,8 +122,8 @@ class ResNet(nn.Module):
                 index += 1
             self.add_module(f"layer{stage + 1}", nn.Sequential(*blocks))
         self.num_stages = len(layers)
-        # Pre-activation blocks leave their output un-normalized: finish with BN-ReLU.
-        self.final_norm = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True)) if tech.preact else None
+        # Such blocks leave their output un-normalized: finish with BN-ReLU.
+        self.final_norm = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True)) if prenorm else None
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.fc = nn.Linear(channels, num_classes)
         self.num_features = channels
@@ -146,16 +147,36 @@ class ResNet(nn.Module):
     def stages(self) -> list[nn.Sequential]:
         return [getattr(self, f"layer{i + 1}") for i in range(self.num_stages)]
 
+    # timm's names: forward_features gives the last feature map (N x num_features x H x W),
+    # forward_head pools it and applies the classifier (or stops before it).
+
     def forward_features(self, x: Tensor) -> Tensor:
+        """The feature map before pooling (after the final norm-ReLU of a pre-activation net)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         for stage in self.stages():
             x = stage(x)
         if self.final_norm is not None:
             x = self.final_norm(x)
-        return self.avgpool(x).flatten(1)
+        return x
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """Global average pool and classifier; ``pre_logits=True`` returns the pooled features."""
+        x = self.avgpool(x).flatten(1)
+        return x if pre_logits else self.fc(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.forward_features(x))
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self) -> nn.Module:
+        """The classifier layer (``fc``, torchvision's name)."""
+        return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the classifier with a new one for ``num_classes`` (fine-tuning)."""
+        self.fc = nn.Linear(self.num_features, num_classes)
+        spec = getattr(self, "spec", None)
+        if isinstance(spec, ModelSpec):
+            self.spec = ModelSpec(spec.name, spec.technique, num_classes, spec.in_channels, dict(spec.options))
 
 
 # ---------------------------------------------------------------------------------------
@@ -172,6 +193,9 @@ IMAGENET_LAYERS: dict[int, tuple[type[BasicBlock] | type[Bottleneck], tuple[int,
     152: (Bottleneck, (3, 8, 36, 3)),
 }
 CIFAR_DEPTHS = (20, 32, 44, 56, 110, 1202)
+#: default classifier sizes: ImageNet's 1,000 classes, or the 10 of CIFAR-10 and Fashion-MNIST.
+IMAGENET_CLASSES = 1000
+CIFAR_CLASSES = 10
 
 
 def register_model(name: str, family: str) -> Callable[[Callable[..., ResNet]], Callable[..., ResNet]]:
@@ -194,7 +218,8 @@ def cifar_resnet(depth: int, **kwargs: Any) -> ResNet:
 
 
 def imagenet_resnet(depth: int, **kwargs: Any) -> ResNet:
-    """torchvision's ImageNet ResNet of depth 18, 34, 50, 101 or 152."""
+    """torchvision's ImageNet ResNet of depth 18, 34, 50, 101 or 152 (1,000 classes unless given)."""
+    kwargs.setdefault("num_classes", IMAGENET_CLASSES)
     if depth not in IMAGENET_LAYERS:
         raise ValueError(f"ImageNet-style ResNet depth must be one of {sorted(IMAGENET_LAYERS)}, got {depth}")
     block, layers = IMAGENET_LAYERS[depth]
@@ -237,16 +262,20 @@ def _constructor(name: str) -> Callable[..., ResNet]:
 def build_model(
     name: str,
     technique: str | Technique = "baseline",
-    num_classes: int = 10,
+    num_classes: int | None = None,
     in_channels: int = 3,
     **options: Any,
 ) -> ResNet:
     """Build a registered model with a technique.
 
-    ``options`` are :class:`ResNet` arguments: ``width``, ``drop_path_rate``,
-    ``zero_init_last``, ``conv_bias``, ``technique_args``.
+    ``num_classes`` defaults to 1,000 for the ImageNet family (as torchvision's, so its
+    weights load as they are) and 10 for the CIFAR family. ``options`` are :class:`ResNet`
+    arguments: ``width``, ``drop_path_rate``, ``zero_init_last``, ``conv_bias``,
+    ``technique_args``.
     """
     ctor = _constructor(name)
+    if num_classes is None:
+        num_classes = IMAGENET_CLASSES if model_family(name) == "imagenet" else CIFAR_CLASSES
     allowed = {"width", "drop_path_rate", "zero_init_last", "conv_bias", "technique_args"}
     unknown = set(options) - allowed
     if unknown:

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from reslab.blocks import residual_blocks
 from reslab.models import ResNet, channels_last_safe, cifar_resnet
+from reslab.plugins import import_from_env
 from reslab.techniques import list_techniques, technique_class
 
 VERDICTS = ("healthy", "vanishing", "exploding", "undefined")
@@ -446,6 +447,8 @@ def _worker_init(threads: int, batches: list[tuple[Tensor, Tensor]]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     _WORKER_BATCHES[:] = batches
+    # A spawned worker is a fresh interpreter: import the modules given with --import too.
+    import_from_env()
 
 
 def _spawn_pool(ctx: Any, processes: int, data: list[tuple[Tensor, Tensor]]) -> Any:

@@ -4,8 +4,11 @@ A residual block (see :mod:`reslab.blocks`) computes a branch and a shortcut and
 both to its technique's :meth:`Technique.merge`. A technique is a small stateless object:
 it adds its parameters to the block (under the attribute names the source article uses,
 so the article's state dicts load as they are), decides the merge, and where it must, the
-branch's normalization layers and the initialisation. Adding a technique means one class
-here and one :func:`register` call; it then works in both block kinds and every model.
+branch's normalization layers and the initialisation, and states its merge's eval-mode
+algebra (:meth:`Technique.fold_merge`) so that ``reslab fuse`` can fold it into plain
+convolutions. Adding a technique means one class and one :func:`register` call, here or
+in any module (loaded with ``--import MODULE`` or the ``reslab.techniques`` entry point,
+see :mod:`reslab.plugins`); it then works in both block kinds, every model and command.
 
 The merges are written for speed: one fused op where the arithmetic allows (``addcmul``
 for the scalar and per-channel gains), and the multi-scale fusion computes its 1x1 conv on
@@ -20,6 +23,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from reslab.errors import UsageError
+from reslab.folding import FOLD_DTYPE, MergeFold, bn_affine, fold_is_current, scalar
 
 if TYPE_CHECKING:  # pragma: no cover
     from reslab.blocks import ResidualBlock
@@ -110,6 +116,17 @@ class Technique:
         """Combine branch output and shortcut, before the block's final activation."""
         return branch + shortcut
 
+    def fold_merge(self, block: ResidualBlock, channels: int) -> MergeFold:
+        """The eval-mode :meth:`merge` of ``block`` as ``gain * F + coef * s + shift``, in float64.
+
+        ``reslab fuse`` folds this into the block's convolutions, so it must equal
+        :meth:`merge` exactly in eval mode (``channels`` = block output channels). The
+        default describes the plain merge ``F + s``; a technique that overrides
+        :meth:`merge` must override this too, or ``fuse`` refuses it (see
+        :func:`merge_fold`).
+        """
+        return MergeFold()
+
     def init_block(self, block: ResidualBlock, num_blocks: int) -> None:
         """Apply the technique's init rule after the generic (He) init of the block.
 
@@ -140,6 +157,27 @@ class Technique:
         return f"{type(self).__name__}()"
 
 
+def check_foldable(technique: Technique) -> None:
+    """Raise a :class:`~reslab.errors.UsageError` if ``fold_merge`` does not describe ``merge``.
+
+    A subclass that overrides ``merge`` but inherits ``fold_merge`` would be folded as its
+    parent's merge: that is an error naming the method to write, not a silently wrong model.
+    """
+    cls = type(technique)
+    if not fold_is_current(technique, "merge", "fold_merge"):
+        raise UsageError(
+            f"cannot fuse technique {technique.name!r} ({cls.__name__}): it overrides merge() but not "
+            f"fold_merge(); define {cls.__name__}.fold_merge(block, channels) returning a "
+            "reslab.folding.MergeFold(gain, coef, shift) equal to its eval-mode merge"
+        )
+
+
+def merge_fold(technique: Technique, block: ResidualBlock, channels: int) -> MergeFold:
+    """``technique.fold_merge(block, channels)``, after :func:`check_foldable`."""
+    check_foldable(technique)
+    return technique.fold_merge(block, channels)
+
+
 _REGISTRY: dict[str, type[Technique]] = {}
 
 
@@ -153,17 +191,37 @@ def register(cls: type[Technique]) -> type[Technique]:
     return cls
 
 
+def registered(cls: type[Technique]) -> bool:
+    """Whether ``cls`` itself is in the registry."""
+    return _REGISTRY.get(cls.name) is cls
+
+
+def _load_plugins() -> None:
+    # Techniques from outside the package (reslab.plugins): RESLAB_IMPORT modules and the
+    # reslab.techniques entry points, loaded only when they are needed.
+    from reslab.plugins import load_all
+
+    load_all()
+
+
 def list_techniques() -> list[str]:
-    """Names of every registered technique, in registration order."""
+    """Names of every registered technique (plugins included), in registration order."""
+    _load_plugins()
     return list(_REGISTRY)
 
 
 def technique_class(name: str) -> type[Technique]:
+    """The technique class registered as ``name``, looking in the plugins when it is not found."""
+    if name not in _REGISTRY:
+        _load_plugins()
     try:
         return _REGISTRY[name]
     except KeyError:
         valid = ", ".join(_REGISTRY)
-        raise ValueError(f"unknown technique {name!r}; valid techniques: {valid}") from None
+        raise ValueError(
+            f"unknown technique {name!r}; valid techniques: {valid} (a technique from another module loads with "
+            "--import MODULE or the reslab.techniques entry point)"
+        ) from None
 
 
 def get_technique(technique: str | Technique, **kwargs: Any) -> Technique:
@@ -205,6 +263,9 @@ class ResidualScaling(Technique):
     def merge(self, block: ResidualBlock, branch: Tensor, shortcut: Tensor) -> Tensor:
         return add_scaled(branch, block.scale, shortcut)
 
+    def fold_merge(self, block: ResidualBlock, channels: int) -> MergeFold:
+        return MergeFold(coef=scalar(block.scale))
+
 
 @register
 class ResidualNormalization(Technique):
@@ -219,6 +280,11 @@ class ResidualNormalization(Technique):
     def merge(self, block: ResidualBlock, branch: Tensor, shortcut: Tensor) -> Tensor:
         # The BN output is not saved for its backward, so the add can reuse its storage.
         return block.residual_norm(branch - shortcut).add_(branch)
+
+    def fold_merge(self, block: ResidualBlock, channels: int) -> MergeFold:
+        # F + a (F - s) + b = (1 + a) F - a s + b, with BN(x) = a x + b per channel.
+        a, b = bn_affine(block.residual_norm)
+        return MergeFold(gain=1 + a, coef=-a, shift=b)
 
 
 @register
@@ -239,6 +305,16 @@ class FeatureFusion(Technique):
         return fused_concat_conv1x1(
             branch, shortcut, block.feature_fusion.weight, block.feature_fusion.bias, add_identity=True
         )
+
+    def fold_merge(self, block: ResidualBlock, channels: int) -> MergeFold:
+        # F + W [F; s] + b = (I + W_F) F + W_s s + b: two channel-mixing matrices.
+        ff = block.feature_fusion
+        if type(ff) is not nn.Conv2d or tuple(ff.kernel_size) != (1, 1) or ff.groups != 1:
+            raise UsageError("cannot fuse a feature_fusion layer that is not a plain 1x1 conv")
+        w = ff.weight.detach().to(FOLD_DTYPE).reshape(channels, 2 * channels)
+        b = ff.bias.detach().to(FOLD_DTYPE) if ff.bias is not None else 0.0
+        eye = torch.eye(channels, dtype=FOLD_DTYPE, device=w.device)
+        return MergeFold(gain=eye + w[:, :channels], coef=w[:, channels:].clone(), shift=b)
 
 
 def fused_concat_conv1x1(
@@ -277,6 +353,9 @@ class SkipInit(Technique):
     def merge(self, block: ResidualBlock, branch: Tensor, shortcut: Tensor) -> Tensor:
         return add_scaled(shortcut, block.alpha, branch)
 
+    def fold_merge(self, block: ResidualBlock, channels: int) -> MergeFold:
+        return MergeFold(gain=scalar(block.alpha))
+
 
 @register
 class LayerScale(Technique):
@@ -295,6 +374,9 @@ class LayerScale(Technique):
 
     def merge(self, block: ResidualBlock, branch: Tensor, shortcut: Tensor) -> Tensor:
         return add_scaled(shortcut, block.gamma, branch)
+
+    def fold_merge(self, block: ResidualBlock, channels: int) -> MergeFold:
+        return MergeFold(gain=block.gamma.detach().to(FOLD_DTYPE).reshape(-1))
 
     def __repr__(self) -> str:
         return f"LayerScale(init_value={self.init_value:g})"
@@ -318,6 +400,11 @@ class FixupBias(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x + self.bias
 
+    def fold_affine(self, channels: int) -> tuple[Tensor, Tensor]:
+        """This layer as ``scale * x + shift`` per channel, in float64 (for ``reslab fuse``)."""
+        b = scalar(self.bias)
+        return torch.ones(channels, dtype=FOLD_DTYPE, device=b.device), b.expand(channels)
+
 
 class FixupScaleBias(nn.Module):
     """A learnable scalar multiplier and bias at the end of a Fixup branch."""
@@ -330,6 +417,10 @@ class FixupScaleBias(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return torch.addcmul(self.bias, x, self.scale)
 
+    def fold_affine(self, channels: int) -> tuple[Tensor, Tensor]:
+        """This layer as ``scale * x + shift`` per channel, in float64 (for ``reslab fuse``)."""
+        return scalar(self.scale).expand(channels), scalar(self.bias).expand(channels)
+
 
 class BiasedConv2d(nn.Conv2d):
     """A conv whose input is shifted by a learnable scalar first (Fixup's pre-conv bias)."""
@@ -340,6 +431,10 @@ class BiasedConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x + self.input_bias)
+
+    def fold_input_shift(self) -> float:
+        """The constant this conv adds to its input first (for ``reslab fuse``)."""
+        return float(scalar(self.input_bias))
 
 
 @register

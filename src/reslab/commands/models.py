@@ -24,5 +24,6 @@ def run(args: argparse.Namespace) -> int:
     print("\ntechniques:")
     for name in list_techniques():
         cls = technique_class(name)
-        print(f"  {name:<11} {cls.summary}  [{cls.reference}]")
+        ref = f"  [{cls.reference}]" if cls.reference else ""
+        print(f"  {name:<11} {cls.summary}{ref}")
     return 0
