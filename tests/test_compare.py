@@ -253,7 +253,7 @@ def test_presets_and_custom_grids() -> None:
     grid, jobs, out = build_grid(parse(["compare"]))
     assert grid.preset == "quick" and out == "results/quick" and jobs == 2
     assert grid.models == ["resnet8", "resnet56"] and grid.techniques == ["baseline", "scale", "norm", "fusion"]
-    assert grid.plan() is not None and grid.plan().looks == (3, 4, 5) and len(grid.cells()) == 2 * 4 * 5
+    assert grid.plan() is not None and grid.plan().looks == (4, 5, 6) and len(grid.cells()) == 2 * 4 * 6
     grid, _, out = build_grid(parse(["compare", "--preset", "paper"]))
     assert grid.models == ["resnet20", "resnet56", "resnet110"] and grid.techniques == list_techniques()
     assert len(grid.cells()) == 3 * len(list_techniques()) * 10 and "train_subset" not in grid.train
