@@ -1,6 +1,6 @@
 """reslab's blocks against the source article's own classes, transcribed as written.
 
-The article (../shared/seed/000_329cfd8a0b8212dc.txt) gives one ``ResidualBlock`` class per
+The article (described in docs/article.md) gives one ``ResidualBlock`` class per
 technique. They are copied here line by line (only the class names differ) as the
 independent reference: our BasicBlock with ``conv_bias=True`` must accept each class's
 state dict strictly and compute the same function in train and eval mode.
