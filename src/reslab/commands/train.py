@@ -30,7 +30,10 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     "model": {"help": "model name, e.g. resnet20 (default resnet20; see 'reslab models')"},
     "technique": {"help": "residual technique (default baseline; see 'reslab models')"},
     "dataset": {"help": "fashion-mnist (default), cifar10, cifar100, digits or folder:PATH"},
-    "data_dir": {"help": "folder holding the dataset's files (looked at first)"},
+    "data_dir": {
+        "help": "folder holding the dataset's files, the only place looked at (an error if it lacks them); "
+        "without it: $RESLAB_DATA/NAME, ~/.cache/reslab/NAME, /usr/share/datasets/NAME, then a verified download"
+    },
     "epochs": {"type": int, "help": "epochs (default 10)"},
     "batch_size": {"type": int, "help": "global batch size (default 128)"},
     "lr": {"type": float, "help": "peak learning rate (default 0.1)"},
