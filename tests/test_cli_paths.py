@@ -3,8 +3,6 @@ the problem and the fix, exit status 2, no traceback, nothing existing damaged."
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from reslab.cli import main
