@@ -5,14 +5,36 @@ A residual block is branch + shortcut + merge; a *technique* decides the merge::
     import reslab
     model = reslab.build_model("resnet20", technique="scale", num_classes=10, in_channels=1)
     reslab.list_techniques()  # ['baseline', 'scale', 'norm', 'fusion', ...]
+
+The names below are imported on first use, so ``import reslab`` (and ``reslab --help``)
+does not load torch.
 """
 
-from reslab.blocks import BasicBlock, Bottleneck, DropPath, ResidualBlock, residual_blocks
-from reslab.fuse import fuse
-from reslab.models import ModelSpec, ResNet, build_model, cifar_resnet, list_models
-from reslab.techniques import Technique, get_technique, list_techniques, register
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+#: public name -> module that defines it
+_LAZY = {
+    "BasicBlock": "reslab.blocks",
+    "Bottleneck": "reslab.blocks",
+    "DropPath": "reslab.blocks",
+    "ResidualBlock": "reslab.blocks",
+    "residual_blocks": "reslab.blocks",
+    "fuse": "reslab.fuse",
+    "ModelSpec": "reslab.models",
+    "ResNet": "reslab.models",
+    "build_model": "reslab.models",
+    "cifar_resnet": "reslab.models",
+    "list_models": "reslab.models",
+    "Technique": "reslab.techniques",
+    "get_technique": "reslab.techniques",
+    "list_techniques": "reslab.techniques",
+    "register": "reslab.techniques",
+}
 
 __all__ = [
     "BasicBlock",
@@ -31,3 +53,22 @@ __all__ = [
     "register",
     "residual_blocks",
 ]
+
+if TYPE_CHECKING:
+    from reslab.blocks import BasicBlock, Bottleneck, DropPath, ResidualBlock, residual_blocks
+    from reslab.fuse import fuse
+    from reslab.models import ModelSpec, ResNet, build_model, cifar_resnet, list_models
+    from reslab.techniques import Technique, get_technique, list_techniques, register
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'reslab' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

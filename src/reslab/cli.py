@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from reslab import __version__
+from reslab import __version__  # reslab/__init__.py loads nothing heavy (see its __getattr__)
 from reslab.errors import UsageError
 
 
@@ -32,19 +32,28 @@ def _commands() -> list[ModuleType]:
     return sorted((m for m in mods if hasattr(m, "run")), key=lambda m: (m.ORDER, m.NAME))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser; given ``argv``, only the sub-command it names gets its options.
+
+    A sub-command's options can need its heavy modules (torch, for choices such as
+    compare's presets), so ``reslab --help`` and ``reslab models`` add none but their own.
+    """
     parser = _Parser(prog="reslab", description="Residual techniques for ResNets, measured honestly.")
     parser.add_argument("--version", action="version", version=f"reslab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for mod in _commands():
+    mods = _commands()
+    chosen = None if argv is None else next((a for a in argv if not a.startswith("-")), "")
+    for mod in mods:
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.__doc__)
-        mod.add_arguments(p)
+        if chosen is None or chosen == mod.NAME:
+            mod.add_arguments(p)
         p.set_defaults(_run=mod.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()

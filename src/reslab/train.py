@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -633,6 +634,8 @@ def train(
 
         train_model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
+        if device.type != "cuda":
+            silence_cuda_home_warning()
         train_model = torch.compile(train_model)  # type: ignore[assignment]
 
     use_bf16 = cfg.precision == "bf16"
@@ -880,6 +883,20 @@ def _save_checkpoint(
     for p in ck.iterdir():
         if p.name.startswith("epoch-") and p.name not in (weights, state):
             p.unlink(missing_ok=True)
+
+
+class _NoCudaHomeWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No CUDA runtime is found" not in record.getMessage()
+
+
+def silence_cuda_home_warning() -> None:
+    """Drop torch's "No CUDA runtime is found, using CUDA_HOME=..." warning, which
+    ``torch.compile`` triggers on a machine with a CUDA toolkit but no GPU even though
+    a CPU compile never uses CUDA. Other messages of that logger still show."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _NoCudaHomeWarning) for f in log.filters):
+        log.addFilter(_NoCudaHomeWarning())
 
 
 def raise_if_diverged(summary: dict[str, Any]) -> dict[str, Any]:

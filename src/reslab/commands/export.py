@@ -13,8 +13,11 @@ from pathlib import Path
 from reslab.commands.describe import parse_input_size
 from reslab.commands.fuse import check_out
 from reslab.errors import UsageError
-from reslab.export import FORMATS, SUFFIXES, export, export_metadata, load_source, weights_path
-from reslab.fuse import FusedResNet, fuse
+
+# reslab.export's FORMATS and SUFFIXES, kept here so that parsing options does not import
+# torch (tests/test_startup.py checks they agree)
+FORMATS = ("torchscript", "exported", "onnx")
+SUFFIXES = {"torchscript": ".pt", "exported": ".pt2", "onnx": ".onnx"}
 
 NAME = "export"
 HELP = "export a model as TorchScript, torch.export (.pt2) or ONNX"
@@ -31,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from reslab.export import export, export_metadata, load_source, weights_path
+    from reslab.fuse import FusedResNet, fuse
+
     out = Path(args.out)
     want = SUFFIXES[args.format]
     if args.format == "torchscript":

@@ -1,11 +1,10 @@
-"""List the registered models and techniques."""
+"""List the built-in models and techniques."""
 
 from __future__ import annotations
 
 import argparse
 
-from reslab.models import list_models, model_family
-from reslab.techniques import list_techniques, technique_class
+from reslab.catalog import MODELS, TECHNIQUES
 
 NAME = "models"
 HELP = "list models and techniques"
@@ -18,11 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     print("models:")
-    for name in list_models():
-        print(f"  {name:<12} {model_family(name)}")
+    for name, family in MODELS:
+        print(f"  {name:<12} {family}")
     print("  resnetD      cifar, for any other depth D = 6n+2 (e.g. resnet218)")
     print("\ntechniques:")
-    for name in list_techniques():
-        cls = technique_class(name)
-        print(f"  {name:<11} {cls.summary}  [{cls.reference}]")
+    for name, summary, reference in TECHNIQUES:
+        print(f"  {name:<11} {summary}  [{reference}]")
     return 0

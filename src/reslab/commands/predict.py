@@ -14,7 +14,6 @@ import json
 
 from reslab.commands.describe import parse_input_size
 from reslab.errors import UsageError
-from reslab.export import load_images, load_predictor, predict
 
 NAME = "predict"
 HELP = "classify images with a trained or exported model"
@@ -31,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from reslab.export import load_images, load_predictor, predict
+
     if args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")
     size = parse_input_size(args.input_size) if args.input_size else None
