@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from reslab import __version__  # reslab/__init__.py loads nothing heavy (see its __getattr__)
-from reslab.errors import UsageError
+from reslab.errors import UsageError, is_out_of_memory, os_error_message, out_of_memory_message
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,13 +64,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"reslab {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"reslab {args.command}: interrupted", file=sys.stderr)
+        print(
+            f"reslab {args.command}: interrupted; finished results are kept, run the same command again to go on",
+            file=sys.stderr,
+        )
         return 130
     except BrokenPipeError:
         # The reader went away (`reslab predict ... | head`): not an error of ours. Point
         # stdout at devnull so the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:
+        # a user-given path that cannot be read or written, found while working
+        print(f"reslab {args.command}: error: {os_error_message(e)}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        message = out_of_memory_message(getattr(args, "batch_size", None))
+        print(f"reslab {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

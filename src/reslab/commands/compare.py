@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 from reslab.errors import UsageError
+from reslab.paths import check_writable_dir
 
 NAME = "compare"
 HELP = "train techniques x seeds and report the differences with confidence intervals"
@@ -147,6 +148,7 @@ def build_grid(args: argparse.Namespace) -> tuple[Any, int, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_writable_dir(args.out or "results")  # before any work (reslab.paths)
     from reslab.compare import fmt_duration, parse_shard, run_grid
 
     t0 = time.perf_counter()

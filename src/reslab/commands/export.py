@@ -13,6 +13,7 @@ from pathlib import Path
 from reslab.commands.describe import parse_input_size
 from reslab.commands.fuse import check_out
 from reslab.errors import UsageError
+from reslab.paths import check_writable_file
 
 # reslab.export's FORMATS and SUFFIXES, kept here so that parsing options does not import
 # torch (tests/test_startup.py checks they agree)
@@ -46,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out}: name {args.format} files {want}")
     src = weights_path(args.source)
     check_out(out, src, args.overwrite)
+    check_writable_file(out)
     model, meta = load_source(src)
     if not args.no_fuse and not isinstance(model, FusedResNet):
         model = fuse(model)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from reslab.errors import UsageError
+from reslab.paths import check_writable_file
 
 if TYPE_CHECKING:
     import torch
@@ -50,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out} must end in .safetensors")
     src = weights_path(args.source)
     check_out(out, src, args.overwrite)
+    check_writable_file(out)
     model, meta = load_source(src)
     if isinstance(model, FusedResNet):
         raise UsageError(f"{src} is already fused")

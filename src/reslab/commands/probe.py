@@ -112,6 +112,9 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[int], Path]:
         raise UsageError(f"--out {out} is a file; choose a folder")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UsageError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+    from reslab.paths import check_writable_dir
+
+    check_writable_dir(out)  # before the work, not after it
     return techniques, depths, out
 
 

@@ -48,15 +48,18 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             f"{path} is a file; give the folder that holds it (a results folder of 'reslab compare' or a run folder)"
         )
+    from reslab.paths import check_writable_dir
     from reslab.run_report import is_run_folder, write_run_report
 
     if is_run_folder(path):
         if args.merge:
             raise UsageError("--merge joins results folders of 'reslab compare'; a single run folder takes none")
+        check_writable_dir(path / "report", option="")
         written = write_run_report(path)
         print(f"wrote {', '.join(str(f) for f in written.files)}")
         return 0
 
+    check_writable_dir(path, option="")  # the report is written beside the runs
     from reslab.report import build_report
 
     try:

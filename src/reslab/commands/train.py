@@ -98,12 +98,22 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from reslab.errors import UsageError, is_out_of_memory, out_of_memory_message
+    from reslab.paths import check_writable_dir
+
+    check_writable_dir(args.out)  # before reading data or building anything
+    cfg = build_config(args)
     from reslab.train import train
 
-    cfg = build_config(args)
     progress = False if args.quiet else None
     try:
         summary = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=progress)
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise UsageError(
+            out_of_memory_message(cfg.batch_size) + f"; the same command (or --resume) restarts {args.out}"
+        ) from None
     except KeyboardInterrupt:
         print(
             f"reslab train: interrupted; the last complete epoch is checkpointed, continue with "
