@@ -687,6 +687,11 @@ def train(
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
+    pretrained_note = ""
+    if cfg.init_weights and ckpt_info is None:  # a resumed run takes its checkpoint's weights
+        from reslab.pretrained import load_pretrained
+
+        pretrained_note = load_pretrained(model, cfg.init_weights).summary()
     params = count_params(model)
     flops = forward_flops(model, (c, h, w))
     model.to(device)
@@ -806,6 +811,8 @@ def train(
             writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start_epoch)
 
     prog = _Progress(progress, d.main)
+    if pretrained_note:
+        prog.message(f"initial weights from {cfg.init_weights}: " + pretrained_note.replace("\n", "; "))
     prog.message(
         f"training {cfg.model} ({cfg.technique}) on {cfg.dataset}: {source.n_train} images, "
         f"{steps_per_epoch} steps/epoch, {cfg.epochs} epochs, device {device}"

@@ -54,6 +54,11 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     "precision": {"help": "auto (default: bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16"},
     "width": {"type": float, "help": "width multiplier (default 1)"},
     "drop_path_rate": {"type": float, "help": "stochastic depth rate of the last block (default 0)"},
+    "init_weights": {
+        "metavar": "FILE",
+        "help": "start from a plain ResNet's weights (torchvision/timm .pth or .safetensors, or a reslab "
+        "model.safetensors) of the same architecture; the technique starts where it keeps their function",
+    },
     "probe_every": {"type": int, "metavar": "K", "help": "record per-block gradient norms every K steps"},
     "threads": {"type": int, "help": "CPU threads (default: PyTorch's)"},
     "workers": {"type": int, "help": "DataLoader workers for folder datasets (default 2)"},
