@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -146,8 +148,18 @@ def torch_load_safe(path: str | Path) -> Any:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UsageError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a folder; give the file") from None
+    except pickle.UnpicklingError as e:
+        # the weights-only unpickler met something other than tensors and plain containers
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise UsageError(
+            f"{path} cannot be loaded safely: it holds Python objects other than tensors and plain containers"
+            f"{what}; reslab never unpickles code: re-save it as a plain state dict or .safetensors"
+        ) from None
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for bad files
         raise UsageError(
-            f"{path} cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            "reslab only reads tensors and plain containers, never pickled code"
+            f"{path} is truncated or not a torch file ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+            "re-create it (a run's checkpoint: start the run again with --overwrite)"
         ) from None

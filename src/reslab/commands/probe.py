@@ -225,8 +225,9 @@ def render_markdown(entries: list[ProbeEntry], techniques: list[str], depths: li
         "",
         "## Gradient norm of the first block's conv1 / the last block's conv1",
         "",
-        "The figure of the first table of the specification (n/a where both are zero: the branch is zeroed at "
-        "init, so its parameters get no gradient).",
+        "The ratio of the gradient norms of the first and the last residual block's first convolution, a "
+        "second view of the same question (n/a where both are zero: the branch is zeroed at init, so its "
+        "parameters get no gradient).",
         "",
         *_table(entries, techniques, depths, lambda e: fmt(e.probe.conv1_ratio), md=True),
         "",
