@@ -60,6 +60,10 @@ def test_package_names_resolve_lazily():
     assert set(reslab.__all__) <= set(dir(reslab))
     for name in reslab.__all__:
         assert getattr(reslab, name) is not None
+    # 'fuse' is a function and a submodule: after the submodule is imported, the name is still the function
+    code = "import reslab, reslab.fuse; from reslab.fuse import fuse; assert reslab.fuse is fuse; print('ok')"
+    env = {**os.environ, "PYTHONPATH": SRC}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout == "ok\n"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         reslab.nope  # noqa: B018
 

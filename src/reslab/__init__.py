@@ -13,6 +13,8 @@ does not load torch.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -59,6 +61,20 @@ if TYPE_CHECKING:
     from reslab.fuse import fuse
     from reslab.models import ModelSpec, ResNet, build_model, cifar_resnet, list_models
     from reslab.techniques import Technique, get_technique, list_techniques, register
+
+
+class _Package(types.ModuleType):
+    """The package object. Importing the submodule ``reslab.fuse`` binds it as the
+    attribute ``fuse``; the package's ``fuse`` is the function of that name (as when
+    this file imported it eagerly), so that binding is turned into the function."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "fuse" and isinstance(value, types.ModuleType):
+            value = value.fuse
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

@@ -151,6 +151,13 @@ def torch_load_safe(path: str | Path) -> Any:
     except IsADirectoryError:
         raise UsageError(f"{path} is a folder; give the file") from None
     except pickle.UnpicklingError as e:
+        with open(path, "rb") as f:
+            is_pickle = f.read(1) == b"\x80"  # a raw pickle (protocol >= 2), not torch's zip format
+        if "GLOBAL" not in str(e) and not is_pickle:  # neither names nor looks like pickled objects: damaged
+            raise UsageError(
+                f"{path} is truncated or not a torch file ({str(e).splitlines()[0][:120]}); "
+                "re-create it (a run's checkpoint: start the run again with --overwrite)"
+            ) from None
         # the weights-only unpickler met something other than tensors and plain containers
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f" ({found.group(1)})" if found else ""
