@@ -55,6 +55,18 @@ def test_pickled_code_is_never_executed(tmp_path: Path) -> None:
     assert not (Path.cwd() / "pwned").exists()
 
 
+def test_truncated_torch_file_is_not_called_unsafe(tmp_path: Path) -> None:
+    import torch
+
+    path = tmp_path / "epoch-0001.pt"
+    torch.save({"x": torch.zeros(1000)}, path)
+    path.write_bytes(path.read_bytes()[:1500])  # a kill mid-copy, a full disk
+    with pytest.raises(UsageError) as e:
+        torch_load_safe(path)
+    msg = str(e.value)
+    assert "truncated" in msg and "re-create it" in msg and "safely" not in msg and "\n" not in msg
+
+
 def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
     path = tmp_path / "a.txt"
     atomic_write_text(path, "first")

@@ -123,32 +123,56 @@ def test_corrupt_fashion_files_give_one_clear_error(isolated, damage, message):
 def test_missing_fashion_names_places_and_fixes(isolated, monkeypatch):
     monkeypatch.setenv("RESLAB_DATA", str(isolated / "env"))
     with pytest.raises(UsageError) as e:
-        load_arrays("fashion-mnist", isolated / "given")
+        load_arrays("fashion-mnist")
     msg = str(e.value)
-    for place in (
-        isolated / "given",
-        isolated / "env" / "fashion-mnist",
-        isolated / "cache" / "reslab" / "fashion-mnist",
-    ):
+    for place in (isolated / "env" / "fashion-mnist", isolated / "cache" / "reslab" / "fashion-mnist"):
         assert str(place) in msg
     assert "apt-get install dataset-fashion-mnist" in msg and "--data-dir" in msg and "download failed" in msg
 
 
 @needs_fashion
-def test_search_order_prefers_data_dir_then_env(isolated, monkeypatch):
+def test_search_order_without_data_dir(isolated, monkeypatch):
     env = isolated / "env"
     _copy_fashion(env / "fashion-mnist")
     monkeypatch.setenv("RESLAB_DATA", str(env))
-    assert data.search_dirs("fashion-mnist", "/given")[:2] == [Path("/given"), env / "fashion-mnist"]
+    assert data.search_dirs("fashion-mnist")[:2] == [
+        env / "fashion-mnist",
+        isolated / "cache" / "reslab" / "fashion-mnist",
+    ]
     ds = load_arrays("fashion-mnist")  # found through $RESLAB_DATA (nothing else exists)
     assert len(ds.train_x) == 60000
-    # a broken copy in --data-dir is looked at first, so it is the one reported
+    # a broken copy in --data-dir is the only one looked at, so it is the one reported
     broken = isolated / "given"
     broken.mkdir()
     for f in FASHION_DIR.glob("*.gz"):
         (broken / f.name).write_bytes(b"junk")
     with pytest.raises(UsageError, match=str(broken)):
         load_arrays("fashion-mnist", broken)
+
+
+@needs_fashion
+@pytest.mark.parametrize("kind", ["missing", "empty", "partial", "file"])
+def test_data_dir_without_the_dataset_is_an_error_not_a_fallback(isolated, monkeypatch, kind):
+    # a good copy elsewhere must not be used in place of the folder the user named
+    monkeypatch.setattr(data, "SYSTEM_FASHION_DIR", FASHION_DIR)
+    given = isolated / "given"
+    if kind == "empty":
+        given.mkdir()
+    elif kind == "partial":
+        _copy_fashion(given)
+        (given / "t10k-labels-idx1-ubyte.gz").unlink()
+    elif kind == "file":
+        given.write_text("not a folder")
+    assert data.search_dirs("fashion-mnist", given) == [given]
+    with pytest.raises(UsageError) as e:
+        load_arrays("fashion-mnist", given)
+    msg = str(e.value)
+    assert msg.startswith(f"--data-dir {given} ") and "\n" not in msg
+    expected = {"missing": "does not exist", "empty": "train-images-idx3-ubyte", "file": "is not a folder"}
+    expected["partial"] = "t10k-labels-idx1-ubyte[.gz])"
+    assert expected[kind] in msg
+    if kind == "partial":
+        assert "train-images" not in msg  # only what is missing is named
 
 
 # ---------------------------------------------------------------------------------------
@@ -213,7 +237,12 @@ def test_cifar_checksums_and_unsafe_pickles(isolated):
 
 def test_cifar_missing_offline(isolated):
     with pytest.raises(UsageError, match=r"cifar-10-batches-py.*download failed.*--data-dir"):
+        load_arrays("cifar10")
+    with pytest.raises(UsageError, match=r"--data-dir .*nothing does not exist"):
         load_arrays("cifar10", isolated / "nothing")
+    (isolated / "empty").mkdir()
+    with pytest.raises(UsageError, match=r"holds no cifar10 \(looked for cifar-10-batches-py/"):
+        load_arrays("cifar10", isolated / "empty")
 
 
 # ---------------------------------------------------------------------------------------

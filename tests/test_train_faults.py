@@ -46,7 +46,17 @@ def _argv(out: Path) -> list[str]:
 
 def _start(out: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(_argv(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    # A job started in the background by a shell without job control (a CI runner, 'cmd &')
+    # inherits SIGINT ignored, and Python then never turns SIGINT into KeyboardInterrupt:
+    # give the child the default disposition, as a terminal's Ctrl-C would find it.
+    return subprocess.Popen(
+        _argv(out),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def _wait_for_epoch(proc: subprocess.Popen, out: Path, epoch: int, timeout: float = 240) -> dict:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +39,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask (reading it means setting it; set it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp_path)``, fsync the result, then rename it to ``path``."""
     path = Path(path)
@@ -45,11 +54,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        # mkstemp makes the file private (0600); give it the mode an ordinary open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
         write(tmp_path)
+        # mkstemp makes the file private (0600) and some writers (safetensors) create the
+        # file anew with that mode: give the result the mode an ordinary open() would.
+        os.chmod(tmp_path, 0o666 & ~_umask())
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -140,8 +148,25 @@ def torch_load_safe(path: str | Path) -> Any:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UsageError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a folder; give the file") from None
+    except pickle.UnpicklingError as e:
+        with open(path, "rb") as f:
+            is_pickle = f.read(1) == b"\x80"  # a raw pickle (protocol >= 2), not torch's zip format
+        if "GLOBAL" not in str(e) and not is_pickle:  # neither names nor looks like pickled objects: damaged
+            raise UsageError(
+                f"{path} is truncated or not a torch file ({str(e).splitlines()[0][:120]}); "
+                "re-create it (a run's checkpoint: start the run again with --overwrite)"
+            ) from None
+        # the weights-only unpickler met something other than tensors and plain containers
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise UsageError(
+            f"{path} cannot be loaded safely: it holds Python objects other than tensors and plain containers"
+            f"{what}; reslab never unpickles code: re-save it as a plain state dict or .safetensors"
+        ) from None
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for bad files
         raise UsageError(
-            f"{path} cannot be loaded safely ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-            "reslab only reads tensors and plain containers, never pickled code"
+            f"{path} is truncated or not a torch file ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+            "re-create it (a run's checkpoint: start the run again with --overwrite)"
         ) from None

@@ -16,8 +16,8 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from reslab import __version__, plugins
-from reslab.errors import UsageError
+from reslab import __version__, plugins  # reslab/__init__.py loads nothing heavy (see its __getattr__)
+from reslab.errors import UsageError, is_out_of_memory, os_error_message, out_of_memory_message
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,42 +48,65 @@ def _add_import_option(parser: argparse.ArgumentParser, dest: str) -> None:
     parser.add_argument("--import", dest=dest, action="append", default=[], metavar="MODULE", help=_IMPORT_HELP)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser; given ``argv``, only the sub-command it names gets its options.
+
+    A sub-command's options can need its heavy modules (torch, for choices such as
+    compare's presets), so ``reslab --help`` and ``reslab models`` add none but their own.
+    """
     parser = _Parser(prog="reslab", description="Residual techniques for ResNets, measured honestly.")
     parser.add_argument("--version", action="version", version=f"reslab {__version__}")
     # On both levels, under two names: argparse lets a sub-parser's default replace what
     # the top level parsed into the same name.
     _add_import_option(parser, "_imports_top")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for mod in _commands():
+    mods = _commands()
+    names = {m.NAME for m in mods}
+    chosen = None if argv is None else next((a for a in argv if a in names), "")
+    for mod in mods:
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.__doc__)
-        mod.add_arguments(p)
+        if chosen is None or chosen == mod.NAME:
+            mod.add_arguments(p)
         _add_import_option(p, "_imports")
         p.set_defaults(_run=mod.run)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
-    imports = [*getattr(args, "_imports_top", []), *getattr(args, "_imports", [])]
     try:
+        imports = [*getattr(args, "_imports_top", []), *getattr(args, "_imports", [])]
         with plugins.imported(imports):
             return int(args._run(args) or 0)
     except UsageError as e:
         print(f"reslab {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"reslab {args.command}: interrupted", file=sys.stderr)
+        print(
+            f"reslab {args.command}: interrupted; finished results are kept, run the same command again to go on",
+            file=sys.stderr,
+        )
         return 130
     except BrokenPipeError:
         # The reader went away (`reslab predict ... | head`): not an error of ours. Point
         # stdout at devnull so the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:
+        # a user-given path that cannot be read or written, found while working
+        print(f"reslab {args.command}: error: {os_error_message(e)}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        message = out_of_memory_message(getattr(args, "batch_size", None))
+        print(f"reslab {args.command}: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

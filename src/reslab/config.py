@@ -72,6 +72,10 @@ class TrainConfig:
     width: float = 1.0
     drop_path_rate: float = 0.0
     technique_args: dict[str, Any] = field(default_factory=dict)
+    #: a plain ResNet's weights (torchvision, timm or reslab; .safetensors or .pth) loaded
+    #: into the backbone before training, the technique set to keep its function
+    #: (reslab.pretrained); None = fresh init
+    init_weights: str | None = None
     #: record per-block gradient norms every K optimizer steps into gradients.jsonl (0 = off)
     probe_every: int = 0
     #: CPU threads for this process (None = PyTorch's default)

@@ -7,13 +7,15 @@ there. Every file is validated before it is trusted: IDX magic numbers, dimensio
 lengths and the known checksums of the official files, so a truncated or corrupted
 download is one clear :class:`~reslab.errors.UsageError`, not a crash deep in numpy.
 
-Where fashion-mnist is looked for, in order: ``data_dir``, ``$RESLAB_DATA/fashion-mnist``,
-``~/.cache/reslab/fashion-mnist``, ``/usr/share/datasets/fashion-mnist`` (Debian's
-``dataset-fashion-mnist``). CIFAR is looked for in ``data_dir``, ``$RESLAB_DATA`` and the
-user cache, in torchvision's on-disk format (``cifar-10-batches-py``,
-``cifar-100-python``). When nothing is found, the official files are downloaded into
-the user cache (or ``data_dir``) and checked; offline, the error names the places looked
-and the fixes.
+A ``data_dir`` given by the user is the only place looked at: if it does not exist or
+does not hold the dataset, that is an error naming the folder and the files looked for
+(nothing is downloaded into it, and no other copy is used silently). Without
+``data_dir``, fashion-mnist is looked for, in order, in ``$RESLAB_DATA/fashion-mnist``,
+``~/.cache/reslab/fashion-mnist`` and ``/usr/share/datasets/fashion-mnist`` (Debian's
+``dataset-fashion-mnist``); CIFAR in ``$RESLAB_DATA`` and the user cache, in
+torchvision's on-disk format (``cifar-10-batches-py``, ``cifar-100-python``). When
+nothing is found there, the official files are downloaded into the user cache and
+checked; offline, the error names the places looked and the fixes.
 """
 
 from __future__ import annotations
@@ -258,10 +260,10 @@ def _collate_uint8(batch: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
 
 
 def search_dirs(name: str, data_dir: str | Path | None = None) -> list[Path]:
-    """The folders where ``name`` is looked for, in order."""
-    dirs: list[Path] = []
+    """The folders where ``name`` is looked for, in order: ``data_dir`` alone when given."""
     if data_dir is not None:
-        dirs.append(Path(data_dir).expanduser())
+        return [Path(data_dir).expanduser()]
+    dirs: list[Path] = []
     env = os.environ.get("RESLAB_DATA")
     if env:
         dirs.append(Path(env).expanduser() / name)
@@ -361,6 +363,17 @@ def _fashion_from(folder: Path, verify: bool) -> dict[str, np.ndarray]:
     return out
 
 
+def _given_dir_error(name: str, folder: Path, wanted: str) -> UsageError:
+    """The error for a ``--data-dir`` that does not hold ``name``."""
+    what = "does not exist" if not folder.exists() else ("is not a folder" if not folder.is_dir() else "")
+    if not what:
+        what = f"holds no {name} (looked for {wanted})"
+    return UsageError(
+        f"--data-dir {folder} {what}; pass the folder that holds {name}'s files, "
+        "or leave --data-dir out to use the default places (see 'reslab train --help')"
+    )
+
+
 def _load_fashion(data_dir: str | Path | None, download: bool, verify: bool) -> ArrayDataset:
     dirs = search_dirs("fashion-mnist", data_dir)
     arrays = None
@@ -368,8 +381,11 @@ def _load_fashion(data_dir: str | Path | None, download: bool, verify: bool) -> 
         if all(_find_idx(d, stem) for stem, _, _ in FASHION_FILES.values()):
             arrays = _fashion_from(d, verify)
             break
+    if arrays is None and data_dir is not None:
+        missing = [stem for stem, _, _ in FASHION_FILES.values() if not _find_idx(dirs[0], stem)]
+        raise _given_dir_error("fashion-mnist", dirs[0], ", ".join(f"{m}[.gz]" for m in missing))
     if arrays is None:
-        target = Path(data_dir).expanduser() if data_dir is not None else cache_dir() / "fashion-mnist"
+        target = cache_dir() / "fashion-mnist"
         errors = []
         if download:
             for base in FASHION_URLS:
@@ -516,7 +532,9 @@ def _load_cifar(name: str, data_dir: str | Path | None, download: bool, verify: 
         ds = _cifar_from(d, info, verify)
         if ds is not None:
             return ds
-    target = Path(data_dir).expanduser() if data_dir is not None else cache_dir() / name
+    if data_dir is not None:
+        raise _given_dir_error(name, dirs[0], f"{info['folder']}/ in torchvision's format")
+    target = cache_dir() / name
     err = ""
     if download:
         archive = target / Path(info["url"]).name

@@ -5,8 +5,9 @@
   56/110/1202``, and any other ``6n + 2`` depth through :func:`cifar_resnet`. Shortcuts
   that change shape are projections (torchvision's option B), not zero padding.
 * ImageNet-style: torchvision's ``resnet18/34/50/101/152``, with its state-dict names, so
-  ``build_model("resnet50").load_state_dict(torchvision.models.resnet50().state_dict())``
-  works.
+  ``build_model("resnet50", num_classes=1000).load_state_dict(torchvision.models.resnet50().state_dict())``
+  works, and ``build_model("resnet50", technique="scale", weights=...)`` puts pretrained
+  weights under a technique (:mod:`reslab.pretrained`).
 
 Every model takes a technique and the options of :class:`ResNet`; ``model.spec`` records
 what is needed to build it again (checkpoints store it).
@@ -15,8 +16,9 @@ what is needed to build it again (checkpoints store it).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -264,6 +266,7 @@ def build_model(
     technique: str | Technique = "baseline",
     num_classes: int | None = None,
     in_channels: int = 3,
+    weights: str | Path | Mapping[str, Tensor] | None = None,
     **options: Any,
 ) -> ResNet:
     """Build a registered model with a technique.
@@ -272,6 +275,14 @@ def build_model(
     weights load as they are) and 10 for the CIFAR family. ``options`` are :class:`ResNet`
     arguments: ``width``, ``drop_path_rate``, ``zero_init_last``, ``conv_bias``,
     ``technique_args``.
+
+    ``weights`` (a file or a state dict of a plain ResNet of the same architecture:
+    torchvision's, timm's, or a reslab run's) are loaded into the backbone, and the
+    technique's own parameters are set to keep the backbone's function where the
+    technique allows it (see :mod:`reslab.pretrained`). No weights are downloaded: pass
+    e.g. ``torchvision.models.resnet50(weights="DEFAULT").state_dict()``. What was loaded
+    and what was newly initialised is in ``model.pretrained_report``. Without
+    ``weights`` the model is freshly initialised.
     """
     ctor = _constructor(name)
     if num_classes is None:
@@ -283,6 +294,10 @@ def build_model(
     model = ctor(technique=technique, num_classes=num_classes, in_channels=in_channels, **options)
     tech_name = technique if isinstance(technique, str) else technique.name
     model.spec = ModelSpec(name, tech_name, num_classes, in_channels, dict(options))
+    if weights is not None:
+        from reslab.pretrained import load_pretrained
+
+        model.pretrained_report = load_pretrained(model, weights)
     return model
 
 

@@ -29,9 +29,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -78,6 +80,7 @@ RUN_FILES = (
     "metrics.jsonl",
     "summary.json",
     "model.safetensors",
+    "model-best.safetensors",
     "checkpoint",
     "gradients.jsonl",
     "evals.jsonl",
@@ -356,14 +359,57 @@ def _chance_acc(labels: list[int]) -> float:
 # Run folder state
 
 
+def _read_summary(out: Path) -> dict[str, Any] | None:
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process, alive
+        return True
+    return True
+
+
 def _run_state(out: Path) -> str | None:
-    """``None`` for no run here, else the recorded status (``unknown`` if unreadable)."""
+    """``None`` for no run here, else the recorded status (``unknown`` if unreadable).
+
+    A ``running`` status whose process is gone (summary.json records the pid and host of
+    the process training it) is ``stale``: killed, or stopped by an error before it could
+    say so. A run recorded on another host stays ``running``: it cannot be checked.
+    """
     if not any((out / f).exists() for f in RUN_FILES):
         return None
-    try:
-        return str(json.loads((out / "summary.json").read_text())["status"])
-    except (OSError, ValueError, KeyError, TypeError):
+    summary = _read_summary(out)
+    if summary is None or "status" not in summary:
         return "unknown"
+    status = str(summary["status"])
+    if status == "running" and summary.get("host", socket.gethostname()) == socket.gethostname():
+        pid = summary.get("pid")
+        if not isinstance(pid, int) or pid == os.getpid() or not _process_alive(pid):
+            return "stale"
+    return status
+
+
+_STATE_WORDS = {"stale": "its process is gone", "unknown": "its summary.json is unreadable"}
+
+
+def _owner(out: Path) -> str:
+    summary = _read_summary(out) or {}
+    return f"process {summary.get('pid', '?')} on {summary.get('host', '?')}"
+
+
+def _extendable(saved: dict[str, Any]) -> bool:
+    """Can a run be given more epochs and stay the run it would have been with them
+    from the start? Only where the learning rate of every step already taken does not
+    depend on the total: a constant schedule without warm-up."""
+    return saved.get("schedule") == "constant" and not saved.get("warmup")
 
 
 def _remove_run(out: Path) -> None:
@@ -395,6 +441,7 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig, out: Path) -> None:
+    may_change = RESUMABLE_CHANGES | ({"epochs"} if _extendable(saved) else set())
     if saved.get("model") != cfg.model or saved.get("technique") != cfg.technique:
         raise UsageError(
             f"the checkpoint in {out} is for model {saved.get('model')} with technique {saved.get('technique')}, "
@@ -402,8 +449,15 @@ def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig, out: Path) -> 
         )
     now = cfg.to_dict()
     for k, v in saved.items():
-        if k in RESUMABLE_CHANGES or k not in now:
+        if k in may_change or k not in now:
             continue
+        if now[k] != v and k == "epochs":
+            raise UsageError(
+                f"--resume with epochs={now[k]}, but the run in {out} was started with epochs={v} on a "
+                f"{saved.get('schedule')} schedule, whose learning rate depends on the total; resume with "
+                f"--epochs {v}, or start a new run in another --out (runs with --schedule constant --warmup 0 "
+                "can change their epochs)"
+            )
         if now[k] != v:
             raise UsageError(
                 f"--resume with {k}={now[k]!r}, but the run in {out} was started with {k}={v!r}; "
@@ -558,14 +612,58 @@ def train(
     # --- decide what to do with out_dir before touching anything ----------------------
     state = _run_state(out)
     latest = out / "checkpoint" / "latest.json"
-    if resume:
-        if not latest.is_file():
-            raise UsageError(f"nothing to resume in {out}: no checkpoint/latest.json; start the run without --resume")
-        if state == "completed" and not overwrite:
-            raise UsageError(f"the run in {out} is already completed; nothing to resume (pass --overwrite to retrain)")
-    elif state is not None and not overwrite:
-        hint = "pass --overwrite to replace it" + ("" if state == "completed" else " or --resume to continue it")
-        raise UsageError(f"{out} already holds a {state} run; {hint}")
+    # killed, interrupted or failed before its first checkpoint: nothing worth keeping, so
+    # a plain re-run and --resume both start it again (the partial files are replaced)
+    restartable = state in ("stale", "interrupted", "failed", "unknown") and not latest.is_file()
+    if state == "running" and not overwrite:
+        elsewhere = (_read_summary(out) or {}).get("host") != socket.gethostname()
+        if not (resume and elsewhere and latest.is_file()):
+            gone = "if it is gone, pass --resume to continue" if elsewhere else "or pass --overwrite to replace it"
+            raise UsageError(
+                f"{out} is being trained right now by {_owner(out)}; wait for it to finish or stop it first ({gone})"
+            )
+    if resume and not overwrite:
+        if restartable or state is None:
+            resume, overwrite = False, True  # --resume of a run with no checkpoint starts it
+        elif not latest.is_file():
+            raise UsageError(
+                f"nothing to resume in {out}: its {state} run has no checkpoint; pass --overwrite to replace it"
+            )
+        elif state == "completed":
+            saved = read_config_file(out / "config.yaml") if (out / "config.yaml").is_file() else {}
+            done = int(saved.get("epochs") or 0)
+            if cfg.epochs <= done:
+                raise UsageError(
+                    f"the run in {out} is already completed ({done} epochs); to extend it pass --epochs N "
+                    f"with N > {done}, or pass --overwrite to retrain"
+                )
+            if not _extendable(saved):
+                why = (
+                    f"its {saved.get('schedule')} schedule already brought the learning rate down to zero at "
+                    f"epoch {done}"
+                    if saved.get("schedule") != "constant"
+                    else f"its warm-up ({saved.get('warmup')}) was a fraction of {done} epochs, so more epochs "
+                    "would change the learning rate of steps already taken"
+                )
+                raise UsageError(
+                    f"the run in {out} cannot be extended honestly: {why}; start a new run with --epochs "
+                    f"{cfg.epochs} in another --out (runs trained with --schedule constant --warmup 0 can be extended)"
+                )
+    elif not resume and state is not None and not overwrite:
+        if restartable:
+            overwrite = True
+        elif state == "completed":
+            raise UsageError(
+                f"{out} already holds a completed run; pass --overwrite to replace it, "
+                "or --resume --epochs N to extend it"
+            )
+        elif state == "diverged":
+            raise UsageError(f"{out} already holds a diverged run; pass --overwrite to replace it (try a lower --lr)")
+        else:
+            raise UsageError(
+                f"{out} already holds an unfinished run ({_STATE_WORDS.get(str(state), state)}, checkpointed); "
+                "pass --resume to continue it or --overwrite to replace it"
+            )
 
     # every rank has looked at out_dir before rank 0 writes to it
     d.barrier()
@@ -613,6 +711,11 @@ def train(
         )
     except ValueError as e:
         raise UsageError(str(e)) from None
+    pretrained_note = ""
+    if cfg.init_weights and ckpt_info is None:  # a resumed run takes its checkpoint's weights
+        from reslab.pretrained import load_pretrained
+
+        pretrained_note = load_pretrained(model, cfg.init_weights).summary()
     params = count_params(model)
     flops = forward_flops(model, (c, h, w))
     model.to(device)
@@ -660,6 +763,8 @@ def train(
 
         train_model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
+        if device.type != "cuda":
+            silence_cuda_home_warning()
         train_model = torch.compile(train_model)  # type: ignore[assignment]
 
     use_bf16 = cfg.precision == "bf16"
@@ -707,6 +812,9 @@ def train(
         "chance_acc": source.chance_acc,
         "world_size": d.world,
         "device": str(device),
+        # who is training it: a later run tells a live run from one whose process is gone
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
     }
     if d.main:
         if overwrite and not resume:
@@ -733,6 +841,8 @@ def train(
             writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start_epoch)
 
     prog = _Progress(progress, d.main)
+    if pretrained_note:
+        prog.message(f"initial weights from {cfg.init_weights}: " + pretrained_note.replace("\n", "; "))
     prog.message(
         f"training {cfg.model} ({cfg.technique}) on {cfg.dataset}: {source.n_train} images, "
         f"{steps_per_epoch} steps/epoch, {cfg.epochs} epochs, device {device}"
@@ -859,6 +969,9 @@ def train(
                 _save_checkpoint(
                     out, raw_model, optimizer, cfg, epoch, step, elapsed, best_acc, best_epoch, metrics, evals
                 )
+                if best_epoch == epoch:  # the best-validation weights, kept beside the final ones
+                    best_meta = {**meta_extra, "epoch": epoch, "val_acc": val_acc}
+                    save_weights(out / "model-best.safetensors", raw_model, extra=best_meta)
                 _write_jsonl(out / "metrics.jsonl", metrics)
                 if cfg.evals_per_epoch > 1:
                     _write_jsonl(out / "evals.jsonl", evals)
@@ -888,6 +1001,13 @@ def train(
         prog.close()
         if d.main:
             summary.update(status="interrupted", interrupted_epoch=epoch)
+            _write_json(out / "summary.json", summary)
+        raise
+    except Exception as e:
+        # out of memory or any other stop: say so, so that the next run knows what it finds
+        prog.close()
+        if d.main:
+            summary.update(status="failed", failed_epoch=epoch, error=f"{type(e).__name__}: {str(e)[:300]}")
             _write_json(out / "summary.json", summary)
         raise
     finally:
@@ -933,6 +1053,20 @@ def _save_checkpoint(
     for p in ck.iterdir():
         if p.name.startswith("epoch-") and p.name not in (weights, state):
             p.unlink(missing_ok=True)
+
+
+class _NoCudaHomeWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No CUDA runtime is found" not in record.getMessage()
+
+
+def silence_cuda_home_warning() -> None:
+    """Drop torch's "No CUDA runtime is found, using CUDA_HOME=..." warning, which
+    ``torch.compile`` triggers on a machine with a CUDA toolkit but no GPU even though
+    a CPU compile never uses CUDA. Other messages of that logger still show."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    if not any(isinstance(f, _NoCudaHomeWarning) for f in log.filters):
+        log.addFilter(_NoCudaHomeWarning())
 
 
 def raise_if_diverged(summary: dict[str, Any]) -> dict[str, Any]:

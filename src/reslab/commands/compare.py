@@ -29,6 +29,7 @@ import time
 from typing import Any
 
 from reslab.errors import UsageError
+from reslab.paths import check_writable_dir
 
 NAME = "compare"
 HELP = "train techniques x seeds and report the differences with confidence intervals"
@@ -238,6 +239,7 @@ def _target(text: str | None, default: float | str) -> float | str:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_writable_dir(args.out or "results")  # before any work (reslab.paths)
     from reslab.compare import fmt_duration, parse_shard, run_grid
 
     t0 = time.perf_counter()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from reslab.describe import describe
 from reslab.errors import UsageError
 
 NAME = "describe"
@@ -35,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from reslab.describe import describe
+
     size = parse_input_size(args.input_size)
     try:
         d = describe(args.model, args.technique, size, args.num_classes, width=args.width)

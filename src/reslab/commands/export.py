@@ -13,8 +13,12 @@ from pathlib import Path
 from reslab.commands.describe import parse_input_size
 from reslab.commands.fuse import check_out
 from reslab.errors import UsageError
-from reslab.export import FORMATS, SUFFIXES, export, export_metadata, load_source, weights_path
-from reslab.fuse import FusedResNet, fuse
+from reslab.paths import check_writable_file
+
+# reslab.export's FORMATS and SUFFIXES, kept here so that parsing options does not import
+# torch (tests/test_startup.py checks they agree)
+FORMATS = ("torchscript", "exported", "onnx")
+SUFFIXES = {"torchscript": ".pt", "exported": ".pt2", "onnx": ".onnx"}
 
 NAME = "export"
 HELP = "export a model as TorchScript, torch.export (.pt2) or ONNX"
@@ -31,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from reslab.export import export, export_metadata, load_source, weights_path
+    from reslab.fuse import FusedResNet, fuse
+
     out = Path(args.out)
     want = SUFFIXES[args.format]
     if args.format == "torchscript":
@@ -40,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--out {out}: name {args.format} files {want}")
     src = weights_path(args.source)
     check_out(out, src, args.overwrite)
+    check_writable_file(out)
     model, meta = load_source(src)
     if not args.no_fuse and not isinstance(model, FusedResNet):
         model = fuse(model)

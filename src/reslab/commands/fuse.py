@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from reslab.errors import UsageError
-from reslab.export import export_metadata, load_source, weights_path
-from reslab.fuse import FusedResNet, fuse, save_fused
+from reslab.paths import check_writable_file
+
+if TYPE_CHECKING:
+    import torch
 
 NAME = "fuse"
 HELP = "fold BatchNorm and the technique's merge into plain convs (inference model)"
@@ -40,11 +41,17 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from reslab.export import export_metadata, load_source, weights_path
+    from reslab.fuse import FusedResNet, fuse, save_fused
+
     out = Path(args.out)
     if out.suffix != ".safetensors":
         raise UsageError(f"--out {out} must end in .safetensors")
     src = weights_path(args.source)
     check_out(out, src, args.overwrite)
+    check_writable_file(out)
     model, meta = load_source(src)
     if isinstance(model, FusedResNet):
         raise UsageError(f"{src} is already fused")

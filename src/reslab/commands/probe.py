@@ -21,26 +21,14 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from reslab.checkpoint import atomic_write_text
 from reslab.errors import UsageError
-from reslab.probe import (
-    ProbeEntry,
-    cell_cost,
-    default_workers,
-    entry_to_dict,
-    fmt,
-    make_batches,
-    probe_model,
-    ratio_threshold,
-    resolve_depths,
-    resolve_techniques,
-    run_probe,
-    verdict,
-)
+
+if TYPE_CHECKING:
+    from reslab.probe import ProbeEntry
+
+# torch and reslab.probe are imported where they are used: 'reslab --help' must not load torch
 
 NAME = "probe"
 HELP = "gradient flow and signal propagation at init, techniques x depths"
@@ -79,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         default=None,
-        help=f"parallel processes, one thread each (default: one per core, here {default_workers()})",
+        help="parallel processes, one thread each (default: one per available core, at most 4)",
     )
     parser.add_argument(
         "--weights",
@@ -92,6 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> tuple[list[str], list[int], Path]:
+    from reslab.probe import resolve_depths, resolve_techniques
+
     if args.weights is not None:
         given = [f"--{n}" for n in ("techniques", "depths", "width") if getattr(args, n) not in (None, 1.0)]
         if given:
@@ -122,6 +112,9 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[int], Path]:
         raise UsageError(f"--out {out} is a file; choose a folder")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UsageError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+    from reslab.paths import check_writable_dir
+
+    check_writable_dir(out)  # before the work, not after it
     return techniques, depths, out
 
 
@@ -139,6 +132,8 @@ class _Progress:
             self.bar = tqdm(total=round(total), unit="blk", desc="probe", file=sys.stderr, smoothing=0.0)
 
     def __call__(self, entry: ProbeEntry, cost: float) -> None:
+        from reslab.probe import fmt
+
         self.done += 1
         line = (
             f"[{self.done}/{self.cells}] {entry.technique:<10} resnet{entry.depth:<4} "
@@ -191,10 +186,14 @@ def _command_line(args: argparse.Namespace, techniques: list[str], depths: list[
 
 
 def _ratio_cell(e: ProbeEntry) -> str:
+    from reslab.probe import fmt
+
     return f"{fmt(e.probe.grad_ratio)} {e.verdict.label}"
 
 
 def render_markdown(entries: list[ProbeEntry], techniques: list[str], depths: list[int], meta: dict[str, Any]) -> str:
+    from reslab.probe import fmt, ratio_threshold
+
     blocks = {e.depth: e.probe.num_blocks for e in entries}
     thresholds = ", ".join(f"ResNet-{d}: L={blocks[d]}, {fmt(ratio_threshold(blocks[d]))}" for d in depths)
     lines = [
@@ -226,8 +225,9 @@ def render_markdown(entries: list[ProbeEntry], techniques: list[str], depths: li
         "",
         "## Gradient norm of the first block's conv1 / the last block's conv1",
         "",
-        "The figure of the first table of the specification (n/a where both are zero: the branch is zeroed at "
-        "init, so its parameters get no gradient).",
+        "The ratio of the gradient norms of the first and the last residual block's first convolution, a "
+        "second view of the same question (n/a where both are zero: the branch is zeroed at init, so its "
+        "parameters get no gradient).",
         "",
         *_table(entries, techniques, depths, lambda e: fmt(e.probe.conv1_ratio), md=True),
         "",
@@ -261,9 +261,12 @@ def _probe_weights(
     args: argparse.Namespace, path: Path
 ) -> tuple[list[ProbeEntry], list[str], list[int], str, dict[str, Any]]:
     """Probe one saved model on batches of the dataset it was trained on."""
+    import torch
+
     from reslab.checkpoint import load_model, read_metadata
     from reslab.data import load_arrays
     from reslab.models import channels_last_safe
+    from reslab.probe import ProbeEntry, make_batches, probe_model, verdict
 
     meta = read_metadata(path)
     model = load_model(path)
@@ -299,6 +302,11 @@ def _probe_weights(
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from reslab.checkpoint import atomic_write_text
+    from reslab.probe import default_workers, entry_to_dict
+
     techniques, depths, out = _check(args)
     t0 = time.perf_counter()
     extra: dict[str, Any] = {}
@@ -352,6 +360,7 @@ def _probe_grid(
     args: argparse.Namespace, techniques: list[str], depths: list[int], dataset: str, workers: int
 ) -> list[ProbeEntry]:
     from reslab.data import load_arrays
+    from reslab.probe import cell_cost, make_batches, run_probe
 
     ds = load_arrays(dataset, args.data_dir)
     try:

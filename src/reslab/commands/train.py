@@ -30,7 +30,10 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     "model": {"help": "model name, e.g. resnet20 (default resnet20; see 'reslab models')"},
     "technique": {"help": "residual technique (default baseline; see 'reslab models')"},
     "dataset": {"help": "fashion-mnist (default), cifar10, cifar100, digits or folder:PATH"},
-    "data_dir": {"help": "folder holding the dataset's files (looked at first)"},
+    "data_dir": {
+        "help": "folder holding the dataset's files, the only place looked at (an error if it lacks them); "
+        "without it: $RESLAB_DATA/NAME, ~/.cache/reslab/NAME, /usr/share/datasets/NAME, then a verified download"
+    },
     "epochs": {"type": int, "help": "epochs (default 10)"},
     "batch_size": {"type": int, "help": "global batch size (default 128)"},
     "lr": {"type": float, "help": "peak learning rate (default 0.1)"},
@@ -52,6 +55,11 @@ _OPTIONS: dict[str, dict[str, Any]] = {
     "precision": {"help": "auto (default: bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16"},
     "width": {"type": float, "help": "width multiplier (default 1)"},
     "drop_path_rate": {"type": float, "help": "stochastic depth rate of the last block (default 0)"},
+    "init_weights": {
+        "metavar": "FILE",
+        "help": "start from a plain ResNet's weights (torchvision/timm .pth or .safetensors, or a reslab "
+        "model.safetensors) of the same architecture; the technique starts where it keeps their function",
+    },
     "probe_every": {"type": int, "metavar": "K", "help": "record per-block gradient norms every K steps"},
     "threads": {"type": int, "help": "CPU threads (default: PyTorch's)"},
     "workers": {"type": int, "help": "DataLoader workers for folder datasets (default 2)"},
@@ -97,12 +105,22 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from reslab.errors import UsageError, is_out_of_memory, out_of_memory_message
+    from reslab.paths import check_writable_dir
+
+    check_writable_dir(args.out)  # before reading data or building anything
+    cfg = build_config(args)
     from reslab.train import train
 
-    cfg = build_config(args)
     progress = False if args.quiet else None
     try:
         summary = train(cfg, args.out, resume=args.resume, overwrite=args.overwrite, progress=progress)
+    except (MemoryError, RuntimeError) as e:
+        if not is_out_of_memory(e):
+            raise
+        raise UsageError(
+            out_of_memory_message(cfg.batch_size) + f"; the same command (or --resume) restarts {args.out}"
+        ) from None
     except KeyboardInterrupt:
         print(
             f"reslab train: interrupted; the last complete epoch is checkpointed, continue with "

@@ -1,0 +1,87 @@
+"""Start-up: 'reslab --help' and 'reslab models' answer without loading torch; the tables
+kept for that agree with the real registries; the package's names still resolve."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = str(Path(__file__).resolve().parent.parent / "src")
+
+
+def _imported_modules(*argv: str) -> tuple[set[str], str]:
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "reslab", *argv], capture_output=True, text=True, env=env
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    mods = {line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")}
+    return mods, r.stdout
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["models"], ["train", "--help"], ["report", "--help"]])
+def test_cli_start_does_not_import_torch(argv):
+    mods, out = _imported_modules(*argv)
+    assert "torch" not in mods and "numpy" not in mods
+    assert out  # it printed its answer
+
+
+def test_models_listing_matches_the_registries():
+    from reslab.catalog import MODELS, TECHNIQUES
+    from reslab.models import list_models, model_family
+    from reslab.techniques import list_techniques, technique_class
+
+    assert [(n, model_family(n)) for n in list_models()] == list(MODELS)
+    live = [(n, technique_class(n).summary, technique_class(n).reference) for n in list_techniques()]
+    # user registrations (tests register some) come after the built-ins
+    assert live[: len(TECHNIQUES)] == list(TECHNIQUES)
+    _, out = _imported_modules("models")
+    for name in list_models()[:3] + list_techniques()[: len(TECHNIQUES)]:
+        assert f"  {name} " in out
+
+
+def test_export_choices_match_reslab_export():
+    from reslab.commands import export as cmd
+    from reslab.export import FORMATS, SUFFIXES
+
+    assert tuple(cmd.FORMATS) == tuple(FORMATS) and cmd.SUFFIXES == SUFFIXES
+
+
+def test_package_names_resolve_lazily():
+    import reslab
+    from reslab.models import build_model
+
+    assert reslab.build_model is build_model
+    assert set(reslab.__all__) <= set(dir(reslab))
+    for name in reslab.__all__:
+        assert getattr(reslab, name) is not None
+    # 'fuse' is a function and a submodule: after the submodule is imported, the name is still the function
+    code = "import reslab, reslab.fuse; from reslab.fuse import fuse; assert reslab.fuse is fuse; print('ok')"
+    env = {**os.environ, "PYTHONPATH": SRC}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout == "ok\n"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        reslab.nope  # noqa: B018
+
+
+def test_cpu_compile_cuda_home_warning_is_silenced(tmp_path, monkeypatch, caplog):
+    import torch.utils.cpp_extension as ext
+
+    from reslab.train import silence_cuda_home_warning
+
+    if ext.torch.cuda.is_available():
+        pytest.skip("the warning only appears without a CUDA runtime")
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="torch.utils.cpp_extension"):
+        ext._find_cuda_home()
+    assert "No CUDA runtime is found" in caplog.text  # the message torch.compile triggers on a CPU
+    caplog.clear()
+    silence_cuda_home_warning()
+    with caplog.at_level(logging.WARNING, logger="torch.utils.cpp_extension"):
+        ext._find_cuda_home()
+        logging.getLogger("torch.utils.cpp_extension").warning("another message")
+    assert "No CUDA runtime is found" not in caplog.text and "another message" in caplog.text
