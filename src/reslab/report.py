@@ -608,6 +608,34 @@ def _fmt_ci(row: dict[str, Any], key: str, scale: float = 1.0, spec: str = ".2f"
     return fmt_bounds(_f(row[f"{key}_ci_low"]), _f(row[f"{key}_ci_high"]), ref, scale, sign=spec.startswith("+"))
 
 
+def _expected_cells(grid: dict[str, Any] | None, cells: Sequence[Cell], runs: dict[Cell, RunData]) -> list[Cell]:
+    """The cells a complete result needs: every cell of a fixed grid; for a sequential one, the
+    runs that exist plus the seeds each still-open comparison needs for its next look."""
+    seq = (grid or {}).get("sequential")
+    if not seq:
+        return list(cells)
+    from reslab.sequential import Plan
+
+    plan = Plan(**seq)
+    seeds = [int(s) for s in grid["seeds"]] if grid else []
+    values = {c: v for c, r in runs.items() if (v := run_value(r)) is not None}
+    need = set(runs)
+    for m in grid["models"] if grid else []:
+        for t in grid["techniques"]:
+            if t == BASELINE:
+                continue
+            from reslab.decisions import paired_diffs
+            from reslab.sequential import run_to_decision
+
+            looks = run_to_decision(paired_diffs(values, m, t, seeds), plan)
+            if looks and looks[-1].decision != "continue":
+                continue
+            n = plan.next_look(looks[-1].n) if looks else plan.looks[0]
+            for s in seeds[: n or 0]:
+                need |= {Cell(m, t, s), Cell(m, BASELINE, s)}
+    return sorted(need)
+
+
 def _describe_missing(cells: Sequence[Cell], runs: dict[Cell, RunData]) -> list[str]:
     out = []
     for c in cells:
@@ -693,13 +721,20 @@ def build_report(
             )
     records = [run_record(runs[c], targets[c.model], out) for c in cells if c in runs]
     rows = summarize_all(records, grid, targets, method, level)
+    expected = _expected_cells(grid, cells, runs)
+    if (grid or {}).get("sequential"):
+        # a sequential grid plans only the seeds its decisions need: count those, not the maximum
+        for row in rows:
+            mine = [c for c in expected if (c.model, c.technique) == (row["model"], row["technique"])]
+            row["seeds_planned"] = len(mine)
+            row["unfinished"] = sum(1 for c in mine if c not in runs or not runs[c].finished)
     probe_entries = read_probe_entries(dirs)
     init_probe = read_init_probe(dirs)
     for row in rows:
         e = init_probe.get((row["model"], row["technique"]))
         row["init_grad_ratio"] = _f(e.get("grad_ratio")) if e else math.nan
         row["init_grad_verdict"] = e.get("verdict") if e else None
-    missing = _describe_missing(cells, runs)
+    missing = _describe_missing(expected, runs)
     timing = _read_json(out / TIMING_FILE)
     decisions = decide(grid, runs, timing, targets)
 
@@ -742,7 +777,13 @@ def build_report(
         + ", ".join(f"{m} {stats.fmt_pct(t, 1)}" for m, t in targets.items())
         + "."
     )
-    n_done = sum(1 for c in cells if c in runs and runs[c].finished)
+    n_done = sum(1 for c in expected if c in runs and runs[c].finished)
+    if (grid or {}).get("sequential"):
+        doc.p(
+            f"Sequential grid: {n_done} runs finished of the {len(cells)} the plan allowed; a technique stops "
+            "adding seeds once it is decided, so the rest were not needed."
+        )
+    cells = expected
     if missing:
         doc.p(f"Incomplete grid: {n_done} of {len(cells)} runs finished. Missing or unfinished:")
         doc.ul(missing)
@@ -1125,7 +1166,8 @@ def _decision_section(
         )
         doc.p(
             "Epochs to target are read off the validation evaluations (several per epoch when the grid sets "
-            "evals_per_epoch), so they have sub-epoch resolution. The speed-up is baseline's epochs over the "
+            "evals_per_epoch), interpolated linearly between the two around the crossing (from chance level at epoch "
+            "0), so they are not multiples of the evaluation interval. The speed-up is baseline's epochs over the "
             "technique's, a geometric mean over the seeds where both reached the target, with an interval at the "
             "same per-look level as the decision; 'speed-up in time' divides it by the step-time ratio."
         )

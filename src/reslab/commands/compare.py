@@ -3,7 +3,7 @@ worse or equivalent (within a margin), with intervals that stay honest at a few 
 
 With no options it runs the 'quick' preset: baseline, scale, norm and fusion on a shallow
 ResNet-8 and a deep ResNet-56 (quarter width, a Fashion-MNIST subset, 2 epochs), adding seeds
-(4 to 6) until each technique is decided, in about 6 minutes on a 2-core CPU. '--preset
+(4 to 6) until each technique is decided, in about 4 minutes on a 2-core CPU. '--preset
 paper' runs resnet20/56/110 with every technique on full data (for a GPU). Any grid or
 training option without --preset starts a custom grid from the training engine's defaults
 (resnet20, full data, fixed seeds); '--preset quick --epochs 3' changes one setting of a
@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--techniques", help="comma-separated techniques or 'all' (baseline is always included)")
     parser.add_argument("--seeds", help="N (seeds 0..N-1) or a comma-separated list, e.g. 0,1,2")
     parser.add_argument(
-        "--target-acc", help="validation accuracy for time-to-target, e.g. 0.9, or 'auto' (99%% of baseline's final)"
+        "--target-acc", help="validation accuracy for time-to-target, e.g. 0.9, or 'auto' (95%% of baseline's final)"
     )
     parser.add_argument(
         "--until-decided",
