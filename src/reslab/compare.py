@@ -39,6 +39,7 @@ from typing import Any
 
 from reslab.checkpoint import atomic_write_text
 from reslab.config import RESUMABLE_CHANGES, TrainConfig, default_threads
+from reslab.decisions import open_cells, paired_diffs
 from reslab.errors import UsageError
 from reslab.report import build_report
 from reslab.results import (
@@ -353,13 +354,7 @@ def comparison_looks(grid: Grid, outcomes: Outcomes, model: str, technique: str)
     """The looks a sequential comparison has taken so far (the last one is its state)."""
     plan = grid.plan()
     assert plan is not None
-    diffs: list[float] = []
-    for s in grid.seeds[: plan.max_seeds]:
-        a, b = outcomes.values.get(Cell(model, technique, s)), outcomes.values.get(Cell(model, BASELINE, s))
-        if a is None or b is None:
-            break
-        diffs.append(a - b)
-    return run_to_decision(diffs, plan)
+    return run_to_decision(paired_diffs(outcomes.values, model, technique, grid.seeds), plan)
 
 
 def needed_cells(grid: Grid, outcomes: Outcomes) -> list[Cell]:
@@ -370,20 +365,7 @@ def needed_cells(grid: Grid, outcomes: Outcomes) -> list[Cell]:
         return [c for c in grid.cells() if not outcomes.finished(c)]
     need: set[Cell] = set()
     for m in grid.models:
-        base_n = 0
-        for t in grid.techniques:
-            if t == BASELINE:
-                continue
-            looks = comparison_looks(grid, outcomes, m, t)
-            if looks and looks[-1].decision != "continue":
-                continue  # decided, or undecided after the last look
-            n = plan.next_look(looks[-1].n) if looks else plan.looks[0]
-            assert n is not None
-            need |= {Cell(m, t, s) for s in grid.seeds[:n]}
-            base_n = max(base_n, n)
-        if BASELINE in grid.techniques and len(grid.techniques) == 1:
-            base_n = plan.looks[0]
-        need |= {Cell(m, BASELINE, s) for s in grid.seeds[:base_n]}
+        need |= open_cells(plan, grid.seeds, outcomes.values, m, grid.techniques)
     order = {c: i for i, c in enumerate(grid.cells())}
     return sorted((c for c in need if not outcomes.finished(c)), key=order.__getitem__)
 

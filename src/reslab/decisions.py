@@ -64,6 +64,24 @@ def paired_diffs(values: dict[Cell, float], model: str, technique: str, seeds: S
     return out
 
 
+def open_cells(
+    plan: Plan, seeds: Sequence[int], values: dict[Cell, float], model: str, techniques: Sequence[str]
+) -> set[Cell]:
+    """The cells the next look of every still-open comparison on ``model`` needs: its seeds up to
+    that look, and baseline's. Decided comparisons (and those undecided after the last look)
+    need nothing more. Used by compare (what to train) and report (what is missing)."""
+    need: set[Cell] = set()
+    for t in techniques:
+        if t == BASELINE:
+            continue
+        looks = run_to_decision(paired_diffs(values, model, t, seeds), plan)
+        if looks and looks[-1].decision != "continue":
+            continue
+        n = plan.next_look(looks[-1].n) if looks else plan.looks[0]
+        need |= {Cell(model, tt, s) for s in seeds[: n or 0] for tt in (t, BASELINE)}
+    return need
+
+
 def auto_target(runs: dict[Cell, RunData], model: str) -> float:
     """95% of baseline's mean final validation accuracy on ``model`` (nan without baseline runs)."""
     finals = [
@@ -294,6 +312,7 @@ __all__ = [
     "decide",
     "epochs_to_target",
     "gradient_verdict",
+    "open_cells",
     "paired_diffs",
     "recommend",
 ]

@@ -32,7 +32,7 @@ import numpy as np
 
 from reslab import __version__, stats
 from reslab.checkpoint import atomic_write_text
-from reslab.decisions import Decision, auto_target, decide, gradient_verdict, pp
+from reslab.decisions import Decision, auto_target, decide, gradient_verdict, open_cells, pp
 from reslab.errors import UsageError
 from reslab.results import (  # noqa: F401 - re-exported: the layout lives in reslab.results
     BASELINE,
@@ -612,27 +612,15 @@ def _expected_cells(grid: dict[str, Any] | None, cells: Sequence[Cell], runs: di
     """The cells a complete result needs: every cell of a fixed grid; for a sequential one, the
     runs that exist plus the seeds each still-open comparison needs for its next look."""
     seq = (grid or {}).get("sequential")
-    if not seq:
+    if not grid or not seq:
         return list(cells)
     from reslab.sequential import Plan
 
-    plan = Plan(**seq)
-    seeds = [int(s) for s in grid["seeds"]] if grid else []
+    seeds = [int(s) for s in grid["seeds"]]
     values = {c: v for c, r in runs.items() if (v := run_value(r)) is not None}
     need = set(runs)
-    for m in grid["models"] if grid else []:
-        for t in grid["techniques"]:
-            if t == BASELINE:
-                continue
-            from reslab.decisions import paired_diffs
-            from reslab.sequential import run_to_decision
-
-            looks = run_to_decision(paired_diffs(values, m, t, seeds), plan)
-            if looks and looks[-1].decision != "continue":
-                continue
-            n = plan.next_look(looks[-1].n) if looks else plan.looks[0]
-            for s in seeds[: n or 0]:
-                need |= {Cell(m, t, s), Cell(m, BASELINE, s)}
+    for m in grid["models"]:
+        need |= open_cells(Plan(**seq), seeds, values, m, grid["techniques"])
     return sorted(need)
 
 
