@@ -51,8 +51,9 @@ from reslab.results import (
     RUNS_DIR,
     TIMING_FILE,
     Cell,
+    RunData,
     read_run,
-    run_value,
+    summary_value,
 )
 from reslab.sequential import Look, Plan, run_to_decision
 from reslab.timing import measure_step_times, step_seconds
@@ -258,13 +259,6 @@ def run_state(run_dir: Path) -> str | None:
         return "unknown" if run_dir.exists() and any(run_dir.iterdir()) else None
 
 
-def epochs_done(run_dir: Path) -> int:
-    try:
-        return int(json.loads((run_dir / "checkpoint" / "latest.json").read_text())["epoch"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
-
-
 def run_cell(
     grid: Grid,
     cell: Cell,
@@ -327,24 +321,17 @@ class Outcomes:
     status: dict[Cell, str] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, results: Path, cells: Sequence[Cell]) -> Outcomes:
+    def of(cls, runs: dict[Cell, RunData]) -> Outcomes:
         out = cls()
-        for c in cells:
-            run = read_run(results / RUNS_DIR / c.name)
-            if run is None:
-                continue
-            out.status[c] = run.status
-            v = run_value(run)
-            if v is not None:
-                out.values[c] = v
+        for c, run in runs.items():
+            out.add(c, run.status, run.summary)
         return out
 
-    def add(self, cell: Cell, summary: dict[str, Any]) -> None:
-        self.status[cell] = str(summary.get("status"))
-        key = "test_acc" if summary.get("status") == "completed" else "chance_acc"
-        v = summary.get(key) if summary.get("status") in FINISHED else None
-        if isinstance(v, (int, float)) and math.isfinite(v):
-            self.values[cell] = float(v)
+    def add(self, cell: Cell, status: str | None, summary: dict[str, Any]) -> None:
+        self.status[cell] = str(status)
+        v = summary_value(status, summary)
+        if v is not None:
+            self.values[cell] = v
 
     def finished(self, cell: Cell) -> bool:
         return self.status.get(cell) in FINISHED
@@ -504,12 +491,12 @@ class Estimator:
             self.measured.append(elapsed_s / p)
 
 
-def estimate_lines(grid: Grid, est: Estimator, outcomes: Outcomes, jobs: int, overhead_s: float) -> tuple[float, str]:
+def estimate_lines(grid: Grid, est: Estimator, outcomes: Outcomes, jobs: int) -> tuple[float, str]:
     """(upper estimate in seconds, one-line description) of what is left to train."""
-    low = sum(est.seconds(c) for c in planned_cells(grid, outcomes, upper=False)) / jobs + overhead_s
-    high = sum(est.seconds(c) for c in planned_cells(grid, outcomes, upper=True)) / jobs + overhead_s
+    low = sum(est.seconds(c) for c in planned_cells(grid, outcomes, upper=False)) / jobs
+    high = sum(est.seconds(c) for c in planned_cells(grid, outcomes, upper=True)) / jobs
     if grid.budget_s is not None:
-        high = min(high, grid.budget_s + overhead_s)
+        high = min(high, grid.budget_s)
         low = min(low, high)
     if grid.plan() is None or abs(high - low) < 1:
         return high, f"estimated time {fmt_duration(high)}"
@@ -557,14 +544,15 @@ def run_grid(
     n_train, n_eval = _image_counts(settings, ds)
     est = Estimator(grid, timing, n_train, n_eval, jobs)
     all_cells = grid.cells()
-    outcomes = Outcomes.read(results, all_cells)
-    for c in all_cells:
-        run = read_run(results / RUNS_DIR / c.name)
-        if run is not None and run.finished and run.summary.get("elapsed_s"):
+    stored = {c: run for c in all_cells if (run := read_run(results / RUNS_DIR / c.name)) is not None}
+    outcomes = Outcomes.of(stored)
+    for c, run in stored.items():
+        if run.finished and run.summary.get("elapsed_s"):
             est.observe(c, float(run.summary["elapsed_s"]))
+    order = {c: i for i, c in enumerate(all_cells)}
     mine = set(shard_cells(all_cells, shard))
     skipped = [c for c in all_cells if outcomes.finished(c) and c in mine]
-    total_s, words = estimate_lines(grid, est, outcomes, jobs, overhead_s=0.0)
+    total_s, words = estimate_lines(grid, est, outcomes, jobs)
     prog.line(
         f"compare: {len(grid.cells())} cells at most, {len(skipped)} already finished"
         + (f" (shard {shard[0]}/{shard[1]})" if shard else "")
@@ -602,7 +590,7 @@ def run_grid(
         assert summary is not None
         (results / FAILED_DIR / f"{cell.name}.json").unlink(missing_ok=True)
         ran.append(cell)
-        outcomes.add(cell, summary)
+        outcomes.add(cell, summary.get("status"), summary)
         if summary.get("elapsed_s"):
             est.observe(cell, float(summary["elapsed_s"]))
         if summary.get("status") == "diverged":
@@ -615,7 +603,6 @@ def run_grid(
         cand = [c for c in needed_cells(grid, outcomes) if c in mine and c not in busy and c not in tried]
         # seed-major (a grid stopped half-way keeps complete, paired seeds); within a seed the
         # costliest model first, so the last runs to finish are short ones
-        order = {c: i for i, c in enumerate(all_cells)}
         cand.sort(key=lambda c: (c.seed, -est.seconds(Cell(c.model, BASELINE, c.seed)), order[c]))
         if grid.budget_s is not None and cand:
             left = grid.budget_s - (time.perf_counter() - t0)
@@ -626,7 +613,7 @@ def run_grid(
         return cand
 
     def refresh() -> None:
-        total, _ = estimate_lines(grid, est, outcomes, jobs, 0.0)
+        total, _ = estimate_lines(grid, est, outcomes, jobs)
         prog.update(done_s, done_s + total, status())
 
     try:
@@ -832,8 +819,10 @@ def _image_counts(settings: dict[str, Any], ds: Any) -> tuple[int, int]:
     """(training images, images evaluated per run) under ``settings``."""
     n_all = len(ds.train_x) if hasattr(ds, "train_x") else len(ds.train_files)
     n_test = len(ds.test_x) if hasattr(ds, "test_x") else len(ds.test_files)
+    from reslab.train import DEFAULT_VAL_SIZE
+
     val = settings.get("val_size")
-    val = val if val is not None else min(5000, n_all // 10)
+    val = val if val is not None else DEFAULT_VAL_SIZE.get(ds.name, n_all // 10)  # as the engine resolves it
     n_train = n_all - val
     if settings.get("train_subset"):
         n_train = min(n_train, int(settings["train_subset"]))

@@ -200,13 +200,18 @@ def collect(dirs: Sequence[Path]) -> tuple[dict[str, Any] | None, dict[Cell, Run
 
 
 def run_value(run: RunData) -> float | None:
-    """The outcome a comparison uses for one run: its final test accuracy; a diverged run
-    counts at chance level (a constant prediction of the most frequent test class), since
-    its weights are lost; None while the run has no outcome."""
-    if run.status == "completed":
-        v = run.summary.get("test_acc")
-    elif run.status == "diverged":
-        v = run.summary.get("chance_acc")
+    """The outcome a comparison uses for one run (see :func:`summary_value`)."""
+    return summary_value(run.status, run.summary)
+
+
+def summary_value(status: str | None, summary: dict[str, Any]) -> float | None:
+    """The outcome a comparison uses for a run with this status and summary.json: its final
+    test accuracy; a diverged run counts at chance level (a constant prediction of the most
+    frequent test class), since its weights are lost; None while the run has no outcome."""
+    if status == "completed":
+        v = summary.get("test_acc")
+    elif status == "diverged":
+        v = summary.get("chance_acc")
     else:
         return None
     try:
