@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reslab.blocks import residual_blocks
-from reslab.models import ResNet, channels_last_safe, cifar_resnet
+from reslab.models import ResNet, cifar_resnet, fast_memory_format
 from reslab.plugins import import_from_env
 from reslab.techniques import list_techniques, technique_class
 
@@ -430,11 +430,17 @@ def probe_cell(
     torch.manual_seed(seed)
     in_channels = batches[0][0].shape[1]
     model = cifar_resnet(depth, technique=technique, num_classes=num_classes, in_channels=in_channels, width=width)
-    # NHWC is the faster layout for CPU convolutions (oneDNN), and it does not change the maths.
-    fmt = torch.channels_last if channels_last_safe(model) else torch.contiguous_format
+    return probe_model(*prepare(model, batches, dtype))
+
+
+def prepare(
+    model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], dtype: torch.dtype
+) -> tuple[nn.Module, list[tuple[Tensor, Tensor]]]:
+    """``model`` and ``batches`` in ``dtype`` and the faster memory layout the model allows
+    (:func:`reslab.models.fast_memory_format`); the layout does not change the maths."""
+    fmt = fast_memory_format(model)
     model = model.to(dtype=dtype, memory_format=fmt)
-    data = [(x.to(dtype).contiguous(memory_format=fmt), y) for x, y in batches]
-    return probe_model(model, data)
+    return model, [(x.to(dtype).contiguous(memory_format=fmt), y) for x, y in batches]
 
 
 # Per-process state of a worker: the batches arrive once, through the pool initializer.
@@ -638,6 +644,7 @@ __all__ = [
     "entry_to_dict",
     "fmt",
     "make_batches",
+    "prepare",
     "probe_cell",
     "probe_model",
     "ratio_threshold",

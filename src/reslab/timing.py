@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from reslab.models import build_model, channels_last_safe
+from reslab.models import build_model, fast_memory_format
 
 
 def measure_step_times(
@@ -52,7 +52,7 @@ def measure_step_times(
             for t in techniques:
                 torch.manual_seed(seed)
                 model = build_model(m, t, num_classes, c, width=width, technique_args=dict(technique_args or {}))
-                fmt = torch.channels_last if channels_last_safe(model) else torch.contiguous_format
+                fmt = fast_memory_format(model)
                 model = model.to(memory_format=fmt).train()
                 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
                 x = torch.randn(batch_size, c, h, w, generator=gen).contiguous(memory_format=fmt)

@@ -265,8 +265,7 @@ def _probe_weights(
 
     from reslab.checkpoint import load_model, read_metadata
     from reslab.data import load_arrays
-    from reslab.models import channels_last_safe
-    from reslab.probe import ProbeEntry, make_batches, probe_model, verdict
+    from reslab.probe import ProbeEntry, make_batches, prepare, probe_model, verdict
 
     meta = read_metadata(path)
     model = load_model(path)
@@ -290,9 +289,7 @@ def _probe_weights(
     m = re.fullmatch(r"resnet(\d+)", spec.name)
     depth = int(m.group(1)) if m else 0
     dtype = getattr(torch, args.dtype)
-    fmt = torch.channels_last if channels_last_safe(model) else torch.contiguous_format
-    model = model.to(dtype=dtype, memory_format=fmt)
-    data = [(x.to(dtype).contiguous(memory_format=fmt), y) for x, y in batches]
+    model, data = prepare(model, batches, dtype)
     torch.manual_seed(args.seed)  # DropPath, if the model has it, draws from here
     t0 = time.perf_counter()
     probe = probe_model(model, data)
