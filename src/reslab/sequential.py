@@ -87,6 +87,18 @@ class Plan:
         return next((k for k in self.looks if k > n), None)
 
 
+class _PrefixStats:
+    """Mean and sample sd of the first n columns of every row, for any n, from running sums."""
+
+    def __init__(self, x: np.ndarray) -> None:
+        self.csum, self.csq = np.cumsum(x, axis=1), np.cumsum(x * x, axis=1)
+
+    def mean_sd(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        mean = self.csum[:, n - 1] / n
+        var = np.maximum(self.csq[:, n - 1] - n * mean * mean, 0.0) / (n - 1)
+        return mean, np.sqrt(var)
+
+
 @functools.lru_cache(maxsize=64)
 def nominal_level(looks: tuple[int, ...], alpha: float, paths: int = CALIBRATION_PATHS) -> float:
     """Per-look two-sided level ``a`` such that P(some look's |t| exceeds its t quantile) = alpha.
@@ -103,12 +115,11 @@ def nominal_level(looks: tuple[int, ...], alpha: float, paths: int = CALIBRATION
     chunk = 100_000
     for lo in range(0, paths, chunk):
         x = rng.standard_normal((min(chunk, paths - lo), n_max))
-        csum, csq = np.cumsum(x, axis=1), np.cumsum(x * x, axis=1)
+        prefix = _PrefixStats(x)
         p_min = np.ones(len(x))
         for n in looks:
-            mean = csum[:, n - 1] / n
-            var = np.maximum(csq[:, n - 1] - n * mean * mean, 0.0) / (n - 1)
-            t = mean / np.sqrt(var / n)
+            mean, sd = prefix.mean_sd(n)
+            t = mean / (sd / math.sqrt(n))
             p_min = np.minimum(p_min, 2 * sps.t.sf(np.abs(t), n - 1))
         min_p[lo : lo + len(x)] = p_min
     return float(np.quantile(min_p, alpha))
@@ -199,13 +210,12 @@ def decide_paths(paths: np.ndarray, plan: Plan) -> tuple[np.ndarray, np.ndarray]
     differences; returns each grid's decision and the seeds it used."""
     from scipy import stats as sps
 
-    csum, csq = np.cumsum(paths, axis=1), np.cumsum(paths * paths, axis=1)
+    prefix = _PrefixStats(paths)
     outcome = np.full(len(paths), "", dtype=object)
     used = np.full(len(paths), plan.max_seeds)
     for n in plan.looks:
         open_ = outcome == ""
-        mean = csum[:, n - 1] / n
-        sdev = np.sqrt(np.maximum(csq[:, n - 1] - n * mean * mean, 0.0) / (n - 1))
+        mean, sdev = prefix.mean_sd(n)
         half = float(sps.t.ppf(1 - plan.nominal / 2, n - 1)) * sdev / math.sqrt(n)
         low, high = mean - half, mean + half
         for label, hit in (
