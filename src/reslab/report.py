@@ -34,9 +34,8 @@ from reslab import __version__, stats
 from reslab.checkpoint import atomic_write_text
 from reslab.decisions import Decision, auto_target, decide, gradient_verdict, open_cells, pp
 from reslab.errors import UsageError
-from reslab.results import (  # noqa: F401 - re-exported: the layout lives in reslab.results
+from reslab.results import (
     BASELINE,
-    FAILED_DIR,
     FIGURES_DIR,
     FINISHED,
     GRID_FILE,
@@ -45,15 +44,13 @@ from reslab.results import (  # noqa: F401 - re-exported: the layout lives in re
     TIMING_FILE,
     Cell,
     RunData,
+    _read_json,
     collect,
     grid_cells,
-    read_grid,
     read_jsonl,
-    read_run,
-    run_name,
     run_value,
 )
-from reslab.results import _read_json as _read_json
+from reslab.sequential import Plan
 
 # ---------------------------------------------------------------------------------------
 # Per-run records
@@ -614,8 +611,6 @@ def _expected_cells(grid: dict[str, Any] | None, cells: Sequence[Cell], runs: di
     seq = (grid or {}).get("sequential")
     if not grid or not seq:
         return list(cells)
-    from reslab.sequential import Plan
-
     seeds = [int(s) for s in grid["seeds"]]
     values = {c: v for c, r in runs.items() if (v := run_value(r)) is not None}
     need = set(runs)

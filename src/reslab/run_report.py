@@ -16,6 +16,8 @@ from typing import Any
 
 from reslab.checkpoint import atomic_write, atomic_write_text
 from reslab.errors import UsageError
+from reslab.report import gradient_ratios
+from reslab.results import read_jsonl
 
 __all__ = ["RunReport", "is_run_folder", "write_run_report"]
 
@@ -33,20 +35,6 @@ def is_run_folder(path: str | Path) -> bool:
     """A folder written by ``reslab train`` (not a results folder of ``reslab compare``)."""
     p = Path(path)
     return p.is_dir() and (p / "summary.json").is_file() and not (p / "grid.json").exists()
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows: list[dict[str, Any]] = []
-    if not path.is_file():
-        return rows
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:  # a line torn by a kill mid-write ends the readable part
-            break
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def _plot_curves(metrics: list[dict[str, Any]], title: str, path: Path) -> None:
@@ -90,11 +78,7 @@ def _plot_gradients(records: list[dict[str, Any]], title: str, path: Path) -> No
             lw=1,
             label=b if i in (0, len(blocks) - 1) else None,
         )
-    ratios = []
-    for r in records:
-        norms = [float(r[b]) for b in blocks if isinstance(r.get(b), int | float) and 0 < r[b] < math.inf]
-        ratios.append(max(norms) / min(norms) if len(norms) >= 2 else math.nan)
-    ax_ratio.plot(steps, ratios, color="black")
+    ax_ratio.plot(*gradient_ratios(records), color="black")
     ax_norm.set(
         xlabel="optimizer step", ylabel="gradient L2 norm per block", yscale="log", title="per block (first to last)"
     )
@@ -117,7 +101,7 @@ def write_run_report(run: str | Path, out: str | Path | None = None) -> RunRepor
         summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UsageError(f"{run}/summary.json is unreadable ({e}); is {run} a run folder of 'reslab train'?") from None
-    metrics = [r for r in _read_jsonl(run / "metrics.jsonl") if "epoch" in r]
+    metrics = [r for r in read_jsonl(run / "metrics.jsonl") if "epoch" in r]
     if not metrics:
         raise UsageError(f"{run} has no completed epoch in metrics.jsonl yet; report it after the first epoch")
     folder = Path(out) if out is not None else run / "report"
@@ -128,7 +112,7 @@ def write_run_report(run: str | Path, out: str | Path | None = None) -> RunRepor
     title = f"{get('model', '?')} ({get('technique', '?')}), {get('dataset', '?')}, seed {get('seed', '?')}"
     _plot_curves(metrics, title, folder / "curves.png")
     report.files.append(folder / "curves.png")
-    grads = [r for r in _read_jsonl(run / "gradients.jsonl") if len(r) > len(_GRAD_META)]
+    grads = [r for r in read_jsonl(run / "gradients.jsonl") if len(r) > len(_GRAD_META)]
     if grads:
         _plot_gradients(grads, title, folder / "gradients.png")
         report.files.append(folder / "gradients.png")
