@@ -20,6 +20,7 @@ makes it disagree with reslab.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
@@ -113,13 +114,13 @@ def _projection(cin: int, cout: int, stride: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
 
 
-@pytest.mark.parametrize("technique", TECHNIQUES)
-@pytest.mark.parametrize("cin,cout,stride", [(8, 8, 1), (8, 16, 2)], ids=["identity", "projection"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_block_matches_article_class(technique: str, cin: int, cout: int, stride: int, channels_last: bool) -> None:
-    gen = torch.Generator().manual_seed(0)
+def _reference_and_ours(
+    technique: str, cin: int, cout: int, stride: int, gen: torch.Generator, **reference: Any
+) -> tuple[ReferenceBlock, BasicBlock]:
+    """A randomized reference block (``reference``: its merge and ReLU placement) and reslab's
+    BasicBlock holding the same state dict, loaded strictly."""
     down = _projection(cin, cout, stride) if stride != 1 or cin != cout else None
-    ref = ReferenceBlock(technique, cin, cout, stride, down)
+    ref = ReferenceBlock(technique, cin, cout, stride, down, **reference)
     _randomize(ref, gen)
     ours = BasicBlock(
         cin,
@@ -130,6 +131,15 @@ def test_block_matches_article_class(technique: str, cin: int, cout: int, stride
         conv_bias=True,
     )
     ours.load_state_dict(ref.state_dict(), strict=True)
+    return ref, ours
+
+
+@pytest.mark.parametrize("technique", TECHNIQUES)
+@pytest.mark.parametrize("cin,cout,stride", [(8, 8, 1), (8, 16, 2)], ids=["identity", "projection"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_block_matches_article_class(technique: str, cin: int, cout: int, stride: int, channels_last: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    ref, ours = _reference_and_ours(technique, cin, cout, stride, gen)
 
     x = torch.randn(6, cin, 10, 10, generator=gen)
     if channels_last:
@@ -176,18 +186,7 @@ def test_every_mutant_of_the_reference_disagrees_with_reslab(technique: str, cin
     cases = [(label, merge, True) for label, merge in MUTANTS[technique].items()]
     cases.append(("ReLU on the branch instead of after the merge", MERGES[technique], False))
     for label, merge, relu_after in cases:
-        down = _projection(cin, cout, stride) if stride != 1 or cin != cout else None
-        mutant = ReferenceBlock(technique, cin, cout, stride, down, merge=merge, relu_after=relu_after)
-        _randomize(mutant, gen)
-        ours = BasicBlock(
-            cin,
-            cout,
-            stride,
-            downsample=_projection(cin, cout, stride) if down is not None else None,
-            technique=technique,
-            conv_bias=True,
-        )
-        ours.load_state_dict(mutant.state_dict(), strict=True)
+        mutant, ours = _reference_and_ours(technique, cin, cout, stride, gen, merge=merge, relu_after=relu_after)
         for train in (True, False):
             mutant.train(train)
             ours.train(train)

@@ -360,7 +360,7 @@ def test_estimate_flags_a_long_cpu_grid_and_progress_prints_lines_off_a_terminal
     # 0.15 s a step, as the timing pass measures resnet20 at batch 128 on this 2-core CPU
     timing = {"steps": {"resnet20/baseline": [0.15] * 3, "resnet20/scale": [0.155] * 3}}
     est = Estimator(grid, timing, n_train=55_000, n_eval=15 * 5000 + 10_000)
-    total, words = estimate_lines(grid, est, Outcomes(), jobs=1, overhead_s=0.0)
+    total, words = estimate_lines(grid, est, Outcomes(), jobs=1)
     steps = 55_000 // 128 * 15
     assert total == pytest.approx(3 * (0.15 + 0.155) * (steps + 85_000 / (3 * 128)))
     assert total > LONG_RUN_S and words.startswith("estimated time")

@@ -36,6 +36,7 @@ import shutil
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -349,10 +350,7 @@ def _chance_acc(labels: list[int]) -> float:
     lost its weights (diverged) is worth; comparisons count a diverged run at this level."""
     if not labels:
         return 0.0
-    counts: dict[int, int] = {}
-    for y in labels:
-        counts[y] = counts.get(y, 0) + 1
-    return max(counts.values()) / len(labels)
+    return Counter(labels).most_common(1)[0][1] / len(labels)
 
 
 # ---------------------------------------------------------------------------------------
