@@ -18,6 +18,7 @@ from types import ModuleType
 
 from reslab import __version__, plugins  # reslab/__init__.py loads nothing heavy (see its __getattr__)
 from reslab.errors import UsageError, is_out_of_memory, os_error_message, out_of_memory_message
+from reslab.signals import exit_status, handle_sigterm, stop_word
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    handle_sigterm()  # Slurm's preemption and time limit, kill, systemd: stop like Ctrl-C
     try:
         imports = [*getattr(args, "_imports_top", []), *getattr(args, "_imports", [])]
         with plugins.imported(imports):
@@ -86,12 +88,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"reslab {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print(
-            f"reslab {args.command}: interrupted; finished results are kept, run the same command again to go on",
+            f"reslab {args.command}: {stop_word(e)}; finished results are kept, run the same command again to go on",
             file=sys.stderr,
         )
-        return 130
+        return exit_status(e)
     except BrokenPipeError:
         # The reader went away (`reslab predict ... | head`): not an error of ours. Point
         # stdout at devnull so the interpreter's final flush does not raise again.

@@ -21,34 +21,38 @@ A grid trains every ``(model, technique, seed)`` cell with :func:`reslab.train.t
 
 from __future__ import annotations
 
+import _thread
+import hashlib
 import json
 import math
-import multiprocessing as mp
 import os
-import queue as queue_mod
 import signal
+import socket
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from reslab.checkpoint import atomic_write_text
+from reslab.claims import DEFAULT_LEASE_S, Claims, describe
 from reslab.config import RESUMABLE_CHANGES, TrainConfig, default_threads
 from reslab.decisions import open_cells, paired_diffs
 from reslab.errors import UsageError
+from reslab.pool import STOP_GRACE_S, WorkerDied, WorkerPool, WorkerStopped
 from reslab.report import build_report
 from reslab.results import (
     BASELINE,
+    CLAIMS_DIR,
     FAILED_DIR,
     FINISHED,
     GRID_FILE,
     PROBE_FILE,
     RUNS_DIR,
+    STARTS_FILE,
     TIMING_FILE,
     Cell,
     RunData,
@@ -56,6 +60,7 @@ from reslab.results import (
     summary_value,
 )
 from reslab.sequential import Look, Plan, run_to_decision
+from reslab.signals import Terminated
 from reslab.timing import measure_step_times, step_seconds
 
 #: Presets, sized by measurement (benchmarks/README.md, "The quick preset").
@@ -241,7 +246,8 @@ def prepare_results(out: Path, grid: Grid) -> Grid:
             budget_s=grid.budget_s,
         )
     else:
-        if out.exists() and any(out.iterdir()):
+        # names starting with a dot are other processes' atomic writes in flight (grid.json's)
+        if out.exists() and any(not p.name.startswith(".") for p in out.iterdir()):
             raise UsageError(
                 f"{out} exists and is not a 'reslab compare' results folder (no {GRID_FILE}); choose another --out"
             )
@@ -282,14 +288,71 @@ def run_cell(
     return train(cfg, run_dir, resume=resume, overwrite=overwrite, progress=False, on_epoch=on_epoch)
 
 
+# -- one cell, claimed ---------------------------------------------------------------------
+
+
+@dataclass
+class CellRun:
+    """What became of one attempt at a cell.
+
+    ``kind``: ``trained`` (by this worker; ``summary`` is its result), ``finished`` (found
+    finished by another worker; its summary), ``held`` (another live worker holds it), or
+    ``lost`` (this worker's claim was taken over while it trained: it had stalled for longer
+    than the lease, and the taker resumes the run).
+    """
+
+    kind: str
+    summary: dict[str, Any] | None = None
+
+
+def _append_start(run_dir: Path, resumed: bool) -> None:
+    """One line per training start in ``RUN/starts.jsonl``, written under the cell's claim: the
+    record that proves no two workers trained the cell at once."""
+    row = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), "resumed": resumed}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / STARTS_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def claim_and_run(
+    grid: Grid,
+    cell: Cell,
+    results: Path,
+    threads: int | None,
+    lease_s: float = DEFAULT_LEASE_S,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> CellRun:
+    """Claim ``cell`` in ``results/claims`` and train it (fresh, or resumed from its checkpoint,
+    also after taking over from a dead worker); the claim is renewed while it trains."""
+    lease = Claims(results / CLAIMS_DIR, lease_s).try_claim(cell.name)
+    if lease is None:
+        return CellRun("held")
+    run_dir = results / RUNS_DIR / cell.name
+    lost = threading.Event()
+
+    def on_lost() -> None:
+        lost.set()
+        # stop at the next step boundary, like Ctrl-C (through SIGTERM when it is handled:
+        # a worker started from a non-interactive shell may ignore SIGINT)
+        term = callable(signal.getsignal(signal.SIGTERM))
+        _thread.interrupt_main(signal.SIGTERM if term else signal.SIGINT)
+
+    try:
+        with lease.renewed(on_lost):
+            if run_state(run_dir) in FINISHED:
+                return CellRun("finished", json.loads((run_dir / "summary.json").read_text()))
+            _append_start(run_dir, (run_dir / "checkpoint" / "latest.json").is_file())
+            return CellRun("trained", run_cell(grid, cell, results, threads, on_epoch))
+    except KeyboardInterrupt:
+        if lost.is_set():
+            return CellRun("lost")
+        raise
+
+
 # -- worker processes --------------------------------------------------------------------
 
-_EVENTS: Any = None
 
-
-def _worker_init(threads: int, events: Any) -> None:
-    global _EVENTS
-    _EVENTS = events
+def _worker_init(threads: int) -> None:
     import torch
 
     from reslab.plugins import import_from_env
@@ -299,15 +362,22 @@ def _worker_init(threads: int, events: Any) -> None:
     import_from_env()
 
 
-def _worker(grid: Grid, cell: Cell, results: str, threads: int) -> dict[str, Any]:
-    if _EVENTS is not None:
-        _EVENTS.put(("pid", os.getpid()))
+def _gpu_env(grid: Grid, jobs: int) -> Callable[[int], dict[str, str]] | None:
+    """Pin worker i to one GPU (``CUDA_VISIBLE_DEVICES``), round robin over the visible ones,
+    when the grid trains on CUDA (``device`` auto or cuda) and this machine has GPUs."""
+    device = str(grid.train.get("device", "auto"))
+    if device not in ("auto", "cuda") or jobs < 2:
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        gpus = [g for g in visible.split(",") if g.strip()]
+    else:
+        import torch
 
-    def on_epoch(row: dict[str, Any]) -> None:
-        if _EVENTS is not None:
-            _EVENTS.put(("epoch", int(row["epoch"])))
-
-    return run_cell(grid, cell, Path(results), threads, on_epoch)
+        gpus = [str(i) for i in range(torch.cuda.device_count())]
+    if not gpus:
+        return None
+    return lambda i: {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}
 
 
 # -- what to train next ------------------------------------------------------------------
@@ -430,6 +500,8 @@ class CompareResult:
     wall_s: float
     report: Any = None
     budget_spent: bool = False
+    #: why no report was written by this process (another worker writes it, or wrote it)
+    report_note: str | None = None
 
 
 def _describe(cell: Cell, summary: dict[str, Any]) -> str:
@@ -510,6 +582,145 @@ def estimate_lines(grid: Grid, est: Estimator, outcomes: Outcomes, jobs: int) ->
 
 #: estimates above this many seconds on a CPU are announced before training starts
 LONG_RUN_S = 30 * 60
+#: seconds between looks at the results folder while other workers hold the cells left
+POLL_S = 2.0
+
+
+class _Scheduler:
+    """What one ``compare`` process knows and decides: the outcomes so far (its own and, read
+    from the folder, other workers'), which cells to claim next, the budget, the progress."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        results: Path,
+        claims: Claims,
+        est: Estimator,
+        jobs: int,
+        shard: tuple[int, int] | None,
+        prog: _GridProgress,
+        t0: float,
+    ) -> None:
+        self.grid, self.results, self.claims, self.est, self.jobs, self.prog, self.t0 = (
+            grid,
+            results,
+            claims,
+            est,
+            jobs,
+            prog,
+            t0,
+        )
+        self.cells = grid.cells()
+        self.order = {c: i for i, c in enumerate(self.cells)}
+        self.mine = set(shard_cells(self.cells, shard))
+        self.outcomes = Outcomes()
+        self.ran: list[Cell] = []
+        self.failed: list[Cell] = []
+        self.diverged: list[Cell] = []
+        self.lost: list[Cell] = []
+        self.budget_spent = False
+        self.done_s = 0.0
+        self.sync()
+        self.skipped = [c for c in self.cells if self.outcomes.finished(c) and c in self.mine]
+
+    def sync(self) -> None:
+        """Read the outcomes other workers have recorded since the last look."""
+        for c in self.cells:
+            if self.outcomes.finished(c):
+                continue
+            run = read_run(self.results / RUNS_DIR / c.name)
+            if run is not None and run.finished:
+                self.outcomes.add(c, run.status, run.summary)
+                if run.summary.get("elapsed_s"):
+                    self.est.observe(c, float(run.summary["elapsed_s"]))
+
+    def status(self) -> str:
+        plan = self.grid.plan()
+        n = len(self.ran) + len(self.failed)
+        if plan is None:
+            return f"{n} runs done"
+        looks = [
+            comparison_looks(self.grid, self.outcomes, m, t)
+            for m in self.grid.models
+            for t in self.grid.techniques
+            if t != BASELINE
+        ]
+        decided = sum(1 for lk in looks if lk and lk[-1].decision != "continue")
+        return f"{n} runs done, {decided}/{len(looks)} comparisons decided"
+
+    def refresh(self) -> None:
+        total, _ = estimate_lines(self.grid, self.est, self.outcomes, self.jobs)
+        self.prog.update(self.done_s, self.done_s + total, self.status())
+
+    def needed(self) -> list[Cell]:
+        """Cells of this shard the grid needs now, not failed here: claimable or held elsewhere."""
+        return [c for c in needed_cells(self.grid, self.outcomes) if c in self.mine and c not in self.failed]
+
+    def next_cells(self, busy: set[Cell]) -> list[Cell]:
+        """Cells to claim next, best first: seed-major (a grid stopped half-way keeps complete,
+        paired seeds), and within a seed the costliest model first, so that the last runs of
+        every worker are short ones and the workers finish together."""
+        held = set(self.claims.active(c.name for c in self.cells))
+        cand = [c for c in self.needed() if c not in busy and c.name not in held]
+        cand.sort(key=lambda c: (c.seed, -self.est.seconds(Cell(c.model, BASELINE, c.seed)), self.order[c]))
+        if self.grid.budget_s is not None and cand:
+            left = self.grid.budget_s - (time.perf_counter() - self.t0)
+            fits = [c for c in cand if self.est.seconds(c) <= left]
+            if len(fits) < len(cand):
+                self.budget_spent = True
+            cand = fits
+        return cand
+
+    def held_elsewhere(self, busy: set[Cell]) -> list[Cell]:
+        """Needed cells that other live workers are training (wait for them, unless out of budget)."""
+        if self.budget_spent:
+            return []
+        held = set(self.claims.active(c.name for c in self.cells))
+        return [c for c in self.needed() if c not in busy and c.name in held]
+
+    def finished(self, cell: Cell, run: CellRun | None, error: BaseException | None) -> None:
+        if error is not None:
+            self.done_s += self.est.seconds(cell) / self.jobs
+            self.failed.append(cell)
+            self.outcomes.status[cell] = "failed"
+            _record_failure(self.results, cell, error)
+            self.prog.line(f"{cell.name}: FAILED ({type(error).__name__}: {error}); the grid goes on")
+            return
+        assert run is not None
+        if run.kind == "lost":
+            self.lost.append(cell)
+            self.prog.line(f"{cell.name}: taken over by another worker (this one had stalled); it resumes the run")
+            return
+        if run.kind != "trained":
+            if run.kind == "finished" and run.summary is not None:
+                self.outcomes.add(cell, run.summary.get("status"), run.summary)
+            return
+        summary = run.summary or {}
+        self.done_s += self.est.seconds(cell) / self.jobs
+        (self.results / FAILED_DIR / f"{cell.name}.json").unlink(missing_ok=True)
+        self.ran.append(cell)
+        self.outcomes.add(cell, summary.get("status"), summary)
+        if summary.get("elapsed_s"):
+            self.est.observe(cell, float(summary["elapsed_s"]))
+        if summary.get("status") == "diverged":
+            self.diverged.append(cell)
+        self.prog.line(f"[{len(self.ran) + len(self.failed)}] " + _describe(cell, summary))
+
+    def wait_for_others(self, busy: set[Cell]) -> bool:
+        """True (after a pause and a fresh look) when cells this process needs are held by
+        other workers; False when there is nothing left to wait for."""
+        others = self.held_elsewhere(busy)
+        if not others:
+            return False
+        holders = {describe(h) for h in self.claims.active(c.name for c in others).values()}
+        self.prog.update(
+            self.done_s,
+            self.done_s,
+            f"{self.status()}; waiting for {len(others)} runs of other workers ({', '.join(sorted(holders)[:3])})",
+        )
+        time.sleep(POLL_S)
+        self.sync()
+        return True
 
 
 def run_grid(
@@ -521,8 +732,15 @@ def run_grid(
     progress: bool = True,
     report: bool = True,
     probe_init: bool = True,
+    lease_s: float = DEFAULT_LEASE_S,
 ) -> CompareResult:
     """Train the cells ``grid`` needs (all of them, or seeds until decided) into ``out``, then report.
+
+    Any number of processes (``jobs`` workers each, on one machine or several sharing the
+    folder) may run this on one ``out`` at once: each cell is claimed before it is trained
+    (:mod:`reslab.claims`), so every cell is trained once; a cell whose worker died is taken
+    over and resumed. The report is written by the process that finds the grid finished
+    with no other worker still training.
 
     Settings errors (unknown technique, missing dataset, a results folder made with other
     settings) raise :class:`UsageError` before any training starts.
@@ -535,26 +753,19 @@ def run_grid(
         grid.config(cell)
     ds = _check_data(grid)
     grid = prepare_results(results, grid)
+    claims = Claims(results / CLAIMS_DIR, lease_s)
     prog = _GridProgress(progress)
     if probe_init:
-        _probe_if_needed(grid, results, prog)
+        _probe_if_needed(grid, results, prog, claims)
     threads = max(1, default_threads() // jobs)
-    timing = _timing_if_needed(grid, results, ds, threads, prog)
+    timing = _timing_if_needed(grid, results, ds, threads, prog, claims)
     settings = grid.shared_settings()
     n_train, n_eval = _image_counts(settings, ds)
     est = Estimator(grid, timing, n_train, n_eval, jobs)
-    all_cells = grid.cells()
-    stored = {c: run for c in all_cells if (run := read_run(results / RUNS_DIR / c.name)) is not None}
-    outcomes = Outcomes.of(stored)
-    for c, run in stored.items():
-        if run.finished and run.summary.get("elapsed_s"):
-            est.observe(c, float(run.summary["elapsed_s"]))
-    order = {c: i for i, c in enumerate(all_cells)}
-    mine = set(shard_cells(all_cells, shard))
-    skipped = [c for c in all_cells if outcomes.finished(c) and c in mine]
-    total_s, words = estimate_lines(grid, est, outcomes, jobs)
+    sched = _Scheduler(grid, results, claims, est, jobs, shard, prog, t0)
+    total_s, words = estimate_lines(grid, est, sched.outcomes, jobs)
     prog.line(
-        f"compare: {len(grid.cells())} cells at most, {len(skipped)} already finished"
+        f"compare: {len(sched.cells)} cells at most, {len(sched.skipped)} already finished"
         + (f" (shard {shard[0]}/{shard[1]})" if shard else "")
         + f"; {jobs} job(s) x {threads} thread(s); {words}; results in {results}"
     )
@@ -564,152 +775,139 @@ def run_grid(
             "Ctrl-C stops it at any time and the same command resumes it; '--preset quick' asks the same "
             "question in about 4 minutes"
         )
-    ran: list[Cell] = []
-    failed: list[Cell] = []
-    diverged: list[Cell] = []
-    budget_spent = False
-    done_s = 0.0
-
-    def status() -> str:
-        plan = grid.plan()
-        if plan is None:
-            return f"{len(ran) + len(failed)} runs done"
-        looks = [comparison_looks(grid, outcomes, m, t) for m in grid.models for t in grid.techniques if t != BASELINE]
-        decided = sum(1 for lk in looks if lk and lk[-1].decision != "continue")
-        return f"{len(ran) + len(failed)} runs done, {decided}/{len(looks)} comparisons decided"
-
-    def finished(cell: Cell, summary: dict[str, Any] | None, error: BaseException | None) -> None:
-        nonlocal done_s
-        done_s += est.seconds(cell) / jobs
-        if error is not None:
-            failed.append(cell)
-            outcomes.status[cell] = "failed"
-            _record_failure(results, cell, error)
-            prog.line(f"{cell.name}: FAILED ({type(error).__name__}: {error}); the grid goes on")
-            return
-        assert summary is not None
-        (results / FAILED_DIR / f"{cell.name}.json").unlink(missing_ok=True)
-        ran.append(cell)
-        outcomes.add(cell, summary.get("status"), summary)
-        if summary.get("elapsed_s"):
-            est.observe(cell, float(summary["elapsed_s"]))
-        if summary.get("status") == "diverged":
-            diverged.append(cell)
-        prog.line(f"[{len(ran) + len(failed)}] " + _describe(cell, summary))
-
-    def next_cells(busy: set[Cell]) -> list[Cell]:
-        nonlocal budget_spent
-        tried = set(failed)
-        cand = [c for c in needed_cells(grid, outcomes) if c in mine and c not in busy and c not in tried]
-        # seed-major (a grid stopped half-way keeps complete, paired seeds); within a seed the
-        # costliest model first, so the last runs to finish are short ones
-        cand.sort(key=lambda c: (c.seed, -est.seconds(Cell(c.model, BASELINE, c.seed)), order[c]))
-        if grid.budget_s is not None and cand:
-            left = grid.budget_s - (time.perf_counter() - t0)
-            fits = [c for c in cand if est.seconds(c) <= left]
-            if len(fits) < len(cand):
-                budget_spent = True
-            cand = fits
-        return cand
-
-    def refresh() -> None:
-        total, _ = estimate_lines(grid, est, outcomes, jobs)
-        prog.update(done_s, done_s + total, status())
-
     try:
         if jobs == 1:
-            while cand := next_cells(set()):
-                cell = cand[0]
-                refresh()
-                try:
-                    summary = run_cell(grid, cell, results, threads, lambda _row: refresh())
-                except KeyboardInterrupt:
-                    raise
-                except Exception as e:  # noqa: BLE001 - one broken run must not stop the grid
-                    finished(cell, None, e)
-                else:
-                    finished(cell, summary, None)
+            _run_serial(sched, threads, lease_s)
         else:
-            _run_parallel(grid, results, jobs, threads, next_cells, finished, refresh)
+            _run_parallel(sched, threads, lease_s)
     finally:
         prog.close()
-    res = CompareResult(results, ran, skipped, failed, diverged, time.perf_counter() - t0, budget_spent=budget_spent)
+    res = CompareResult(
+        results,
+        sched.ran,
+        sched.skipped,
+        sched.failed,
+        sched.diverged,
+        time.perf_counter() - t0,
+        budget_spent=sched.budget_spent,
+    )
     if report:
-        res.report = build_report(results)
+        res.report, res.report_note = _report_if_last(results, claims, [c.name for c in sched.cells], t0)
     res.wall_s = time.perf_counter() - t0
     return res
+
+
+def _run_serial(sched: _Scheduler, threads: int, lease_s: float) -> None:
+    """One cell at a time in this process."""
+    while True:
+        cand = sched.next_cells(set())
+        if not cand:
+            if sched.wait_for_others(set()):
+                continue
+            return
+        cell = cand[0]
+        sched.refresh()
+        try:
+            run = claim_and_run(sched.grid, cell, sched.results, threads, lease_s, lambda _row: sched.refresh())
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - one broken run must not stop the grid
+            sched.finished(cell, None, e)
+        else:
+            sched.finished(cell, run, None)
+            if run.kind == "held":
+                sched.sync()
+
+
+def _run_parallel(sched: _Scheduler, threads: int, lease_s: float) -> None:
+    """Keep ``jobs`` worker processes busy with the cells the scheduler asks for, until it asks
+    for none and none is running here or elsewhere. One pool serves every round of a
+    sequential grid; a worker that dies fails only its cell, which is then taken over."""
+    pool = WorkerPool(sched.jobs, _worker_init, (threads,), env_for=_gpu_env(sched.grid, sched.jobs))
+    stopping: KeyboardInterrupt | None = None
+    try:
+        last = 0.0
+        while True:
+            busy = set(pool.running())
+            # Hand out only as many cells as there are free workers: nothing waits in a queue,
+            # so after Ctrl-C no new run starts, and each hand-out sees the latest decisions.
+            if pool.free():
+                for cell in sched.next_cells(busy)[: pool.free()]:
+                    pool.submit(cell, claim_and_run, sched.grid, cell, sched.results, threads, lease_s)
+            if not pool.running():
+                if sched.wait_for_others(set()):
+                    continue
+                return
+            for done in pool.wait(timeout=0.5):
+                if isinstance(done.error, WorkerDied | WorkerStopped):
+                    # killed, or stopped by a signal sent to it alone: its claim ends with it, and
+                    # the cell is claimed again, and resumed from its checkpoint, next round
+                    why = done.error if isinstance(done.error, WorkerDied) else f"worker {done.error}"
+                    sched.prog.line(f"{done.tag.name}: {why}; its run is resumed from its checkpoint")
+                    continue
+                sched.finished(done.tag, done.value, done.error)
+                if done.value is not None and done.value.kind == "held":
+                    sched.sync()
+            if time.perf_counter() - last > 1.0:
+                last = time.perf_counter()
+                sched.refresh()
+    except KeyboardInterrupt as e:
+        stopping = e
+        # A terminal's Ctrl-C reaches the workers too; a signal sent to this process alone
+        # does not, so pass it on: each run then records "interrupted" after its last
+        # complete checkpoint and releases its claim, and the next invocation resumes it.
+        pool.signal_busy(signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+        raise
+    finally:
+        pool.close(STOP_GRACE_S if stopping is not None else 5.0)
+
+
+def _report_if_last(results: Path, claims: Claims, cells: list[str], t0: float) -> tuple[Any, str | None]:
+    """Write the report unless other workers are still training, or another process already
+    wrote it for the same results after this one started: then say so instead."""
+    active = claims.active(cells)
+    if active:
+        who = ", ".join(sorted({describe(h) for h in active.values()})[:3])
+        return None, (
+            f"{len(active)} cells are still being trained by other workers ({who}); the last to finish writes "
+            f"the report ('reslab report {results}' shows the state now)"
+        )
+    lease = claims.try_claim("report")
+    if lease is None:
+        return None, "another worker is writing the report"
+    with lease.renewed():
+        state = _results_state(results)
+        stamp_path = claims.root / "report.stamp"
+        try:
+            stamp = json.loads(stamp_path.read_text())
+        except (OSError, ValueError):
+            stamp = {}
+        if stamp.get("state") == state and float(stamp.get("time", 0)) > time.time() - (time.perf_counter() - t0):
+            return None, f"the report for these results was written by {stamp.get('by', 'another worker')}"
+        rep = build_report(results)
+        atomic_write_text(
+            stamp_path,
+            json.dumps({"state": state, "time": time.time(), "by": f"pid {os.getpid()} on {socket.gethostname()}"}),
+        )
+    return rep, None
+
+
+def _results_state(results: Path) -> str:
+    """A fingerprint of every run's recorded status (what the report is computed from)."""
+    h = hashlib.sha256()
+    runs = results / RUNS_DIR
+    for d in sorted(runs.iterdir()) if runs.is_dir() else []:
+        try:
+            h.update(d.name.encode() + (d / "summary.json").read_bytes())
+        except OSError:
+            h.update(d.name.encode())
+    return h.hexdigest()
 
 
 def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _run_parallel(
-    grid: Grid,
-    results: Path,
-    jobs: int,
-    threads: int,
-    next_cells: Callable[[set[Cell]], list[Cell]],
-    finished: Callable[[Cell, dict[str, Any] | None, BaseException | None], None],
-    refresh: Callable[[], None],
-) -> None:
-    """Keep ``jobs`` worker processes busy with the cells ``next_cells`` asks for, until it
-    asks for none and none is running. One pool serves every round of a sequential grid."""
-    # spawn, not fork: forking a process that has started OpenMP/torch threads can deadlock
-    ctx = mp.get_context("spawn")
-    events = ctx.Queue()
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads, events))
-    pending: dict[Future[dict[str, Any]], Cell] = {}
-    pids: set[int] = set()
-
-    def drain() -> None:
-        while True:
-            try:
-                kind, value = events.get_nowait()
-            except (queue_mod.Empty, OSError, ValueError):
-                return
-            if kind == "pid":
-                pids.add(int(value))
-            else:
-                refresh()
-
-    try:
-        while True:
-            # Submit only as many runs as there are workers: nothing waits in the pool's
-            # queue, so after Ctrl-C no new run starts, and each submission sees the latest decisions.
-            if len(pending) < jobs:
-                for cell in next_cells(set(pending.values()))[: jobs - len(pending)]:
-                    pending[pool.submit(_worker, grid, cell, str(results), threads)] = cell
-            if not pending:
-                return
-            done, _ = wait(list(pending), timeout=0.5, return_when=FIRST_COMPLETED)
-            drain()
-            for fut in done:
-                cell = pending.pop(fut)
-                try:
-                    summary = fut.result()
-                except BrokenProcessPool as e:
-                    finished(cell, None, RuntimeError(f"worker process died ({e}); re-run to resume"))
-                except Exception as e:  # noqa: BLE001 - one broken run must not stop the grid
-                    finished(cell, None, e)
-                else:
-                    finished(cell, summary, None)
-    except KeyboardInterrupt:
-        # A terminal's Ctrl-C reaches the workers too; a SIGINT sent to this process alone
-        # does not, so pass it on: each run then records "interrupted" after its last
-        # complete checkpoint, and the next invocation resumes it.
-        drain()
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGINT)
-            except OSError:
-                pass
-        raise
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        events.close()
 
 
 # -- measurements before training --------------------------------------------------------
@@ -772,8 +970,8 @@ def probe_at_init(grid: Grid, results: Path, batches: int = 1, batch_size: int =
     return path
 
 
-def _probe_if_needed(grid: Grid, results: Path, prog: _GridProgress) -> None:
-    """Probe at init unless ``PROBE_FILE`` already covers every technique at every target."""
+def _probe_done(grid: Grid, results: Path) -> bool:
+    """Does ``PROBE_FILE`` cover every technique at every target (a failed probe does not)?"""
     have: set[tuple[str, int, float]] = set()
     try:
         old = json.loads((results / PROBE_FILE).read_text())
@@ -781,37 +979,64 @@ def _probe_if_needed(grid: Grid, results: Path, prog: _GridProgress) -> None:
             have = {(e["technique"], int(e["depth"]), float(e["width"])) for e in old["results"]}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
-    want = {(t, d, w) for d, w in probe_targets(grid) for t in grid.techniques}
-    if want <= have:
-        return
+    return {(t, d, w) for d, w in probe_targets(grid) for t in grid.techniques} <= have
+
+
+def _once(claims: Claims, name: str, done: Callable[[], bool], prog: _GridProgress, what: str) -> Any:
+    """The claim on one-off work every worker needs (``what``), or None when it is done; while
+    another live worker does it, wait for its result (and take over if that worker dies)."""
+    return claims.claim_or_wait(
+        name, done, on_wait=lambda h: prog.line(f"compare: waiting for {describe(h)}, which is {what}")
+    )
+
+
+def _probe_if_needed(grid: Grid, results: Path, prog: _GridProgress, claims: Claims) -> None:
+    """Probe at init unless ``PROBE_FILE`` already covers every technique at every target."""
     targets = probe_targets(grid)
-    depths = ", ".join(str(d) for d, _ in targets)
-    prog.line(f"compare: measuring gradient flow at initialisation at depths {depths}, width {targets[0][1]:g}")
-    probe_at_init(grid, results)
+    what = f"measuring gradient flow at initialisation at depths {', '.join(str(d) for d, _ in targets)}"
+    lease = _once(claims, "probe-init", lambda: _probe_done(grid, results), prog, what)
+    if lease is None:
+        return
+    with lease.renewed():
+        prog.line(f"compare: {what}, width {targets[0][1]:g}")
+        probe_at_init(grid, results)
 
 
-def _timing_if_needed(grid: Grid, results: Path, ds: Any, threads: int, prog: _GridProgress) -> dict[str, Any]:
-    """The dedicated step-time pass (:mod:`reslab.timing`), once per results folder."""
-    path = results / TIMING_FILE
+def _read_timing(grid: Grid, results: Path) -> dict[str, Any] | None:
+    """The stored step-time pass when it covers every model x technique of ``grid``."""
     try:
-        old = json.loads(path.read_text())
+        old = json.loads((results / TIMING_FILE).read_text())
         if {f"{m}/{t}" for m in grid.models for t in grid.techniques} <= set(old.get("steps", {})):
             return old
     except (OSError, ValueError, AttributeError):
         pass
+    return None
+
+
+def _timing_if_needed(
+    grid: Grid, results: Path, ds: Any, threads: int, prog: _GridProgress, claims: Claims
+) -> dict[str, Any]:
+    """The dedicated step-time pass (:mod:`reslab.timing`), once per results folder."""
+    what = "timing a few training steps of every model x technique, side by side"
+    lease = _once(claims, "timing", lambda: _read_timing(grid, results) is not None, prog, what)
+    if lease is None:
+        timing = _read_timing(grid, results)
+        assert timing is not None
+        return timing
     settings = grid.shared_settings()
-    prog.line("compare: timing a few training steps of every model x technique, side by side")
-    timing = measure_step_times(
-        grid.models,
-        grid.techniques,
-        tuple(ds.input_size),
-        ds.num_classes,
-        batch_size=int(settings["batch_size"]),
-        width=float(settings["width"]),
-        technique_args=dict(settings["technique_args"]),
-        threads=threads,
-    )
-    atomic_write_text(path, json.dumps(timing, indent=1) + "\n")
+    with lease.renewed():
+        prog.line(f"compare: {what}")
+        timing = measure_step_times(
+            grid.models,
+            grid.techniques,
+            tuple(ds.input_size),
+            ds.num_classes,
+            batch_size=int(settings["batch_size"]),
+            width=float(settings["width"]),
+            technique_args=dict(settings["technique_args"]),
+            threads=threads,
+        )
+        atomic_write_text(results / TIMING_FILE, json.dumps(timing, indent=1) + "\n")
     return timing
 
 

@@ -7,6 +7,7 @@ here, so the writer and the reader cannot disagree::
       grid.json          the grid: models, techniques, seeds, sequential plan, shared train settings
       runs/MODEL-TECHNIQUE-sSEED/   one run folder each (as ``reslab train`` writes it)
       failed/MODEL-TECHNIQUE-sSEED.json   a run that raised an unexpected error (message)
+      claims/NAME.GEN.lease   who is training a cell right now (reslab.claims); report.stamp
       probe-init.json    gradient flow at initialisation (reslab.probe's format, plus each entry's width)
       timing.json        the dedicated step-time pass (seconds per training step, per round)
       results.jsonl, summary.csv, decisions.json, report.md, report.html, figures/*.png   derived
@@ -29,6 +30,9 @@ GRID_FILE = "grid.json"
 RUNS_DIR = "runs"
 FAILED_DIR = "failed"
 FIGURES_DIR = "figures"
+CLAIMS_DIR = "claims"
+#: inside a run folder: one line per training start (pid, host, time, resumed), written under the claim
+STARTS_FILE = "starts.jsonl"
 PROBE_FILE = "probe-init.json"
 TIMING_FILE = "timing.json"
 BASELINE = "baseline"

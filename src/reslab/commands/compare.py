@@ -18,7 +18,8 @@ at most --alpha however many rounds are looked at.
 Re-running the same command resumes: finished runs are kept, interrupted ones continue from
 their checkpoints. '--shard i/n' trains every n-th run, for n machines sharing one --out.
 Exit status: 0 all runs finished (diverged runs count as finished results), 1 some run
-failed with an error (listed in the report; re-run to retry), 2 usage error, 130 interrupted.
+failed with an error (listed in the report; re-run to retry), 2 usage error, 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM, e.g. Slurm preemption; handled like Ctrl-C).
 """
 
 from __future__ import annotations
@@ -270,12 +271,14 @@ def run(args: argparse.Namespace) -> int:
             report=not args.no_report,
             probe_init=not args.no_probe,
         )
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        from reslab.signals import exit_status, stop_word
+
         print(
-            f"reslab compare: interrupted; finished runs are kept, re-run the same command to resume ({out})",
+            f"reslab compare: {stop_word(e)}; finished runs are kept, re-run the same command to resume ({out})",
             file=sys.stderr,
         )
-        return 130
+        return exit_status(e)
     wall = time.perf_counter() - t0
     print(
         f"{len(res.ran)} runs trained ({len(res.diverged)} diverged), {len(res.skipped)} already finished, "
@@ -291,6 +294,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"incomplete grid: {len(res.report.missing)} runs missing or unfinished (see the report)")
         print(f"report: {res.report.report_md}  {res.report.report_html}")
         print(f"tables: {res.report.summary_csv}  {res.report.results_jsonl}")
+    elif res.report_note:
+        print(f"report: not written by this process: {res.report_note}")
     if res.failed:
         names = ", ".join(c.name for c in res.failed)
         print(f"reslab compare: {len(res.failed)} runs failed ({names}); re-run to retry them", file=sys.stderr)

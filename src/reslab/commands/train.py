@@ -4,7 +4,8 @@ summary.json, model.safetensors, checkpoint/).
 Options come from, in increasing priority: the defaults, a YAML or TOML --config file,
 and the command line. --resume continues the run in --out from its last complete epoch
 with the saved configuration. Exit status: 0 completed, 2 usage error, 3 diverged
-(non-finite loss), 130 interrupted. Multi-process: torchrun --nproc_per_node=N -m reslab
+(non-finite loss), 130 interrupted, 143 terminated (SIGTERM,
+handled like Ctrl-C). Multi-process: torchrun --nproc_per_node=N -m reslab
 train ...
 """
 
@@ -23,7 +24,6 @@ HELP = "train a model with a technique and write a run folder"
 ORDER = 10
 
 EXIT_DIVERGED = 3
-EXIT_INTERRUPTED = 130
 
 # TrainConfig fields exposed as --options (field name -> argparse keyword arguments)
 _OPTIONS: dict[str, dict[str, Any]] = {
@@ -121,13 +121,15 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(
             out_of_memory_message(cfg.batch_size) + f"; the same command (or --resume) restarts {args.out}"
         ) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        from reslab.signals import exit_status, stop_word
+
         print(
-            f"reslab train: interrupted; the last complete epoch is checkpointed, continue with "
+            f"reslab train: {stop_word(e)}; the last complete epoch is checkpointed, continue with "
             f"reslab train --out {args.out} --resume",
             file=sys.stderr,
         )
-        return EXIT_INTERRUPTED
+        return exit_status(e)
     if summary.get("world_size", 1) > 1 and _rank() != 0:
         return 0 if summary["status"] == "completed" else EXIT_DIVERGED
     if summary["status"] == "diverged":
