@@ -144,7 +144,9 @@ def test_concurrent_compare_processes_train_each_cell_once(
 ) -> None:
     out = tmp_path / "res"
     procs = [
-        subprocess.Popen(grid_args(out, **CONCURRENT), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            grid_args(out, **CONCURRENT), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         for _ in range(processes)
     ]
     outputs = [p.communicate(timeout=600) for p in procs]
@@ -178,14 +180,16 @@ def killed_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tupl
 
 def test_a_killed_worker_has_its_cell_taken_over(tmp_path: Path, killed_reference: dict[str, tuple]) -> None:
     out = tmp_path / "res"
-    proc = subprocess.Popen(grid_args(out, **KILLED), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        grid_args(out, **KILLED), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     wait_for(lambda: mid_run(out) is not None, proc)
     run = mid_run(out)
     assert run is not None
     victim = json.loads((run / "summary.json").read_text())["pid"]
     assert victim != proc.pid  # a worker process, not the scheduler
     os.kill(victim, signal.SIGKILL)
-    stdout, stderr = proc.communicate(timeout=600)
+    _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
     assert "died (killed by signal 9); its run is resumed from its checkpoint" in stderr
     first, second = starts(run)
