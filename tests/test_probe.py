@@ -348,3 +348,51 @@ def test_cli_probes_saved_weights_like_the_library(tmp_path, fashion, capsys):
     capsys.readouterr()
     assert main([*argv, "--depths", "20", "--out", str(tmp_path / "q")]) == 2
     assert "drop --depths" in capsys.readouterr().err
+
+
+def test_interrupting_the_probe_process_alone_stops_its_workers(tmp_path):
+    # A SIGINT sent to the probe's own process (not a terminal's Ctrl-C, which reaches the
+    # whole group) must still stop the worker processes: they ignore SIGINT and are
+    # terminated by the parent, at once, because a half-probed cell is worth nothing.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    out = tmp_path / "p"
+    argv = [sys.executable, "-m", "reslab", "probe", "-t", "baseline,norm", "-d", "218", "--batches", "4"]
+    argv += ["--workers", "2", "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(
+        argv,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background shell ignores it
+    )
+
+    def members() -> list[int]:
+        found = []
+        for p in Path("/proc").iterdir():
+            try:
+                fields = (p / "stat").read_text().rsplit(")", 1)[-1].split()
+            except OSError:
+                continue
+            if p.name.isdigit() and fields[0] != "Z" and int(fields[3]) == proc.pid:
+                found.append(int(p.name))
+        return found
+
+    deadline = time.monotonic() + 120
+    while len(members()) < 3 and time.monotonic() < deadline:  # the parent and both workers
+        time.sleep(0.1)
+    time.sleep(3)  # the workers are now inside their depth-218 cells
+    os.kill(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    deadline = time.monotonic() + 15
+    while members() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert members() == []
+    assert not (out / "probe.json").exists()

@@ -34,10 +34,7 @@ use float64 for reference digits.
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -50,6 +47,7 @@ from torch import Tensor, nn
 from reslab.blocks import residual_blocks
 from reslab.models import ResNet, cifar_resnet, fast_memory_format
 from reslab.plugins import import_from_env
+from reslab.pool import WorkerPool
 from reslab.techniques import list_techniques, technique_class
 
 VERDICTS = ("healthy", "vanishing", "exploding", "undefined")
@@ -448,30 +446,10 @@ _WORKER_BATCHES: list[tuple[Tensor, Tensor]] = []
 
 
 def _worker_init(threads: int, batches: list[tuple[Tensor, Tensor]]) -> None:
-    # Ctrl-C goes to the whole process group; only the parent handles it (and terminates
-    # the pool), so the user sees one message instead of a traceback per worker.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     _WORKER_BATCHES[:] = batches
     # A spawned worker is a fresh interpreter: import the modules given with --import too.
     import_from_env()
-
-
-def _spawn_pool(ctx: Any, processes: int, data: list[tuple[Tensor, Tensor]]) -> Any:
-    """A pool whose workers ignore SIGINT from their first instruction.
-
-    A disposition of SIG_IGN survives exec, and Python keeps it, so setting it around the
-    spawn covers the seconds a worker spends importing torch, where the initializer has
-    not run yet. The parent's handler is restored at once: Ctrl-C reaches the parent
-    only, which terminates the pool.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        return ctx.Pool(processes, initializer=_worker_init, initargs=(1, data))
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        return ctx.Pool(processes, initializer=_worker_init, initargs=(1, data))
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _cell_job(
@@ -527,11 +505,16 @@ def run_probe(
             t, d, probe, seconds = _cell_job(job, data)
             finish((t, d), probe, seconds)
     else:
-        ctx = mp.get_context("spawn")  # fork is unsafe once torch has started its threads
-        # Leaving the with-block terminates the workers, also on Ctrl-C or an error.
-        with _spawn_pool(ctx, min(workers, len(cells)), data) as pool:
-            for t, d, probe, seconds in pool.imap_unordered(_cell_job, jobs):
+        # Workers ignore Ctrl-C: only this process handles it, and a half-probed cell is
+        # worth nothing, so on any stop the workers are terminated at once.
+        pool = WorkerPool(min(workers, len(cells)), _worker_init, (1, data), ignore_sigint=True)
+        completed = False
+        try:
+            for t, d, probe, seconds in pool.map_unordered(_cell_job, jobs):
                 finish((t, d), probe, seconds)
+            completed = True
+        finally:
+            pool.close(grace_s=5.0 if completed else 0.0)
     return [done[c] for c in cells]
 
 
