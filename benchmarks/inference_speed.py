@@ -2,6 +2,7 @@
 
     python benchmarks/inference_speed.py                        # resnet20, 1x28x28, 1 thread
     python benchmarks/inference_speed.py --rounds 9 --threads 2 --channels-last
+    python benchmarks/inference_speed.py --device cuda --batch 1024 --channels-last   # benchmarks/gpu.sh
 
 Every variant (technique x {unfused, fused}) is built once with its BN statistics and
 technique parameters moved away from init the way training moves them (positive residual
@@ -63,22 +64,27 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--channels-last", action="store_true", help="NHWC models and inputs")
     p.add_argument("--techniques", default="all")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (CUDA is synchronised around each timing)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="wall or process CPU time")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    # CUDA kernels run asynchronously: wait for them, or the clock times the launches only
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     c, h, w = (int(v) for v in args.input_size.split("x"))
     techniques = reslab.list_techniques() if args.techniques == "all" else args.techniques.split(",")
     if "baseline" not in techniques:
         techniques = ["baseline", *techniques]
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(0)
-    xb = torch.randn(args.batch, c, h, w, generator=gen).contiguous(memory_format=fmt)
-    x1 = torch.randn(1, c, h, w, generator=gen).contiguous(memory_format=fmt)
+    xb = torch.randn(args.batch, c, h, w, generator=gen).to(device).contiguous(memory_format=fmt)
+    x1 = torch.randn(1, c, h, w, generator=gen).to(device).contiguous(memory_format=fmt)
 
     variants: dict[str, nn.Module] = {}
     for t in techniques:
         model = trained_like(reslab.build_model(args.model, technique=t, num_classes=10, in_channels=c))
         fused = reslab.fuse(model)
+        model, fused = model.to(device), fused.to(device)
         with torch.inference_mode():
             ref, out = model(xb[:16]), fused(xb[:16])
         err = float((ref - out).abs().max() / ref.abs().max())
@@ -89,9 +95,11 @@ def main() -> None:
     clock = timer(args.clock)
 
     def run(model: nn.Module, x: Tensor, n: int) -> float:
+        sync()
         t0 = clock()
         for _ in range(n):
             model(x)
+        sync()
         return (clock() - t0) / n
 
     names = list(variants)
@@ -122,7 +130,8 @@ def main() -> None:
         return qs[0], statistics.median(v), qs[2]
 
     print(
-        f"\n{args.model}, input {args.input_size}, batch {args.batch}, {args.threads} thread(s), "
+        f"\n{args.model}, input {args.input_size}, batch {args.batch}, "
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{args.threads} thread(s)'}, "
         f"{'NHWC' if args.channels_last else 'NCHW'}, {args.clock} clock, {args.rounds} rounds; "
         "time ratios to fused baseline (median [IQR]), lower is faster"
     )

@@ -2,6 +2,7 @@
 
     python benchmarks/technique_overhead.py                 # resnet20, batch 128, NHWC
     python benchmarks/technique_overhead.py --rounds 15 --steps 5 --threads 2
+    python benchmarks/technique_overhead.py --device cuda --batch 256   # on a GPU (benchmarks/gpu.sh)
 
 Each round times ``--steps`` SGD steps (forward, backward, update) of every variant, in a
 shuffled order, and divides each by the ``baseline`` time of the same round, so that
@@ -67,6 +68,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-eager", action="store_true", help="skip the article-eager reference rows")
     p.add_argument("--techniques", default="all")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (CUDA is synchronised around each timing)")
     p.add_argument(
         "--clock",
         choices=["wall", "cpu"],
@@ -76,20 +78,23 @@ def main() -> None:
     )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    # CUDA kernels run asynchronously: wait for them, or the clock times the launches only
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     c, h, w = (int(v) for v in args.input_size.split("x"))
     techniques = reslab.list_techniques() if args.techniques == "all" else args.techniques.split(",")
     variants: dict[str, reslab.Technique | str] = {t: t for t in techniques}
     if not args.no_eager:
         variants.update(EAGER)
     torch.manual_seed(0)
-    x = torch.randn(args.batch, c, h, w).to(memory_format=torch.channels_last)
-    y = torch.randint(0, 10, (args.batch,))
+    x = torch.randn(args.batch, c, h, w).to(device, memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (args.batch,)).to(device)
     steps = {}
     flops = {}
     for name, tech in variants.items():
         model = reslab.build_model(args.model, technique=tech, in_channels=c)
         flops[name] = forward_flops(model, (c, h, w))
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(device, memory_format=torch.channels_last)
         steps[name] = make_step(model.train(), x, y)
         for _ in range(2):  # warm-up: allocator, kernels, optimizer state
             steps[name]()
@@ -102,9 +107,11 @@ def main() -> None:
         rng.shuffle(order)
         times = {}
         for name in order:
+            sync()
             t0 = clock()
             for _ in range(args.steps):
                 steps[name]()
+            sync()
             times[name] = (clock() - t0) / args.steps
         base_times.append(times["baseline"])
         for name in variants:
@@ -112,7 +119,8 @@ def main() -> None:
         print(f"round {r + 1}/{args.rounds}: baseline {times['baseline'] * 1e3:.1f} ms/step", flush=True)
 
     print(
-        f"\n{args.model}, batch {args.batch}, input {args.input_size}, channels_last, {args.threads} threads, "
+        f"\n{args.model}, batch {args.batch}, input {args.input_size}, channels_last, "
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{args.threads} threads'}, "
         f"{args.clock} clock, torch {torch.__version__}; "
         f"baseline median {statistics.median(base_times) * 1e3:.1f} ms/step"
     )

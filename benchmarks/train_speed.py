@@ -15,6 +15,7 @@ median ratio is reported with both test accuracies.
 
     python benchmarks/train_speed.py                      # quick: 10k images, 1 epoch, 3 rounds
     python benchmarks/train_speed.py --train-subset 0 --epochs 10 --rounds 1   # full runs
+    python benchmarks/train_speed.py --device cuda --train-subset 0 --workers 8   # on a GPU (benchmarks/gpu.sh)
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ def torchvision_root(tmp: Path) -> Path:
 
 def reference_run(cfg: TrainConfig, root: Path, workers: int) -> tuple[float, float, int]:
     """The hand-written loop. Returns (training images/s, test accuracy, images seen)."""
+    device = torch.device(cfg.device if cfg.device != "auto" else "cpu")
+    cuda = device.type == "cuda"
     ds = load_arrays("fashion-mnist")
     mean, std = ds.mean, ds.std
     pad = cfg.crop_padding if cfg.crop_padding is not None else ds.crop_padding
@@ -69,10 +72,15 @@ def reference_run(cfg: TrainConfig, root: Path, workers: int) -> tuple[float, fl
     if cfg.train_subset:
         idx = idx[: cfg.train_subset]
     loader = DataLoader(
-        Subset(full, idx.tolist()), batch_size=cfg.batch_size, shuffle=True, num_workers=workers, drop_last=True
+        Subset(full, idx.tolist()),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        pin_memory=cuda,
     )
     torch.manual_seed(derive_seed(cfg.seed, 0, 0))
-    model = build_model(cfg.model, technique=cfg.technique, in_channels=1, num_classes=10)
+    model = build_model(cfg.model, technique=cfg.technique, in_channels=1, num_classes=10).to(device)
     opt = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     total = len(loader) * cfg.epochs
     step, seen, train_s = 0, 0, 0.0
@@ -80,6 +88,7 @@ def reference_run(cfg: TrainConfig, root: Path, workers: int) -> tuple[float, fl
     for _ in range(cfg.epochs):
         t0 = time.perf_counter()
         for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, total, cfg)
             loss = F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing)
@@ -88,13 +97,15 @@ def reference_run(cfg: TrainConfig, root: Path, workers: int) -> tuple[float, fl
             opt.step()
             step += 1
             seen += len(y)
+        if cuda:
+            torch.cuda.synchronize()  # the kernels run asynchronously: time them, not their launches
         train_s += time.perf_counter() - t0
     model.eval()
     test = torchvision.datasets.FashionMNIST(str(root), train=False, transform=test_tf, download=False)
     correct = 0
     with torch.no_grad():
         for x, y in DataLoader(test, batch_size=1000, num_workers=0):
-            correct += int((model(x).argmax(1) == y).sum())
+            correct += int((model(x.to(device)).argmax(1).cpu() == y).sum())
     return seen / train_s, correct / len(test), seen
 
 
@@ -117,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="reference/reslab pairs, alternated")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for both (default: PyTorch's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N], for both")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -126,10 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         train_subset=args.train_subset or None,
         val_size=5000,
         threads=args.threads,
+        device=args.device,
     )
     print(
         f"{args.model} on fashion-mnist, {args.train_subset or 55000} images x {args.epochs} epoch(s), "
-        f"batch {cfg.batch_size}, {torch.get_num_threads()} threads, reference with {args.workers} workers",
+        f"batch {cfg.batch_size}, {args.device}"
+        + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") else "")
+        + f", {torch.get_num_threads()} threads, reference with {args.workers} workers",
         flush=True,
     )
     ratios = []

@@ -38,3 +38,17 @@ def tiny_train_config():
         return TrainConfig(**base)
 
     return make
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip, with the reason, where no CUDA device is visible (CI)."""
+    cuda_items = [i for i in items if i.get_closest_marker("cuda")]
+    if not cuda_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device visible (benchmarks/gpu.sh runs these on a GPU machine)")
+    for item in cuda_items:
+        item.add_marker(skip)

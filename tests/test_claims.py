@@ -207,3 +207,32 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"  # a zombie has exited
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+def test_each_worker_is_pinned_to_one_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    # compare --jobs K on a machine with GPUs: worker i sees GPU i (round robin when K > GPUs);
+    # checked through the environment each spawned worker really starts with
+    from reslab.compare import Grid, _gpu_env
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    grid = Grid(models=["resnet8"], techniques=["baseline"], seeds=[0], train={})
+    env_for = _gpu_env(grid, 3)
+    assert env_for is not None
+    assert [env_for(i) for i in range(3)] == [{"CUDA_VISIBLE_DEVICES": g} for g in ("3", "5", "3")]
+    assert _gpu_env(Grid(models=["resnet8"], techniques=["baseline"], seeds=[0], train={"device": "cpu"}), 3) is None
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert _gpu_env(grid, 3) is None  # no GPU visible: nothing to pin
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    with WorkerPool(3, env_for=env_for) as pool:
+        for i in range(3):
+            pool.submit(i, _env, "CUDA_VISIBLE_DEVICES")
+        seen = []
+        while pool.running():
+            seen += [d.value for d in pool.wait(timeout=60)]
+    seen.sort()
+    assert seen == ["3", "3", "5"]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,5"  # the parent's own environment is unchanged

@@ -308,7 +308,13 @@ class CellRun:
 def _append_start(run_dir: Path, resumed: bool) -> None:
     """One line per training start in ``RUN/starts.jsonl``, written under the cell's claim: the
     record that proves no two workers trained the cell at once."""
-    row = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), "resumed": resumed}
+    row = {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "time": time.time(),
+        "resumed": resumed,
+        "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),  # the GPU(s) this worker was pinned to
+    }
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / STARTS_FILE, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")

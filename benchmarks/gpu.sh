@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# On a CUDA machine: run the CUDA tests, then the GPU benchmarks, and write their figures.
+#
+#   bash benchmarks/gpu.sh                 # figures into benchmarks/results/gpu-<date>/
+#   OUT=/some/folder bash benchmarks/gpu.sh
+#   PYTHON=/path/to/python bash benchmarks/gpu.sh   # an interpreter with reslab and torch
+#
+# Each step's output goes to its own file (and the terminal); summary.txt names the card,
+# the driver and torch. Copy the tables into benchmarks/README.md, "GPU", with the card's
+# name. Exit status: 2 when no CUDA device is visible, else the CUDA tests' status.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+if [ -z "${PYTHON:-}" ]; then
+  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  echo "gpu.sh: no CUDA device visible to $PYTHON (or no torch); run this on a GPU machine" >&2
+  exit 2
+fi
+out="${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M)}"
+mkdir -p "$out"
+"$PYTHON" - > "$out/summary.txt" <<'PY'
+import platform, torch
+print("card:", ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())))
+print("torch:", torch.__version__, "cuda:", torch.version.cuda, "cudnn:", torch.backends.cudnn.version())
+print("python:", platform.python_version())
+PY
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >> "$out/summary.txt" 2>/dev/null || true
+cat "$out/summary.txt"
+
+step() {  # step NAME COMMAND...: run, tee to NAME.txt, record the wall time
+  local name=$1; shift
+  echo "== $name: $*"
+  local t0=$SECONDS
+  "$@" 2>&1 | tee "$out/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  echo "$name: exit $rc, $((SECONDS - t0)) s" | tee -a "$out/summary.txt"
+  return "$rc"
+}
+
+step cuda-tests "$PYTHON" -m pytest -q -m cuda tests -p no:cacheprovider
+tests_rc=$?
+step technique-overhead "$PYTHON" benchmarks/technique_overhead.py --device cuda --batch 256 --rounds 11 --steps 10
+step inference-speed "$PYTHON" benchmarks/inference_speed.py --device cuda --batch 1024 --channels-last --rounds 7 --iters 10
+step train-speed "$PYTHON" benchmarks/train_speed.py --device cuda --train-subset 0 --rounds 2 --workers 8
+# the default comparison on the GPU, one process, timed end to end
+step quick-preset "$PYTHON" -m reslab compare --preset quick --device cuda --jobs 1 --out "$out/quick-preset" --quiet
+echo "figures in $out"
+exit "$tests_rc"
