@@ -195,6 +195,26 @@ def test_shards_partition_the_grid() -> None:
         assert sorted(c for p in parts for c in p) == sorted(cells)  # every cell once
         assert sum(len(p) for p in parts) == len(cells)
     assert shard_cells(cells, (2, 3)) == shard_cells(list(cells), (2, 3))  # deterministic
+    # with estimated costs the parts are balanced: a paper-like grid where a resnet110 cell
+    # costs 6x a resnet20 cell (issue 12's measurement); round robin would give one part
+    # all the deep cells here, since the two models alternate in cell order
+    g = Grid(["resnet20", "resnet110"], ["baseline", "scale", "norm"], list(range(4)), {})
+    cells = g.cells()
+
+    def cost(c):
+        return 6.0 if c.model == "resnet110" else 1.0
+
+    def loads(parts):
+        return [sum(cost(c) for c in p) for p in parts]
+
+    for n in (2, 3, 5):
+        parts = [shard_cells(cells, (i, n), cost) for i in range(1, n + 1)]
+        assert sorted(c for p in parts for c in p) == sorted(cells)
+        assert max(loads(parts)) <= 4 / 3 * max(sum(loads(parts)) / n, 6.0)  # LPT's guarantee
+        assert parts == [shard_cells(list(cells), (i, n), cost) for i in range(1, n + 1)]  # deterministic
+    rr = [shard_cells(cells, (i, 2)) for i in (1, 2)]
+    lpt = [shard_cells(cells, (i, 2), cost) for i in (1, 2)]
+    assert max(loads(lpt)) / min(loads(lpt)) < 1.1 < max(loads(rr)) / min(loads(rr))
     assert parse_shard("2/3") == (2, 3)
     for bad in ("0/2", "3/2", "1-2", "x"):
         with pytest.raises(UsageError, match="--shard must be i/n"):

@@ -198,11 +198,29 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
-def shard_cells(cells: Sequence[Cell], shard: tuple[int, int] | None) -> list[Cell]:
+def shard_cells(
+    cells: Sequence[Cell], shard: tuple[int, int] | None, cost: Callable[[Cell], float] | None = None
+) -> list[Cell]:
+    """The ``i``-th of ``n`` parts of ``cells`` (in cell order), for ``shard=(i, n)``.
+
+    With ``cost`` (estimated seconds per cell) the parts are balanced: cells are dealt
+    largest first, each to the part with the least estimated time so far (the LPT rule,
+    within 4/3 of the best possible longest part). Ties go to the lower part and costs come
+    from the shared ``timing.json``, so every process computes the same parts. Without it,
+    every n-th cell (round robin).
+    """
     if shard is None:
         return list(cells)
     i, n = shard
-    return [c for k, c in enumerate(cells) if k % n == i - 1]
+    if cost is None:
+        return [c for k, c in enumerate(cells) if k % n == i - 1]
+    loads = [0.0] * n
+    part: dict[Cell, int] = {}
+    for k, c in sorted(enumerate(cells), key=lambda kc: (-cost(kc[1]), kc[0])):
+        j = min(range(n), key=lambda j: (loads[j], j))
+        loads[j] += cost(c)
+        part[c] = j
+    return [c for c in cells if part[c] == i - 1]
 
 
 def prepare_results(out: Path, grid: Grid) -> Grid:
@@ -618,7 +636,7 @@ class _Scheduler:
         )
         self.cells = grid.cells()
         self.order = {c: i for i, c in enumerate(self.cells)}
-        self.mine = set(shard_cells(self.cells, shard))
+        self.mine = set(shard_cells(self.cells, shard, est.predicted))
         self.outcomes = Outcomes()
         self.ran: list[Cell] = []
         self.failed: list[Cell] = []
