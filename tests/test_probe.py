@@ -27,10 +27,10 @@ from reslab.probe import (
     ratio_threshold,
     read_probe,
     resolve_depths,
-    resolve_techniques,
     run_probe,
     verdict,
 )
+from reslab.techniques import parse_techniques
 
 
 @pytest.fixture(scope="module")
@@ -235,11 +235,11 @@ def test_verdict_thresholds():
 
 def test_resolvers_reject_bad_input():
     assert resolve_depths("56,20,20") == [20, 56]
-    assert resolve_techniques("all")[0] == "baseline"
+    assert parse_techniques("all")[0] == "baseline"
     with pytest.raises(ValueError, match="6n\\+2"):
         resolve_depths("20,51")
     with pytest.raises(ValueError, match="valid techniques"):
-        resolve_techniques("baseline,nope")
+        parse_techniques("baseline,nope")
 
 
 # ---------------------------------------------------------------------------------------

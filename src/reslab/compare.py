@@ -168,20 +168,14 @@ class Grid:
 
 
 def resolve_techniques(names: Sequence[str]) -> list[str]:
-    from reslab.techniques import list_techniques, technique_class
+    """The grid's techniques (:func:`reslab.techniques.parse_techniques`), baseline first: it is
+    what every other technique is compared against, so it is always trained."""
+    from reslab.techniques import parse_techniques
 
-    out: list[str] = []
-    for n in names:
-        if n == "all":
-            out += list_techniques()
-            continue
-        try:
-            technique_class(n)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        out.append(n)
-    out = list(dict.fromkeys(out))
-    # baseline is what every other technique is compared against: always train it, first
+    try:
+        out = parse_techniques(names)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     return ["baseline", *(t for t in out if t != "baseline")]
 
 
@@ -216,7 +210,7 @@ def shard_cells(
         return [c for k, c in enumerate(cells) if k % n == i - 1]
     loads = [0.0] * n
     part: dict[Cell, int] = {}
-    for k, c in sorted(enumerate(cells), key=lambda kc: (-cost(kc[1]), kc[0])):
+    for _, c in sorted(enumerate(cells), key=lambda kc: (-cost(kc[1]), kc[0])):
         j = min(range(n), key=lambda j: (loads[j], j))
         loads[j] += cost(c)
         part[c] = j

@@ -48,7 +48,6 @@ from reslab.blocks import residual_blocks
 from reslab.models import ResNet, cifar_resnet, fast_memory_format
 from reslab.plugins import import_from_env
 from reslab.pool import WorkerPool
-from reslab.techniques import list_techniques, technique_class
 
 VERDICTS = ("healthy", "vanishing", "exploding", "undefined")
 
@@ -356,19 +355,6 @@ def fmt(x: float | None) -> str:
 # Grids of techniques x depths.
 
 
-def resolve_techniques(spec: str | Sequence[str]) -> list[str]:
-    """``"all"`` or a comma-separated list (or sequence) of technique names, validated."""
-    names = spec.split(",") if isinstance(spec, str) else list(spec)
-    names = [n.strip() for n in names if n.strip()]
-    if names == ["all"]:
-        return list_techniques()
-    if not names:
-        raise ValueError("no techniques given; name some, e.g. baseline,norm, or 'all'")
-    for n in names:
-        technique_class(n)  # raises ValueError listing the valid names
-    return list(dict.fromkeys(names))
-
-
 def resolve_depths(spec: str | Sequence[int]) -> list[int]:
     """Comma-separated CIFAR-style depths, each ``6n + 2`` with ``n >= 1``."""
     if isinstance(spec, str):
@@ -633,7 +619,6 @@ __all__ = [
     "ratio_threshold",
     "read_probe",
     "resolve_depths",
-    "resolve_techniques",
     "run_probe",
     "verdict",
 ]

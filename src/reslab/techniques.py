@@ -18,6 +18,7 @@ for the scalar and per-channel gains), and the multi-scale fusion computes its 1
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -222,6 +223,26 @@ def technique_class(name: str) -> type[Technique]:
             f"unknown technique {name!r}; valid techniques: {valid} (a technique from another module loads with "
             "--import MODULE or the reslab.techniques entry point)"
         ) from None
+
+
+def parse_techniques(spec: str | Sequence[str]) -> list[str]:
+    """``"all"``, or technique names (a comma-separated string or a sequence; ``"all"`` may be
+    one of them), validated against the registry, duplicates dropped, in the order given.
+
+    The one parser of technique lists: ``compare`` and ``probe`` both use it.
+    """
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise ValueError("no techniques given; name some, e.g. baseline,norm, or 'all'")
+    out: list[str] = []
+    for n in names:
+        if n == "all":
+            out += list_techniques()
+        else:
+            technique_class(n)  # raises ValueError listing the valid names
+            out.append(n)
+    return list(dict.fromkeys(out))
 
 
 def get_technique(technique: str | Technique, **kwargs: Any) -> Technique:

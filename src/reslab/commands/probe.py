@@ -80,7 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> tuple[list[str], list[int], Path]:
-    from reslab.probe import resolve_depths, resolve_techniques
+    from reslab.probe import resolve_depths
+    from reslab.techniques import parse_techniques
 
     if args.weights is not None:
         given = [f"--{n}" for n in ("techniques", "depths", "width") if getattr(args, n) not in (None, 1.0)]
@@ -89,7 +90,7 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[int], Path]:
         techniques, depths = [], []
     else:
         try:
-            techniques = resolve_techniques(args.techniques or "all")
+            techniques = parse_techniques(args.techniques or "all")
             depths = resolve_depths(args.depths or DEFAULT_DEPTHS)
         except ValueError as e:
             raise UsageError(str(e)) from None
