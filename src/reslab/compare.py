@@ -818,6 +818,7 @@ def run_grid(
 def _run_serial(sched: _Scheduler, threads: int, lease_s: float) -> None:
     """One cell at a time in this process."""
     while True:
+        sched.sync()  # other workers' results change what is needed (sequential grids)
         cand = sched.next_cells(set())
         if not cand:
             if sched.wait_for_others(set()):
@@ -844,7 +845,7 @@ def _run_parallel(sched: _Scheduler, threads: int, lease_s: float) -> None:
     pool = WorkerPool(sched.jobs, _worker_init, (threads,), env_for=_gpu_env(sched.grid, sched.jobs))
     stopping: KeyboardInterrupt | None = None
     try:
-        last = 0.0
+        last, synced = 0.0, 0
         while True:
             busy = set(pool.running())
             # Hand out only as many cells as there are free workers: nothing waits in a queue,
@@ -868,6 +869,9 @@ def _run_parallel(sched: _Scheduler, threads: int, lease_s: float) -> None:
                     sched.sync()
             if time.perf_counter() - last > 1.0:
                 last = time.perf_counter()
+                synced += 1
+                if synced % 5 == 0:
+                    sched.sync()  # other workers' results change what is needed (sequential grids)
                 sched.refresh()
     except KeyboardInterrupt as e:
         stopping = e
