@@ -252,11 +252,11 @@ def prepare_results(out: Path, grid: Grid) -> Grid:
 
 
 def run_state(run_dir: Path) -> str | None:
-    """The status in ``run_dir/summary.json``; None when no run started there."""
-    try:
-        return str(json.loads((run_dir / "summary.json").read_text())["status"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return "unknown" if run_dir.exists() and any(run_dir.iterdir()) else None
+    """The status in ``run_dir/summary.json`` (``unknown`` when unreadable); None when no
+    run started there. Read as :mod:`reslab.runs` reads it, like the engine and the report."""
+    from reslab.runs import recorded_status
+
+    return recorded_status(run_dir)
 
 
 def run_cell(

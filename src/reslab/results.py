@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from reslab.errors import UsageError
+from reslab.runs import UNKNOWN, read_summary, status_of
 
 GRID_FILE = "grid.json"
 RUNS_DIR = "runs"
@@ -113,7 +114,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def read_run(path: Path) -> RunData | None:
     """Read one run folder; ``None`` when it does not say which model/technique/seed it is."""
     config = _read_yaml(path / "config.yaml")
-    summary = _read_json(path / "summary.json")
+    recorded = read_summary(path)
+    summary = recorded or {}
     ident = {**config, **{k: v for k, v in summary.items() if v is not None}}
     try:
         cell = Cell(str(ident["model"]), str(ident["technique"]), int(ident["seed"]))
@@ -122,7 +124,11 @@ def read_run(path: Path) -> RunData | None:
     metrics = sorted(read_jsonl(path / "metrics.jsonl"), key=lambda m: int(m.get("epoch", 0)))
     # A resumed run may have re-logged an epoch; keep the last record of each.
     by_epoch = {int(m.get("epoch", 0)): m for m in metrics}
-    status = str(summary.get("status") or ("interrupted" if metrics else "running"))
+    status = status_of(recorded)
+    if status == UNKNOWN:
+        # no readable summary: a run killed as it started, or written by hand; the report
+        # has always called it by what its metrics show
+        status = "interrupted" if metrics else "running"
     return RunData(
         cell=cell,
         path=path,
