@@ -28,7 +28,6 @@ import os
 import queue as queue_mod
 import signal
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -41,6 +40,7 @@ from reslab.checkpoint import atomic_write_text
 from reslab.config import RESUMABLE_CHANGES, TrainConfig, default_threads
 from reslab.decisions import open_cells, paired_diffs
 from reslab.errors import UsageError
+from reslab.progress import Progress
 from reslab.report import build_report
 from reslab.results import (
     BASELINE,
@@ -374,50 +374,13 @@ def planned_cells(grid: Grid, outcomes: Outcomes, upper: bool) -> list[Cell]:
 # -- progress ----------------------------------------------------------------------------
 
 
-class _GridProgress:
-    """Work left as estimated seconds: a tqdm bar with ETA on a terminal, a line every
+class _GridProgress(Progress):
+    """Work left as estimated seconds: a bar with ETA on a terminal, a line every
     ``every`` seconds (and one per finished run) otherwise."""
 
     def __init__(self, enabled: bool, every: float = 30.0) -> None:
-        self.enabled = enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.every = every
-        self.bar: Any = None
-        self.last = time.perf_counter()
-        self.status = ""
-
-    def update(self, done_s: float, total_s: float, status: str) -> None:
-        """``done_s`` of ``total_s`` estimated worker-seconds are done (divided by jobs outside)."""
-        self.status = status
-        if not self.enabled:
-            return
-        if self.tty:
-            if self.bar is None:
-                from tqdm import tqdm
-
-                fmt = "{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}"
-                self.bar = tqdm(total=max(total_s, 1e-9), desc="compare", file=sys.stderr, bar_format=fmt)
-            self.bar.total = max(total_s, done_s, 1e-9)
-            self.bar.n = done_s
-            self.bar.set_postfix_str(status, refresh=False)
-            self.bar.refresh()
-        elif time.perf_counter() - self.last >= self.every:
-            self.last = time.perf_counter()
-            left = max(total_s - done_s, 0.0)
-            print(f"compare: {status}; about {fmt_duration(left)} left", file=sys.stderr, flush=True)
-
-    def line(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        else:
-            print(text, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        fmt = "{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}"
+        super().__init__("compare", enabled=enabled, every=every, remaining=fmt_duration, bar_format=fmt)
 
 
 @dataclass

@@ -37,7 +37,6 @@ import logging
 import math
 import os
 import socket
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -67,6 +66,7 @@ from reslab.data import ArrayDataset, FolderDataset, open_dataset
 from reslab.describe import count_params, forward_flops
 from reslab.errors import DivergedError, UsageError
 from reslab.models import build_model, channels_last_safe
+from reslab.progress import Progress
 from reslab.runs import RUN_FILES
 
 __all__ = [
@@ -395,54 +395,6 @@ def _read_checkpoint(out: Path, cfg: TrainConfig) -> dict[str, Any]:
             f"not {cfg.model} with {cfg.technique}"
         )
     return info
-
-
-# ---------------------------------------------------------------------------------------
-# Progress output
-
-
-class _Progress:
-    """tqdm bar with loss, accuracy, images/s and ETA on a terminal; else one line per epoch."""
-
-    def __init__(self, mode: bool | None, enabled: bool) -> None:
-        tty = sys.stderr.isatty()
-        self.enabled = enabled and mode is not False
-        self.bar_mode = self.enabled and (mode is True or (mode is None and tty))
-        self.bar: Any = None
-
-    def start_epoch(self, epoch: int, epochs: int, steps: int, done: int) -> None:
-        if self.bar_mode:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch}/{epochs}", file=sys.stderr, leave=True)
-
-    def step(self, n: int, **postfix: Any) -> None:
-        if self.bar is not None:
-            if postfix:
-                self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(n)
-
-    def end_epoch(self, row: dict[str, Any], epochs: int) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-        if self.enabled:
-            val = f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}"
-            print(
-                f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f}  "
-                f"{val}  lr {row['lr']:.4g}  {row['epoch_s']:.1f}s  {row['images_per_s']:.0f} img/s",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def message(self, text: str) -> None:
-        if self.enabled:
-            print(text, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
 
 
 # ---------------------------------------------------------------------------------------
@@ -1090,44 +1042,50 @@ class EpochHook(Callback):
 
 
 class ProgressReport(Callback):
-    """What the run says on stderr: what it trains, a bar or a line per epoch, how it ended."""
+    """What the run says on stderr: what it trains, a bar per epoch (on a terminal, or
+    with ``progress=True``) and a line per epoch, how it ended."""
 
     def __init__(self, mode: bool | None, e: Engine, state: RunState) -> None:
-        self.prog = _Progress(mode, e.d.main)
+        self.prog = Progress("train", enabled=e.d.main and mode is not False, bar=mode)
         self.e, self.state = e, state
         cfg = e.cfg
         if e.pretrained_note:
-            self.prog.message(f"initial weights from {cfg.init_weights}: " + e.pretrained_note.replace("\n", "; "))
-        self.prog.message(
+            self.prog.line(f"initial weights from {cfg.init_weights}: " + e.pretrained_note.replace("\n", "; "))
+        self.prog.line(
             f"training {cfg.model} ({cfg.technique}) on {cfg.dataset}: {e.source.n_train} images, "
             f"{e.steps_per_epoch} steps/epoch, {cfg.epochs} epochs, device {e.device}"
             + (f", {e.d.world} processes" if e.d.enabled else "")
         )
 
     def on_epoch_start(self, epoch: int) -> None:
-        self.prog.start_epoch(epoch, self.e.cfg.epochs, self.e.steps_per_epoch, 0)
+        self.prog.start(self.e.steps_per_epoch, desc=f"epoch {epoch}/{self.e.cfg.epochs}")
 
     def on_batch_end(self, i: int, loss: Tensor, correct: Tensor, seen: int, t0: float) -> None:
-        if self.prog.bar is None:
+        if not self.prog.showing_bar:
             return
         # the postfix needs host values (a sync); every 10 steps is enough for the eye
         post = {}
         if i % 10 == 0 or i + 1 == self.e.steps_per_epoch:
             rate = seen * self.e.d.world / max(time.perf_counter() - t0, 1e-9)
             post = {"loss": f"{float(loss):.3f}", "acc": f"{float(correct) / max(seen, 1):.3f}", "img_s": f"{rate:.0f}"}
-        self.prog.step(1, **post)
+        self.prog.advance(1, post)
 
     def on_epoch_end(self, row: dict[str, Any]) -> None:
-        self.prog.end_epoch(row, self.e.cfg.epochs)
+        self.prog.close()
+        self.prog.line(
+            f"epoch {row['epoch']}/{self.e.cfg.epochs}  train_loss {row['train_loss']:.4f} "
+            f"train_acc {row['train_acc']:.4f}  val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}  "
+            f"lr {row['lr']:.4g}  {row['epoch_s']:.1f}s  {row['images_per_s']:.0f} img/s"
+        )
 
     def on_run_end(self, summary: dict[str, Any]) -> None:
         self.prog.close()
         s = self.state
         if summary["status"] == "diverged":
             epoch = summary["diverged_epoch"]
-            self.prog.message(f"training diverged in epoch {epoch} (non-finite loss); metrics of earlier epochs kept")
+            self.prog.line(f"training diverged in epoch {epoch} (non-finite loss); metrics of earlier epochs kept")
         elif summary["status"] == "completed":
-            self.prog.message(
+            self.prog.line(
                 f"done: test_acc {summary['test_acc']:.4f}, best val_acc {s.best_acc:.4f} (epoch {s.best_epoch}), "
                 f"{s.elapsed:.0f}s"
             )
