@@ -66,6 +66,7 @@ from reslab.data import ArrayDataset, FolderDataset, open_dataset
 from reslab.describe import count_params, forward_flops
 from reslab.errors import DivergedError, UsageError
 from reslab.models import build_model, channels_last_safe
+from reslab.normalize import Normalize
 from reslab.progress import Progress
 from reslab.runs import RUN_FILES
 
@@ -156,20 +157,6 @@ def augment_gather(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor, pad: int, ch
     # which viewed as NCHW is channels_last memory already
     out = x[bi, :, rows.unsqueeze(2), cols.unsqueeze(1)].permute(0, 3, 1, 2)
     return out if channels_last else out.contiguous()
-
-
-class Normalize:
-    """uint8 -> float, ``(x / 255 - mean) / std`` as one multiply-add."""
-
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> None:
-        m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self.scale = 1.0 / (255.0 * s)
-        self.shift = -m / s
-
-    def __call__(self, x: Tensor, channels_last: bool) -> Tensor:
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        return torch.addcmul(self.shift, x.to(torch.float32, memory_format=fmt), self.scale)
 
 
 @dataclass
@@ -771,7 +758,7 @@ def train_one_epoch(e: Engine, state: RunState, epoch: int, callbacks: Sequence[
         lr = lr_at(state.step, e.total_steps, cfg)
         for group in e.optimizer.param_groups:
             group["lr"] = lr
-        x = e.norm(augment_gather(xb, ady, adx, aflip, pad, cfg.channels_last), cfg.channels_last)
+        x = e.norm.from_uint8(augment_gather(xb, ady, adx, aflip, pad, cfg.channels_last), cfg.channels_last)
         with e.autocast():
             logits = e.model(x)
             loss = e.criterion(logits.float(), yb)
@@ -840,7 +827,7 @@ def evaluate(e: Engine, which: str) -> tuple[float, float]:
     with torch.inference_mode():
         for x, y in e.source.eval_batches(which, cfg.eval_batch_size):
             with e.autocast():
-                logits = model(e.norm(x, cfg.channels_last))
+                logits = model(e.norm.from_uint8(x, cfg.channels_last))
             # plain cross-entropy (no smoothing): the loss a reader expects to compare
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
             correct += (logits.argmax(1) == y).sum().double()
