@@ -225,3 +225,33 @@ def summary_value(status: str | None, summary: dict[str, Any]) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) else None
+
+
+def read_probe_entries(dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    """Init-probe entries (technique, depth, width, verdict, grad_ratio) of the first folder that
+    has them, in reslab.probe's format (results folders of reslab 0.1 have no depth: skipped)."""
+    for d in dirs:
+        data = _read_json(d / PROBE_FILE)
+        res = data.get("results")
+        if isinstance(res, list) and res:
+            return [e for e in res if isinstance(e, dict) and "technique" in e and "depth" in e]
+    return []
+
+
+def read_init_probe(dirs: Sequence[Path]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(model, technique) -> init-probe entry at that model, from the first probe-init.json found
+    (reslab.probe's format, or the ``entries`` list of results folders written by reslab 0.1)."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for d in dirs:
+        data = _read_json(d / PROBE_FILE)
+        if isinstance(data.get("entries"), list):
+            items = [e for e in data["entries"] if isinstance(e, dict) and "model" in e and "technique" in e]
+        else:
+            items = []
+            widths = {float((_read_json(d / GRID_FILE).get("train") or {}).get("width", 1.0))}
+            for e in data.get("results", []) if isinstance(data.get("results"), list) else []:
+                if isinstance(e, dict) and "depth" in e and float(e.get("width", 1.0)) in widths:
+                    items.append({**e, "model": f"resnet{int(e['depth'])}", "blocks": e.get("num_blocks")})
+        for e in items:
+            out.setdefault((str(e["model"]), str(e["technique"])), e)
+    return out
