@@ -203,6 +203,16 @@ class TrainConfig:
             get_technique(self.technique, **self.technique_args)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        # remembered outside the fields, so it is not part of the config (to_dict, equality)
+        self.__dict__["_validated"] = self.to_dict()
+
+    def ensure_valid(self) -> TrainConfig:
+        """:meth:`validate`, unless these exact values were validated already: a config is
+        built and checked once (e.g. by :meth:`from_dict`) and then passed down; one changed
+        since is checked again."""
+        if self.__dict__.get("_validated") != self.to_dict():
+            self.validate()
+        return self
 
 
 def _is_optional(tp: Any) -> tuple[bool, Any]:

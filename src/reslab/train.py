@@ -31,6 +31,7 @@ global batch; only rank 0 writes files.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -400,7 +401,8 @@ def resolve_config(cfg: TrainConfig, ds: ArrayDataset | FolderDataset, device: t
         changes["crop_padding"] = ds.crop_padding
     if cfg.precision == "auto":
         changes["precision"] = "bf16" if device.type == "cuda" else "fp32"
-    return cfg.replace(**changes)
+    # not validated again: the values come from the dataset and the machine
+    return dataclasses.replace(cfg, **changes)
 
 
 @dataclass
@@ -589,7 +591,7 @@ def _build_engine(
     params, flops = count_params(model), forward_flops(model, (c, h, w))
     model.to(device)
     if cfg.channels_last and not channels_last_safe(model, device):
-        cfg = cfg.replace(channels_last=False)  # see channels_last_safe: a CPU kernel bug
+        cfg = dataclasses.replace(cfg, channels_last=False)  # see channels_last_safe: a CPU kernel bug
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
     source: Any = (_ArraySource if isinstance(ds, ArrayDataset) else _FolderSource)(ds, cfg, device, d)
@@ -689,7 +691,7 @@ def train(
         * Bad configuration, missing data or an incompatible checkpoint: :class:`UsageError`
           before anything in ``out_dir`` is changed.
     """
-    config.validate()
+    config.ensure_valid()  # commands and compare pass a config they built and validated
     out = Path(out_dir)
     d = _setup_distributed(
         config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
