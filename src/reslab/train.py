@@ -582,9 +582,13 @@ def _autocast(cfg: TrainConfig, device: torch.device) -> Callable[[], Any]:
 
 
 def _build_engine(
-    cfg: TrainConfig, ds: ArrayDataset | FolderDataset, d: Dist, device: torch.device, out: Path,
+    cfg: TrainConfig,
+    ds: ArrayDataset | FolderDataset,
+    d: Dist,
+    device: torch.device,
+    out: Path,
     ckpt: dict[str, Any] | None,
-) -> tuple[Engine, RunState]:  # fmt: skip
+) -> tuple[Engine, RunState]:
     """Model, data source and optimizer of a run, and its state: fresh, or the checkpoint's."""
     c, h, w = ds.input_size
     model, note = _build_model(cfg, ds, load_init_weights=ckpt is None)  # a resumed run takes its checkpoint's
@@ -604,8 +608,13 @@ def _build_engine(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov
     )
     state = _restore(out, ckpt, model, optimizer, device) if ckpt is not None else RunState()
-    meta = {"input_size": [c, h, w], "dataset": cfg.dataset, "classes": list(ds.classes)}
-    meta.update(mean=list(ds.mean), std=list(ds.std))
+    meta = {
+        "input_size": [c, h, w],
+        "dataset": cfg.dataset,
+        "classes": list(ds.classes),
+        "mean": list(ds.mean),
+        "std": list(ds.std),
+    }
     engine = Engine(
         cfg=cfg,
         d=d,
