@@ -49,3 +49,57 @@ def test_user_errors_are_one_line_and_exit_2(args: tuple[str, ...], needle: str)
     assert needle in r.stderr
     assert "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def _help_entries(command: str) -> dict[str, str]:
+    """``reslab COMMAND --help`` as option -> its help text (whitespace collapsed)."""
+    import os
+    import re
+
+    env = {**os.environ, "COLUMNS": "200"}
+    r = subprocess.run(
+        [sys.executable, "-m", "reslab", command, "--help"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert r.returncode == 0, r.stderr
+    options = r.stdout.split("\noptions:\n", 1)[1]
+    entries = {}
+    for entry in re.split(r"\n  (?=-)", "\n" + options):
+        words = entry.split()
+        if words:
+            entries[words[0].rstrip(",")] = " ".join(words)
+    return entries
+
+
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_help_shows_every_training_option_with_its_real_default(command: str) -> None:
+    """The options are generated from TrainConfig's fields: every field with help text is an
+    option of 'train' (compare offers a few), and its help states the default a run uses."""
+    import re
+    from dataclasses import fields
+
+    from reslab.config import TrainConfig
+
+    defaults = TrainConfig()  # the values a run gets for options left out
+    entries = _help_entries(command)
+    with_help = [f.name for f in fields(TrainConfig) if f.metadata.get("help")]
+    assert len(with_help) == len(fields(TrainConfig)) - 1  # all but technique_args (--technique-arg)
+    shown = [n for n in with_help if "--" + n.replace("_", "-") in entries]
+    if command == "train":
+        assert shown == with_help
+    else:
+        assert {"epochs", "lr", "batch_size", "dataset", "width"} <= set(shown)
+    for name in shown:
+        text = entries["--" + name.replace("_", "-")]
+        value = getattr(defaults, name)
+        m = re.search(r"\(default: ([^ )]+)", text)
+        if value is None:  # no default to state: the help says what leaving it out does
+            assert m is None and ("unset" in text or "without it" in text), text
+        elif isinstance(value, bool):
+            assert m and m.group(1) == ("on" if value else "off"), text
+        else:
+            assert m and type(value)(m.group(1)) == value, text
+    if command == "train":
+        assert "(default: 10)" in entries["--epochs"] and "(default: 0.0005)" in entries["--weight-decay"]
+        assert (
+            entries["--nesterov"].startswith("--nesterov, --no-nesterov") and "(default: on)" in entries["--nesterov"]
+        )

@@ -289,3 +289,21 @@ def test_folder_layout_errors(tmp_path):
         load_folder(tmp_path)
     with pytest.raises(UsageError, match="unknown dataset"):
         load_arrays("mnist-ish")
+
+
+def test_one_normalisation_for_uint8_and_unit_inputs():
+    """Training's uint8 path and inference's [0, 1] path are one rule, (p - mean) / std,
+    checked against that rule written out in float64."""
+    from reslab.normalize import Normalize
+
+    x = torch.arange(256, dtype=torch.uint8).repeat(2, 3, 1).view(2, 3, 16, 16)
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    want = (x.double() / 255 - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)) / torch.tensor(
+        std, dtype=torch.float64
+    ).view(1, 3, 1, 1)
+    norm = Normalize(mean, std)
+    for got in (norm.from_uint8(x), norm.from_uint8(x, channels_last=True), norm.from_unit(x.float() / 255)):
+        assert got.dtype == torch.float32 and torch.allclose(got.double(), want, rtol=0, atol=1e-5)
+    assert norm.from_uint8(x, channels_last=True).is_contiguous(memory_format=torch.channels_last)
+    # a saved model's metadata without statistics means no normalisation
+    assert torch.equal(Normalize.from_metadata({}, 3).from_unit(x.float()), x.float())

@@ -55,11 +55,11 @@ def _killed_before_first_checkpoint(out: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["plain", "resume"])
 def test_killed_before_first_checkpoint_restarts(tmp_path, capsys, how):
-    from reslab.train import _run_state
+    from reslab.runs import run_state
 
     out = tmp_path / "run"
     _killed_before_first_checkpoint(out)
-    assert _run_state(out) == "stale"  # its process is gone
+    assert run_state(out) == "stale"  # its process is gone
     argv = ["train", "--out", str(out), *TINY, "--epochs", "1"] + (["--resume"] if how == "resume" else [])
     assert main(argv) == 0, capsys.readouterr().err
     s = _summary(out)
@@ -70,25 +70,25 @@ def test_failed_before_its_first_checkpoint_restarts(tmp_path, monkeypatch, caps
     import reslab.train as train_mod
 
     out = tmp_path / "run"
-    real = train_mod._evaluate
+    real = train_mod.evaluate
 
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train_mod, "_evaluate", oom)
+    monkeypatch.setattr(train_mod, "evaluate", oom)
     assert main(["train", "--out", str(out), *TINY, "--epochs", "1"]) == 2
     err = _err(capsys)
     assert "out of memory at batch size 64" in err and "--batch-size (e.g. 32)" in err
     assert f"the same command (or --resume) restarts {out}" in err
     assert _summary(out)["status"] == "failed"
-    monkeypatch.setattr(train_mod, "_evaluate", real)
+    monkeypatch.setattr(train_mod, "evaluate", real)
     # the message's promise holds: the same command restarts it
     assert main(["train", "--out", str(out), *TINY, "--epochs", "1"]) == 0
     assert _summary(out)["status"] == "completed"
 
 
 def test_a_live_run_is_not_trampled(tmp_path, capsys):
-    from reslab.train import _run_state
+    from reslab.runs import run_state
 
     out = tmp_path / "run"
     out.mkdir()
@@ -97,7 +97,7 @@ def test_a_live_run_is_not_trampled(tmp_path, capsys):
         (out / "summary.json").write_text(
             json.dumps({"status": "running", "pid": sleeper.pid, "host": os.uname().nodename})
         )
-        assert _run_state(out) == "running"
+        assert run_state(out) == "running"
         for extra in ([], ["--resume"]):
             assert main(["train", "--out", str(out), *TINY, "--epochs", "1", *extra]) == 2
             assert f"is being trained right now by process {sleeper.pid}" in _err(capsys)
@@ -105,7 +105,7 @@ def test_a_live_run_is_not_trampled(tmp_path, capsys):
     finally:
         sleeper.kill()
         sleeper.wait()
-    assert _run_state(out) == "stale"
+    assert run_state(out) == "stale"
 
 
 def test_checkpointed_unfinished_run_messages_agree(tmp_path, capsys, tiny_train_config):

@@ -291,3 +291,24 @@ def test_folder_dataset_trains(tmp_path, tiny_train_config):
     summary = train(cfg, tmp_path / "run", progress=False)
     assert summary["status"] == "completed" and summary["test_acc"] is not None
     assert read_metadata(tmp_path / "run" / "model.safetensors")["classes"] == ["dark", "light"]
+
+
+def test_a_runs_config_is_validated_once_and_again_only_when_changed(tmp_path, monkeypatch, capsys):
+    from reslab.cli import main
+
+    calls = []
+    real = TrainConfig.validate
+
+    def counting(self):
+        calls.append(self.to_dict())
+        real(self)
+
+    monkeypatch.setattr(TrainConfig, "validate", counting)
+    argv = ["train", "--out", str(tmp_path / "r"), "--model", "resnet8", "--width", "0.25", "--batch-size", "64"]
+    argv += ["--train-subset", "128", "--val-size", "64", "--epochs", "1", "--threads", "1", "--quiet"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert len(calls) == 1 and calls[0]["epochs"] == 1  # built from the options, then passed down
+    cfg = TrainConfig.from_dict({"epochs": 1})
+    cfg.epochs = 0  # changed after it was checked: checked again
+    with pytest.raises(UsageError, match="epochs must be at least 1"):
+        cfg.ensure_valid()

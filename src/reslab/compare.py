@@ -29,7 +29,6 @@ import os
 import signal
 import socket
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +42,7 @@ from reslab.config import RESUMABLE_CHANGES, TrainConfig, default_threads
 from reslab.decisions import open_cells, paired_diffs
 from reslab.errors import UsageError
 from reslab.pool import STOP_GRACE_S, WorkerDied, WorkerPool, WorkerStopped
+from reslab.progress import Progress
 from reslab.report import build_report
 from reslab.results import (
     BASELINE,
@@ -270,11 +270,11 @@ def prepare_results(out: Path, grid: Grid) -> Grid:
 
 
 def run_state(run_dir: Path) -> str | None:
-    """The status in ``run_dir/summary.json``; None when no run started there."""
-    try:
-        return str(json.loads((run_dir / "summary.json").read_text())["status"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return "unknown" if run_dir.exists() and any(run_dir.iterdir()) else None
+    """The status in ``run_dir/summary.json`` (``unknown`` when unreadable); None when no
+    run started there. Read as :mod:`reslab.runs` reads it, like the engine and the report."""
+    from reslab.runs import recorded_status
+
+    return recorded_status(run_dir)
 
 
 def run_cell(
@@ -462,50 +462,13 @@ def planned_cells(grid: Grid, outcomes: Outcomes, upper: bool) -> list[Cell]:
 # -- progress ----------------------------------------------------------------------------
 
 
-class _GridProgress:
-    """Work left as estimated seconds: a tqdm bar with ETA on a terminal, a line every
+class _GridProgress(Progress):
+    """Work left as estimated seconds: a bar with ETA on a terminal, a line every
     ``every`` seconds (and one per finished run) otherwise."""
 
     def __init__(self, enabled: bool, every: float = 30.0) -> None:
-        self.enabled = enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.every = every
-        self.bar: Any = None
-        self.last = time.perf_counter()
-        self.status = ""
-
-    def update(self, done_s: float, total_s: float, status: str) -> None:
-        """``done_s`` of ``total_s`` estimated worker-seconds are done (divided by jobs outside)."""
-        self.status = status
-        if not self.enabled:
-            return
-        if self.tty:
-            if self.bar is None:
-                from tqdm import tqdm
-
-                fmt = "{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}"
-                self.bar = tqdm(total=max(total_s, 1e-9), desc="compare", file=sys.stderr, bar_format=fmt)
-            self.bar.total = max(total_s, done_s, 1e-9)
-            self.bar.n = done_s
-            self.bar.set_postfix_str(status, refresh=False)
-            self.bar.refresh()
-        elif time.perf_counter() - self.last >= self.every:
-            self.last = time.perf_counter()
-            left = max(total_s - done_s, 0.0)
-            print(f"compare: {status}; about {fmt_duration(left)} left", file=sys.stderr, flush=True)
-
-    def line(self, text: str) -> None:
-        if not self.enabled:
-            return
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stderr)
-        else:
-            print(text, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        fmt = "{desc} {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}] {postfix}"
+        super().__init__("compare", enabled=enabled, every=every, remaining=fmt_duration, bar_format=fmt)
 
 
 @dataclass

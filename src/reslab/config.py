@@ -8,6 +8,7 @@ import os
 import tomllib
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,12 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
+def _opt(default: Any, help: str, **cli: Any) -> Any:
+    """A field that is also a command-line option: its help text (the default is added to
+    it by :func:`cli_options`) and any further argparse keywords, e.g. ``metavar``."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass
 class TrainConfig:
     """Everything that decides a training run.
@@ -36,59 +43,74 @@ class TrainConfig:
     (linear warm-up over the first 20% of steps, then linear decay to zero), label
     smoothing 0.1, random crop and horizontal flip.
 
-    Fields set to ``None`` are resolved from the dataset and machine by :meth:`resolved`
-    (``val_size``: 5,000 for fashion-mnist and CIFAR, 10% otherwise; ``flip`` and
+    Each field's help text (its metadata) is what ``reslab train --help`` shows, with the
+    default read from here (:func:`cli_options`). Fields set to ``None`` are resolved
+    from the dataset and machine by :func:`reslab.train.resolve_config` (``val_size``: 5,000 for
+    fashion-mnist and CIFAR, 10% otherwise; ``flip`` and
     ``crop_padding``: what suits the dataset; ``device``: CUDA when present).
     """
 
-    model: str = "resnet20"
-    technique: str = "baseline"
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.1
-    schedule: str = "onecycle"
-    #: fraction of all steps spent warming the learning rate up linearly from zero
-    warmup: float = 0.2
-    #: images held out of the training set for validation curves; 0 = use the test set
-    val_size: int | None = None
-    #: train on the first N images of the fixed shuffle of the training split (quick runs)
-    train_subset: int | None = None
-    #: test on the first N images of a fixed shuffle of the test split (quick runs; None = all)
-    test_subset: int | None = None
-    flip: bool | None = None
-    crop_padding: int | None = None
-    seed: int = 0
-    device: str = "auto"
-    compile: bool = False
-    channels_last: bool = True
-    #: "auto" = bf16 autocast on CUDA, fp32 on the CPU
-    precision: str = "auto"
-    width: float = 1.0
-    drop_path_rate: float = 0.0
+    model: str = _opt("resnet20", "model name, e.g. resnet20; 'reslab models' lists them")
+    technique: str = _opt("baseline", "residual technique; 'reslab models' lists them")
+    dataset: str = _opt("fashion-mnist", "fashion-mnist, cifar10, cifar100, digits or folder:PATH")
+    data_dir: str | None = _opt(
+        None,
+        "folder holding the dataset's files, the only place looked at (an error if it lacks them); without it: "
+        "$RESLAB_DATA/NAME, ~/.cache/reslab/NAME, /usr/share/datasets/NAME, then a verified download",
+    )
+    epochs: int = _opt(10, "epochs")
+    batch_size: int = _opt(128, "global batch size, all processes together")
+    lr: float = _opt(0.1, "peak learning rate")
+    momentum: float = _opt(0.9, "SGD momentum")
+    nesterov: bool = _opt(True, "Nesterov momentum")
+    weight_decay: float = _opt(
+        5e-4, "weight decay on conv and linear weights (not on BatchNorm, biases or technique gains)"
+    )
+    label_smoothing: float = _opt(0.1, "label smoothing")
+    schedule: str = _opt("onecycle", "learning-rate schedule: onecycle, cosine or constant")
+    warmup: float = _opt(0.2, "fraction of all steps spent warming the learning rate up linearly from zero")
+    val_size: int | None = _opt(
+        None,
+        "validation images held out of the training set for validation curves (unset: 5000 for fashion-mnist and "
+        "CIFAR, 10% otherwise; 0 = use the test set)",
+    )
+    train_subset: int | None = _opt(
+        None, "train on the first N images of the fixed shuffle of the training split (quick runs; unset: all)"
+    )
+    test_subset: int | None = _opt(
+        None, "test on the first N images of a fixed shuffle of the test split (quick runs; unset: all)"
+    )
+    flip: bool | None = _opt(None, "random horizontal flip (unset: what suits the dataset)")
+    crop_padding: int | None = _opt(None, "random-crop padding in pixels (unset: what suits the dataset)")
+    seed: int = _opt(0, "random seed")
+    device: str = _opt("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    compile: bool = _opt(False, "torch.compile the model")
+    channels_last: bool = _opt(True, "NHWC memory format")
+    precision: str = _opt("auto", "auto (bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16")
+    width: float = _opt(1.0, "width multiplier")
+    drop_path_rate: float = _opt(0.0, "stochastic depth rate of the last block")
+    #: keyword arguments of the technique (the command line's --technique-arg KEY=VALUE)
     technique_args: dict[str, Any] = field(default_factory=dict)
-    #: a plain ResNet's weights (torchvision, timm or reslab; .safetensors or .pth) loaded
-    #: into the backbone before training, the technique set to keep its function
-    #: (reslab.pretrained); None = fresh init
-    init_weights: str | None = None
-    #: record per-block gradient norms every K optimizer steps into gradients.jsonl (0 = off)
-    probe_every: int = 0
-    #: CPU threads for this process (None = PyTorch's default)
-    threads: int | None = None
-    #: DataLoader workers for folder:PATH datasets
-    workers: int = 2
-    eval_batch_size: int = 1000
-    #: validation evaluations per epoch; above 1, the extra ones fall at evenly spaced steps
-    #: inside each epoch and go to evals.jsonl (time-to-target at sub-epoch resolution)
-    evals_per_epoch: int = 1
-    #: square size folder:PATH images are resized to (None = the first image's size)
-    image_size: int | None = None
-    tensorboard: bool = False
+    init_weights: str | None = _opt(
+        None,
+        "start from a plain ResNet's weights (torchvision/timm .pth or .safetensors, or a reslab model.safetensors) "
+        "of the same architecture; the technique starts where it keeps their function (reslab.pretrained; "
+        "unset: fresh init)",
+        metavar="FILE",
+    )
+    probe_every: int = _opt(
+        0, "record per-block gradient norms every K optimizer steps into gradients.jsonl (0 = off)", metavar="K"
+    )
+    threads: int | None = _opt(None, "CPU threads for this process (unset: PyTorch's default)")
+    workers: int = _opt(2, "DataLoader workers for folder:PATH datasets")
+    eval_batch_size: int = _opt(1000, "evaluation batch size")
+    evals_per_epoch: int = _opt(
+        1,
+        "validation evaluations per epoch; above 1, the extra ones fall at evenly spaced steps inside each epoch "
+        "and go to evals.jsonl (time-to-target at sub-epoch resolution)",
+    )
+    image_size: int | None = _opt(None, "square size folder:PATH images are resized to (unset: the first image's size)")
+    tensorboard: bool = _opt(False, "also write TensorBoard event files")
 
     # ---------------------------------------------------------------------------
     @classmethod
@@ -181,6 +203,16 @@ class TrainConfig:
             get_technique(self.technique, **self.technique_args)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        # remembered outside the fields, so it is not part of the config (to_dict, equality)
+        self.__dict__["_validated"] = self.to_dict()
+
+    def ensure_valid(self) -> TrainConfig:
+        """:meth:`validate`, unless these exact values were validated already: a config is
+        built and checked once (e.g. by :meth:`from_dict`) and then passed down; one changed
+        since is checked again."""
+        if self.__dict__.get("_validated") != self.to_dict():
+            self.validate()
+        return self
 
 
 def _is_optional(tp: Any) -> tuple[bool, Any]:
@@ -293,3 +325,43 @@ def config_to_yaml(cfg: TrainConfig) -> str:
 
 def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def cli_options(names: Sequence[str] | None = None, default_words: str = "") -> dict[str, dict[str, Any]]:
+    """argparse keyword arguments for :class:`TrainConfig`'s fields, by field name: all
+    fields that have help text, or ``names`` in that order.
+
+    The type comes from the annotation (a flag pair ``--x/--no-x`` for a bool) and the help
+    from the field, followed by its default read from the dataclass, so the help cannot
+    drift from the defaults that run. ``default_words`` is added after the default (e.g.
+    where a preset may set its own). The argparse default stays ``None``: the commands tell
+    an option given from one left out.
+    """
+    import argparse
+
+    hints = typing.get_type_hints(TrainConfig)
+    by_name = {f.name: f for f in fields(TrainConfig) if "help" in f.metadata}
+    out: dict[str, dict[str, Any]] = {}
+    for name in names if names is not None else list(by_name):
+        f = by_name[name]
+        _, base = _is_optional(hints[name])
+        kw: dict[str, Any] = {k: v for k, v in f.metadata.items() if k != "help"}
+        if base is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif base in (int, float):
+            kw["type"] = base
+        text = f.metadata["help"]
+        if f.default is not None:
+            text += f" (default: {default_text(f.default)}{default_words})"
+        kw["help"] = text.replace("%", "%%")  # argparse formats help strings with %
+        out[name] = kw
+    return out
+
+
+def default_text(value: Any) -> str:
+    """A default as the command line writes it: on/off for flags, 5e-04 as 0.0005."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return format(value, "g")
+    return str(value)

@@ -47,6 +47,7 @@ from reslab import __version__
 from reslab.checkpoint import atomic_write, load_model, read_metadata
 from reslab.errors import UsageError
 from reslab.fuse import FusedResNet, fuse, is_fused_file, load_fused
+from reslab.normalize import Normalize
 
 FORMATS = ("torchscript", "exported", "onnx")
 SUFFIXES = {"torchscript": ".pt", "exported": ".pt2", "onnx": ".onnx"}
@@ -528,11 +529,9 @@ def _unit_range(path: Path, arr: np.ndarray) -> Tensor:
 
 
 def normalize(x: Tensor, metadata: dict[str, Any]) -> Tensor:
-    """``(x - mean) / std`` per channel, with the training data's statistics."""
-    c = x.shape[1]
-    mean = torch.tensor(metadata.get("mean") or [0.0] * c, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(metadata.get("std") or [1.0] * c, dtype=torch.float32).view(1, -1, 1, 1)
-    return (x - mean) / std
+    """``(x - mean) / std`` per channel of a [0, 1] batch, with the training data's
+    statistics from a saved model's ``metadata`` (:class:`reslab.normalize.Normalize`)."""
+    return Normalize.from_metadata(metadata, x.shape[1]).from_unit(x)
 
 
 def predict(predictor: Predictor, images: Tensor, top: int = 3, batch_size: int = 256) -> list[list[tuple[str, float]]]:

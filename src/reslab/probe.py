@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from reslab.blocks import residual_blocks
 from reslab.models import ResNet, cifar_resnet, fast_memory_format
+from reslab.normalize import Normalize
 from reslab.plugins import import_from_env
 from reslab.pool import WorkerPool
 
@@ -392,9 +393,7 @@ def make_batches(
         raise ValueError(f"{batches} batches of {batch_size} need {need} images; the dataset has {len(x)}")
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(x), generator=g)[:need]
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    xs = (x[idx].float().div_(255.0) - m) / s
+    xs = Normalize(mean, std).from_unit(x[idx].float().div_(255.0))
     ys = y[idx].long()
     return [
         (xs[i * batch_size : (i + 1) * batch_size], ys[i * batch_size : (i + 1) * batch_size]) for i in range(batches)

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from reslab.errors import UsageError
+from reslab.runs import UNKNOWN, read_summary, status_of
 
 GRID_FILE = "grid.json"
 RUNS_DIR = "runs"
@@ -117,7 +118,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def read_run(path: Path) -> RunData | None:
     """Read one run folder; ``None`` when it does not say which model/technique/seed it is."""
     config = _read_yaml(path / "config.yaml")
-    summary = _read_json(path / "summary.json")
+    recorded = read_summary(path)
+    summary = recorded or {}
     ident = {**config, **{k: v for k, v in summary.items() if v is not None}}
     try:
         cell = Cell(str(ident["model"]), str(ident["technique"]), int(ident["seed"]))
@@ -126,7 +128,11 @@ def read_run(path: Path) -> RunData | None:
     metrics = sorted(read_jsonl(path / "metrics.jsonl"), key=lambda m: int(m.get("epoch", 0)))
     # A resumed run may have re-logged an epoch; keep the last record of each.
     by_epoch = {int(m.get("epoch", 0)): m for m in metrics}
-    status = str(summary.get("status") or ("interrupted" if metrics else "running"))
+    status = status_of(recorded)
+    if status == UNKNOWN:
+        # no readable summary: a run killed as it started, or written by hand; the report
+        # has always called it by what its metrics show
+        status = "interrupted" if metrics else "running"
     return RunData(
         cell=cell,
         path=path,
@@ -223,3 +229,33 @@ def summary_value(status: str | None, summary: dict[str, Any]) -> float | None:
     except (TypeError, ValueError):
         return None
     return f if math.isfinite(f) else None
+
+
+def read_probe_entries(dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    """Init-probe entries (technique, depth, width, verdict, grad_ratio) of the first folder that
+    has them, in reslab.probe's format (results folders of reslab 0.1 have no depth: skipped)."""
+    for d in dirs:
+        data = _read_json(d / PROBE_FILE)
+        res = data.get("results")
+        if isinstance(res, list) and res:
+            return [e for e in res if isinstance(e, dict) and "technique" in e and "depth" in e]
+    return []
+
+
+def read_init_probe(dirs: Sequence[Path]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(model, technique) -> init-probe entry at that model, from the first probe-init.json found
+    (reslab.probe's format, or the ``entries`` list of results folders written by reslab 0.1)."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for d in dirs:
+        data = _read_json(d / PROBE_FILE)
+        if isinstance(data.get("entries"), list):
+            items = [e for e in data["entries"] if isinstance(e, dict) and "model" in e and "technique" in e]
+        else:
+            items = []
+            widths = {float((_read_json(d / GRID_FILE).get("train") or {}).get("width", 1.0))}
+            for e in data.get("results", []) if isinstance(data.get("results"), list) else []:
+                if isinstance(e, dict) and "depth" in e and float(e.get("width", 1.0)) in widths:
+                    items.append({**e, "model": f"resnet{int(e['depth'])}", "blocks": e.get("num_blocks")})
+        for e in items:
+            out.setdefault((str(e["model"]), str(e["technique"])), e)
+    return out

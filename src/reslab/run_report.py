@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reslab.aggregate import gradient_ratios
 from reslab.checkpoint import atomic_write, atomic_write_text
 from reslab.errors import UsageError
-from reslab.report import gradient_ratios
 from reslab.results import read_jsonl
 
 __all__ = ["RunReport", "is_run_folder", "write_run_report"]

@@ -1,4 +1,8 @@
-"""The training engine and its run folders.
+"""The training engine: :func:`train` orchestrates a run, :func:`train_one_epoch` trains
+one epoch, :func:`evaluate` measures the model, and callbacks (:class:`Callback`) do the
+jobs around the loop: the run folder and checkpoints, the gradient-norm probe,
+TensorBoard, progress output and the caller's ``on_epoch``. Reading and writing run
+folders' status is :mod:`reslab.runs`.
 
 In-memory datasets live on the training device as one uint8 tensor; each epoch draws a
 permutation and the augmentation (random crop as a translation with zero fill, and
@@ -27,17 +31,16 @@ global batch; only rank 0 writes files.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
-import shutil
 import socket
-import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reslab import runs
 from reslab.blocks import residual_blocks
 from reslab.checkpoint import (
     atomic_write,
@@ -63,6 +67,9 @@ from reslab.data import ArrayDataset, FolderDataset, open_dataset
 from reslab.describe import count_params, forward_flops
 from reslab.errors import DivergedError, UsageError
 from reslab.models import build_model, channels_last_safe
+from reslab.normalize import Normalize
+from reslab.progress import Progress
+from reslab.runs import RUN_FILES
 
 __all__ = [
     "RUN_FILES",
@@ -75,18 +82,6 @@ __all__ = [
 
 #: metrics.jsonl fields that measure time, so differ between otherwise identical runs
 WALL_CLOCK_FIELDS = ("epoch_s", "elapsed_s", "images_per_s")
-#: what a run writes; ``overwrite`` removes exactly these, nothing else in the folder
-RUN_FILES = (
-    "config.yaml",
-    "metrics.jsonl",
-    "summary.json",
-    "model.safetensors",
-    "model-best.safetensors",
-    "checkpoint",
-    "gradients.jsonl",
-    "evals.jsonl",
-    "tensorboard",
-)
 #: validation images held out for these datasets; others hold out 10%
 DEFAULT_VAL_SIZE = {"fashion-mnist": 5000, "cifar10": 5000, "cifar100": 5000}
 #: the train/validation split and ``train_subset`` use this fixed seed, so runs with
@@ -163,20 +158,6 @@ def augment_gather(x: Tensor, dy: Tensor, dx: Tensor, flip: Tensor, pad: int, ch
     # which viewed as NCHW is channels_last memory already
     out = x[bi, :, rows.unsqueeze(2), cols.unsqueeze(1)].permute(0, 3, 1, 2)
     return out if channels_last else out.contiguous()
-
-
-class Normalize:
-    """uint8 -> float, ``(x / 255 - mean) / std`` as one multiply-add."""
-
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> None:
-        m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self.scale = 1.0 / (255.0 * s)
-        self.shift = -m / s
-
-    def __call__(self, x: Tensor, channels_last: bool) -> Tensor:
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        return torch.addcmul(self.shift, x.to(torch.float32, memory_format=fmt), self.scale)
 
 
 @dataclass
@@ -354,92 +335,11 @@ def _chance_acc(labels: list[int]) -> float:
 
 
 # ---------------------------------------------------------------------------------------
-# Run folder state
-
-
-def _read_summary(out: Path) -> dict[str, Any] | None:
-    try:
-        summary = json.loads((out / "summary.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return summary if isinstance(summary, dict) else None
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process, alive
-        return True
-    return True
-
-
-def _run_state(out: Path) -> str | None:
-    """``None`` for no run here, else the recorded status (``unknown`` if unreadable).
-
-    A ``running`` status whose process is gone (summary.json records the pid and host of
-    the process training it) is ``stale``: killed, or stopped by an error before it could
-    say so. A run recorded on another host stays ``running``: it cannot be checked.
-    """
-    if not any((out / f).exists() for f in RUN_FILES):
-        return None
-    summary = _read_summary(out)
-    if summary is None or "status" not in summary:
-        return "unknown"
-    status = str(summary["status"])
-    if status == "running" and summary.get("host", socket.gethostname()) == socket.gethostname():
-        pid = summary.get("pid")
-        if not isinstance(pid, int) or pid == os.getpid() or not _process_alive(pid):
-            return "stale"
-    return status
-
-
-_STATE_WORDS = {"stale": "its process is gone", "unknown": "its summary.json is unreadable"}
-
-
-def _owner(out: Path) -> str:
-    summary = _read_summary(out) or {}
-    return f"process {summary.get('pid', '?')} on {summary.get('host', '?')}"
-
-
-def _extendable(saved: dict[str, Any]) -> bool:
-    """Can a run be given more epochs and stay the run it would have been with them
-    from the start? Only where the learning rate of every step already taken does not
-    depend on the total: a constant schedule without warm-up."""
-    return saved.get("schedule") == "constant" and not saved.get("warmup")
-
-
-def _remove_run(out: Path) -> None:
-    for f in RUN_FILES:
-        p = out / f
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except ValueError:  # a line torn by a kill mid-write
-                break
-    return rows
+# Resuming
 
 
 def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig, out: Path) -> None:
-    may_change = RESUMABLE_CHANGES | ({"epochs"} if _extendable(saved) else set())
+    may_change = RESUMABLE_CHANGES | ({"epochs"} if runs.extendable(saved) else set())
     if saved.get("model") != cfg.model or saved.get("technique") != cfg.technique:
         raise UsageError(
             f"the checkpoint in {out} is for model {saved.get('model')} with technique {saved.get('technique')}, "
@@ -463,56 +363,30 @@ def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig, out: Path) -> 
             )
 
 
-# ---------------------------------------------------------------------------------------
-# Progress output
-
-
-class _Progress:
-    """tqdm bar with loss, accuracy, images/s and ETA on a terminal; else one line per epoch."""
-
-    def __init__(self, mode: bool | None, enabled: bool) -> None:
-        tty = sys.stderr.isatty()
-        self.enabled = enabled and mode is not False
-        self.bar_mode = self.enabled and (mode is True or (mode is None and tty))
-        self.bar: Any = None
-
-    def start_epoch(self, epoch: int, epochs: int, steps: int, done: int) -> None:
-        if self.bar_mode:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=steps, initial=done, desc=f"epoch {epoch}/{epochs}", file=sys.stderr, leave=True)
-
-    def step(self, n: int, **postfix: Any) -> None:
-        if self.bar is not None:
-            if postfix:
-                self.bar.set_postfix(postfix, refresh=False)
-            self.bar.update(n)
-
-    def end_epoch(self, row: dict[str, Any], epochs: int) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-        if self.enabled:
-            val = f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}"
-            print(
-                f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.4f} train_acc {row['train_acc']:.4f}  "
-                f"{val}  lr {row['lr']:.4g}  {row['epoch_s']:.1f}s  {row['images_per_s']:.0f} img/s",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def message(self, text: str) -> None:
-        if self.enabled:
-            print(text, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+def _read_checkpoint(out: Path, cfg: TrainConfig) -> dict[str, Any]:
+    """``checkpoint/latest.json`` of the run to resume, once its config and weights are
+    known to be the ones ``cfg`` continues; else a :class:`UsageError`."""
+    latest = out / "checkpoint" / "latest.json"
+    try:
+        info = json.loads(latest.read_text())
+        if not {"state", "weights"} <= set(info):
+            raise KeyError("state")
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"{latest} is unreadable; the checkpoint is damaged, start a new run") from None
+    saved_cfg = torch_load_safe(out / "checkpoint" / info["state"])["config"]
+    _check_resume_config(saved_cfg, cfg, out)
+    meta = read_metadata(out / "checkpoint" / info["weights"])
+    spec = spec_from_metadata(meta, out / "checkpoint" / info["weights"])
+    if spec.name != cfg.model or spec.technique != cfg.technique:
+        raise UsageError(
+            f"the checkpoint weights in {out} are for model {spec.name} with technique {spec.technique}, "
+            f"not {cfg.model} with {cfg.technique}"
+        )
+    return info
 
 
 # ---------------------------------------------------------------------------------------
-# The engine
+# What a run is made of: its fixed parts (Engine) and what changes as it trains (RunState)
 
 
 def resolve_config(cfg: TrainConfig, ds: ArrayDataset | FolderDataset, device: torch.device) -> TrainConfig:
@@ -527,41 +401,270 @@ def resolve_config(cfg: TrainConfig, ds: ArrayDataset | FolderDataset, device: t
         changes["crop_padding"] = ds.crop_padding
     if cfg.precision == "auto":
         changes["precision"] = "bf16" if device.type == "cuda" else "fp32"
-    return cfg.replace(**changes)
+    # not validated again: the values come from the dataset and the machine
+    return dataclasses.replace(cfg, **changes)
 
 
-def _evaluate(
-    model: nn.Module, source: Any, which: str, cfg: TrainConfig, norm: Normalize, d: Dist, autocast: Any
-) -> tuple[float, float]:
-    d.sync_buffers(model)
-    model.eval()
-    dev = norm.scale.device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
-    correct = torch.zeros((), dtype=torch.float64, device=dev)
-    count = torch.zeros((), dtype=torch.float64, device=dev)
-    with torch.inference_mode():
-        for x, y in source.eval_batches(which, cfg.eval_batch_size):
-            with autocast():
-                logits = model(norm(x, cfg.channels_last))
-            # plain cross-entropy (no smoothing): the loss a reader expects to compare
-            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
-            correct += (logits.argmax(1) == y).sum().double()
-            count += len(y)
-    totals = d.all_sum(torch.stack([loss_sum, correct, count]))
-    model.train()
-    n = max(float(totals[2]), 1.0)
-    return float(totals[0]) / n, float(totals[1]) / n
+@dataclass
+class Engine:
+    """The fixed parts of a run, built once by :func:`_build_engine` and read by the epoch
+    and evaluation functions and the callbacks."""
+
+    cfg: TrainConfig
+    d: Dist
+    device: torch.device
+    source: Any  # _ArraySource | _FolderSource
+    #: the model itself: evaluated and saved
+    raw_model: nn.Module
+    #: what the training steps call: ``raw_model``, wrapped by DDP and/or torch.compile
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    criterion: nn.Module
+    norm: Normalize
+    #: a fresh autocast context (or a null one) per forward pass
+    autocast: Callable[[], Any]
+    steps_per_epoch: int
+    #: what the saved weights carry besides the model's spec
+    meta: dict[str, Any]
+    params: int
+    flops: int
+    #: what loading ``init_weights`` did, for the progress output ("" when nothing was loaded)
+    pretrained_note: str = ""
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.cfg.epochs
+
+    @property
+    def check_every(self) -> int:
+        """Steps between finiteness checks of the loss: each one syncs with the host, which
+        a GPU pays for."""
+        return 1 if self.device.type == "cpu" else 25
+
+    @property
+    def mid_evals(self) -> set[int]:
+        """Steps (1-based, within an epoch) after which the validation set is evaluated
+        besides the epoch's end."""
+        k = self.cfg.evals_per_epoch
+        steps = {round(j * self.steps_per_epoch / k) for j in range(1, k)}
+        return steps - {0, self.steps_per_epoch}
 
 
-def _block_grad_norms(blocks: list[tuple[str, nn.Module]]) -> list[float]:
-    norms = []
-    for _, b in blocks:
-        grads = [p.grad for p in b.parameters() if p.grad is not None]
-        if grads:
-            norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
-        else:
-            norms.append(torch.zeros((), device=next(b.parameters()).device))
-    return torch.stack(norms).float().cpu().tolist()
+@dataclass
+class RunState:
+    """What changes as a run trains; all of it goes into every checkpoint."""
+
+    start_epoch: int = 1
+    step: int = 0
+    elapsed: float = 0.0
+    best_acc: float = -1.0
+    best_epoch: int = 0
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    #: every validation (evals_per_epoch > 1 adds some inside epochs: time-to-target at sub-epoch resolution)
+    evals: list[dict[str, Any]] = field(default_factory=list)
+
+    def record_epoch(
+        self, epoch: int, result: EpochResult, val_loss: float, val_acc: float, epoch_s: float
+    ) -> dict[str, Any]:
+        """Add a finished epoch; return its metrics.jsonl row."""
+        self.elapsed += epoch_s
+        row = {
+            "epoch": epoch,
+            "train_loss": result.loss,
+            "train_acc": result.acc,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": result.lr,
+            "epoch_s": round(epoch_s, 3),
+            "elapsed_s": round(self.elapsed, 3),
+            "images_per_s": round(result.images / result.train_s, 1),
+        }
+        self.metrics.append(row)
+        self.evals.append({"epoch": epoch, "step": self.step, "val_loss": val_loss, "val_acc": val_acc})
+        if val_acc > self.best_acc:
+            self.best_acc, self.best_epoch = val_acc, epoch
+        return row
+
+
+@dataclass
+class EpochResult:
+    """The training half of an epoch, summed over ranks."""
+
+    loss: float
+    acc: float
+    images: float
+    #: seconds spent training (validations inside the epoch excluded)
+    train_s: float
+    #: the learning rate of the epoch's last step
+    lr: float
+
+
+def _set_threads(cfg: TrainConfig, d: Dist) -> None:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    elif d.enabled and not torch.cuda.is_available():
+        # N processes on one CPU would otherwise each start a thread per core
+        torch.set_num_threads(max(1, default_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", d.world))))
+
+
+def _open_dataset(cfg: TrainConfig) -> ArrayDataset | FolderDataset:
+    try:
+        ds = open_dataset(cfg.dataset, cfg.data_dir)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if isinstance(ds, FolderDataset) and cfg.image_size is not None:
+        ds.image_size = (cfg.image_size, cfg.image_size)
+    return ds
+
+
+def _build_model(cfg: TrainConfig, ds: ArrayDataset | FolderDataset, load_init_weights: bool) -> tuple[nn.Module, str]:
+    """The model, initialised from the run's seed (or ``init_weights``), on the CPU."""
+    torch.manual_seed(derive_seed(cfg.seed, 0, 0))
+    try:
+        model = build_model(
+            cfg.model,
+            technique=cfg.technique,
+            num_classes=ds.num_classes,
+            in_channels=ds.input_size[0],
+            width=cfg.width,
+            drop_path_rate=cfg.drop_path_rate,
+            technique_args=dict(cfg.technique_args),
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    note = ""
+    if cfg.init_weights and load_init_weights:
+        from reslab.pretrained import load_pretrained
+
+        note = load_pretrained(model, cfg.init_weights).summary()
+    return model, note
+
+
+def _restore(
+    out: Path, ckpt: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+) -> RunState:
+    """Load the checkpoint's weights and optimizer state; return its run state."""
+    st = torch_load_safe(out / "checkpoint" / ckpt["state"])
+    load_into(model, load_state(out / "checkpoint" / ckpt["weights"], device), out / "checkpoint")
+    try:
+        optimizer.load_state_dict(st["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise UsageError(f"the optimizer state in {out}/checkpoint does not fit the model ({e})") from None
+    return RunState(
+        start_epoch=int(st["epoch"]) + 1,
+        step=int(st["step"]),
+        elapsed=float(st["elapsed_s"]),
+        best_acc=float(st["best_val_acc"]),
+        best_epoch=int(st["best_epoch"]),
+        metrics=list(st["metrics"]),
+        evals=list(st.get("evals", [])),
+    )
+
+
+def _wrap_for_training(model: nn.Module, cfg: TrainConfig, d: Dist, device: torch.device) -> nn.Module:
+    """DDP across processes and/or torch.compile; after :func:`_restore`, since DDP hands
+    rank 0's weights to the other ranks when it wraps."""
+    if d.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        if device.type != "cuda":
+            silence_cuda_home_warning()
+        model = torch.compile(model)  # type: ignore[assignment]
+    return model
+
+
+def _autocast(cfg: TrainConfig, device: torch.device) -> Callable[[], Any]:
+    if cfg.precision != "bf16":
+        return nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def _build_engine(
+    cfg: TrainConfig,
+    ds: ArrayDataset | FolderDataset,
+    d: Dist,
+    device: torch.device,
+    out: Path,
+    ckpt: dict[str, Any] | None,
+) -> tuple[Engine, RunState]:
+    """Model, data source and optimizer of a run, and its state: fresh, or the checkpoint's."""
+    c, h, w = ds.input_size
+    model, note = _build_model(cfg, ds, load_init_weights=ckpt is None)  # a resumed run takes its checkpoint's
+    params, flops = count_params(model), forward_flops(model, (c, h, w))
+    model.to(device)
+    if cfg.channels_last and not channels_last_safe(model, device):
+        cfg = dataclasses.replace(cfg, channels_last=False)  # see channels_last_safe: a CPU kernel bug
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    source: Any = (_ArraySource if isinstance(ds, ArrayDataset) else _FolderSource)(ds, cfg, device, d)
+    steps_per_epoch = source.n_train // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise UsageError(
+            f"batch_size {cfg.batch_size} is larger than the {source.n_train} training images; pass a smaller one"
+        )
+    optimizer = torch.optim.SGD(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov
+    )
+    state = _restore(out, ckpt, model, optimizer, device) if ckpt is not None else RunState()
+    meta = {
+        "input_size": [c, h, w],
+        "dataset": cfg.dataset,
+        "classes": list(ds.classes),
+        "mean": list(ds.mean),
+        "std": list(ds.std),
+    }
+    engine = Engine(
+        cfg=cfg,
+        d=d,
+        device=device,
+        source=source,
+        raw_model=model,
+        model=_wrap_for_training(model, cfg, d, device),
+        optimizer=optimizer,
+        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+        norm=Normalize(ds.mean, ds.std, device),
+        autocast=_autocast(cfg, device),
+        steps_per_epoch=steps_per_epoch,
+        meta=meta,
+        params=params,
+        flops=flops,
+        pretrained_note=note,
+    )
+    return engine, state
+
+
+def _initial_summary(e: Engine, state: RunState) -> dict[str, Any]:
+    """summary.json of a run that is starting (or resuming)."""
+    cfg = e.cfg
+    return {
+        "status": "running",
+        "model": cfg.model,
+        "technique": cfg.technique,
+        "dataset": cfg.dataset,
+        "seed": cfg.seed,
+        "epochs": cfg.epochs,
+        "epochs_completed": state.start_epoch - 1,
+        "best_val_acc": state.best_acc if state.best_epoch else None,
+        "best_epoch": state.best_epoch or None,
+        "test_acc": None,
+        "test_loss": None,
+        "elapsed_s": state.elapsed,
+        "params": e.params,
+        "flops": e.flops,
+        "val_source": "val" if cfg.val_size else "test",
+        "chance_acc": e.source.chance_acc,
+        "world_size": e.d.world,
+        "device": str(e.device),
+        # who is training it: a later run tells a live run from one whose process is gone
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# The engine: orchestration, one epoch, evaluation
 
 
 def train(
@@ -597,460 +700,396 @@ def train(
         * Bad configuration, missing data or an incompatible checkpoint: :class:`UsageError`
           before anything in ``out_dir`` is changed.
     """
-    cfg = config
-    cfg.validate()
+    config.ensure_valid()  # commands and compare pass a config they built and validated
     out = Path(out_dir)
-    d = _setup_distributed(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    elif d.enabled and not torch.cuda.is_available():
-        # N processes on one CPU would otherwise each start a thread per core
-        torch.set_num_threads(max(1, default_threads() // int(os.environ.get("LOCAL_WORLD_SIZE", d.world))))
-
-    # --- decide what to do with out_dir before touching anything ----------------------
-    state = _run_state(out)
-    latest = out / "checkpoint" / "latest.json"
-    # killed, interrupted or failed before its first checkpoint: nothing worth keeping, so
-    # a plain re-run and --resume both start it again (the partial files are replaced)
-    restartable = state in ("stale", "interrupted", "failed", "unknown") and not latest.is_file()
-    if state == "running" and not overwrite:
-        elsewhere = (_read_summary(out) or {}).get("host") != socket.gethostname()
-        if not (resume and elsewhere and latest.is_file()):
-            gone = "if it is gone, pass --resume to continue" if elsewhere else "or pass --overwrite to replace it"
-            raise UsageError(
-                f"{out} is being trained right now by {_owner(out)}; wait for it to finish or stop it first ({gone})"
-            )
-    if resume and not overwrite:
-        if restartable or state is None:
-            resume, overwrite = False, True  # --resume of a run with no checkpoint starts it
-        elif not latest.is_file():
-            raise UsageError(
-                f"nothing to resume in {out}: its {state} run has no checkpoint; pass --overwrite to replace it"
-            )
-        elif state == "completed":
-            saved = read_config_file(out / "config.yaml") if (out / "config.yaml").is_file() else {}
-            done = int(saved.get("epochs") or 0)
-            if cfg.epochs <= done:
-                raise UsageError(
-                    f"the run in {out} is already completed ({done} epochs); to extend it pass --epochs N "
-                    f"with N > {done}, or pass --overwrite to retrain"
-                )
-            if not _extendable(saved):
-                why = (
-                    f"its {saved.get('schedule')} schedule already brought the learning rate down to zero at "
-                    f"epoch {done}"
-                    if saved.get("schedule") != "constant"
-                    else f"its warm-up ({saved.get('warmup')}) was a fraction of {done} epochs, so more epochs "
-                    "would change the learning rate of steps already taken"
-                )
-                raise UsageError(
-                    f"the run in {out} cannot be extended honestly: {why}; start a new run with --epochs "
-                    f"{cfg.epochs} in another --out (runs trained with --schedule constant --warmup 0 can be extended)"
-                )
-    elif not resume and state is not None and not overwrite:
-        if restartable:
-            overwrite = True
-        elif state == "completed":
-            raise UsageError(
-                f"{out} already holds a completed run; pass --overwrite to replace it, "
-                "or --resume --epochs N to extend it"
-            )
-        elif state == "diverged":
-            raise UsageError(f"{out} already holds a diverged run; pass --overwrite to replace it (try a lower --lr)")
-        else:
-            raise UsageError(
-                f"{out} already holds an unfinished run ({_STATE_WORDS.get(str(state), state)}, checkpointed); "
-                "pass --resume to continue it or --overwrite to replace it"
-            )
-
-    # every rank has looked at out_dir before rank 0 writes to it
-    d.barrier()
-    device = _resolve_device(cfg, d)
-    try:
-        ds = open_dataset(cfg.dataset, cfg.data_dir)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    if isinstance(ds, FolderDataset) and cfg.image_size is not None:
-        ds.image_size = (cfg.image_size, cfg.image_size)
-    cfg = resolve_config(cfg, ds, device)
+    d = _setup_distributed(
+        config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    _set_threads(config, d)
+    resume, overwrite = runs.plan_run(out, config, resume, overwrite)  # before touching anything
+    d.barrier()  # every rank has looked at out_dir before rank 0 writes to it
+    device = _resolve_device(config, d)
+    ds = _open_dataset(config)
+    cfg = resolve_config(config, ds, device)
     if cfg.batch_size % d.world:
         raise UsageError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({d.world})")
-
-    ckpt_info: dict[str, Any] | None = None
-    if resume:
-        try:
-            ckpt_info = json.loads(latest.read_text())
-            if not {"state", "weights"} <= set(ckpt_info):
-                raise KeyError("state")
-        except (OSError, ValueError, KeyError, TypeError):
-            raise UsageError(f"{latest} is unreadable; the checkpoint is damaged, start a new run") from None
-        saved_cfg = torch_load_safe(out / "checkpoint" / ckpt_info["state"])["config"]
-        _check_resume_config(saved_cfg, cfg, out)
-        meta = read_metadata(out / "checkpoint" / ckpt_info["weights"])
-        spec = spec_from_metadata(meta, out / "checkpoint" / ckpt_info["weights"])
-        if spec.name != cfg.model or spec.technique != cfg.technique:
-            raise UsageError(
-                f"the checkpoint weights in {out} are for model {spec.name} with technique {spec.technique}, "
-                f"not {cfg.model} with {cfg.technique}"
-            )
-
-    # --- model, optimizer, data ----------------------------------------------------------
-    c, h, w = ds.input_size
-    torch.manual_seed(derive_seed(cfg.seed, 0, 0))
+    ckpt = _read_checkpoint(out, cfg) if resume else None
+    engine, state = _build_engine(cfg, ds, d, device, out, ckpt)
+    summary = _initial_summary(engine, state)
+    callbacks = _callbacks(engine, state, summary, out, overwrite and not resume, progress, on_epoch)
+    epoch = state.start_epoch
     try:
-        model = build_model(
-            cfg.model,
-            technique=cfg.technique,
-            num_classes=ds.num_classes,
-            in_channels=c,
-            width=cfg.width,
-            drop_path_rate=cfg.drop_path_rate,
-            technique_args=dict(cfg.technique_args),
-        )
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    pretrained_note = ""
-    if cfg.init_weights and ckpt_info is None:  # a resumed run takes its checkpoint's weights
-        from reslab.pretrained import load_pretrained
-
-        pretrained_note = load_pretrained(model, cfg.init_weights).summary()
-    params = count_params(model)
-    flops = forward_flops(model, (c, h, w))
-    model.to(device)
-    if cfg.channels_last and not channels_last_safe(model, device):
-        cfg = cfg.replace(channels_last=False)  # see channels_last_safe: a CPU kernel bug
-    if cfg.channels_last:
-        model.to(memory_format=torch.channels_last)
-    raw_model = model
-    blocks = residual_blocks(raw_model)
-
-    source: Any = (_ArraySource if isinstance(ds, ArrayDataset) else _FolderSource)(ds, cfg, device, d)
-    steps_per_epoch = source.n_train // cfg.batch_size
-    if steps_per_epoch < 1:
-        raise UsageError(
-            f"batch_size {cfg.batch_size} is larger than the {source.n_train} training images; pass a smaller one"
-        )
-    total_steps = steps_per_epoch * cfg.epochs
-    optimizer = torch.optim.SGD(
-        param_groups(raw_model, cfg.weight_decay),
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        nesterov=cfg.nesterov,
-    )
-
-    metrics: list[dict[str, Any]] = []
-    #: validation inside epochs (evals_per_epoch > 1), for time-to-target at sub-epoch resolution
-    evals: list[dict[str, Any]] = []
-    start_epoch, step, elapsed = 1, 0, 0.0
-    best_acc, best_epoch = -1.0, 0
-    if ckpt_info is not None:
-        st = torch_load_safe(out / "checkpoint" / ckpt_info["state"])
-        load_into(raw_model, load_state(out / "checkpoint" / ckpt_info["weights"], device), out / "checkpoint")
-        try:
-            optimizer.load_state_dict(st["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise UsageError(f"the optimizer state in {out}/checkpoint does not fit the model ({e})") from None
-        start_epoch, step, elapsed = int(st["epoch"]) + 1, int(st["step"]), float(st["elapsed_s"])
-        best_acc, best_epoch = float(st["best_val_acc"]), int(st["best_epoch"])
-        metrics = list(st["metrics"])
-        evals = list(st.get("evals", []))
-
-    train_model: nn.Module = raw_model
-    if d.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        train_model = DDP(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        if device.type != "cuda":
-            silence_cuda_home_warning()
-        train_model = torch.compile(train_model)  # type: ignore[assignment]
-
-    use_bf16 = cfg.precision == "bf16"
-    if use_bf16 and device.type == "cpu":
-
-        def autocast() -> Any:
-            return torch.autocast("cpu", dtype=torch.bfloat16)
-    elif use_bf16:
-
-        def autocast() -> Any:
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-    else:
-
-        def autocast() -> Any:
-            return nullcontext()
-
-    norm = Normalize(ds.mean, ds.std, device)
-    meta_extra = {
-        "input_size": [c, h, w],
-        "dataset": cfg.dataset,
-        "classes": list(ds.classes),
-        "mean": list(ds.mean),
-        "std": list(ds.std),
-    }
-
-    # --- files ----------------------------------------------------------------------------
-    writer: Any = None
-    grad_file: Any = None
-    summary: dict[str, Any] = {
-        "status": "running",
-        "model": cfg.model,
-        "technique": cfg.technique,
-        "dataset": cfg.dataset,
-        "seed": cfg.seed,
-        "epochs": cfg.epochs,
-        "epochs_completed": start_epoch - 1,
-        "best_val_acc": best_acc if best_epoch else None,
-        "best_epoch": best_epoch or None,
-        "test_acc": None,
-        "test_loss": None,
-        "elapsed_s": elapsed,
-        "params": params,
-        "flops": flops,
-        "val_source": "val" if cfg.val_size else "test",
-        "chance_acc": source.chance_acc,
-        "world_size": d.world,
-        "device": str(device),
-        # who is training it: a later run tells a live run from one whose process is gone
-        "pid": os.getpid(),
-        "host": socket.gethostname(),
-    }
-    if d.main:
-        if overwrite and not resume:
-            # only now: every check that could refuse the run has passed
-            _remove_run(out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "config.yaml", config_to_yaml(cfg))
-        _write_jsonl(out / "metrics.jsonl", metrics)
-        if cfg.evals_per_epoch > 1:
-            _write_jsonl(out / "evals.jsonl", evals)
-        _write_json(out / "summary.json", summary)
-        if cfg.probe_every:
-            # keep the records up to the checkpoint's step; later ones will be recomputed
-            kept = [r for r in _read_jsonl(out / "gradients.jsonl") if r.get("step", 1 << 62) <= step]
-            _write_jsonl(out / "gradients.jsonl", kept)
-            grad_file = open(out / "gradients.jsonl", "a", encoding="utf-8")  # closed in finally
-        if cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise UsageError(
-                    "--tensorboard needs the tensorboard package: pip install 'reslab[tensorboard]'"
-                ) from None
-            writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start_epoch)
-
-    prog = _Progress(progress, d.main)
-    if pretrained_note:
-        prog.message(f"initial weights from {cfg.init_weights}: " + pretrained_note.replace("\n", "; "))
-    prog.message(
-        f"training {cfg.model} ({cfg.technique}) on {cfg.dataset}: {source.n_train} images, "
-        f"{steps_per_epoch} steps/epoch, {cfg.epochs} epochs, device {device}"
-        + (f", {d.world} processes" if d.enabled else "")
-    )
-
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    check_every = 1 if device.type == "cpu" else 25
-    # steps (1-based, within an epoch) after which the validation set is evaluated besides the epoch's end
-    mid_evals = {round(k * steps_per_epoch / cfg.evals_per_epoch) for k in range(1, cfg.evals_per_epoch)}
-    mid_evals -= {0, steps_per_epoch}
-    epoch = start_epoch
-    try:
-        for epoch in range(start_epoch, cfg.epochs + 1):
+        for epoch in range(state.start_epoch, engine.cfg.epochs + 1):
             t0 = time.perf_counter()
-            g = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, 1))
-            order = torch.randperm(source.n_train, generator=g)
-            pad = cfg.crop_padding or 0
-            n = source.n_train
-            dy = torch.randint(-pad, pad + 1, (n,), generator=g)
-            dx = torch.randint(-pad, pad + 1, (n,), generator=g)
-            flip = torch.rand(n, generator=g) < 0.5 if cfg.flip else torch.zeros(n, dtype=torch.bool)
-            # DropPath and other in-model randomness: per epoch (and rank), so resume is exact
-            torch.manual_seed(derive_seed(cfg.seed, epoch, 2, d.rank))
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            correct = torch.zeros((), dtype=torch.float64, device=device)
-            seen = 0
-            diverged = False
-            eval_time = 0.0
-            train_model.train()
-            prog.start_epoch(epoch, cfg.epochs, steps_per_epoch, 0)
-            lr = cfg.lr
-            for i, (xb, yb, (ady, adx, aflip)) in enumerate(
-                source.train_batches(order, (dy, dx, flip), cfg.batch_size, steps_per_epoch)
-            ):
-                lr = lr_at(step, total_steps, cfg)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                x = norm(augment_gather(xb, ady, adx, aflip, pad, cfg.channels_last), cfg.channels_last)
-                with autocast():
-                    logits = train_model(x)
-                    loss = criterion(logits.float(), yb)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                step += 1
-                if cfg.probe_every and step % cfg.probe_every == 0 and d.main:
-                    norms = _block_grad_norms(blocks)
-                    rec = {
-                        "step": step,
-                        "epoch": epoch,
-                        **{name: v for (name, _), v in zip(blocks, norms, strict=True)},
-                    }
-                    grad_file.write(json.dumps(rec) + "\n")
-                if (i + 1) % check_every == 0 or i + 1 == steps_per_epoch:
-                    bad = torch.tensor(0.0 if torch.isfinite(loss).item() else 1.0)
-                    if d.all_sum(bad).item() > 0:
-                        diverged = True
-                        break
-                optimizer.step()
-                ld = loss.detach()
-                loss_sum += ld.double() * len(yb)
-                correct += (logits.detach().argmax(1) == yb).sum().double()
-                seen += len(yb)
-                if prog.bar is not None:
-                    # the postfix needs host values (a sync); every 10 steps is enough for the eye
-                    post = {}
-                    if i % 10 == 0 or i + 1 == steps_per_epoch:
-                        rate = seen * d.world / max(time.perf_counter() - t0, 1e-9)
-                        post = {
-                            "loss": f"{float(ld):.3f}",
-                            "acc": f"{float(correct) / max(seen, 1):.3f}",
-                            "img_s": f"{rate:.0f}",
-                        }
-                    prog.step(1, **post)
-                if i + 1 in mid_evals:
-                    te = time.perf_counter()
-                    vl, va = _evaluate(raw_model, source, "val", cfg, norm, d, autocast)
-                    evals.append(
-                        {
-                            "epoch": round(epoch - 1 + (i + 1) / steps_per_epoch, 4),
-                            "step": step,
-                            "val_loss": vl,
-                            "val_acc": va,
-                        }
-                    )
-                    eval_time += time.perf_counter() - te
-            if not diverged:
-                # an inf that never showed in a checked step (checks are spaced on GPUs)
-                diverged = d.all_sum(torch.tensor(0.0 if math.isfinite(float(loss_sum)) else 1.0)).item() > 0
-            if diverged:
-                prog.close()
+            result = train_one_epoch(engine, state, epoch, callbacks)
+            if result is None:
                 summary.update(status="diverged", diverged_epoch=epoch, epochs_completed=epoch - 1)
-                summary["elapsed_s"] = elapsed + time.perf_counter() - t0
-                prog.message(f"training diverged in epoch {epoch} (non-finite loss); metrics of earlier epochs kept")
-                if d.main:
-                    _write_json(out / "summary.json", summary)
+                summary["elapsed_s"] = state.elapsed + time.perf_counter() - t0
+                _run_end(callbacks, summary)
                 return summary
-            train_time = time.perf_counter() - t0 - eval_time
-            totals = d.all_sum(
-                torch.stack([loss_sum, correct, torch.tensor(float(seen), dtype=torch.float64, device=device)])
-            )
-            val_loss, val_acc = _evaluate(raw_model, source, "val", cfg, norm, d, autocast)
-            epoch_s = time.perf_counter() - t0
-            elapsed += epoch_s
-            row = {
-                "epoch": epoch,
-                "train_loss": float(totals[0]) / float(totals[2]),
-                "train_acc": float(totals[1]) / float(totals[2]),
-                "val_loss": val_loss,
-                "val_acc": val_acc,
-                "lr": lr,
-                "epoch_s": round(epoch_s, 3),
-                "elapsed_s": round(elapsed, 3),
-                "images_per_s": round(float(totals[2]) / train_time, 1),
-            }
-            metrics.append(row)
-            evals.append({"epoch": epoch, "step": step, "val_loss": val_loss, "val_acc": val_acc})
-            if val_acc > best_acc:
-                best_acc, best_epoch = val_acc, epoch
-            summary.update(
-                epochs_completed=epoch, best_val_acc=best_acc, best_epoch=best_epoch, elapsed_s=round(elapsed, 3)
-            )
-            if d.main:
-                _save_checkpoint(
-                    out, raw_model, optimizer, cfg, epoch, step, elapsed, best_acc, best_epoch, metrics, evals
-                )
-                if best_epoch == epoch:  # the best-validation weights, kept beside the final ones
-                    best_meta = {**meta_extra, "epoch": epoch, "val_acc": val_acc}
-                    save_weights(out / "model-best.safetensors", raw_model, extra=best_meta)
-                _write_jsonl(out / "metrics.jsonl", metrics)
-                if cfg.evals_per_epoch > 1:
-                    _write_jsonl(out / "evals.jsonl", evals)
-                _write_json(out / "summary.json", summary)
-                if grad_file is not None:
-                    grad_file.flush()
-                if writer is not None:
-                    for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s"):
-                        writer.add_scalar(k, row[k], epoch)
-                    writer.flush()
-                if on_epoch is not None:
-                    on_epoch(row)
-            prog.end_epoch(row, cfg.epochs)
-
-        test_loss, test_acc = _evaluate(raw_model, source, "test", cfg, norm, d, autocast)
-        summary.update(status="completed", test_acc=test_acc, test_loss=test_loss)
-        if d.main:
-            save_weights(out / "model.safetensors", raw_model, extra=meta_extra)
-            if writer is not None:
-                writer.add_scalar("test_acc", test_acc, cfg.epochs)
-                writer.add_scalar("test_loss", test_loss, cfg.epochs)
-            _write_json(out / "summary.json", summary)
-        prog.message(f"done: test_acc {test_acc:.4f}, best val_acc {best_acc:.4f} (epoch {best_epoch}), {elapsed:.0f}s")
+            val_loss, val_acc = evaluate(engine, "val")
+            row = state.record_epoch(epoch, result, val_loss, val_acc, time.perf_counter() - t0)
+            summary.update(epochs_completed=epoch, best_val_acc=state.best_acc, best_epoch=state.best_epoch)
+            summary.update(elapsed_s=round(state.elapsed, 3))
+            for cb in callbacks:
+                cb.on_epoch_end(row)
+        test_loss, test_acc = evaluate(engine, "test")
+        _run_end(callbacks, summary, status="completed", test_acc=test_acc, test_loss=test_loss)
         d.barrier()
         return summary
     except KeyboardInterrupt:
-        prog.close()
-        if d.main:
-            summary.update(status="interrupted", interrupted_epoch=epoch)
-            _write_json(out / "summary.json", summary)
+        _run_end(callbacks, summary, status="interrupted", interrupted_epoch=epoch)
         raise
     except Exception as e:
         # out of memory or any other stop: say so, so that the next run knows what it finds
-        prog.close()
-        if d.main:
-            summary.update(status="failed", failed_epoch=epoch, error=f"{type(e).__name__}: {str(e)[:300]}")
-            _write_json(out / "summary.json", summary)
+        _run_end(callbacks, summary, status="failed", failed_epoch=epoch, error=f"{type(e).__name__}: {str(e)[:300]}")
         raise
     finally:
-        prog.close()
-        if grad_file is not None:
-            grad_file.close()
-        if writer is not None:
-            writer.close()
+        for cb in callbacks:
+            cb.close()
 
 
-def _save_checkpoint(
+def train_one_epoch(e: Engine, state: RunState, epoch: int, callbacks: Sequence[Callback]) -> EpochResult | None:
+    """Train epoch ``epoch`` (advancing ``state.step``, and adding the validations inside
+    the epoch to ``state.evals``); ``None`` when the loss became non-finite."""
+    cfg, d = e.cfg, e.d
+    t0 = time.perf_counter()
+    order, aug = epoch_draws(cfg, epoch, e.source.n_train)
+    # DropPath and other in-model randomness: per epoch (and rank), so resume is exact
+    torch.manual_seed(derive_seed(cfg.seed, epoch, 2, d.rank))
+    loss_sum = torch.zeros((), dtype=torch.float64, device=e.device)
+    correct = torch.zeros((), dtype=torch.float64, device=e.device)
+    seen, eval_time, lr, mid_evals = 0, 0.0, cfg.lr, e.mid_evals
+    e.model.train()
+    for cb in callbacks:
+        cb.on_epoch_start(epoch)
+    pad = cfg.crop_padding or 0
+    batches = e.source.train_batches(order, aug, cfg.batch_size, e.steps_per_epoch)
+    for i, (xb, yb, (ady, adx, aflip)) in enumerate(batches):
+        lr = lr_at(state.step, e.total_steps, cfg)
+        for group in e.optimizer.param_groups:
+            group["lr"] = lr
+        x = e.norm.from_uint8(augment_gather(xb, ady, adx, aflip, pad, cfg.channels_last), cfg.channels_last)
+        with e.autocast():
+            logits = e.model(x)
+            loss = e.criterion(logits.float(), yb)
+        e.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        state.step += 1
+        for cb in callbacks:
+            cb.on_backward(state.step, epoch)
+        if ((i + 1) % e.check_every == 0 or i + 1 == e.steps_per_epoch) and not _finite(d, loss.item()):
+            return None
+        e.optimizer.step()
+        ld = loss.detach()
+        loss_sum += ld.double() * len(yb)
+        correct += (logits.detach().argmax(1) == yb).sum().double()
+        seen += len(yb)
+        for cb in callbacks:
+            cb.on_batch_end(i, ld, correct, seen, t0)
+        if i + 1 in mid_evals:
+            te = time.perf_counter()
+            vl, va = evaluate(e, "val")
+            state.evals.append(
+                {
+                    "epoch": round(epoch - 1 + (i + 1) / e.steps_per_epoch, 4),
+                    "step": state.step,
+                    "val_loss": vl,
+                    "val_acc": va,
+                }
+            )
+            eval_time += time.perf_counter() - te
+    # an inf that never showed in a checked step (checks are spaced on GPUs)
+    if not _finite(d, float(loss_sum)):
+        return None
+    train_s = time.perf_counter() - t0 - eval_time
+    n = torch.tensor(float(seen), dtype=torch.float64, device=e.device)
+    totals = d.all_sum(torch.stack([loss_sum, correct, n]))
+    return EpochResult(
+        float(totals[0]) / float(totals[2]), float(totals[1]) / float(totals[2]), float(totals[2]), train_s, lr
+    )
+
+
+def epoch_draws(cfg: TrainConfig, epoch: int, n: int) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor]]:
+    """The epoch's data order and augmentation (crop offsets, flips), all from ``(seed, epoch)``."""
+    g = torch.Generator().manual_seed(derive_seed(cfg.seed, epoch, 1))
+    order = torch.randperm(n, generator=g)
+    pad = cfg.crop_padding or 0
+    dy = torch.randint(-pad, pad + 1, (n,), generator=g)
+    dx = torch.randint(-pad, pad + 1, (n,), generator=g)
+    flip = torch.rand(n, generator=g) < 0.5 if cfg.flip else torch.zeros(n, dtype=torch.bool)
+    return order, (dy, dx, flip)
+
+
+def _finite(d: Dist, value: float) -> bool:
+    """Whether ``value`` is finite on every rank (all ranks stop together)."""
+    bad = torch.tensor(0.0 if math.isfinite(value) else 1.0)
+    return d.all_sum(bad).item() == 0
+
+
+def evaluate(e: Engine, which: str) -> tuple[float, float]:
+    """``(loss, accuracy)`` of the model on the ``"val"`` or ``"test"`` images, summed over ranks."""
+    model, cfg, d = e.raw_model, e.cfg, e.d
+    d.sync_buffers(model)
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=e.device)
+    correct = torch.zeros((), dtype=torch.float64, device=e.device)
+    count = torch.zeros((), dtype=torch.float64, device=e.device)
+    with torch.inference_mode():
+        for x, y in e.source.eval_batches(which, cfg.eval_batch_size):
+            with e.autocast():
+                logits = model(e.norm.from_uint8(x, cfg.channels_last))
+            # plain cross-entropy (no smoothing): the loss a reader expects to compare
+            loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").double()
+            correct += (logits.argmax(1) == y).sum().double()
+            count += len(y)
+    totals = d.all_sum(torch.stack([loss_sum, correct, count]))
+    model.train()
+    n = max(float(totals[2]), 1.0)
+    return float(totals[0]) / n, float(totals[1]) / n
+
+
+def _block_grad_norms(blocks: list[tuple[str, nn.Module]]) -> list[float]:
+    norms = []
+    for _, b in blocks:
+        grads = [p.grad for p in b.parameters() if p.grad is not None]
+        if grads:
+            norms.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
+        else:
+            norms.append(torch.zeros((), device=next(b.parameters()).device))
+    return torch.stack(norms).float().cpu().tolist()
+
+
+# ---------------------------------------------------------------------------------------
+# Callbacks: the jobs around the loop, each told what happened
+
+
+class Callback:
+    """One job the engine tells about its progress; every method does nothing unless a
+    callback overrides it. Called in list order, on the rank(s) the callback exists on."""
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Epoch ``epoch`` (1-based) is about to train."""
+
+    def on_backward(self, step: int, epoch: int) -> None:
+        """Step ``step``'s gradients are in ``.grad`` (all-reduced under DDP); the optimizer
+        has not stepped yet."""
+
+    def on_batch_end(self, i: int, loss: Tensor, correct: Tensor, seen: int, t0: float) -> None:
+        """Batch ``i`` of the epoch stepped; ``loss`` is its loss, ``correct`` and ``seen``
+        the epoch's running totals on this rank (device tensors: reading them syncs), ``t0``
+        the epoch's start (``time.perf_counter``)."""
+
+    def on_epoch_end(self, row: dict[str, Any]) -> None:
+        """An epoch finished and was validated; ``row`` is its metrics.jsonl record."""
+
+    def on_run_end(self, summary: dict[str, Any]) -> None:
+        """The run stopped with ``summary["status"]``: completed, diverged, interrupted or failed."""
+
+    def close(self) -> None:
+        """Release files and displays, however the run ended."""
+
+
+def _run_end(callbacks: Sequence[Callback], summary: dict[str, Any], **changes: Any) -> None:
+    summary.update(changes)
+    for cb in callbacks:
+        cb.on_run_end(summary)
+
+
+def _callbacks(
+    e: Engine,
+    state: RunState,
+    summary: dict[str, Any],
     out: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    cfg: TrainConfig,
-    epoch: int,
-    step: int,
-    elapsed: float,
-    best_acc: float,
-    best_epoch: int,
-    metrics: list[dict[str, Any]],
-    evals: list[dict[str, Any]] | None = None,
-) -> None:
+    fresh: bool,
+    progress: bool | None,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+) -> list[Callback]:
+    """The run's callbacks; files are written by rank 0 only. Creating them writes the
+    run folder's first files (``fresh``: after removing an old run's)."""
+    cbs: list[Callback] = []
+    if e.d.main:
+        cbs.append(Checkpointing(out, e, state, summary, fresh))
+        if e.cfg.probe_every:
+            cbs.append(
+                GradientNormProbe(out / "gradients.jsonl", residual_blocks(e.raw_model), e.cfg.probe_every, state.step)
+            )
+        if e.cfg.tensorboard:
+            cbs.append(TensorBoardLog(out / "tensorboard", state.start_epoch, e.cfg.epochs))
+        if on_epoch is not None:
+            cbs.append(EpochHook(on_epoch))
+    cbs.append(ProgressReport(progress, e, state))
+    return cbs
+
+
+class Checkpointing(Callback):
+    """The run folder: config, records and summary from the start; after each epoch a
+    checkpoint, the best-validation weights and the records; at the end the final weights
+    and the outcome."""
+
+    def __init__(self, out: Path, e: Engine, state: RunState, summary: dict[str, Any], fresh: bool) -> None:
+        self.out, self.e, self.state, self.summary = out, e, state, summary
+        if fresh:
+            # only now: every check that could refuse the run has passed
+            runs.remove_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", config_to_yaml(e.cfg))
+        self._write_records()
+
+    def _write_records(self) -> None:
+        runs.write_jsonl(self.out / "metrics.jsonl", self.state.metrics)
+        if self.e.cfg.evals_per_epoch > 1:
+            runs.write_jsonl(self.out / "evals.jsonl", self.state.evals)
+        runs.write_json(self.out / "summary.json", self.summary)
+
+    def on_epoch_end(self, row: dict[str, Any]) -> None:
+        epoch = row["epoch"]
+        _save_checkpoint(self.out, self.e, self.state, epoch)
+        if self.state.best_epoch == epoch:  # the best-validation weights, kept beside the final ones
+            best_meta = {**self.e.meta, "epoch": epoch, "val_acc": row["val_acc"]}
+            save_weights(self.out / "model-best.safetensors", self.e.raw_model, extra=best_meta)
+        self._write_records()
+
+    def on_run_end(self, summary: dict[str, Any]) -> None:
+        if summary["status"] == "completed":
+            save_weights(self.out / "model.safetensors", self.e.raw_model, extra=self.e.meta)
+        runs.write_json(self.out / "summary.json", summary)
+
+
+def _save_checkpoint(out: Path, e: Engine, state: RunState, epoch: int) -> None:
     """Write epoch ``epoch``'s weights and state under new names, then point latest.json
     at them, then remove older ones: a kill at any moment leaves latest.json naming a
     complete pair."""
     ck = out / "checkpoint"
-    weights, state = f"epoch-{epoch:04d}.safetensors", f"epoch-{epoch:04d}.pt"
-    save_weights(ck / weights, model, extra={"epoch": epoch})
+    weights, st = f"epoch-{epoch:04d}.safetensors", f"epoch-{epoch:04d}.pt"
+    save_weights(ck / weights, e.raw_model, extra={"epoch": epoch})
     payload = {
-        "optimizer": optimizer.state_dict(),
+        "optimizer": e.optimizer.state_dict(),
         "epoch": epoch,
-        "step": step,
-        "elapsed_s": elapsed,
-        "best_val_acc": best_acc,
-        "best_epoch": best_epoch,
-        "metrics": metrics,
-        "evals": evals or [],
-        "config": cfg.to_dict(),
+        "step": state.step,
+        "elapsed_s": state.elapsed,
+        "best_val_acc": state.best_acc,
+        "best_epoch": state.best_epoch,
+        "metrics": state.metrics,
+        "evals": state.evals,
+        "config": e.cfg.to_dict(),
     }
-    atomic_write(ck / state, lambda p: torch.save(payload, str(p)))
-    _write_json(ck / "latest.json", {"epoch": epoch, "weights": weights, "state": state})
+    atomic_write(ck / st, lambda p: torch.save(payload, str(p)))
+    runs.write_json(ck / "latest.json", {"epoch": epoch, "weights": weights, "state": st})
     for p in ck.iterdir():
-        if p.name.startswith("epoch-") and p.name not in (weights, state):
+        if p.name.startswith("epoch-") and p.name not in (weights, st):
             p.unlink(missing_ok=True)
+
+
+class GradientNormProbe(Callback):
+    """gradients.jsonl: every ``every`` optimizer steps, each residual block's gradient norm."""
+
+    def __init__(self, path: Path, blocks: list[tuple[str, nn.Module]], every: int, step: int) -> None:
+        # keep the records up to the checkpoint's step; later ones will be recomputed
+        kept = [r for r in runs.read_jsonl_prefix(path) if r.get("step", 1 << 62) <= step]
+        runs.write_jsonl(path, kept)
+        self.blocks, self.every = blocks, every
+        self.file = open(path, "a", encoding="utf-8")  # closed by close()
+
+    def on_backward(self, step: int, epoch: int) -> None:
+        if step % self.every == 0:
+            norms = _block_grad_norms(self.blocks)
+            rec = {"step": step, "epoch": epoch, **{name: v for (name, _), v in zip(self.blocks, norms, strict=True)}}
+            self.file.write(json.dumps(rec) + "\n")
+
+    def on_epoch_end(self, row: dict[str, Any]) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class TensorBoardLog(Callback):
+    """TensorBoard event files: the epoch's metrics, and the test result at the end."""
+
+    def __init__(self, log_dir: Path, start_epoch: int, epochs: int) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UsageError("--tensorboard needs the tensorboard package: pip install 'reslab[tensorboard]'") from None
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start_epoch)
+        self.epochs = epochs
+
+    def on_epoch_end(self, row: dict[str, Any]) -> None:
+        for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "images_per_s"):
+            self.writer.add_scalar(k, row[k], row["epoch"])
+        self.writer.flush()
+
+    def on_run_end(self, summary: dict[str, Any]) -> None:
+        if summary["status"] == "completed":
+            self.writer.add_scalar("test_acc", summary["test_acc"], self.epochs)
+            self.writer.add_scalar("test_loss", summary["test_loss"], self.epochs)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class EpochHook(Callback):
+    """The caller's ``on_epoch``, given each epoch's metrics row."""
+
+    def __init__(self, fn: Callable[[dict[str, Any]], None]) -> None:
+        self.fn = fn
+
+    def on_epoch_end(self, row: dict[str, Any]) -> None:
+        self.fn(row)
+
+
+class ProgressReport(Callback):
+    """What the run says on stderr: what it trains, a bar per epoch (on a terminal, or
+    with ``progress=True``) and a line per epoch, how it ended."""
+
+    def __init__(self, mode: bool | None, e: Engine, state: RunState) -> None:
+        self.prog = Progress("train", enabled=e.d.main and mode is not False, bar=mode)
+        self.e, self.state = e, state
+        cfg = e.cfg
+        if e.pretrained_note:
+            self.prog.line(f"initial weights from {cfg.init_weights}: " + e.pretrained_note.replace("\n", "; "))
+        self.prog.line(
+            f"training {cfg.model} ({cfg.technique}) on {cfg.dataset}: {e.source.n_train} images, "
+            f"{e.steps_per_epoch} steps/epoch, {cfg.epochs} epochs, device {e.device}"
+            + (f", {e.d.world} processes" if e.d.enabled else "")
+        )
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self.prog.start(self.e.steps_per_epoch, desc=f"epoch {epoch}/{self.e.cfg.epochs}")
+
+    def on_batch_end(self, i: int, loss: Tensor, correct: Tensor, seen: int, t0: float) -> None:
+        if not self.prog.showing_bar:
+            return
+        # the postfix needs host values (a sync); every 10 steps is enough for the eye
+        post = {}
+        if i % 10 == 0 or i + 1 == self.e.steps_per_epoch:
+            rate = seen * self.e.d.world / max(time.perf_counter() - t0, 1e-9)
+            post = {"loss": f"{float(loss):.3f}", "acc": f"{float(correct) / max(seen, 1):.3f}", "img_s": f"{rate:.0f}"}
+        self.prog.advance(1, post)
+
+    def on_epoch_end(self, row: dict[str, Any]) -> None:
+        self.prog.close()
+        self.prog.line(
+            f"epoch {row['epoch']}/{self.e.cfg.epochs}  train_loss {row['train_loss']:.4f} "
+            f"train_acc {row['train_acc']:.4f}  val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f}  "
+            f"lr {row['lr']:.4g}  {row['epoch_s']:.1f}s  {row['images_per_s']:.0f} img/s"
+        )
+
+    def on_run_end(self, summary: dict[str, Any]) -> None:
+        self.prog.close()
+        s = self.state
+        if summary["status"] == "diverged":
+            epoch = summary["diverged_epoch"]
+            self.prog.line(f"training diverged in epoch {epoch} (non-finite loss); metrics of earlier epochs kept")
+        elif summary["status"] == "completed":
+            self.prog.line(
+                f"done: test_acc {summary['test_acc']:.4f}, best val_acc {s.best_acc:.4f} (epoch {s.best_epoch}), "
+                f"{s.elapsed:.0f}s"
+            )
+
+    def close(self) -> None:
+        self.prog.close()
 
 
 class _NoCudaHomeWarning(logging.Filter):

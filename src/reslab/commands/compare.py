@@ -29,6 +29,7 @@ import sys
 import time
 from typing import Any
 
+from reslab.config import cli_options
 from reslab.errors import UsageError
 from reslab.paths import check_writable_dir
 
@@ -36,21 +37,25 @@ NAME = "compare"
 HELP = "train techniques x seeds and report the differences with confidence intervals"
 ORDER = 20
 
-# Training options offered directly (the rest through --set KEY=VALUE or --config FILE).
-_TRAIN_OPTIONS: dict[str, dict[str, Any]] = {
-    "dataset": {"help": "fashion-mnist, cifar10, cifar100, digits or folder:PATH"},
-    "data_dir": {"help": "folder holding the dataset's files"},
-    "epochs": {"type": int, "help": "epochs per run"},
-    "batch_size": {"type": int, "help": "batch size"},
-    "lr": {"type": float, "help": "peak learning rate"},
-    "width": {"type": float, "help": "model width multiplier"},
-    "train_subset": {"type": int, "help": "train on the first N training images only"},
-    "val_size": {"type": int, "help": "validation images held out of train (0 = use the test set)"},
-    "probe_every": {"type": int, "metavar": "K", "help": "record per-block gradient norms every K steps (0 = off)"},
-    "device": {"help": "auto, cpu, cuda or cuda:N"},
-    "test_subset": {"type": int, "help": "test on a fixed N-image part of the test split"},
-    "evals_per_epoch": {"type": int, "help": "validation evaluations per epoch (time-to-target resolution)"},
-}
+# Training options offered directly (the rest through --set KEY=VALUE or --config FILE); help and
+# defaults from TrainConfig's fields. An option left out takes the preset's value in a preset.
+_TRAIN_OPTIONS: dict[str, dict[str, Any]] = cli_options(
+    (
+        "dataset",
+        "data_dir",
+        "epochs",
+        "batch_size",
+        "lr",
+        "width",
+        "train_subset",
+        "val_size",
+        "probe_every",
+        "device",
+        "test_subset",
+        "evals_per_epoch",
+    ),
+    default_words=" without --preset",
+)
 _GRID_OPTIONS = ("models", "techniques", "seeds", "target_acc", "until_decided", "max_seeds", "margin", "alpha")
 
 

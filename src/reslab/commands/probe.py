@@ -119,36 +119,32 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[int], Path]:
     return techniques, depths, out
 
 
-class _Progress:
-    """A tqdm bar weighted by cell cost (so its ETA is honest) on a terminal, else lines."""
+class _CellProgress:
+    """Finished probe cells: a bar weighted by cell cost (so its ETA is honest) on a
+    terminal, else a line per cell."""
 
     def __init__(self, total: float, cells: int, enabled: bool) -> None:
-        self.enabled = enabled
+        from reslab.progress import Progress
+
         self.cells = cells
         self.done = 0
-        self.bar: Any = None
-        if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=round(total), unit="blk", desc="probe", file=sys.stderr, smoothing=0.0)
+        self.prog = Progress("probe", enabled=enabled, unit="blk", smoothing=0.0)
+        self.prog.start(round(total))
 
     def __call__(self, entry: ProbeEntry, cost: float) -> None:
         from reslab.probe import fmt
 
         self.done += 1
-        line = (
-            f"[{self.done}/{self.cells}] {entry.technique:<10} resnet{entry.depth:<4} "
-            f"ratio {fmt(entry.probe.grad_ratio):>8}  {entry.verdict.label:<9} {entry.seconds:.1f}s"
-        )
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"{entry.technique} resnet{entry.depth}", refresh=False)
-            self.bar.update(round(cost))
-        elif self.enabled:
-            print(line, file=sys.stderr, flush=True)
+        if self.prog.showing_bar:
+            self.prog.advance(round(cost), f"{entry.technique} resnet{entry.depth}")
+        else:
+            self.prog.line(
+                f"[{self.done}/{self.cells}] {entry.technique:<10} resnet{entry.depth:<4} "
+                f"ratio {fmt(entry.probe.grad_ratio):>8}  {entry.verdict.label:<9} {entry.seconds:.1f}s"
+            )
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        self.prog.close()
 
 
 def _table(entries: list[ProbeEntry], techniques: list[str], depths: list[int], cell: Any, md: bool) -> list[str]:
@@ -373,7 +369,9 @@ def _probe_grid(
             file=sys.stderr,
             flush=True,
         )
-    progress = _Progress(sum(cell_cost(d, args.batches) for d in depths) * len(techniques), cells, not args.no_progress)
+    progress = _CellProgress(
+        sum(cell_cost(d, args.batches) for d in depths) * len(techniques), cells, not args.no_progress
+    )
     try:
         return run_probe(
             techniques,

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from reslab.config import TrainConfig, parse_assignments, read_config_file
+from reslab.config import TrainConfig, cli_options, parse_assignments, read_config_file
 
 NAME = "train"
 HELP = "train a model with a technique and write a run folder"
@@ -25,49 +25,8 @@ ORDER = 10
 
 EXIT_DIVERGED = 3
 
-# TrainConfig fields exposed as --options (field name -> argparse keyword arguments)
-_OPTIONS: dict[str, dict[str, Any]] = {
-    "model": {"help": "model name, e.g. resnet20 (default resnet20; see 'reslab models')"},
-    "technique": {"help": "residual technique (default baseline; see 'reslab models')"},
-    "dataset": {"help": "fashion-mnist (default), cifar10, cifar100, digits or folder:PATH"},
-    "data_dir": {
-        "help": "folder holding the dataset's files, the only place looked at (an error if it lacks them); "
-        "without it: $RESLAB_DATA/NAME, ~/.cache/reslab/NAME, /usr/share/datasets/NAME, then a verified download"
-    },
-    "epochs": {"type": int, "help": "epochs (default 10)"},
-    "batch_size": {"type": int, "help": "global batch size (default 128)"},
-    "lr": {"type": float, "help": "peak learning rate (default 0.1)"},
-    "momentum": {"type": float, "help": "SGD momentum (default 0.9)"},
-    "nesterov": {"action": argparse.BooleanOptionalAction, "help": "Nesterov momentum (default on)"},
-    "weight_decay": {"type": float, "help": "weight decay on conv/linear weights (default 5e-4)"},
-    "label_smoothing": {"type": float, "help": "label smoothing (default 0.1)"},
-    "schedule": {"help": "onecycle (default), cosine or constant"},
-    "warmup": {"type": float, "help": "fraction of steps for linear warm-up (default 0.2)"},
-    "val_size": {"type": int, "help": "validation images held out of train (default 5000; 0 = test set)"},
-    "train_subset": {"type": int, "help": "train on the first N training images only"},
-    "test_subset": {"type": int, "help": "test on a fixed N-image part of the test split"},
-    "flip": {"action": argparse.BooleanOptionalAction, "help": "random horizontal flip (default: per dataset)"},
-    "crop_padding": {"type": int, "help": "random-crop padding in pixels (default: per dataset)"},
-    "seed": {"type": int, "help": "random seed (default 0)"},
-    "device": {"help": "auto (default), cpu, cuda or cuda:N"},
-    "compile": {"action": argparse.BooleanOptionalAction, "help": "torch.compile the model"},
-    "channels_last": {"action": argparse.BooleanOptionalAction, "help": "NHWC memory format (default on)"},
-    "precision": {"help": "auto (default: bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16"},
-    "width": {"type": float, "help": "width multiplier (default 1)"},
-    "drop_path_rate": {"type": float, "help": "stochastic depth rate of the last block (default 0)"},
-    "init_weights": {
-        "metavar": "FILE",
-        "help": "start from a plain ResNet's weights (torchvision/timm .pth or .safetensors, or a reslab "
-        "model.safetensors) of the same architecture; the technique starts where it keeps their function",
-    },
-    "probe_every": {"type": int, "metavar": "K", "help": "record per-block gradient norms every K steps"},
-    "threads": {"type": int, "help": "CPU threads (default: PyTorch's)"},
-    "workers": {"type": int, "help": "DataLoader workers for folder datasets (default 2)"},
-    "eval_batch_size": {"type": int, "help": "evaluation batch size (default 1000)"},
-    "evals_per_epoch": {"type": int, "help": "validation evaluations per epoch, into evals.jsonl (default 1)"},
-    "image_size": {"type": int, "help": "resize folder images to this square size"},
-    "tensorboard": {"action": argparse.BooleanOptionalAction, "help": "also write TensorBoard event files"},
-}
+# every TrainConfig field with help text, as --option-name (help and defaults from the field)
+_OPTIONS: dict[str, dict[str, Any]] = cli_options()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
