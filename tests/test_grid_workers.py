@@ -80,6 +80,15 @@ def starts(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / STARTS_FILE).read_text().splitlines()]
 
 
+def statuses(out: Path) -> dict[str, str]:
+    """Each run's recorded status (a run stopped while still starting has recorded none)."""
+    return {
+        d.name: json.loads((d / "summary.json").read_text())["status"]
+        for d in (out / "runs").iterdir()
+        if (d / "summary.json").exists()
+    }
+
+
 def held_leases(out: Path) -> list[str]:
     return sorted(p.name for p in (out / "claims").glob("*.lease"))
 
@@ -211,8 +220,8 @@ def test_sigterm_stops_like_ctrl_c_and_the_same_command_resumes(
     assert proc.returncode == 143, stderr
     assert "reslab compare: terminated (SIGTERM); finished runs are kept" in stderr
     assert "Traceback" not in stderr
-    statuses = {d.name: json.loads((d / "summary.json").read_text())["status"] for d in (out / "runs").iterdir()}
-    assert "interrupted" in statuses.values() and "running" not in statuses.values(), statuses
+    found = statuses(out)
+    assert "interrupted" in found.values() and "running" not in found.values(), found
     assert held_leases(out) == []  # every claim released
     res = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr
@@ -238,6 +247,6 @@ def test_killing_the_parent_leaves_no_process_behind(tmp_path: Path) -> None:
         time.sleep(0.2)
     assert session_processes(proc.pid) == []
     # the workers stopped like after Ctrl-C: their runs say so and their claims are released
-    statuses = {json.loads((d / "summary.json").read_text())["status"] for d in (out / "runs").iterdir()}
-    assert "running" not in statuses
+    found = statuses(out)
+    assert "interrupted" in found.values() and "running" not in found.values(), found
     assert held_leases(out) == []
