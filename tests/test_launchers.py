@@ -1,0 +1,270 @@
+"""reslab compare --launcher slurm|ray: the same tiny grid through each engine, checked against
+the local launcher's results (training is deterministic per seed and thread count, so every
+cell's test accuracy and loss must match exactly), on this machine: submitit's local executor
+stands in for Slurm (same worker code, signals and requeue), a local Ray cluster for Ray.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from reslab.cli import main
+from reslab.errors import UsageError
+from reslab.results import RUNS_DIR, STARTS_FILE
+
+TINY = [
+    "--models",
+    "resnet8",
+    "--width",
+    "0.25",
+    "--train-subset",
+    "256",
+    "--val-size",
+    "64",
+    "--test-subset",
+    "256",
+    "--batch-size",
+    "64",
+    "--target-acc",
+    "0.2",
+    "--no-probe",
+    "--quiet",
+]
+
+needs_submitit = pytest.mark.skipif(
+    importlib.util.find_spec("submitit") is None, reason="submitit is not installed (pip install 'reslab[slurm]')"
+)
+needs_ray = pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None, reason="ray is not installed (pip install 'reslab[ray]')"
+)
+
+
+def grid_args(out: Path, *extra: str, techniques: str = "baseline,scale", seeds: str = "2", epochs: int = 1) -> list:
+    return [
+        "compare",
+        *TINY,
+        "--techniques",
+        techniques,
+        "--seeds",
+        seeds,
+        "--epochs",
+        str(epochs),
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def cell_results(out: Path) -> dict[tuple, tuple]:
+    """Every cell's outcome as the report recorded it (no timings: those differ run to run)."""
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    keys = ("status", "epochs_done", "test_acc", "test_loss", "final_val_acc", "best_val_acc")
+    return {(r["model"], r["technique"], r["seed"]): tuple(r[k] for k in keys) for r in rows}
+
+
+def starts(out: Path) -> dict[str, list[dict]]:
+    """Each run folder's training starts (one line per start, written under the cell's claim)."""
+    return {
+        d.name: [json.loads(x) for x in (d / STARTS_FILE).read_text().splitlines()]
+        for d in sorted((out / RUNS_DIR).iterdir())
+    }
+
+
+@pytest.fixture(scope="module")
+def local_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple, tuple]:
+    """The grid through the local launcher: 2 jobs of 1 thread, as each launcher worker below."""
+    out = tmp_path_factory.mktemp("local") / "res"
+    assert main(grid_args(out, "--jobs", "2")) == 0
+    results = cell_results(out)
+    assert len(results) == 4 and all(v[0] == "completed" for v in results.values())
+    return results
+
+
+def _assert_grid_done_once(out: Path, reference: dict[tuple, tuple]) -> None:
+    assert cell_results(out) == reference
+    assert {name: len(rows) for name, rows in starts(out).items()} == {
+        f"resnet8-{t}-s{s}": 1 for t in ("baseline", "scale") for s in (0, 1)
+    }
+    md = (out / "report.md").read_text()
+    assert "Complete grid: all 4 runs finished" in md
+
+
+@pytest.mark.slow
+@needs_submitit
+def test_slurm_launcher_through_submitit_local_matches_the_local_launcher(
+    tmp_path: Path, local_reference: dict[tuple, tuple], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "res"
+    argv = grid_args(
+        out, "--launcher", "slurm", "--submitit-cluster", "local", "--workers", "2", "--cpus-per-task", "1"
+    )
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "4 runs trained (0 diverged), 0 already finished, 0 failed" in stdout
+    assert f"report: {out.absolute() / 'report.md'}" in stdout
+    _assert_grid_done_once(out, local_reference)
+    # trained by the workers' processes (which of the two took which cell depends on timing)
+    pids = {row["pid"] for rows in starts(out).values() for row in rows}
+    assert 1 <= len(pids) <= 2 and os.getpid() not in pids
+    # two workers, with logs in RESULTS/slurm
+    logs = sorted((out / "slurm").glob("*_0_log.err"))
+    assert len(logs) == 2 and all("reslab worker: pid" in p.read_text() for p in logs)
+    # the finished grid again: nothing trained, the report stands
+    assert main(argv) == 0
+    assert "0 runs trained (0 diverged), 4 already finished" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@needs_ray
+def test_ray_launcher_on_a_local_cluster_matches_the_local_launcher(
+    tmp_path: Path, local_reference: dict[tuple, tuple], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import ray
+
+    out = tmp_path / "res"
+    sigterm = signal.getsignal(signal.SIGTERM)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    try:
+        assert main(grid_args(out, "--launcher", "ray", "--workers", "2", "--cpus-per-task", "1")) == 0
+    finally:
+        ray.shutdown()
+        signal.signal(signal.SIGTERM, sigterm)  # ray.init put its own in
+    stdout = capsys.readouterr().out
+    assert "4 runs trained (0 diverged), 0 already finished, 0 failed" in stdout
+    _assert_grid_done_once(out, local_reference)
+    pids = {row["pid"] for rows in starts(out).values() for row in rows}
+    assert 1 <= len(pids) <= 2 and os.getpid() not in pids  # Ray's worker processes trained them
+
+
+@pytest.mark.slow
+@needs_submitit
+def test_slurm_worker_stops_cleanly_on_the_time_limit_signal_and_resumes_when_requeued(tmp_path: Path) -> None:
+    """SIGUSR2 (what Slurm sends before the time limit, through submitit) mid-training: the run
+    stops at a step boundary, submitit requeues the worker, and the requeued worker resumes the
+    run from its checkpoint to the result of an uninterrupted run."""
+    one = {"techniques": "baseline", "seeds": "1", "epochs": 3}
+    ref = tmp_path / "ref"
+    assert main(grid_args(ref, "--jobs", "1", "--train-subset", "512", **one)) == 0
+    out = tmp_path / "res"
+    argv = grid_args(out, "--launcher", "slurm", "--submitit-cluster", "local", "--train-subset", "512", **one)
+    proc = subprocess.Popen([sys.executable, "-m", "reslab", *argv], stdout=subprocess.PIPE, text=True)
+    run = out / RUNS_DIR / "resnet8-baseline-s0"
+    t0 = time.monotonic()
+    while True:  # the first epoch's checkpoint is written: the run is in its second epoch
+        try:
+            if json.loads((run / "checkpoint" / "latest.json").read_text())["epoch"] >= 1:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        assert proc.poll() is None and time.monotonic() - t0 < 240, "the worker did not start training"
+        time.sleep(0.01)
+    worker = json.loads((run / STARTS_FILE).read_text().splitlines()[0])["pid"]
+    os.kill(worker, signal.SIGUSR2)
+    stdout, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stdout
+    rows = [json.loads(x) for x in (run / STARTS_FILE).read_text().splitlines()]
+    assert [r["resumed"] for r in rows] == [False, True] and rows[0]["pid"] != rows[1]["pid"]
+    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert cell_results(out) == cell_results(ref)
+    log = "".join(p.read_text() for p in sorted((out / "slurm").glob("*_0_log.*")))  # ours and submitit's
+    assert "stopped at a step boundary by SIGUSR2" in log and "Requeued job" in log
+
+
+@pytest.mark.parametrize(
+    ("launcher", "module", "extra"), [("slurm", "submitit", "reslab[slurm]"), ("ray", "ray", "reslab[ray]")]
+)
+def test_missing_engine_is_one_line_naming_the_extra(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    launcher: str,
+    module: str,
+    extra: str,
+) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    out = tmp_path / "r"
+    assert main(grid_args(out, "--launcher", launcher)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"pip install '{extra}'" in err[0] and f"--launcher {launcher}" in err[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--workers", "2"], "--workers belong to --launcher slurm or ray"),
+        (["--launcher", "ray", "--partition", "gpu"], "--partition do not apply to --launcher ray"),
+        (["--launcher", "slurm", "--ray-address", "auto"], "--ray-address do not apply to --launcher slurm"),
+        (["--launcher", "ray", "--workers", "0"], "--workers must be at least 1"),
+        (["--launcher", "slurm", "--gpus-per-task", "-1"], "--gpus-per-task must be 0 or more"),
+        (["--launcher", "slurm", "--jobs", "2"], "ask for more --workers instead of --jobs"),
+        (["--launcher", "slurm", "--time", "soon"], "--time takes minutes or HH:MM:SS"),
+        (["--launcher", "slurm", "--time", "0"], "--time must be positive"),
+        (["--launcher", "slurm", "--mem", "lots"], "--mem takes a size like 32G"),
+        (["--launcher", "slurm", "--slurm-arg", "=x"], "--slurm-arg takes KEY=VALUE"),
+    ],
+)
+def test_bad_launcher_options_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    out = tmp_path / "r"
+    assert main(grid_args(out, *argv)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not out.exists()
+
+
+def test_unknown_launcher_is_argparse_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(grid_args(tmp_path / "r", "--launcher", "mpi"))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "invalid choice: 'mpi'" in err[0]
+
+
+def test_slurm_option_forms() -> None:
+    from reslab.launch import parse_mem, parse_slurm_args, parse_time
+
+    assert [parse_time(t) for t in ("240", "4:00:00", "90:30", "1-00:00:00", "2-12", "0:00:01")] == [
+        240,
+        240,
+        91,
+        1440,
+        3600,
+        1,
+    ]
+    assert parse_mem("32g") == "32G" and parse_mem("16000M") == "16000M" and parse_mem("64GB") == "64G"
+    assert parse_slurm_args(["account=proj", "--qos=high", "exclusive", "mail-type=END"]) == {
+        "account": "proj",
+        "qos": "high",
+        "exclusive": True,
+        "mail_type": "END",
+    }
+    with pytest.raises(UsageError):
+        parse_slurm_args(["1x=2"])
+
+
+def test_default_workers_follow_the_first_round(tmp_path: Path) -> None:
+    from reslab.cli import build_parser
+    from reslab.commands.compare import build_grid
+    from reslab.launch import MAX_DEFAULT_WORKERS, default_workers
+
+    def workers(*argv: str) -> int:
+        args = build_parser(["compare"]).parse_args(["compare", *argv])
+        grid, _, _ = build_grid(args)
+        return default_workers(grid, tmp_path / "none", None)
+
+    assert workers(*TINY, "--techniques", "baseline,scale", "--seeds", "3") == 6  # a fixed grid: every cell
+    # a sequential grid: the first look's seeds (3) of each technique, not the plan's most
+    assert workers(*TINY, "--techniques", "baseline,scale", "--until-decided", "--seeds", "3", "--max-seeds", "8") == 6
+    assert workers("--preset", "paper") == MAX_DEFAULT_WORKERS
