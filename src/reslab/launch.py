@@ -241,7 +241,14 @@ class _SlurmWorkerBase:
                 signal.signal(s, h)
         # stopped cleanly by a signal: hand it to submitit (requeue) or end like reslab does
         sub = previous[usr]
-        if received[-1] == usr and callable(sub):
+        requeue = received[-1] == usr and callable(sub)
+        print(
+            f"reslab worker: stopped at a step boundary by {signal.Signals(received[-1]).name} (runs recorded "
+            f"interrupted, claims released); {'submitit requeues this worker' if requeue else 'exiting'}",
+            file=sys.stderr,
+            flush=True,
+        )
+        if requeue:
             sub(usr, None)  # checkpoint() below, requeue, sys.exit
         from reslab.signals import TERMINATED_STATUS
 

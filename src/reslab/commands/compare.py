@@ -17,6 +17,12 @@ at most --alpha however many rounds are looked at.
 
 Re-running the same command resumes: finished runs are kept, interrupted ones continue from
 their checkpoints. '--shard i/n' trains every n-th run, for n machines sharing one --out.
+
+Launchers: any number of compare processes on one --out cooperate (each run is claimed, then
+trained once). '--launcher slurm' submits --workers of them as a Slurm job array (through
+submitit; logs in OUT/slurm; a worker stopped by the time limit requeues itself and resumes),
+'--launcher ray' runs them as Ray tasks (--ray-address auto for a running cluster); the
+command waits for them and prints the usual summary. --out must be a folder every worker sees.
 Exit status: 0 all runs finished (diverged runs count as finished results), 1 some run
 failed with an error (listed in the report; re-run to retry), 2 usage error, 130 interrupted
 (Ctrl-C), 143 terminated (SIGTERM, e.g. Slurm preemption; handled like Ctrl-C).
@@ -120,8 +126,8 @@ def _add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--workers",
         type=int,
-        help="workers to start (default: the runs of the first round, at most 16); each trains --jobs runs at once "
-        "(default 1)",
+        help="workers to start (default: the runs of the first round, at most 16); each trains one run at a time "
+        "(ray: --jobs at once)",
     )
     g.add_argument("--cpus-per-task", type=int, metavar="N", help="CPUs per worker (slurm, ray; ray's default 1)")
     g.add_argument("--gpus-per-task", type=int, metavar="N", help="GPUs per worker (slurm, ray; default 0)")
