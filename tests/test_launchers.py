@@ -118,9 +118,10 @@ def test_slurm_launcher_through_submitit_local_matches_the_local_launcher(
     # two workers, with logs in RESULTS/slurm
     logs = sorted((out / "slurm").glob("*_0_log.err"))
     assert len(logs) == 2 and all("reslab worker: pid" in p.read_text() for p in logs)
-    # the finished grid again: nothing trained, the report stands
-    assert main(argv) == 0
-    assert "0 runs trained (0 diverged), 4 already finished" in capsys.readouterr().out
+    # the finished grid again, through submitit's in-process executor: nothing is trained
+    assert main([*argv[: argv.index("local")], "debug", *argv[argv.index("local") + 1 :]]) == 0
+    assert "0 runs trained (0 diverged), 4 already finished, 0 failed" in capsys.readouterr().out
+    assert {name: len(rows) for name, rows in starts(out).items()} == dict.fromkeys(starts(out), 1)
 
 
 @pytest.mark.slow
@@ -268,3 +269,18 @@ def test_default_workers_follow_the_first_round(tmp_path: Path) -> None:
     # a sequential grid: the first look's seeds (3) of each technique, not the plan's most
     assert workers(*TINY, "--techniques", "baseline,scale", "--until-decided", "--seeds", "3", "--max-seeds", "8") == 6
     assert workers("--preset", "paper") == MAX_DEFAULT_WORKERS
+
+
+@pytest.mark.slow
+@needs_submitit
+def test_a_usage_error_in_the_workers_is_one_line_from_the_driver(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The dataset is opened by the workers (the driver may run where the data is not): a
+    missing one still ends the command with one line and status 2."""
+    out = tmp_path / "r"
+    engine = ("--launcher", "slurm", "--submitit-cluster", "local", "--workers", "1")
+    assert main(grid_args(out, *engine, "--data-dir", str(tmp_path / "nowhere"), seeds="1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nowhere does not exist" in err[0], err
+    assert not (out / RUNS_DIR).exists()

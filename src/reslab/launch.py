@@ -34,6 +34,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -152,14 +153,14 @@ class WorkerTask:
     threads: int | None = None
     imports: list[str] = field(default_factory=list)
 
-    def run(self) -> Any:
-        """Run the grid here as one worker; returns its :class:`reslab.compare.CompareResult`.
+    def run(self) -> WorkerReply:
+        """Run the grid here as one worker.
 
-        A :class:`UsageError` (e.g. the dataset missing on this machine) comes back as the
-        result's ``report_note`` prefixed ``usage error:`` so the driver can report it as one.
+        A :class:`UsageError` (e.g. the dataset missing on this machine) comes back as text, so
+        that the driver reports it as one line whatever the engine does with exceptions.
         """
         from reslab import plugins
-        from reslab.compare import CompareResult, Grid, run_grid
+        from reslab.compare import Grid, run_grid
 
         print(f"reslab worker: pid {os.getpid()} on {socket.gethostname()}, results in {self.out}", file=sys.stderr)
         try:
@@ -176,13 +177,21 @@ class WorkerTask:
                     threads=self.threads,
                 )
         except UsageError as e:
-            return CompareResult(Path(self.out), [], [], [], [], 0.0, report_note=f"usage error: {e}")
+            return WorkerReply(usage_error=str(e))
         print(
             f"reslab worker: {len(res.ran)} runs trained, {len(res.failed)} failed"
             + (f"; report {res.report.report_md}" if res.report is not None else ""),
             file=sys.stderr,
         )
-        return res
+        return WorkerReply(res)
+
+
+@dataclass
+class WorkerReply:
+    """What a worker sends back: its :class:`reslab.compare.CompareResult`, or a usage error."""
+
+    result: Any = None
+    usage_error: str | None = None
 
 
 def _stop_handler(received: list[int]) -> Callable[[int, Any], None]:
@@ -314,10 +323,10 @@ def _ray_worker(task: WorkerTask, gpus: int) -> Any:
 
 @dataclass
 class WorkerOutcome:
-    """One worker as the driver saw it end: its result, or why it has none."""
+    """One worker as the driver saw it end: its reply, or why it has none."""
 
     name: str
-    result: Any = None
+    reply: WorkerReply | None = None
     error: str | None = None
 
 
@@ -425,12 +434,11 @@ def launch(
     else:
         outcomes = _run_ray(engine, task, res, watch)
     for o in outcomes:
-        note = getattr(o.result, "report_note", None) or ""
-        if note.startswith("usage error: "):
-            raise UsageError(note.removeprefix("usage error: "))
+        if o.reply is not None and o.reply.usage_error:
+            raise UsageError(o.reply.usage_error)
 
     now = _finished(grid, results)
-    parts = [o.result for o in outcomes if o.result is not None]
+    parts = [o.reply.result for o in outcomes if o.reply is not None and o.reply.result is not None]
     ran = [c for c in mine if c in now and c not in before]
     merged = CompareResult(
         results,
@@ -491,6 +499,9 @@ def _run_slurm(submitit: Any, task: WorkerTask, res: Resources, results: Path, w
             file=sys.stderr,
             flush=True,
         )
+    if res.submitit_cluster == "debug":
+        # submitit's debug jobs run in this process, one after the other, when asked for a result
+        return [_slurm_outcome(job, folder) for job in jobs]
     out: list[WorkerOutcome] = []
     try:
         pending = list(jobs)
@@ -514,8 +525,15 @@ def _run_slurm(submitit: Any, task: WorkerTask, res: Resources, results: Path, w
                 file=sys.stderr,
             )
         else:
+            # submitit's local jobs are this machine's processes: stop them (their runs record
+            # interrupted, as after Ctrl-C) and return once they have
+            from reslab.pool import STOP_GRACE_S
+
             for job in jobs:
                 job.cancel(check=False)
+            deadline = time.monotonic() + STOP_GRACE_S
+            while time.monotonic() < deadline and not all(job.done() for job in jobs):
+                time.sleep(0.2)
         raise
     return out
 
@@ -532,7 +550,7 @@ def _slurm_outcome(job: Any, folder: Path) -> WorkerOutcome:
 
 def _run_ray(ray: Any, task: WorkerTask, res: Resources, watch: _Watch) -> list[WorkerOutcome]:
     from reslab.pool import STOP_GRACE_S
-    from reslab.signals import handle_sigterm
+    from reslab.signals import Terminated
 
     started = not ray.is_initialized()
     if started:
@@ -546,9 +564,12 @@ def _run_ray(ray: Any, task: WorkerTask, res: Resources, watch: _Watch) -> list[
         except (ConnectionError, ValueError, RuntimeError) as e:
             where = res.ray_address or "a new local cluster"
             raise UsageError(f"cannot start or reach Ray at {where}: {str(e).strip().splitlines()[0]}") from None
-        # ray.init replaces the SIGTERM handler with an exit at once; the driver needs its
-        # Terminated to cancel the tasks cleanly
-        handle_sigterm()
+    # ray.init replaced the SIGTERM handler with an exit at once, and ray.wait turns whatever a
+    # handler raises into a plain KeyboardInterrupt: record the signal to stop as SIGTERM asks
+    received: list[int] = []
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_handler(received))
     try:
         remote = ray.remote(
             num_cpus=res.cpus_per_task or 1,
@@ -576,9 +597,13 @@ def _run_ray(ray: Any, task: WorkerTask, res: Resources, watch: _Watch) -> list[
             for ref in pending:
                 ray.cancel(ref)
             ray.wait(pending, num_returns=len(pending), timeout=STOP_GRACE_S)
+            if received:
+                raise Terminated() from None
             raise
         return out
     finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
         if started:
             ray.shutdown()
 
