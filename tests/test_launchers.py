@@ -152,11 +152,12 @@ def test_slurm_worker_stops_cleanly_on_the_time_limit_signal_and_resumes_when_re
     """SIGUSR2 (what Slurm sends before the time limit, through submitit) mid-training: the run
     stops at a step boundary, submitit requeues the worker, and the requeued worker resumes the
     run from its checkpoint to the result of an uninterrupted run."""
-    one = {"techniques": "baseline", "seeds": "1", "epochs": 3}
+    # 4 epochs of about half a second here: the signal must land in epochs 2 to 4
+    one = {"techniques": "baseline", "seeds": "1", "epochs": 4}
     ref = tmp_path / "ref"
-    assert main(grid_args(ref, "--jobs", "1", "--train-subset", "512", **one)) == 0
+    assert main(grid_args(ref, "--jobs", "1", "--train-subset", "1024", **one)) == 0
     out = tmp_path / "res"
-    argv = grid_args(out, "--launcher", "slurm", "--submitit-cluster", "local", "--train-subset", "512", **one)
+    argv = grid_args(out, "--launcher", "slurm", "--submitit-cluster", "local", "--train-subset", "1024", **one)
     proc = subprocess.Popen([sys.executable, "-m", "reslab", *argv], stdout=subprocess.PIPE, text=True)
     run = out / RUNS_DIR / "resnet8-baseline-s0"
     t0 = time.monotonic()
@@ -175,7 +176,7 @@ def test_slurm_worker_stops_cleanly_on_the_time_limit_signal_and_resumes_when_re
     rows = [json.loads(x) for x in (run / STARTS_FILE).read_text().splitlines()]
     assert [r["resumed"] for r in rows] == [False, True] and rows[0]["pid"] != rows[1]["pid"]
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
     assert cell_results(out) == cell_results(ref)
     log = "".join(p.read_text() for p in sorted((out / "slurm").glob("*_0_log.*")))  # ours and submitit's
     assert "stopped at a step boundary by SIGUSR2" in log and "Requeued job" in log
@@ -198,6 +199,17 @@ def test_missing_engine_is_one_line_naming_the_extra(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"pip install '{extra}'" in err[0] and f"--launcher {launcher}" in err[0]
     assert not out.exists()
+
+
+@needs_submitit
+def test_slurm_without_sbatch_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    assert main(grid_args(tmp_path / "r", "--launcher", "slurm")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sbatch, which is not on PATH" in err[0]
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ import importlib
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -411,6 +412,8 @@ def launch(
     from reslab.results import CLAIMS_DIR
 
     engine = require(launcher)  # before any work: a missing extra is a usage error
+    if launcher == "slurm" and res.submitit_cluster == "slurm" and shutil.which("sbatch") is None:
+        raise UsageError("--launcher slurm submits with sbatch, which is not on PATH; run it on a Slurm login node")
     t0 = time.perf_counter()
     results = Path(out).absolute()  # workers may start in another directory
     for cell in grid.cells():
