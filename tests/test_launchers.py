@@ -146,40 +146,82 @@ def test_ray_launcher_on_a_local_cluster_matches_the_local_launcher(
     assert 1 <= len(pids) <= 2 and os.getpid() not in pids  # Ray's worker processes trained them
 
 
-@pytest.mark.slow
-@needs_submitit
-def test_slurm_worker_stops_cleanly_on_the_time_limit_signal_and_resumes_when_requeued(tmp_path: Path) -> None:
-    """SIGUSR2 (what Slurm sends before the time limit, through submitit) mid-training: the run
-    stops at a step boundary, submitit requeues the worker, and the requeued worker resumes the
-    run from its checkpoint to the result of an uninterrupted run."""
-    # 4 epochs of about half a second here: the signal must land in epochs 2 to 4
-    one = {"techniques": "baseline", "seeds": "1", "epochs": 4}
-    ref = tmp_path / "ref"
-    assert main(grid_args(ref, "--jobs", "1", "--train-subset", "1024", **one)) == 0
-    out = tmp_path / "res"
-    argv = grid_args(out, "--launcher", "slurm", "--submitit-cluster", "local", "--train-subset", "1024", **one)
-    proc = subprocess.Popen([sys.executable, "-m", "reslab", *argv], stdout=subprocess.PIPE, text=True)
-    run = out / RUNS_DIR / "resnet8-baseline-s0"
+#: a one-cell grid of 4 epochs of about half a second each here: long enough for a signal or a
+#: kill to land in epochs 2 to 4, after the first epoch's checkpoint
+LONG = {"techniques": "baseline", "seeds": "1", "epochs": 4}
+LONG_CELL = "resnet8-baseline-s0"
+
+
+@pytest.fixture(scope="module")
+def long_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple, tuple]:
+    """The one-cell grid, uninterrupted, through the local launcher (1 job of all the cores,
+    like the workers below)."""
+    out = tmp_path_factory.mktemp("long") / "res"
+    assert main(grid_args(out, "--jobs", "1", "--train-subset", "1024", **LONG)) == 0
+    return cell_results(out)
+
+
+def _worker_mid_run(out: Path, proc: subprocess.Popen) -> int:
+    """Wait until the run has checkpointed its first epoch (it is in its second); its worker's pid."""
+    run = out / RUNS_DIR / LONG_CELL
     t0 = time.monotonic()
-    while True:  # the first epoch's checkpoint is written: the run is in its second epoch
+    while True:
         try:
             if json.loads((run / "checkpoint" / "latest.json").read_text())["epoch"] >= 1:
-                break
+                return json.loads((run / STARTS_FILE).read_text().splitlines()[0])["pid"]
         except (OSError, ValueError, KeyError):
             pass
         assert proc.poll() is None and time.monotonic() - t0 < 240, "the worker did not start training"
         time.sleep(0.01)
-    worker = json.loads((run / STARTS_FILE).read_text().splitlines()[0])["pid"]
-    os.kill(worker, signal.SIGUSR2)
-    stdout, _ = proc.communicate(timeout=240)
-    assert proc.returncode == 0, stdout
+
+
+def _assert_resumed_once(out: Path, reference: dict[tuple, tuple]) -> None:
+    """Two training starts of the cell, the second resumed from the checkpoint, and the result
+    of the uninterrupted run."""
+    run = out / RUNS_DIR / LONG_CELL
     rows = [json.loads(x) for x in (run / STARTS_FILE).read_text().splitlines()]
     assert [r["resumed"] for r in rows] == [False, True] and rows[0]["pid"] != rows[1]["pid"]
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
-    assert cell_results(out) == cell_results(ref)
+    assert cell_results(out) == reference
+
+
+@pytest.mark.slow
+@needs_submitit
+def test_slurm_worker_stops_cleanly_on_the_time_limit_signal_and_resumes_when_requeued(
+    tmp_path: Path, long_reference: dict[tuple, tuple]
+) -> None:
+    """SIGUSR2 (what Slurm sends before the time limit, through submitit) mid-training: the run
+    stops at a step boundary, submitit requeues the worker, and the requeued worker resumes the
+    run from its checkpoint to the result of an uninterrupted run."""
+    out = tmp_path / "res"
+    argv = grid_args(out, "--launcher", "slurm", "--submitit-cluster", "local", "--train-subset", "1024", **LONG)
+    proc = subprocess.Popen([sys.executable, "-m", "reslab", *argv], stdout=subprocess.PIPE, text=True)
+    os.kill(_worker_mid_run(out, proc), signal.SIGUSR2)
+    stdout, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stdout
+    _assert_resumed_once(out, long_reference)
     log = "".join(p.read_text() for p in sorted((out / "slurm").glob("*_0_log.*")))  # ours and submitit's
     assert "stopped at a step boundary by SIGUSR2" in log and "Requeued job" in log
+
+
+@pytest.mark.slow
+@needs_ray
+def test_ray_task_killed_mid_run_is_retried_and_resumes(tmp_path: Path, long_reference: dict[tuple, tuple]) -> None:
+    """kill -9 of the Ray worker process mid-training: Ray runs the task again (max_retries), and
+    the new one takes the dead one's claim over at once (same host, pid gone) and resumes."""
+    from reslab.config import default_threads
+
+    cpus = str(default_threads())  # the reference's threads, for identical arithmetic
+    out = tmp_path / "res"
+    engine = ("--launcher", "ray", "--workers", "1", "--cpus-per-task", cpus, "--retries", "1")
+    argv = grid_args(out, *engine, "--train-subset", "1024", **LONG)
+    proc = subprocess.Popen([sys.executable, "-m", "reslab", *argv], stdout=subprocess.PIPE, text=True)
+    os.kill(_worker_mid_run(out, proc), signal.SIGKILL)
+    stdout, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stdout
+    assert "1 runs trained (0 diverged), 0 already finished, 0 failed" in stdout
+    _assert_resumed_once(out, long_reference)
 
 
 @pytest.mark.parametrize(
@@ -256,7 +298,9 @@ def test_slurm_option_forms() -> None:
         3600,
         1,
     ]
-    assert parse_mem("32g") == "32G" and parse_mem("16000M") == "16000M" and parse_mem("64GB") == "64G"
+    assert [parse_mem(m) for m in ("32g", "16000M", "64GB", "500")] == ["32G", "16000M", "64G", "500"]
+    with pytest.raises(UsageError):
+        parse_mem("64B")  # bytes are not a unit sbatch takes
     assert parse_slurm_args(["account=proj", "--qos=high", "exclusive", "mail-type=END"]) == {
         "account": "proj",
         "qos": "high",

@@ -51,6 +51,8 @@ MAX_DEFAULT_WORKERS = 16
 DEFAULT_TIME_MIN = 240
 #: seconds between the driver's looks at the workers and the results folder
 POLL_S = 2.0
+#: seconds between the driver's looks at the results folder for its progress lines
+WATCH_S = 10.0
 #: seconds between the driver's progress lines when nothing changes
 PROGRESS_EVERY_S = 60.0
 
@@ -86,10 +88,13 @@ class Resources:
     # ray
     ray_address: str | None = None
 
-    def threads(self) -> int | None:
-        """Threads per training job: the CPUs the engine allots shared by the jobs (None: the
-        cores this process may use, which Slurm narrows to the allotment and Ray does not)."""
-        return max(1, self.cpus_per_task // self.jobs) if self.cpus_per_task else None
+    def threads(self, launcher: str) -> int | None:
+        """Threads per training job: the CPUs the engine allots shared by the jobs. Without
+        --cpus-per-task, Slurm's default allotment is what the task may use (None: run_grid
+        counts the cores in its affinity, which Slurm narrows); Ray's is 1 CPU, and Ray does
+        not narrow the affinity, so it is passed on."""
+        cpus = self.cpus_per_task or (1 if launcher == "ray" else None)
+        return max(1, cpus // self.jobs) if cpus else None
 
 
 def parse_time(text: str) -> int:
@@ -113,7 +118,7 @@ def parse_time(text: str) -> int:
 
 def parse_mem(text: str) -> str:
     """Memory per worker as sbatch takes it: a number with an optional K, M, G or T suffix."""
-    if not re.fullmatch(r"\d+[KMGTkmgt]?[Bb]?", text.strip()):
+    if not re.fullmatch(r"\d+(?:[KMGT]B?)?", text.strip().upper()):
         raise UsageError(f"--mem takes a size like 32G or 16000M, got {text!r}")
     return text.strip().upper().removesuffix("B")
 
@@ -352,13 +357,16 @@ def default_workers(grid: Any, results: Path, shard: tuple[int, int] | None) -> 
 
 
 def _finished(grid: Any, results: Path) -> dict[Any, str]:
-    from reslab.results import RUNS_DIR, read_run
+    """Every finished cell and its status, from the runs' summary.json files alone (cheap
+    enough to read a few hundred on a shared file system every few seconds)."""
+    from reslab.compare import run_state
+    from reslab.results import FINISHED, RUNS_DIR
 
     out = {}
     for c in grid.cells():
-        run = read_run(results / RUNS_DIR / c.name)
-        if run is not None and run.finished:
-            out[c] = str(run.status)
+        state = run_state(results / RUNS_DIR / c.name)
+        if state in FINISHED:
+            out[c] = state
     return out
 
 
@@ -372,11 +380,12 @@ class _Watch:
         self.grid, self.results, self.enabled = grid, results, enabled
         self.claims = Claims(results / CLAIMS_DIR)
         self.seen = len(_finished(grid, results))
-        self.last = time.monotonic()
+        self.last = self.looked = time.monotonic()
 
     def tick(self, running: int) -> None:
-        if not self.enabled:
+        if not self.enabled or time.monotonic() - self.looked < WATCH_S:
             return
+        self.looked = time.monotonic()
         done = len(_finished(self.grid, self.results))
         if done == self.seen and time.monotonic() - self.last < PROGRESS_EVERY_S:
             return
@@ -428,7 +437,7 @@ def launch(
         shard=shard,
         report=report,
         probe_init=probe_init,
-        threads=res.threads() if launcher == "slurm" else max(1, (res.cpus_per_task or 1) // res.jobs),
+        threads=res.threads(launcher),
         imports=plugins.env_modules(),
     )
     watch = _Watch(grid, results, progress)
