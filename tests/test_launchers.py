@@ -257,9 +257,9 @@ def test_slurm_without_sbatch_is_one_line(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--workers", "2"], "--workers belong to --launcher slurm or ray"),
-        (["--launcher", "ray", "--partition", "gpu"], "--partition do not apply to --launcher ray"),
-        (["--launcher", "slurm", "--ray-address", "auto"], "--ray-address do not apply to --launcher slurm"),
+        (["--workers", "2"], "--workers applies only to --launcher slurm or ray"),
+        (["--launcher", "ray", "--partition", "gpu"], "--partition does not apply to --launcher ray"),
+        (["--launcher", "slurm", "--ray-address", "auto"], "--ray-address does not apply to --launcher slurm"),
         (["--launcher", "ray", "--workers", "0"], "--workers must be at least 1"),
         (["--launcher", "slurm", "--gpus-per-task", "-1"], "--gpus-per-task must be 0 or more"),
         (["--launcher", "slurm", "--jobs", "2"], "ask for more --workers instead of --jobs"),

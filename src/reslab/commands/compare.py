@@ -171,12 +171,15 @@ def _resources(args: argparse.Namespace, grid: Any, out: str, shard: tuple[int, 
     if args.launcher == "local":
         if given:
             names = ", ".join("--" + k.replace("_", "-") for k in sorted(given))
-            raise UsageError(f"{names} belong to --launcher slurm or ray (locally, --jobs sets how many runs at once)")
+            raise UsageError(
+                f"{names} {'applies' if len(given) == 1 else 'apply'} only to --launcher slurm or ray "
+                "(locally, --jobs sets how many runs train at once)"
+            )
         return None
     other = _RAY_ONLY if args.launcher == "slurm" else _SLURM_ONLY
     if wrong := sorted(k for k in given if k in other):
         names = ", ".join("--" + k.replace("_", "-") for k in wrong)
-        raise UsageError(f"{names} do not apply to --launcher {args.launcher}")
+        raise UsageError(f"{names} {'does' if len(wrong) == 1 else 'do'} not apply to --launcher {args.launcher}")
     for k in ("workers", "cpus_per_task", "jobs"):
         if getattr(args, k) is not None and getattr(args, k) < 1:
             raise UsageError(f"--{k.replace('_', '-')} must be at least 1, got {getattr(args, k)}")
