@@ -153,12 +153,12 @@ LONG_CELL = "resnet8-baseline-s0"
 
 
 @pytest.fixture(scope="module")
-def long_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple, tuple]:
+def long_reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The one-cell grid, uninterrupted, through the local launcher (1 job of all the cores,
-    like the workers below)."""
+    like the workers below); no report: the run folder is what is compared."""
     out = tmp_path_factory.mktemp("long") / "res"
-    assert main(grid_args(out, "--jobs", "1", "--train-subset", "1024", **LONG)) == 0
-    return cell_results(out)
+    assert main(grid_args(out, "--jobs", "1", "--train-subset", "1024", "--no-report", **LONG)) == 0
+    return out / RUNS_DIR / LONG_CELL
 
 
 def _worker_mid_run(out: Path, proc: subprocess.Popen) -> int:
@@ -175,27 +175,42 @@ def _worker_mid_run(out: Path, proc: subprocess.Popen) -> int:
         time.sleep(0.01)
 
 
-def _assert_resumed_once(out: Path, reference: dict[tuple, tuple]) -> None:
-    """Two training starts of the cell, the second resumed from the checkpoint, and the result
-    of the uninterrupted run."""
+#: what differs between two identical runs: wall-clock measurements and who ran them
+WALL = {"epoch_s", "elapsed_s", "images_per_s", "host", "pid"}
+
+
+def _assert_resumed_once(out: Path, reference: Path) -> None:
+    """Two training starts of the cell, the second resumed from the checkpoint, and every epoch's
+    metrics and the final summary of the uninterrupted run."""
     run = out / RUNS_DIR / LONG_CELL
     rows = [json.loads(x) for x in (run / STARTS_FILE).read_text().splitlines()]
     assert [r["resumed"] for r in rows] == [False, True] and rows[0]["pid"] != rows[1]["pid"]
-    metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
-    assert cell_results(out) == reference
+
+    def metrics(d: Path) -> list[dict]:
+        return [
+            {k: v for k, v in json.loads(x).items() if k not in WALL}
+            for x in (d / "metrics.jsonl").read_text().splitlines()
+        ]
+
+    def summary(d: Path) -> dict:
+        return {k: v for k, v in json.loads((d / "summary.json").read_text()).items() if k not in WALL}
+
+    assert [m["epoch"] for m in metrics(run)] == [1, 2, 3, 4]
+    assert metrics(run) == metrics(reference)
+    assert summary(run) == summary(reference) and summary(run)["status"] == "completed"
 
 
 @pytest.mark.slow
 @needs_submitit
 def test_slurm_worker_stops_cleanly_on_the_time_limit_signal_and_resumes_when_requeued(
-    tmp_path: Path, long_reference: dict[tuple, tuple]
+    tmp_path: Path, long_reference: Path
 ) -> None:
     """SIGUSR2 (what Slurm sends before the time limit, through submitit) mid-training: the run
     stops at a step boundary, submitit requeues the worker, and the requeued worker resumes the
     run from its checkpoint to the result of an uninterrupted run."""
     out = tmp_path / "res"
-    argv = grid_args(out, "--launcher", "slurm", "--submitit-cluster", "local", "--train-subset", "1024", **LONG)
+    engine = ("--launcher", "slurm", "--submitit-cluster", "local")
+    argv = grid_args(out, *engine, "--train-subset", "1024", "--no-report", **LONG)
     proc = subprocess.Popen([sys.executable, "-m", "reslab", *argv], stdout=subprocess.PIPE, text=True)
     os.kill(_worker_mid_run(out, proc), signal.SIGUSR2)
     stdout, _ = proc.communicate(timeout=240)
@@ -207,7 +222,7 @@ def test_slurm_worker_stops_cleanly_on_the_time_limit_signal_and_resumes_when_re
 
 @pytest.mark.slow
 @needs_ray
-def test_ray_task_killed_mid_run_is_retried_and_resumes(tmp_path: Path, long_reference: dict[tuple, tuple]) -> None:
+def test_ray_task_killed_mid_run_is_retried_and_resumes(tmp_path: Path, long_reference: Path) -> None:
     """kill -9 of the Ray worker process mid-training: Ray runs the task again (max_retries), and
     the new one takes the dead one's claim over at once (same host, pid gone) and resumes."""
     from reslab.config import default_threads
@@ -215,7 +230,7 @@ def test_ray_task_killed_mid_run_is_retried_and_resumes(tmp_path: Path, long_ref
     cpus = str(default_threads())  # the reference's threads, for identical arithmetic
     out = tmp_path / "res"
     engine = ("--launcher", "ray", "--workers", "1", "--cpus-per-task", cpus, "--retries", "1")
-    argv = grid_args(out, *engine, "--train-subset", "1024", **LONG)
+    argv = grid_args(out, *engine, "--train-subset", "1024", "--no-report", **LONG)
     proc = subprocess.Popen([sys.executable, "-m", "reslab", *argv], stdout=subprocess.PIPE, text=True)
     os.kill(_worker_mid_run(out, proc), signal.SIGKILL)
     stdout, _ = proc.communicate(timeout=240)
@@ -340,3 +355,15 @@ def test_a_usage_error_in_the_workers_is_one_line_from_the_driver(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nowhere does not exist" in err[0], err
     assert not (out / RUNS_DIR).exists()
+
+
+def test_default_ray_workers_fit_the_cluster() -> None:
+    """Tasks beyond what the cluster runs at once would start only after the grid is done."""
+    from types import SimpleNamespace
+
+    from reslab.launch import _ray_capacity
+
+    cluster = SimpleNamespace(cluster_resources=lambda: {"CPU": 16.0, "GPU": 2.0})
+    assert _ray_capacity(cluster, cpus=4, gpus=0) == 4
+    assert _ray_capacity(cluster, cpus=4, gpus=1) == 2  # GPUs run out first
+    assert _ray_capacity(SimpleNamespace(cluster_resources=dict), cpus=1, gpus=0) == 1  # nodes still joining

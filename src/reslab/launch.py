@@ -74,7 +74,8 @@ def require(launcher: str) -> Any:
 class Resources:
     """How many workers to start, what each one gets, and the engine's own settings."""
 
-    workers: int
+    #: None: :func:`default_workers`, and on Ray at most what the cluster can run at once
+    workers: int | None = None
     jobs: int = 1
     cpus_per_task: int | None = None
     gpus_per_task: int | None = None
@@ -411,6 +412,10 @@ def launch(
 ) -> tuple[Any, list[WorkerOutcome]]:
     """Start ``res.workers`` workers of ``grid`` on ``launcher``'s engine and wait for all of them.
 
+    Without ``res.workers``: as many as the first round has runs, at most
+    :data:`MAX_DEFAULT_WORKERS`, and on Ray at most what the cluster can run at once (a queued
+    task would start only once the grid is done, to find nothing left).
+
     Returns the grid's :class:`reslab.compare.CompareResult` as this launch changed it (runs
     trained = cells finished now that were not before), and each worker's outcome. Settings
     errors are raised here, before anything is submitted.
@@ -441,10 +446,11 @@ def launch(
         imports=plugins.env_modules(),
     )
     watch = _Watch(grid, results, progress)
+    wanted = res.workers or default_workers(grid, results, shard)
     if launcher == "slurm":
-        outcomes = _run_slurm(engine, task, res, results, watch)
+        outcomes = _run_slurm(engine, task, res, wanted, results, watch)
     else:
-        outcomes = _run_ray(engine, task, res, watch)
+        outcomes = _run_ray(engine, task, res, wanted, watch)
     for o in outcomes:
         if o.reply is not None and o.reply.usage_error:
             raise UsageError(o.reply.usage_error)
@@ -473,7 +479,9 @@ def launch(
     return merged, outcomes
 
 
-def _run_slurm(submitit: Any, task: WorkerTask, res: Resources, results: Path, watch: _Watch) -> list[WorkerOutcome]:
+def _run_slurm(
+    submitit: Any, task: WorkerTask, res: Resources, workers: int, results: Path, watch: _Watch
+) -> list[WorkerOutcome]:
     folder = results / "slurm"
     # each requeue after a time limit makes progress (the runs resume from their checkpoints)
     timeouts = {"slurm_max_num_timeout": res.retries, "local_max_num_timeout": res.retries}
@@ -500,7 +508,7 @@ def _run_slurm(submitit: Any, task: WorkerTask, res: Resources, results: Path, w
         raise UsageError(f"submitit refused the Slurm options: {str(e).splitlines()[0]}") from None
     worker = _slurm_worker_class()(task)
     try:
-        jobs = ex.map_array(worker, range(res.workers))
+        jobs = ex.map_array(worker, range(workers))
     except Exception as e:  # noqa: BLE001 - sbatch's refusal (bad partition, account...) is the user's to fix
         raise UsageError(f"Slurm refused the job array: {str(e).strip().splitlines()[-1]}") from None
     array = jobs[0].job_id.split("_")[0] if jobs else "?"
@@ -550,6 +558,16 @@ def _run_slurm(submitit: Any, task: WorkerTask, res: Resources, results: Path, w
     return out
 
 
+def _ray_capacity(ray: Any, cpus: int, gpus: int) -> int:
+    """How many tasks of ``cpus`` CPUs and ``gpus`` GPUs the cluster holds at once (at least 1:
+    a cluster that is still growing may hold more later)."""
+    have = ray.cluster_resources()
+    fits = int(have.get("CPU", 0) // cpus)
+    if gpus:
+        fits = min(fits, int(have.get("GPU", 0) // gpus))
+    return max(1, fits)
+
+
 def _slurm_outcome(job: Any, folder: Path) -> WorkerOutcome:
     name = f"worker {job.job_id}"
     try:
@@ -560,7 +578,7 @@ def _slurm_outcome(job: Any, folder: Path) -> WorkerOutcome:
         return WorkerOutcome(name, error=f"{why} (log: {folder}/{job.job_id}_0_log.err)")
 
 
-def _run_ray(ray: Any, task: WorkerTask, res: Resources, watch: _Watch) -> list[WorkerOutcome]:
+def _run_ray(ray: Any, task: WorkerTask, res: Resources, workers: int, watch: _Watch) -> list[WorkerOutcome]:
     from reslab.pool import STOP_GRACE_S
     from reslab.signals import Terminated
 
@@ -588,7 +606,9 @@ def _run_ray(ray: Any, task: WorkerTask, res: Resources, watch: _Watch) -> list[
             num_gpus=res.gpus_per_task or 0,
             max_retries=res.retries,
         )(_ray_worker)
-        refs = [remote.remote(task, res.gpus_per_task or 0) for _ in range(res.workers)]
+        if res.workers is None:
+            workers = min(workers, _ray_capacity(ray, res.cpus_per_task or 1, res.gpus_per_task or 0))
+        refs = [remote.remote(task, res.gpus_per_task or 0) for _ in range(workers)]
         names = {r: f"worker {i + 1}" for i, r in enumerate(refs)}
         if watch.enabled:
             print(f"compare: {len(refs)} workers started as Ray tasks", file=sys.stderr, flush=True)

@@ -126,8 +126,8 @@ def _add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--workers",
         type=int,
-        help="workers to start (default: the runs of the first round, at most 16); each trains one run at a time "
-        "(ray: --jobs at once)",
+        help="workers to start (default: the runs of the first round, at most 16, on ray at most what the cluster "
+        "runs at once); each trains one run at a time (ray: --jobs at once)",
     )
     g.add_argument("--cpus-per-task", type=int, metavar="N", help="CPUs per worker (slurm, ray; ray's default 1)")
     g.add_argument("--gpus-per-task", type=int, metavar="N", help="GPUs per worker (slurm, ray; default 0)")
@@ -161,10 +161,8 @@ _RAY_ONLY = ("ray_address",)
 _ENGINE_ONLY = ("workers", "cpus_per_task", "gpus_per_task", "retries")
 
 
-def _resources(args: argparse.Namespace, grid: Any, out: str, shard: tuple[int, int] | None) -> Any:
+def _resources(args: argparse.Namespace) -> Any:
     """The launcher's Resources from the options; options of another launcher are refused."""
-    from pathlib import Path
-
     from reslab import launch
 
     given = {k for k in (*_SLURM_ONLY, *_RAY_ONLY, *_ENGINE_ONLY) if getattr(args, k) not in (None, [])}
@@ -191,9 +189,8 @@ def _resources(args: argparse.Namespace, grid: Any, out: str, shard: tuple[int, 
         # Slurm signals every process of a task; the extra job processes would die on the
         # time-limit signal instead of stopping cleanly. More tasks do the same work.
         raise UsageError("--launcher slurm runs one run at a time per worker; ask for more --workers instead of --jobs")
-    workers = args.workers or launch.default_workers(grid, Path(out), shard)
     res = launch.Resources(
-        workers=workers,
+        workers=args.workers,
         jobs=jobs,
         cpus_per_task=args.cpus_per_task,
         gpus_per_task=args.gpus_per_task,
@@ -364,7 +361,7 @@ def run(args: argparse.Namespace) -> int:
             f"{seeds}" + (f"; training budget {fmt_duration(grid.budget_s)}" if grid.budget_s else ""),
             file=sys.stderr,
         )
-    launcher = _resources(args, grid, out, shard)
+    launcher = _resources(args)
     if launcher is not None:
         from reslab.launch import launch, require
 
