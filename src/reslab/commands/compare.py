@@ -346,6 +346,11 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     grid, jobs, out = build_grid(args)
     shard = parse_shard(args.shard)
+    launcher = _resources(args)
+    if launcher is not None:
+        from reslab.launch import launch, require
+
+        require(args.launcher)  # a missing extra is said before the header
     progress = not args.quiet
     if progress:
         plan = grid.plan()
@@ -361,11 +366,6 @@ def run(args: argparse.Namespace) -> int:
             f"{seeds}" + (f"; training budget {fmt_duration(grid.budget_s)}" if grid.budget_s else ""),
             file=sys.stderr,
         )
-    launcher = _resources(args)
-    if launcher is not None:
-        from reslab.launch import launch, require
-
-        require(args.launcher)  # a missing extra is said before the header's promises
     try:
         if launcher is None:
             res = run_grid(
