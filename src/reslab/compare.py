@@ -714,13 +714,16 @@ def run_grid(
     report: bool = True,
     probe_init: bool = True,
     lease_s: float = DEFAULT_LEASE_S,
+    threads: int | None = None,
 ) -> CompareResult:
     """Train the cells ``grid`` needs (all of them, or seeds until decided) into ``out``, then report.
 
     Any number of processes (``jobs`` workers each, on one machine or several sharing the
     folder) may run this on one ``out`` at once: each cell is claimed before it is trained
     (:mod:`reslab.claims`), so every cell is trained once; a cell whose worker died is taken
-    over and resumed. The report is written by the process that finds the grid finished
+    over and resumed. ``threads`` per job defaults to the cores this process may use shared by
+    the jobs; a launcher passes what its engine allotted (Ray does not narrow the affinity).
+    The report is written by the process that finds the grid finished
     with no other worker still training.
 
     Settings errors (unknown technique, missing dataset, a results folder made with other
@@ -738,7 +741,7 @@ def run_grid(
     prog = _GridProgress(progress)
     if probe_init:
         _probe_if_needed(grid, results, prog, claims)
-    threads = max(1, default_threads() // jobs)
+    threads = threads or max(1, default_threads() // jobs)
     timing = _timing_if_needed(grid, results, ds, threads, prog, claims)
     settings = grid.shared_settings()
     n_train, n_eval = _image_counts(settings, ds)

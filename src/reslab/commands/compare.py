@@ -17,6 +17,12 @@ at most --alpha however many rounds are looked at.
 
 Re-running the same command resumes: finished runs are kept, interrupted ones continue from
 their checkpoints. '--shard i/n' trains every n-th run, for n machines sharing one --out.
+
+Launchers: any number of compare processes on one --out cooperate (each run is claimed, then
+trained once). '--launcher slurm' submits --workers of them as a Slurm job array (through
+submitit; logs in OUT/slurm; a worker stopped by the time limit requeues itself and resumes),
+'--launcher ray' runs them as Ray tasks (--ray-address auto for a running cluster); the
+command waits for them and prints the usual summary. --out must be a folder every worker sees.
 Exit status: 0 all runs finished (diverged runs count as finished results), 1 some run
 failed with an error (listed in the report; re-run to retry), 2 usage error, 130 interrupted
 (Ctrl-C), 143 terminated (SIGTERM, e.g. Slurm preemption; handled like Ctrl-C).
@@ -109,6 +115,100 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-probe", action="store_true", help="skip the gradient-flow probe at initialisation (depths 56 and 110)"
     )
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    _add_launcher_arguments(parser)
+
+
+def _add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group(
+        "launchers", "run the grid as N workers on a cluster engine (the results folder must be shared)"
+    )
+    g.add_argument(
+        "--launcher",
+        choices=("local", "slurm", "ray"),
+        default="local",
+        help="local (default: processes of this command), slurm (a job array, via submitit) or ray (Ray tasks)",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        help="workers to start (default: the runs of the first round, at most 16, on ray at most what the cluster "
+        "runs at once); each trains one run at a time (ray: --jobs at once)",
+    )
+    g.add_argument("--cpus-per-task", type=int, metavar="N", help="CPUs per worker (slurm, ray; ray's default 1)")
+    g.add_argument("--gpus-per-task", type=int, metavar="N", help="GPUs per worker (slurm, ray; default 0)")
+    g.add_argument(
+        "--retries",
+        type=int,
+        metavar="N",
+        help="times a worker is started again: ray after its process died, slurm after its time limit (default 3)",
+    )
+    g.add_argument("--partition", help="Slurm partition")
+    g.add_argument("--time", metavar="LIMIT", help="Slurm time limit per worker: minutes or HH:MM:SS (default 4:00:00)")
+    g.add_argument("--mem", help="Slurm memory per worker, e.g. 32G")
+    g.add_argument(
+        "--slurm-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other sbatch option, e.g. --slurm-arg account=myproj (repeatable)",
+    )
+    # submitit's executor: 'local' and 'debug' run the Slurm launcher's code on this machine (tests)
+    g.add_argument("--submitit-cluster", choices=("slurm", "local", "debug"), default=None, help=argparse.SUPPRESS)
+    g.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="Ray cluster to use, e.g. auto or ray://host:10001 (default: start a local one)",
+    )
+
+
+_SLURM_ONLY = ("partition", "time", "mem", "slurm_arg", "submitit_cluster")
+_RAY_ONLY = ("ray_address",)
+_ENGINE_ONLY = ("workers", "cpus_per_task", "gpus_per_task", "retries")
+
+
+def _resources(args: argparse.Namespace) -> Any:
+    """The launcher's Resources from the options; options of another launcher are refused."""
+    from reslab import launch
+
+    given = {k for k in (*_SLURM_ONLY, *_RAY_ONLY, *_ENGINE_ONLY) if getattr(args, k) not in (None, [])}
+    if args.launcher == "local":
+        if given:
+            names = ", ".join("--" + k.replace("_", "-") for k in sorted(given))
+            raise UsageError(
+                f"{names} {'applies' if len(given) == 1 else 'apply'} only to --launcher slurm or ray "
+                "(locally, --jobs sets how many runs train at once)"
+            )
+        return None
+    other = _RAY_ONLY if args.launcher == "slurm" else _SLURM_ONLY
+    if wrong := sorted(k for k in given if k in other):
+        names = ", ".join("--" + k.replace("_", "-") for k in wrong)
+        raise UsageError(f"{names} {'does' if len(wrong) == 1 else 'do'} not apply to --launcher {args.launcher}")
+    for k in ("workers", "cpus_per_task", "jobs"):
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            raise UsageError(f"--{k.replace('_', '-')} must be at least 1, got {getattr(args, k)}")
+    for k in ("gpus_per_task", "retries"):
+        if getattr(args, k) is not None and getattr(args, k) < 0:
+            raise UsageError(f"--{k.replace('_', '-')} must be 0 or more, got {getattr(args, k)}")
+    jobs = args.jobs or 1
+    if args.launcher == "slurm" and jobs > 1:
+        # Slurm signals every process of a task; the extra job processes would die on the
+        # time-limit signal instead of stopping cleanly. More tasks do the same work.
+        raise UsageError("--launcher slurm runs one run at a time per worker; ask for more --workers instead of --jobs")
+    res = launch.Resources(
+        workers=args.workers,
+        jobs=jobs,
+        cpus_per_task=args.cpus_per_task,
+        gpus_per_task=args.gpus_per_task,
+        retries=3 if args.retries is None else args.retries,
+        partition=args.partition,
+        mem=launch.parse_mem(args.mem) if args.mem else None,
+        slurm_args=launch.parse_slurm_args(args.slurm_arg),
+        submitit_cluster=args.submitit_cluster or "slurm",
+        ray_address=args.ray_address,
+    )
+    if args.time:
+        res.time_min = launch.parse_time(args.time)
+    return res
 
 
 def _split(text: str) -> list[str]:
@@ -251,6 +351,11 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     grid, jobs, out = build_grid(args)
     shard = parse_shard(args.shard)
+    launcher = _resources(args)
+    if launcher is not None:
+        from reslab.launch import launch, require
+
+        require(args.launcher)  # a missing extra is said before the header
     progress = not args.quiet
     if progress:
         plan = grid.plan()
@@ -267,22 +372,39 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     try:
-        res = run_grid(
-            grid,
-            out,
-            jobs=jobs,
-            shard=shard,
-            progress=progress,
-            report=not args.no_report,
-            probe_init=not args.no_probe,
-        )
+        if launcher is None:
+            res = run_grid(
+                grid,
+                out,
+                jobs=jobs,
+                shard=shard,
+                progress=progress,
+                report=not args.no_report,
+                probe_init=not args.no_probe,
+            )
+        else:
+            res, workers = launch(
+                args.launcher,
+                grid,
+                out,
+                launcher,
+                shard=shard,
+                progress=progress,
+                report=not args.no_report,
+                probe_init=not args.no_probe,
+            )
+            for w in workers:
+                if w.error:
+                    print(f"reslab compare: {w.name} failed: {w.error}", file=sys.stderr)
     except KeyboardInterrupt as e:
         from reslab.signals import exit_status, stop_word
 
-        print(
-            f"reslab compare: {stop_word(e)}; finished runs are kept, re-run the same command to resume ({out})",
-            file=sys.stderr,
-        )
+        if launcher is None or launcher.submitit_cluster != "slurm" or args.launcher != "slurm":
+            # (Slurm's workers go on without this process; the launcher said so)
+            print(
+                f"reslab compare: {stop_word(e)}; finished runs are kept, re-run the same command to resume ({out})",
+                file=sys.stderr,
+            )
         return exit_status(e)
     wall = time.perf_counter() - t0
     print(
@@ -304,5 +426,7 @@ def run(args: argparse.Namespace) -> int:
     if res.failed:
         names = ", ".join(c.name for c in res.failed)
         print(f"reslab compare: {len(res.failed)} runs failed ({names}); re-run to retry them", file=sys.stderr)
+        return 1
+    if launcher is not None and any(w.error for w in workers):
         return 1
     return 0
