@@ -14,9 +14,12 @@ A grid trains every ``(model, technique, seed)`` cell with :func:`reslab.train.t
   A run that fails with an unexpected error is written to ``failed/NAME.json`` and the grid goes
   on; the command then exits with status 1.
 * ``jobs`` runs cells in that many processes, each with ``cores // jobs`` threads.
-* ``shard=(i, n)`` takes every n-th cell of the fixed cell order starting at the i-th, so n
-  machines sharing one results folder split the grid without talking to each other;
-  ``reslab report`` then reads all of it.
+* **Claimed, not assigned.** Any number of processes (here, on other machines sharing the
+  folder, or started by :mod:`reslab.launch`) may work on one results folder: a cell is
+  claimed (:mod:`reslab.claims`) before it is trained, so each is trained once, and the cell
+  of a dead worker is taken over and resumed. The last process to finish writes the report.
+* ``shard=(i, n)`` restricts a process to the i-th of n parts of the grid, balanced by each
+  cell's estimated time; ``reslab report`` reads the whole folder at any time.
 """
 
 from __future__ import annotations

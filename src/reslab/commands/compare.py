@@ -16,7 +16,7 @@ when --max-seeds or --budget is reached (undecided). The chance of any wrong dec
 at most --alpha however many rounds are looked at.
 
 Re-running the same command resumes: finished runs are kept, interrupted ones continue from
-their checkpoints. '--shard i/n' trains every n-th run, for n machines sharing one --out.
+their checkpoints. '--shard i/n' trains one of n parts of the grid, balanced by estimated time.
 
 Launchers: any number of compare processes on one --out cooperate (each run is claimed, then
 trained once). '--launcher slurm' submits --workers of them as a Slurm job array (through
@@ -96,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", "-o", help="results folder (default: results/PRESET or results/compare)")
     parser.add_argument("--jobs", "-j", type=int, help="runs trained at once, in processes (cores are shared)")
-    parser.add_argument("--shard", metavar="I/N", help="train only the I-th of N deterministic parts of the grid")
+    parser.add_argument("--shard", metavar="I/N", help="train only the I-th of N parts of the grid (balanced by estimated time)")
     parser.add_argument(
         "--interval", choices=("t", "bootstrap"), default="t", help="confidence intervals: t (default) or bootstrap"
     )
