@@ -96,7 +96,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", "-o", help="results folder (default: results/PRESET or results/compare)")
     parser.add_argument("--jobs", "-j", type=int, help="runs trained at once, in processes (cores are shared)")
-    parser.add_argument("--shard", metavar="I/N", help="train only the I-th of N parts of the grid (balanced by estimated time)")
+    parser.add_argument(
+        "--shard", metavar="I/N", help="train only the I-th of N parts of the grid (balanced by estimated time)"
+    )
     parser.add_argument(
         "--interval", choices=("t", "bootstrap"), default="t", help="confidence intervals: t (default) or bootstrap"
     )
