@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 
-def grid_args(out: Path, models: str, seeds: int) -> list[str]:
+def grid_args(out: Path, models: str, seeds: int, subset: int) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -48,7 +48,7 @@ def grid_args(out: Path, models: str, seeds: int) -> list[str]:
         "--epochs",
         "1",
         "--train-subset",
-        "512",
+        str(subset),
         "--val-size",
         "256",
         "--test-subset",
@@ -67,8 +67,10 @@ def pinned(cpu: int):  # a preexec_fn
     return lambda: os.sched_setaffinity(0, {cpu})
 
 
-def run_workers(commands: list[list[str]], cpus: list[int]) -> list[float]:
-    """Start every command at once, each pinned to its core; the wall time of each."""
+def run_workers(commands: list[list[str]], cpus: list[int]) -> tuple[list[float], float]:
+    """Start every command at once, each pinned to its core; the wall time of each, and the
+    start time (epoch seconds)."""
+    start = time.time()
     t0 = time.perf_counter()
     procs = [subprocess.Popen(c, preexec_fn=pinned(cpu)) for c, cpu in zip(commands, cpus, strict=True)]
     walls = [0.0] * len(procs)
@@ -81,7 +83,23 @@ def run_workers(commands: list[list[str]], cpus: list[int]) -> list[float]:
                 walls[i] = time.perf_counter() - t0
                 left.discard(i)
         time.sleep(0.05)
-    return walls
+    return walls, start
+
+
+def timelines(out: Path, start: float) -> list[tuple[float, float, float]]:
+    """Per worker process: (seconds to its first training start, seconds between its cells'
+    starts and ends, seconds between its cells), from starts.jsonl and summary.json."""
+    spans: dict[int, list[tuple[float, float]]] = {}
+    for d in (out / "runs").iterdir():
+        first = json.loads((d / "starts.jsonl").read_text().splitlines()[0])
+        spans.setdefault(first["pid"], []).append((first["time"], (d / "summary.json").stat().st_mtime))
+    rows = []
+    for pid in sorted(spans):
+        s = sorted(spans[pid])
+        busy = sum(b - a for a, b in s)
+        gaps = sum(s[i + 1][0] - s[i][1] for i in range(len(s) - 1))
+        rows.append((s[0][0] - start, busy, gaps))
+    return rows
 
 
 def cell_times(out: Path) -> dict[str, float]:
@@ -95,22 +113,27 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="resnet8,resnet44")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--train-subset", type=int, default=2048, help="training images per run (sets a run's length)")
     args = p.parse_args()
     cpus = sorted(os.sched_getaffinity(0))[:2]
     if len(cpus) < 2:
         raise SystemExit("balance.py needs 2 cores")
     with tempfile.TemporaryDirectory() as tmp:
         seed_dir = Path(tmp) / "seed"
-        subprocess.run([*grid_args(seed_dir, args.models, args.seeds), "--budget", "0.001s"], check=True)
+        subprocess.run(
+            [*grid_args(seed_dir, args.models, args.seeds, args.train_subset), "--budget", "0.001s"], check=True
+        )
         for name in list((seed_dir / "runs").glob("*")) if (seed_dir / "runs").exists() else []:
             shutil.rmtree(name)
         result: dict[str, list[float]] = {}
+        detail: dict[str, list[tuple[float, float, float]]] = {}
         for mode in ("claims", "shards"):
             out = Path(tmp) / mode
             shutil.copytree(seed_dir, out)
-            base = grid_args(out, args.models, args.seeds)
+            base = grid_args(out, args.models, args.seeds, args.train_subset)
             cmds = [base, base] if mode == "claims" else [[*base, "--shard", f"{i}/2"] for i in (1, 2)]
-            result[mode] = run_workers(cmds, cpus)
+            result[mode], start = run_workers(cmds, cpus)
+            detail[mode] = timelines(out, start)
             if mode == "claims":
                 times = cell_times(out)
                 names = list(times)
@@ -125,7 +148,15 @@ def main() -> int:
     for mode, walls in result.items():
         print(f"{mode + ' (measured)':<28} {walls[0]:>10.1f} {walls[1]:>10.1f} {max(walls) / min(walls):>18.2f}x")
     print(f"{'round robin (cell sums)':<28} {rr[0]:>10.1f} {rr[1]:>10.1f} {max(rr) / min(rr):>18.2f}x")
-    print(f"sum of cell times: {sum(times.values()):.1f} s")
+    for mode, rows in detail.items():
+        print(
+            f"{mode}: per worker, start-up to its first run / in runs / between runs (s): "
+            + "; ".join(f"{a:.1f} / {b:.1f} / {c:.1f}" for a, b, c in rows)
+        )
+    print(
+        f"sum of cell times: {sum(times.values()):.1f} s; a worker's wall time also holds its start-up "
+        "(Python, torch, reading the dataset), the same for every mode"
+    )
     return 0
 
 
