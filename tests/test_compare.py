@@ -18,45 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from grids import tiny_args, wait_for
 from reslab.cli import main
 from reslab.compare import Grid, parse_shard, prepare_results, shard_cells
 from reslab.errors import UsageError
 from reslab.report import SUMMARY_COLUMNS
-
-TINY = [
-    "--models",
-    "resnet8",
-    "--width",
-    "0.25",
-    "--train-subset",
-    "512",
-    "--val-size",
-    "256",
-    "--batch-size",
-    "64",
-    "--target-acc",
-    "0.2",
-    "--quiet",
-]
-
-
-def tiny_args(
-    out: Path, *extra: str, techniques: str = "baseline,scale", seeds: str = "2", epochs: int = 1, probe: bool = False
-) -> list:
-    return [
-        "compare",
-        *TINY,
-        *(() if probe else ("--no-probe",)),
-        "--techniques",
-        techniques,
-        "--seeds",
-        seeds,
-        "--epochs",
-        str(epochs),
-        "--out",
-        str(out),
-        *extra,
-    ]
 
 
 def records(out: Path) -> list[dict]:
@@ -118,17 +84,6 @@ def test_tiny_grid_end_to_end_with_shards_and_jobs(tmp_path: Path) -> None:
     assert (out / recs[0]["run_dir"] / "summary.json").read_bytes() == before
 
 
-def _wait_for(pred, proc: subprocess.Popen, timeout: float = 240.0) -> None:
-    t0 = time.monotonic()
-    while not pred():
-        if proc.poll() is not None:
-            raise AssertionError(f"compare exited early: {proc.stderr.read() if proc.stderr else ''}")
-        if time.monotonic() - t0 > timeout:
-            proc.kill()
-            raise AssertionError("timed out waiting for the grid")
-        time.sleep(0.02)
-
-
 @pytest.mark.slow
 def test_resume_after_killing_the_grid(tmp_path: Path) -> None:
     out = tmp_path / "res"
@@ -144,7 +99,7 @@ def test_resume_after_killing_the_grid(tmp_path: Path) -> None:
         except (OSError, ValueError, KeyError):
             return False
 
-    _wait_for(second_mid_run, proc)
+    wait_for(second_mid_run, proc)
     proc.send_signal(signal.SIGKILL)  # no chance to clean up: the worst case
     proc.wait()
     assert json.loads((first / "summary.json").read_text())["status"] == "completed"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from reslab.results import STARTS_FILE
+from grids import run_starts, tiny_args, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -32,37 +32,19 @@ WALL = {"epoch_s", "elapsed_s", "images_per_s"}
 
 
 def grid_args(out: Path, *, techniques: str, seeds: str, epochs: int, subset: int, jobs: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "reslab",
-        "compare",
-        "--models",
-        "resnet8",
-        "--width",
-        "0.25",
-        "--train-subset",
-        str(subset),
-        "--val-size",
-        "256",
-        "--test-subset",
-        "512",
-        "--batch-size",
-        "64",
-        "--target-acc",
-        "0.2",
-        "--no-probe",
-        "--techniques",
-        techniques,
-        "--seeds",
-        seeds,
-        "--epochs",
-        str(epochs),
+    """A tiny grid as a command line, with its progress lines (some tests read them)."""
+    argv = tiny_args(
+        out,
         "--jobs",
         str(jobs),
-        "--out",
-        str(out),
-    ]
+        techniques=techniques,
+        seeds=seeds,
+        epochs=epochs,
+        subset=subset,
+        test_subset=512,
+        quiet=False,
+    )
+    return [sys.executable, "-m", "reslab", *argv]
 
 
 def run_results(out: Path) -> dict[str, tuple]:
@@ -76,10 +58,6 @@ def run_results(out: Path) -> dict[str, tuple]:
     return found
 
 
-def starts(run: Path) -> list[dict]:
-    return [json.loads(x) for x in (run / STARTS_FILE).read_text().splitlines()]
-
-
 def statuses(out: Path) -> dict[str, str]:
     """Each run's recorded status (a run stopped while still starting has recorded none)."""
     return {
@@ -91,17 +69,6 @@ def statuses(out: Path) -> dict[str, str]:
 
 def held_leases(out: Path) -> list[str]:
     return sorted(p.name for p in (out / "claims").glob("*.lease"))
-
-
-def wait_for(pred, proc: subprocess.Popen, timeout: float = 240.0) -> None:
-    t0 = time.monotonic()
-    while not pred():
-        if proc.poll() is not None:
-            raise AssertionError(f"compare exited early ({proc.returncode}): {proc.communicate()[1]}")
-        if time.monotonic() - t0 > timeout:
-            proc.kill()
-            raise AssertionError("timed out waiting for the grid")
-        time.sleep(0.02)
 
 
 def mid_run(out: Path) -> Path | None:
@@ -134,6 +101,15 @@ def session_processes(sid: int) -> list[int]:
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
+
+def uninterrupted(factory: pytest.TempPathFactory, settings: dict) -> dict[str, tuple]:
+    """The results of one plain, uninterrupted ``compare`` of the grid: the reference."""
+    out = factory.mktemp("ref") / "res"
+    res = subprocess.run(grid_args(out, **settings), env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    return run_results(out)
+
+
 # -- concurrent processes ------------------------------------------------------------------
 
 CONCURRENT = {"techniques": "baseline,scale,norm", "seeds": "2", "epochs": 1, "subset": 384, "jobs": 1}
@@ -141,10 +117,7 @@ CONCURRENT = {"techniques": "baseline,scale,norm", "seeds": "2", "epochs": 1, "s
 
 @pytest.fixture(scope="module")
 def concurrent_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple]:
-    out = tmp_path_factory.mktemp("ref") / "res"
-    res = subprocess.run(grid_args(out, **CONCURRENT), env=ENV, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr
-    return run_results(out)
+    return uninterrupted(tmp_path_factory, CONCURRENT)
 
 
 @pytest.mark.parametrize("processes", [2, 3])
@@ -163,8 +136,8 @@ def test_concurrent_compare_processes_train_each_cell_once(
     runs = sorted((out / "runs").iterdir())
     assert len(runs) == 6
     for run in runs:
-        assert len(starts(run)) == 1, run.name  # trained once, by one process
-    trainers = {s["pid"] for run in runs for s in starts(run)}
+        assert len(run_starts(run)) == 1, run.name  # trained once, by one process
+    trainers = {s["pid"] for run in runs for s in run_starts(run)}
     assert len(trainers) >= 2  # the work was shared, not done by one while the others waited
     # the report is written once, by the last process to finish; the others say so
     written = [o for o, _ in outputs if f"report: {out / 'report.md'}" in o]
@@ -181,10 +154,7 @@ KILLED = {"techniques": "baseline,scale", "seeds": "1", "epochs": 3, "subset": 1
 
 @pytest.fixture(scope="module")
 def killed_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple]:
-    out = tmp_path_factory.mktemp("ref") / "res"
-    res = subprocess.run(grid_args(out, **KILLED), env=ENV, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr
-    return run_results(out)
+    return uninterrupted(tmp_path_factory, KILLED)
 
 
 def test_a_killed_worker_has_its_cell_taken_over(tmp_path: Path, killed_reference: dict[str, tuple]) -> None:
@@ -201,7 +171,7 @@ def test_a_killed_worker_has_its_cell_taken_over(tmp_path: Path, killed_referenc
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
     assert "died (killed by signal 9); its run is resumed from its checkpoint" in stderr
-    first, second = starts(run)
+    first, second = run_starts(run)
     assert first["pid"] == victim and not first["resumed"]
     assert second["resumed"] and second["pid"] != victim
     assert run_results(out) == killed_reference

@@ -17,28 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from grids import run_starts, tiny_args
 from reslab.cli import main
 from reslab.errors import UsageError
-from reslab.results import RUNS_DIR, STARTS_FILE
-
-TINY = [
-    "--models",
-    "resnet8",
-    "--width",
-    "0.25",
-    "--train-subset",
-    "256",
-    "--val-size",
-    "64",
-    "--test-subset",
-    "256",
-    "--batch-size",
-    "64",
-    "--target-acc",
-    "0.2",
-    "--no-probe",
-    "--quiet",
-]
+from reslab.results import RUNS_DIR
 
 needs_submitit = pytest.mark.skipif(
     importlib.util.find_spec("submitit") is None, reason="submitit is not installed (pip install 'reslab[slurm]')"
@@ -48,20 +30,8 @@ needs_ray = pytest.mark.skipif(
 )
 
 
-def grid_args(out: Path, *extra: str, techniques: str = "baseline,scale", seeds: str = "2", epochs: int = 1) -> list:
-    return [
-        "compare",
-        *TINY,
-        "--techniques",
-        techniques,
-        "--seeds",
-        seeds,
-        "--epochs",
-        str(epochs),
-        "--out",
-        str(out),
-        *extra,
-    ]
+def grid_args(out: Path, *extra: str, **kw: object) -> list[str]:
+    return tiny_args(out, *extra, subset=256, val_size=64, test_subset=256, **kw)
 
 
 def cell_results(out: Path) -> dict[tuple, tuple]:
@@ -72,11 +42,7 @@ def cell_results(out: Path) -> dict[tuple, tuple]:
 
 
 def starts(out: Path) -> dict[str, list[dict]]:
-    """Each run folder's training starts (one line per start, written under the cell's claim)."""
-    return {
-        d.name: [json.loads(x) for x in (d / STARTS_FILE).read_text().splitlines()]
-        for d in sorted((out / RUNS_DIR).iterdir())
-    }
+    return {d.name: run_starts(d) for d in sorted((out / RUNS_DIR).iterdir())}
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +134,7 @@ def _worker_mid_run(out: Path, proc: subprocess.Popen) -> int:
     while True:
         try:
             if json.loads((run / "checkpoint" / "latest.json").read_text())["epoch"] >= 1:
-                return json.loads((run / STARTS_FILE).read_text().splitlines()[0])["pid"]
+                return run_starts(run)[0]["pid"]
         except (OSError, ValueError, KeyError):
             pass
         assert proc.poll() is None and time.monotonic() - t0 < 240, "the worker did not start training"
@@ -183,7 +149,7 @@ def _assert_resumed_once(out: Path, reference: Path) -> None:
     """Two training starts of the cell, the second resumed from the checkpoint, and every epoch's
     metrics and the final summary of the uninterrupted run."""
     run = out / RUNS_DIR / LONG_CELL
-    rows = [json.loads(x) for x in (run / STARTS_FILE).read_text().splitlines()]
+    rows = run_starts(run)
     assert [r["resumed"] for r in rows] == [False, True] and rows[0]["pid"] != rows[1]["pid"]
 
     def metrics(d: Path) -> list[dict]:
@@ -336,9 +302,10 @@ def test_default_workers_follow_the_first_round(tmp_path: Path) -> None:
         grid, _, _ = build_grid(args)
         return default_workers(grid, tmp_path / "none", None)
 
-    assert workers(*TINY, "--techniques", "baseline,scale", "--seeds", "3") == 6  # a fixed grid: every cell
+    out = tmp_path / "res"
+    assert workers(*tiny_args(out, seeds="3")[1:]) == 6  # a fixed grid: every cell
     # a sequential grid: the first look's seeds (3) of each technique, not the plan's most
-    assert workers(*TINY, "--techniques", "baseline,scale", "--until-decided", "--seeds", "3", "--max-seeds", "8") == 6
+    assert workers(*tiny_args(out, "--until-decided", "--max-seeds", "8", seeds="3")[1:]) == 6
     assert workers("--preset", "paper") == MAX_DEFAULT_WORKERS
 
 
