@@ -69,7 +69,7 @@ from reslab.timing import measure_step_times, step_seconds
 #: Presets, sized by measurement (benchmarks/README.md, "The quick preset").
 #:
 #: ``quick`` (what ``reslab compare`` runs with no options) asks the article's question where
-#: it can be answered on a 2-core CPU within 6 minutes (4 min 6 s measured): a shallow ResNet-8 and a deep
+#: it can be answered on a 2-core CPU within 6 minutes (4 min 6 s to 4 min 55 s measured): a shallow ResNet-8 and a deep
 #: ResNet-56, both at quarter width (4/8/16 channels), on a fixed 2,000-image Fashion-MNIST
 #: subset for 2 epochs, validated twice per epoch on 500 held-out images, tested on a fixed
 #: 2,000 test images. Seeds are added until each technique is decided (4 to 6 seeds: at 3 the
@@ -760,7 +760,7 @@ def run_grid(
         prog.line(
             f"compare: note: this grid is estimated at {fmt_duration(total_s)} on this CPU (over 30 minutes); "
             "Ctrl-C stops it at any time and the same command resumes it; '--preset quick' asks the same "
-            "question in about 4 minutes"
+            "question in 4 to 5 minutes"
         )
     try:
         if jobs == 1:
