@@ -25,6 +25,7 @@ A grid trains every ``(model, technique, seed)`` cell with :func:`reslab.train.t
 from __future__ import annotations
 
 import _thread
+import copy
 import hashlib
 import json
 import math
@@ -147,11 +148,12 @@ class Grid:
 
     def shared_settings(self) -> dict[str, Any]:
         """The settings every cell trains with (all TrainConfig fields, validated, defaults filled)."""
-        full = TrainConfig.from_dict(
-            {**self.train, "model": self.models[0], "technique": self.techniques[0], "seed": self.seeds[0]},
-            source="compare options",
-        ).to_dict()
-        return {k: v for k, v in full.items() if k not in CELL_FIELDS and k not in FREE_FIELDS}
+        values = {**self.train, "model": self.models[0], "technique": self.techniques[0], "seed": self.seeds[0]}
+        key = json.dumps(values, sort_keys=True, default=repr)
+        if key not in _SHARED_SETTINGS:
+            full = TrainConfig.from_dict(values, source="compare options").to_dict()
+            _SHARED_SETTINGS[key] = {k: v for k, v in full.items() if k not in CELL_FIELDS and k not in FREE_FIELDS}
+        return copy.deepcopy(_SHARED_SETTINGS[key])
 
     def to_json(self) -> dict[str, Any]:
         from reslab import __version__
@@ -168,6 +170,10 @@ class Grid:
             "interval": self.interval,
             "train": self.shared_settings(),
         }
+
+
+#: Grid.shared_settings per grid (a grid's settings are built and validated once)
+_SHARED_SETTINGS: dict[str, dict[str, Any]] = {}
 
 
 def resolve_techniques(names: Sequence[str]) -> list[str]:
