@@ -38,6 +38,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from reslab.runs import process_alive
+
 #: seconds without renewal after which another host may take a claim over. Long enough for
 #: an NFS server hiccup or a busy machine; a dead holder on the same host is seen at once.
 DEFAULT_LEASE_S = 120.0
@@ -56,12 +58,9 @@ def _proc_start(pid: int) -> str | None:
 
 
 def _pid_alive(pid: int, start: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    """:func:`reslab.runs.process_alive`, and started when the holder was (not a reused pid)."""
+    if not process_alive(pid):
         return False
-    except PermissionError:
-        pass  # another user's live process
     if start is not None:
         now = _proc_start(pid)
         if now is not None and now != start:

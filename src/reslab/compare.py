@@ -63,6 +63,7 @@ from reslab.results import (
     read_run,
     summary_value,
 )
+from reslab.runs import read_summary
 from reslab.sequential import Look, Plan, run_to_decision
 from reslab.signals import Terminated
 from reslab.timing import measure_step_times, step_seconds
@@ -367,7 +368,7 @@ def claim_and_run(
     try:
         with lease.renewed(on_lost):
             if run_state(run_dir) in FINISHED:
-                return CellRun("finished", json.loads((run_dir / "summary.json").read_text()))
+                return CellRun("finished", read_summary(run_dir))
             _append_start(run_dir, (run_dir / "checkpoint" / "latest.json").is_file())
             return CellRun("trained", run_cell(grid, cell, results, threads, on_epoch))
     except KeyboardInterrupt:
