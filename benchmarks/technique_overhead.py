@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import reslab
-from reslab.describe import forward_flops
-from reslab.techniques import FeatureFusion, ResidualNormalization, ResidualScaling
+from reslab.nn.describe import forward_flops
+from reslab.nn.techniques import FeatureFusion, ResidualNormalization, ResidualScaling
 
 
 class EagerScale(ResidualScaling):

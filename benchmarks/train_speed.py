@@ -5,7 +5,7 @@ RandomHorizontalFlip, ToTensor, Normalize) + ``DataLoader`` (shuffle, ``--worker
 workers) + the same reslab model in NCHW fp32 eager, the same SGD/Nesterov optimizer,
 one-cycle schedule and label smoothing, on the same training images.
 
-reslab: ``reslab.train.train`` with the same hyper-parameters (data resident as uint8,
+reslab: ``reslab.engine.train.train`` with the same hyper-parameters (data resident as uint8,
 batched on-tensor augmentation, channels_last).
 
 The two are run alternately (reference, reslab, reference, reslab, ...) in one process
@@ -34,9 +34,9 @@ import torchvision
 from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 
-from reslab.data import load_arrays, search_dirs
-from reslab.models import build_model
-from reslab.train import SPLIT_SEED, TrainConfig, derive_seed, lr_at, param_groups, train
+from reslab.engine.data import load_arrays, search_dirs
+from reslab.engine.train import SPLIT_SEED, TrainConfig, derive_seed, lr_at, param_groups, train
+from reslab.nn.models import build_model
 
 
 def torchvision_root(tmp: Path) -> Path:

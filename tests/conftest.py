@@ -12,7 +12,7 @@ FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 @pytest.fixture(scope="session")
 def fashion():
     """The real Fashion-MNIST arrays (Debian's files), read and checked once by reslab.data."""
-    from reslab.data import load_arrays
+    from reslab.engine.data import load_arrays
 
     return load_arrays("fashion-mnist")
 
@@ -21,7 +21,7 @@ def fashion():
 def tiny_train_config():
     """A factory of TrainConfigs for runs of a second or two on fashion-mnist: resnet8 at
     width 0.25 on a few hundred real images, one thread."""
-    from reslab.train import TrainConfig
+    from reslab.engine.train import TrainConfig
 
     def make(**overrides):
         base = dict(

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from reslab.results import STARTS_FILE
+from reslab.study.results import STARTS_FILE
 
 
 def tiny_args(

@@ -18,13 +18,13 @@ import pytest
 import torch
 
 from reslab import build_model, fuse, list_techniques
-from reslab.results import STARTS_FILE
+from reslab.study.results import STARTS_FILE
 
 pytestmark = pytest.mark.cuda
 
 
 def test_training_runs_on_the_gpu_and_resumes(tmp_path: Path, tiny_train_config) -> None:
-    from reslab.train import train
+    from reslab.engine.train import train
 
     settings = {"device": "cuda", "schedule": "constant", "warmup": 0}
     out = tmp_path / "run"

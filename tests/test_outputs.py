@@ -27,7 +27,7 @@ def _modes(folder: Path) -> dict[str, int]:
 
 
 def test_outputs_are_0644(tmp_path, tiny_train_config, umask_022, capsys):
-    from reslab.train import train
+    from reslab.engine.train import train
 
     run = tmp_path / "run"
     assert (

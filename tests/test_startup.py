@@ -32,9 +32,9 @@ def test_cli_start_does_not_import_torch(argv):
 
 
 def test_models_listing_matches_the_registries():
-    from reslab.catalog import MODELS, TECHNIQUES
-    from reslab.models import list_models, model_family
-    from reslab.techniques import list_techniques, technique_class
+    from reslab.nn.catalog import MODELS, TECHNIQUES
+    from reslab.nn.models import list_models, model_family
+    from reslab.nn.techniques import list_techniques, technique_class
 
     assert [(n, model_family(n)) for n in list_models()] == list(MODELS)
     live = [(n, technique_class(n).summary, technique_class(n).reference) for n in list_techniques()]
@@ -46,22 +46,22 @@ def test_models_listing_matches_the_registries():
 
 
 def test_export_choices_match_reslab_export():
-    from reslab.commands import export as cmd
-    from reslab.export import FORMATS, SUFFIXES
+    from reslab.cli.commands import export as cmd
+    from reslab.deploy.export import FORMATS, SUFFIXES
 
     assert tuple(cmd.FORMATS) == tuple(FORMATS) and cmd.SUFFIXES == SUFFIXES
 
 
 def test_package_names_resolve_lazily():
     import reslab
-    from reslab.models import build_model
+    from reslab.nn.models import build_model
 
     assert reslab.build_model is build_model
     assert set(reslab.__all__) <= set(dir(reslab))
     for name in reslab.__all__:
         assert getattr(reslab, name) is not None
-    # 'fuse' is a function and a submodule: after the submodule is imported, the name is still the function
-    code = "import reslab, reslab.fuse; from reslab.fuse import fuse; assert reslab.fuse is fuse; print('ok')"
+    # 'fuse' is a function of the package; importing the module that defines it leaves it so
+    code = "import reslab, reslab.deploy.fuse as m; assert reslab.fuse is m.fuse; print('ok')"
     env = {**os.environ, "PYTHONPATH": SRC}
     assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout == "ok\n"
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
@@ -71,7 +71,7 @@ def test_package_names_resolve_lazily():
 def test_cpu_compile_cuda_home_warning_is_silenced(tmp_path, monkeypatch, caplog):
     import torch.utils.cpp_extension as ext
 
-    from reslab.train import silence_cuda_home_warning
+    from reslab.engine.train import silence_cuda_home_warning
 
     if ext.torch.cuda.is_available():
         pytest.skip("the warning only appears without a CUDA runtime")

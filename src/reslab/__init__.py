@@ -16,35 +16,38 @@ does not load torch.
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
 import sys
-import types
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from reslab.version import __version__ as __version__
 
 #: public name -> module that defines it
 _LAZY = {
-    "BasicBlock": "reslab.blocks",
-    "Bottleneck": "reslab.blocks",
-    "DropPath": "reslab.blocks",
-    "ResidualBlock": "reslab.blocks",
-    "residual_blocks": "reslab.blocks",
-    "fuse": "reslab.fuse",
-    "ModelSpec": "reslab.models",
-    "ResNet": "reslab.models",
-    "build_model": "reslab.models",
-    "cifar_resnet": "reslab.models",
-    "list_models": "reslab.models",
-    "Technique": "reslab.techniques",
-    "get_technique": "reslab.techniques",
-    "list_techniques": "reslab.techniques",
-    "register": "reslab.techniques",
+    "BasicBlock": "reslab.nn.blocks",
+    "Bottleneck": "reslab.nn.blocks",
+    "DropPath": "reslab.nn.blocks",
+    "ResidualBlock": "reslab.nn.blocks",
+    "residual_blocks": "reslab.nn.blocks",
+    "fuse": "reslab.deploy.fuse",
+    "ModelSpec": "reslab.nn.models",
+    "ResNet": "reslab.nn.models",
+    "build_model": "reslab.nn.models",
+    "cifar_resnet": "reslab.nn.models",
+    "list_models": "reslab.nn.models",
+    "Technique": "reslab.nn.techniques",
+    "get_technique": "reslab.nn.techniques",
+    "list_techniques": "reslab.nn.techniques",
+    "register": "reslab.nn.techniques",
+    "MergeFold": "reslab.nn.folding",
 }
 
 __all__ = [
     "BasicBlock",
     "Bottleneck",
     "DropPath",
+    "MergeFold",
     "ModelSpec",
     "ResNet",
     "ResidualBlock",
@@ -60,24 +63,40 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from reslab.blocks import BasicBlock, Bottleneck, DropPath, ResidualBlock, residual_blocks
-    from reslab.fuse import fuse
-    from reslab.models import ModelSpec, ResNet, build_model, cifar_resnet, list_models
-    from reslab.techniques import Technique, get_technique, list_techniques, register
+    from reslab.deploy.fuse import fuse
+    from reslab.nn.blocks import BasicBlock, Bottleneck, DropPath, ResidualBlock, residual_blocks
+    from reslab.nn.folding import MergeFold
+    from reslab.nn.models import ModelSpec, ResNet, build_model, cifar_resnet, list_models
+    from reslab.nn.techniques import Technique, get_technique, list_techniques, register
 
 
-class _Package(types.ModuleType):
-    """The package object. Importing the submodule ``reslab.fuse`` binds it as the
-    attribute ``fuse``; the package's ``fuse`` is the function of that name (as when
-    this file imported it eagerly), so that binding is turned into the function."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "fuse" and isinstance(value, types.ModuleType):
-            value = value.fuse
-        super().__setattr__(name, value)
+#: module paths of reslab 0.2, which plugins may import, -> where that code lives now
+_MOVED = {
+    "reslab.techniques": "reslab.nn.techniques",
+    "reslab.folding": "reslab.nn.folding",
+    "reslab.blocks": "reslab.nn.blocks",
+    "reslab.models": "reslab.nn.models",
+}
 
 
-sys.modules[__name__].__class__ = _Package
+class _MovedModule(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """``import reslab.folding`` (0.2's path) gives the module now at ``reslab.nn.folding``:
+    the same module object, so a technique registered through either name is one."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in _MOVED:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, self)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> Any:
+        return importlib.import_module(_MOVED[spec.name])
+
+    def exec_module(self, module: Any) -> None:
+        """The module ran when it was imported under its own name."""
+
+
+if not any(isinstance(f, _MovedModule) for f in sys.meta_path):
+    sys.meta_path.append(_MovedModule())
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,435 @@
+"""Compare residual techniques with baseline and decide, per model, whether each is better,
+worse or equivalent (within a margin), with intervals that stay honest at a few seeds.
+
+With no options it runs the 'quick' preset: baseline, scale, norm and fusion on a shallow
+ResNet-8 and a deep ResNet-56 (quarter width, a Fashion-MNIST subset, 2 epochs), adding seeds
+(4 to 6) until each technique is decided, in 4 to 5 minutes on a 2-core CPU. '--preset
+paper' runs resnet20/56/110 with every technique on full data (for a GPU). Any grid or
+training option without --preset starts a custom grid from the training engine's defaults
+(resnet20, full data, fixed seeds); '--preset quick --epochs 3' changes one setting of a
+preset. The header states the preset, the grid and an estimated time before training.
+
+Sequential seeds (--until-decided, the presets' default): seeds are added one round at a
+time; a technique stops when its repeated confidence interval for the difference in final
+test accuracy lies above 0 (better), below 0 (worse) or inside +-margin (equivalent), or
+when --max-seeds or --budget is reached (undecided). The chance of any wrong decision is
+at most --alpha however many rounds are looked at.
+
+Re-running the same command resumes: finished runs are kept, interrupted ones continue from
+their checkpoints. '--shard i/n' trains one of n parts of the grid, balanced by estimated time.
+
+Launchers: any number of compare processes on one --out cooperate (each run is claimed, then
+trained once). '--launcher slurm' submits --workers of them as a Slurm job array (through
+submitit; logs in OUT/slurm; a worker stopped by the time limit requeues itself and resumes),
+'--launcher ray' runs them as Ray tasks (--ray-address auto for a running cluster); the
+command waits for them and prints the usual summary. --out must be a folder every worker sees.
+Exit status: 0 all runs finished (diverged runs count as finished results), 1 some run
+failed with an error (listed in the report; re-run to retry), 2 usage error, 130 interrupted
+(Ctrl-C), 143 terminated (SIGTERM, e.g. Slurm preemption; handled like Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from reslab.engine.config import cli_options
+from reslab.errors import UsageError
+from reslab.paths import check_writable_dir
+
+NAME = "compare"
+HELP = "train techniques x seeds and report the differences with confidence intervals"
+ORDER = 20
+
+# Training options offered directly (the rest through --set KEY=VALUE or --config FILE); help and
+# defaults from TrainConfig's fields. An option left out takes the preset's value in a preset.
+_TRAIN_OPTIONS: dict[str, dict[str, Any]] = cli_options(
+    (
+        "dataset",
+        "data_dir",
+        "epochs",
+        "batch_size",
+        "lr",
+        "width",
+        "train_subset",
+        "val_size",
+        "probe_every",
+        "device",
+        "test_subset",
+        "evals_per_epoch",
+    ),
+    default_words=" without --preset",
+)
+_GRID_OPTIONS = ("models", "techniques", "seeds", "target_acc", "until_decided", "max_seeds", "margin", "alpha")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from reslab.study.compare import PRESETS
+
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="quick (default when no grid or training option is given) or paper",
+    )
+    parser.add_argument("--models", "--model", dest="models", help="model(s), comma-separated, e.g. resnet20,resnet56")
+    parser.add_argument("--techniques", help="comma-separated techniques or 'all' (baseline is always included)")
+    parser.add_argument("--seeds", help="N (seeds 0..N-1) or a comma-separated list, e.g. 0,1,2")
+    parser.add_argument(
+        "--target-acc", help="validation accuracy for time-to-target, e.g. 0.9, or 'auto' (95%% of baseline's final)"
+    )
+    parser.add_argument(
+        "--until-decided",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="add seeds until each technique is decided (default in the presets; --seeds is then the first look)",
+    )
+    parser.add_argument("--max-seeds", type=int, help="most seeds a sequential comparison may use (default 6)")
+    parser.add_argument(
+        "--margin", type=float, help="equivalence margin in percentage points of test accuracy (default 0.5)"
+    )
+    parser.add_argument("--alpha", type=float, help="chance of any wrong decision per comparison (default 0.05)")
+    parser.add_argument(
+        "--budget", help="wall-time budget for training, e.g. 30m or 2h; then undecided techniques stop"
+    )
+    parser.add_argument("--out", "-o", help="results folder (default: results/PRESET or results/compare)")
+    parser.add_argument("--jobs", "-j", type=int, help="runs trained at once, in processes (cores are shared)")
+    parser.add_argument(
+        "--shard", metavar="I/N", help="train only the I-th of N parts of the grid (balanced by estimated time)"
+    )
+    parser.add_argument(
+        "--interval", choices=("t", "bootstrap"), default="t", help="confidence intervals: t (default) or bootstrap"
+    )
+    parser.add_argument("--config", help="YAML or TOML file of training options shared by every run")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any training option (see 'reslab train --help'), e.g. --set label_smoothing=0 (repeatable)",
+    )
+    for name, kw in _TRAIN_OPTIONS.items():
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **kw)
+    parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    parser.add_argument(
+        "--no-probe", action="store_true", help="skip the gradient-flow probe at initialisation (depths 56 and 110)"
+    )
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    _add_launcher_arguments(parser)
+
+
+def _add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group(
+        "launchers", "run the grid as N workers on a cluster engine (the results folder must be shared)"
+    )
+    g.add_argument(
+        "--launcher",
+        choices=("local", "slurm", "ray"),
+        default="local",
+        help="local (default: processes of this command), slurm (a job array, via submitit) or ray (Ray tasks)",
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        help="workers to start (default: the runs of the first round, at most 16, on ray at most what the cluster "
+        "runs at once); each trains one run at a time (ray: --jobs at once)",
+    )
+    g.add_argument("--cpus-per-task", type=int, metavar="N", help="CPUs per worker (slurm, ray; ray's default 1)")
+    g.add_argument("--gpus-per-task", type=int, metavar="N", help="GPUs per worker (slurm, ray; default 0)")
+    g.add_argument(
+        "--retries",
+        type=int,
+        metavar="N",
+        help="times a worker is started again: ray after its process died, slurm after its time limit (default 3)",
+    )
+    g.add_argument("--partition", help="Slurm partition")
+    g.add_argument("--time", metavar="LIMIT", help="Slurm time limit per worker: minutes or HH:MM:SS (default 4:00:00)")
+    g.add_argument("--mem", help="Slurm memory per worker, e.g. 32G")
+    g.add_argument(
+        "--slurm-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other sbatch option, e.g. --slurm-arg account=myproj (repeatable)",
+    )
+    # submitit's executor: 'local' and 'debug' run the Slurm launcher's code on this machine (tests)
+    g.add_argument("--submitit-cluster", choices=("slurm", "local", "debug"), default=None, help=argparse.SUPPRESS)
+    g.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="Ray cluster to use, e.g. auto or ray://host:10001 (default: start a local one)",
+    )
+
+
+_SLURM_ONLY = ("partition", "time", "mem", "slurm_arg", "submitit_cluster")
+_RAY_ONLY = ("ray_address",)
+_ENGINE_ONLY = ("workers", "cpus_per_task", "gpus_per_task", "retries")
+
+
+def _resources(args: argparse.Namespace) -> Any:
+    """The launcher's Resources from the options; options of another launcher are refused."""
+    from reslab.study import launch
+
+    given = {k for k in (*_SLURM_ONLY, *_RAY_ONLY, *_ENGINE_ONLY) if getattr(args, k) not in (None, [])}
+    if args.launcher == "local":
+        if given:
+            names = ", ".join("--" + k.replace("_", "-") for k in sorted(given))
+            raise UsageError(
+                f"{names} {'applies' if len(given) == 1 else 'apply'} only to --launcher slurm or ray "
+                "(locally, --jobs sets how many runs train at once)"
+            )
+        return None
+    other = _RAY_ONLY if args.launcher == "slurm" else _SLURM_ONLY
+    if wrong := sorted(k for k in given if k in other):
+        names = ", ".join("--" + k.replace("_", "-") for k in wrong)
+        raise UsageError(f"{names} {'does' if len(wrong) == 1 else 'do'} not apply to --launcher {args.launcher}")
+    for k in ("workers", "cpus_per_task", "jobs"):
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            raise UsageError(f"--{k.replace('_', '-')} must be at least 1, got {getattr(args, k)}")
+    for k in ("gpus_per_task", "retries"):
+        if getattr(args, k) is not None and getattr(args, k) < 0:
+            raise UsageError(f"--{k.replace('_', '-')} must be 0 or more, got {getattr(args, k)}")
+    jobs = args.jobs or 1
+    if args.launcher == "slurm" and jobs > 1:
+        # Slurm signals every process of a task; the extra job processes would die on the
+        # time-limit signal instead of stopping cleanly. More tasks do the same work.
+        raise UsageError("--launcher slurm runs one run at a time per worker; ask for more --workers instead of --jobs")
+    res = launch.Resources(
+        workers=args.workers,
+        jobs=jobs,
+        cpus_per_task=args.cpus_per_task,
+        gpus_per_task=args.gpus_per_task,
+        retries=3 if args.retries is None else args.retries,
+        partition=args.partition,
+        mem=launch.parse_mem(args.mem) if args.mem else None,
+        slurm_args=launch.parse_slurm_args(args.slurm_arg),
+        submitit_cluster=args.submitit_cluster or "slurm",
+        ray_address=args.ray_address,
+    )
+    if args.time:
+        res.time_min = launch.parse_time(args.time)
+    return res
+
+
+def _split(text: str) -> list[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def parse_seeds(text: str) -> list[int]:
+    try:
+        if "," in text:
+            seeds = [int(p) for p in _split(text)]
+        else:
+            seeds = list(range(int(text)))
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0:
+        raise UsageError(f"--seeds takes N >= 1 (seeds 0..N-1) or a list like 0,1,2, got {text!r}")
+    if len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds lists a seed twice: {text!r}")
+    return seeds
+
+
+def parse_duration(text: str) -> float:
+    """'90', '90s', '15m', '2h', '1h30m' -> seconds."""
+    import re
+
+    m = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text)
+    if not text.strip() or m is None or not any(m.groups()):
+        raise UsageError(f"--budget takes a duration like 90s, 15m, 2h or 1h30m, got {text!r}")
+    h, mi, sec = (float(g) if g else 0.0 for g in m.groups())
+    total = 3600 * h + 60 * mi + sec
+    if total <= 0:
+        raise UsageError(f"--budget must be positive, got {text!r}")
+    return total
+
+
+def build_grid(args: argparse.Namespace) -> tuple[Any, int, str]:
+    """(Grid, jobs, out) from the options: preset or engine defaults < --config < options < --set."""
+    from reslab.engine.config import parse_assignments, read_config_file
+    from reslab.study.compare import PRESETS, Grid, resolve_techniques
+    from reslab.study.sequential import Plan
+
+    explicit_train = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k) is not None}
+    grid_given = any(getattr(args, k) is not None for k in _GRID_OPTIONS)
+    custom = bool(explicit_train or args.config or args.set or grid_given or args.budget)
+    preset_name = args.preset or (None if custom else "quick")
+    if preset_name:
+        p = PRESETS[preset_name]
+        base: dict[str, Any] = {**p, "train": dict(p["train"])}
+    else:
+        base = {
+            "models": ["resnet20"],
+            "techniques": ["baseline", "scale", "norm", "fusion"],
+            "seeds": [0, 1, 2],
+            "sequential": None,
+            "budget_s": None,
+            "target_acc": 0.9,
+            "train": {},
+            "jobs": 1,
+        }
+    train = dict(base["train"])
+    if args.config:
+        train.update(read_config_file(args.config))
+    train.update(explicit_train)
+    train.update(parse_assignments(args.set, "--set", "lr=0.05"))
+    for k in ("model", "technique", "seed"):
+        if k in train:
+            raise UsageError(f"{k} is set per run by the grid; use --{k}s instead of setting {k} in the options")
+    models = _split(args.models) if args.models else base["models"]
+    if not models:
+        raise UsageError("--models is empty; give e.g. --models resnet20")
+    techniques = resolve_techniques(_split(args.techniques) if args.techniques else base["techniques"])
+    target = _target(args.target_acc, base["target_acc"])
+
+    # sequential plan: the preset's, switched on or off and adjusted by the options
+    seq = dict(base["sequential"]) if base["sequential"] else None
+    until = args.until_decided if args.until_decided is not None else seq is not None
+    if until:
+        seq = seq or {"min_seeds": 3, "max_seeds": 6, "step": 1, "alpha": 0.05, "margin": 0.005}
+        if args.seeds:
+            first = parse_seeds(args.seeds)
+            if first != list(range(len(first))):
+                raise UsageError(
+                    "with --until-decided, --seeds is the number of seeds of the first look, e.g. --seeds 3"
+                )
+            seq["min_seeds"] = len(first)
+        if args.max_seeds is not None:
+            seq["max_seeds"] = args.max_seeds
+        if args.margin is not None:
+            seq["margin"] = args.margin / 100
+        if args.alpha is not None:
+            seq["alpha"] = args.alpha
+        seq["max_seeds"] = max(seq["max_seeds"], seq["min_seeds"])
+        try:
+            plan = Plan(**seq)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        seeds = list(range(plan.max_seeds))
+    else:
+        if args.max_seeds is not None or args.margin is not None or args.alpha is not None:
+            raise UsageError("--max-seeds, --margin and --alpha belong to --until-decided; add it, or drop them")
+        seq = None
+        seeds = parse_seeds(args.seeds) if args.seeds else list(base["seeds"])[: 3 if preset_name else None]
+    budget = parse_duration(args.budget) if args.budget else base.get("budget_s")
+    grid = Grid(
+        models,
+        techniques,
+        seeds,
+        train,
+        target,
+        args.interval,
+        preset_name if not custom else None,
+        sequential=seq,
+        budget_s=budget,
+    )
+    if preset_name and custom:
+        grid.preset = f"{preset_name} (modified)"
+    jobs = args.jobs if args.jobs is not None else base["jobs"]
+    out = args.out or f"results/{preset_name or 'compare'}"
+    return grid, jobs, out
+
+
+def _target(text: str | None, default: float | str) -> float | str:
+    if text is None:
+        return default
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        target = float(text)
+    except ValueError:
+        target = -1.0
+    if not 0.0 < target <= 1.0:
+        raise UsageError(f"--target-acc is a fraction in (0, 1], e.g. 0.9, or 'auto', got {text!r}")
+    return target
+
+
+def run(args: argparse.Namespace) -> int:
+    check_writable_dir(args.out or "results")  # before any work (reslab.paths)
+    from reslab.report.build import build_report
+    from reslab.study.compare import fmt_duration, parse_shard, run_grid
+
+    t0 = time.perf_counter()
+    grid, jobs, out = build_grid(args)
+    shard = parse_shard(args.shard)
+    launcher = _resources(args)
+    if launcher is not None:
+        from reslab.study.launch import launch, require
+
+        require(args.launcher)  # a missing extra is said before the header
+    progress = not args.quiet
+    if progress:
+        plan = grid.plan()
+        seeds = (
+            f"seeds added until decided ({plan.min_seeds} to {plan.max_seeds}, alpha {plan.alpha:g}, "
+            f"margin +-{100 * plan.margin:g} pp)"
+            if plan
+            else f"seeds {', '.join(map(str, grid.seeds))}"
+        )
+        print(
+            f"compare: {'preset ' + grid.preset if grid.preset else 'custom grid'}: {', '.join(grid.models)} x "
+            f"{', '.join(grid.techniques)} ({len(grid.models) * len(grid.techniques)} model x technique pairs); "
+            f"{seeds}" + (f"; training budget {fmt_duration(grid.budget_s)}" if grid.budget_s else ""),
+            file=sys.stderr,
+        )
+    try:
+        if launcher is None:
+            res = run_grid(
+                grid,
+                out,
+                jobs=jobs,
+                shard=shard,
+                progress=progress,
+                report=None if args.no_report else build_report,
+                probe_init=not args.no_probe,
+            )
+        else:
+            res, workers = launch(
+                args.launcher,
+                grid,
+                out,
+                launcher,
+                shard=shard,
+                progress=progress,
+                report=None if args.no_report else build_report,
+                probe_init=not args.no_probe,
+            )
+            for w in workers:
+                if w.error:
+                    print(f"reslab compare: {w.name} failed: {w.error}", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        from reslab.signals import exit_status, stop_word
+
+        if launcher is None or launcher.submitit_cluster != "slurm" or args.launcher != "slurm":
+            # (Slurm's workers go on without this process; the launcher said so)
+            print(
+                f"reslab compare: {stop_word(e)}; finished runs are kept, re-run the same command to resume ({out})",
+                file=sys.stderr,
+            )
+        return exit_status(e)
+    wall = time.perf_counter() - t0
+    print(
+        f"{len(res.ran)} runs trained ({len(res.diverged)} diverged), {len(res.skipped)} already finished, "
+        f"{len(res.failed)} failed; wall-clock {fmt_duration(wall)}"
+    )
+    if res.budget_spent:
+        print(
+            f"training budget of {fmt_duration(grid.budget_s)} reached: techniques still undecided stopped "
+            f"adding seeds; re-run the same command to continue them"
+        )
+    if res.report is not None:
+        if res.report.missing:
+            print(f"incomplete grid: {len(res.report.missing)} runs missing or unfinished (see the report)")
+        print(f"report: {res.report.report_md}  {res.report.report_html}")
+        print(f"tables: {res.report.summary_csv}  {res.report.results_jsonl}")
+    elif res.report_note:
+        print(f"report: not written by this process: {res.report_note}")
+    if res.failed:
+        names = ", ".join(c.name for c in res.failed)
+        print(f"reslab compare: {len(res.failed)} runs failed ({names}); re-run to retry them", file=sys.stderr)
+        return 1
+    if launcher is not None and any(w.error for w in workers):
+        return 1
+    return 0

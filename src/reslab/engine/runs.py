@@ -1,0 +1,218 @@
+"""Run folders: what a run has written and what its status is.
+
+The one place that writes ``summary.json``, ``metrics.jsonl`` and the other JSON files of a
+run folder, and that reads a folder's status back. :mod:`reslab.train` (deciding whether
+to start, resume or refuse), :mod:`reslab.compare` (which cells are left) and
+:mod:`reslab.results` (what a report shows) all ask here, so they agree on what an
+unreadable folder is. Layout: see ``docs/architecture.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+from reslab.engine.config import TrainConfig, read_config_file
+from reslab.errors import UsageError
+
+#: what a run writes; ``overwrite`` removes exactly these, nothing else in the folder
+RUN_FILES = (
+    "config.yaml",
+    "metrics.jsonl",
+    "summary.json",
+    "model.safetensors",
+    "model-best.safetensors",
+    "checkpoint",
+    "gradients.jsonl",
+    "evals.jsonl",
+    "tensorboard",
+)
+SUMMARY_FILE = "summary.json"
+#: a status that says no more than that the folder holds a run whose summary cannot be read
+UNKNOWN = "unknown"
+STATE_WORDS = {"stale": "its process is gone", UNKNOWN: "its summary.json is unreadable"}
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+
+
+def write_json(path: Path, obj: Any) -> None:
+    # imported here: readers of run folders (reports) need no torch, which checkpoint loads
+    from reslab.files import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    from reslab.files import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_jsonl_prefix(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file this run appends to, up to the first torn line (a
+    kill mid-write): what follows it was never part of a consistent state."""
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                break
+    return rows
+
+
+def remove_run(out: Path) -> None:
+    """Delete a run's own files (:data:`RUN_FILES`), nothing else in ``out``."""
+    for f in RUN_FILES:
+        p = out / f
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+
+
+# ---------------------------------------------------------------------------------------
+# Reading the status
+
+
+def read_summary(out: Path) -> dict[str, Any] | None:
+    """``summary.json`` as a dict; ``None`` when it is missing or unreadable."""
+    try:
+        summary = json.loads((out / SUMMARY_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def has_run(out: Path) -> bool:
+    """Whether ``out`` holds any file a run writes."""
+    return any((out / f).exists() for f in RUN_FILES)
+
+
+def status_of(summary: dict[str, Any] | None) -> str:
+    """The status a run's summary.json records; :data:`UNKNOWN` when it could not be read
+    or names none."""
+    if summary is None or not summary.get("status"):
+        return UNKNOWN
+    return str(summary["status"])
+
+
+def recorded_status(out: Path) -> str | None:
+    """The status summary.json records: ``None`` for no run here, :data:`UNKNOWN` for a
+    run whose summary cannot be read or names no status."""
+    return status_of(read_summary(out)) if has_run(out) else None
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process, alive
+        return True
+    return True
+
+
+def run_state(out: Path) -> str | None:
+    """:func:`recorded_status`, with a ``running`` run whose process is gone as ``stale``.
+
+    summary.json records the pid and host of the process training it; a ``running`` status
+    whose process is gone was killed, or stopped by an error before it could say so. A run
+    recorded on another host stays ``running``: it cannot be checked.
+    """
+    status = recorded_status(out)
+    if status != "running":
+        return status
+    summary = read_summary(out) or {}
+    if summary.get("host", socket.gethostname()) == socket.gethostname():
+        pid = summary.get("pid")
+        if not isinstance(pid, int) or pid == os.getpid() or not process_alive(pid):
+            return "stale"
+    return status
+
+
+def owner(out: Path) -> str:
+    summary = read_summary(out) or {}
+    return f"process {summary.get('pid', '?')} on {summary.get('host', '?')}"
+
+
+def extendable(saved: dict[str, Any]) -> bool:
+    """Can a run be given more epochs and stay the run it would have been with them
+    from the start? Only where the learning rate of every step already taken does not
+    depend on the total: a constant schedule without warm-up."""
+    return saved.get("schedule") == "constant" and not saved.get("warmup")
+
+
+# ---------------------------------------------------------------------------------------
+# Deciding what a new training call does with a folder
+
+
+def plan_run(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> tuple[bool, bool]:
+    """``(resume, overwrite)`` as they apply to the run already in ``out``, or a
+    :class:`UsageError` saying why this call may not touch it.
+
+    A run killed, interrupted or failed before its first checkpoint has nothing worth
+    keeping, so a plain call and ``resume`` both start it again (its files are replaced).
+    """
+    state = run_state(out)
+    latest = out / "checkpoint" / "latest.json"
+    restartable = state in ("stale", "interrupted", "failed", UNKNOWN) and not latest.is_file()
+    if state == "running" and not overwrite:
+        elsewhere = (read_summary(out) or {}).get("host") != socket.gethostname()
+        if not (resume and elsewhere and latest.is_file()):
+            gone = "if it is gone, pass --resume to continue" if elsewhere else "or pass --overwrite to replace it"
+            raise UsageError(
+                f"{out} is being trained right now by {owner(out)}; wait for it to finish or stop it first ({gone})"
+            )
+    if resume and not overwrite:
+        if restartable or state is None:
+            return False, True  # --resume of a run with no checkpoint starts it
+        if not latest.is_file():
+            raise UsageError(
+                f"nothing to resume in {out}: its {state} run has no checkpoint; pass --overwrite to replace it"
+            )
+        if state == "completed":
+            _check_extension(out, cfg)
+    elif not resume and state is not None and not overwrite:
+        if restartable:
+            return resume, True
+        if state == "completed":
+            raise UsageError(
+                f"{out} already holds a completed run; pass --overwrite to replace it, "
+                "or --resume --epochs N to extend it"
+            )
+        if state == "diverged":
+            raise UsageError(f"{out} already holds a diverged run; pass --overwrite to replace it (try a lower --lr)")
+        raise UsageError(
+            f"{out} already holds an unfinished run ({STATE_WORDS.get(str(state), state)}, checkpointed); "
+            "pass --resume to continue it or --overwrite to replace it"
+        )
+    return resume, overwrite
+
+
+def _check_extension(out: Path, cfg: TrainConfig) -> None:
+    """Refuse to resume a completed run unless it gets more epochs on a schedule that allows them."""
+    saved = read_config_file(out / "config.yaml") if (out / "config.yaml").is_file() else {}
+    done = int(saved.get("epochs") or 0)
+    if cfg.epochs <= done:
+        raise UsageError(
+            f"the run in {out} is already completed ({done} epochs); to extend it pass --epochs N "
+            f"with N > {done}, or pass --overwrite to retrain"
+        )
+    if not extendable(saved):
+        why = (
+            f"its {saved.get('schedule')} schedule already brought the learning rate down to zero at epoch {done}"
+            if saved.get("schedule") != "constant"
+            else f"its warm-up ({saved.get('warmup')}) was a fraction of {done} epochs, so more epochs "
+            "would change the learning rate of steps already taken"
+        )
+        raise UsageError(
+            f"the run in {out} cannot be extended honestly: {why}; start a new run with --epochs "
+            f"{cfg.epochs} in another --out (runs trained with --schedule constant --warmup 0 can be extended)"
+        )

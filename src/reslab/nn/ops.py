@@ -1,0 +1,100 @@
+"""Fast merge kernels the built-in techniques use.
+
+``add_scaled`` is ``x + gain * y`` with a backward that writes nothing activation-sized,
+and ``fused_concat_conv1x1`` a 1x1 conv on ``cat[a, b]`` computed as two half-width convs
+without materialising the concatenation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _flat_same_order(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor] | None:
+    """1-D views of ``a`` and ``b`` in their common memory order, if both are dense alike."""
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        if a.is_contiguous(memory_format=fmt) and b.is_contiguous(memory_format=fmt):
+            if fmt is torch.channels_last:
+                a, b = a.permute(0, 2, 3, 1), b.permute(0, 2, 3, 1)
+            return a.reshape(-1), b.reshape(-1)
+    return None
+
+
+def _gain_grad(g: Tensor, y: Tensor, gain: Tensor) -> Tensor:
+    """Gradient of a broadcast gain in ``x + gain * y``: ``g * y`` summed to ``gain``'s shape.
+
+    Written as reductions that read ``g`` and ``y`` once and write nothing of their size
+    (a dot product for a scalar, BatchNorm's per-channel backward reduction for a
+    per-channel gain) instead of autograd's product tensor followed by a sum.
+    """
+    g = g.to(y.dtype)
+    if gain.numel() == 1:
+        flat = _flat_same_order(g, y)
+        total = flat[0].dot(flat[1]) if flat is not None else (g * y).sum()
+        return total.reshape(gain.shape).to(gain.dtype)
+    if y.dim() == 4 and gain.shape == (y.shape[1], 1, 1):
+        c = y.shape[1]
+        zeros = torch.zeros(c, dtype=y.dtype, device=y.device)
+        ones = torch.ones(c, dtype=y.dtype, device=y.device)
+        # sum(g * (y - mean) * invstd) per channel, with mean 0 and invstd 1.
+        _, per_channel, _ = torch.ops.aten.native_batch_norm_backward(
+            g, y, ones, None, None, zeros, ones, True, 0.0, [False, True, False]
+        )
+        return per_channel.reshape(gain.shape).to(gain.dtype)
+    return (g * y).sum_to_size(gain.shape).to(gain.dtype)
+
+
+class _AddScaled(torch.autograd.Function):
+    """``x + gain * y`` for a scalar or per-channel ``gain`` (see :func:`add_scaled`)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, gain: Tensor, y: Tensor) -> Tensor:
+        ctx.save_for_backward(gain, y)
+        return torch.addcmul(x, gain, y)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        gain, y = ctx.saved_tensors
+        gx = g if ctx.needs_input_grad[0] else None
+        gy = g * gain if ctx.needs_input_grad[2] else None
+        gg = _gain_grad(g, y, gain) if ctx.needs_input_grad[1] else None
+        return gx, gg, gy
+
+
+def add_scaled(x: Tensor, gain: Tensor, y: Tensor) -> Tensor:
+    """``x + gain * y``, ``gain`` broadcast (a scalar or ``C x 1 x 1``), with a lean backward.
+
+    Autograd's ``addcmul`` backward materialises ``g * y`` to reduce it to the gain's
+    shape: on a 2-core CPU that product cost about as much as the rest of the merge. Here
+    the gain's gradient is a reduction that writes nothing activation-sized.
+    """
+    if torch.is_grad_enabled() and (gain.requires_grad or x.requires_grad or y.requires_grad):
+        return _AddScaled.apply(x, gain, y)
+    return torch.addcmul(x, gain, y)
+
+
+def fused_concat_conv1x1(
+    a: Tensor, b: Tensor, weight: Tensor, bias: Tensor | None, add_identity: bool = False
+) -> Tensor:
+    """``(a if add_identity else 0) + conv1x1(cat[a, b], weight, bias)`` without the cat.
+
+    A 1x1 conv on a concatenation is ``W_a a + W_b b``: two half-width convs, the second
+    accumulated in place into the first's output (conv backward needs its inputs, not its
+    output, so this is safe for autograd). Adding ``a`` itself is folded into the weight as
+    ``W_a + I``: a CxC add instead of a pass over the activations. On a 2-core CPU, with
+    channels_last, this ran about 2x faster than cat + conv (forward and backward) and
+    faster than the same two products written as GEMMs on the NHWC view.
+    """
+    c = a.shape[1]
+    w_a, w_b = weight[:, :c], weight[:, c:]
+    if add_identity:
+        w_a = w_a + torch.eye(c, dtype=weight.dtype, device=weight.device)[:, :, None, None]
+    return F.conv2d(a, w_a, bias).add_(F.conv2d(b, w_b))
+
+
+# ---------------------------------------------------------------------------------------
+# Known techniques for the same goal, for the comparison.

@@ -1,0 +1,212 @@
+"""Pretrained backbones in technique models: load a plain ResNet's weights (torchvision's,
+timm's, or a reslab run's) into a model built with a technique.
+
+The backbone's tensors are copied by name. The technique's own parameters, which the
+plain ResNet does not have, are then set so that each block still computes the plain
+block's function where the technique allows it, so fine-tuning starts from the
+pretrained network and not from a perturbed one:
+
+* ``baseline``, ``zero_init``: nothing new (``zero_init`` only changes a fresh init).
+* ``scale``: ``scale = 1``, so ``F(x) + 1 * s``.
+* ``skipinit``: ``alpha = 1`` and ``layerscale``: ``gamma = 1``, so ``s + F(x)``. (Their
+  usual inits, 0 and 1e-6, would switch the pretrained branches off.)
+* ``fusion``: the 1x1 fusion conv gets weight ``[0 | I]`` and bias 0, so
+  ``F(x) + Conv1x1(cat[F(x), s]) = F(x) + s``.
+* ``norm``: **cannot** keep the function: ``F(x) + BN(F(x) - s)`` equals ``F(x) + s`` for
+  no setting of the BatchNorm (it would need ``BN(F - s) = s`` for every ``F``), so its
+  BatchNorm keeps its default init and the report says the function changed.
+* ``fixup`` (no normalization layers to take the BatchNorm weights) and ``preact`` (a
+  different block order) cannot take a post-activation backbone: :class:`ValueError`.
+
+A classifier of another size (fine-tuning to ``num_classes`` other than the backbone's)
+is left at its fresh init and reported, as are conv biases the backbone lacks (set to 0).
+
+timm's ResNets (``resnet18`` ... ``resnet152``, the plain-stem variants) use the same
+parameter names as torchvision's; checkpoints wrapped as ``{"state_dict": ...}``,
+``{"model": ...}`` or ``{"state_dict_ema": ...}`` and names prefixed with ``module.`` or
+``model.`` (DDP, wrappers) are unwrapped. Files are read without unpickling code:
+``.safetensors``, or ``.pth``/``.pt``/``.bin`` through ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from reslab.errors import UsageError
+from reslab.nn.blocks import residual_blocks
+
+__all__ = ["PretrainedReport", "load_pretrained", "read_state_dict"]
+
+#: techniques whose merge can be set to the plain block's function, and how
+_PRESERVING = {"baseline", "zero_init", "scale", "skipinit", "layerscale", "fusion"}
+_CHANGING = {"norm": "F(x) + BN(F(x) - s) equals F(x) + s for no BatchNorm setting"}
+_REFUSED = {
+    "fixup": "fixup has no normalization layers to take the backbone's BatchNorm weights",
+    "preact": "preact blocks apply BatchNorm and ReLU before each conv, a different function from the backbone's",
+}
+_WRAPPERS = ("state_dict", "model", "state_dict_ema", "model_ema")
+_PREFIXES = ("module.", "model.")
+
+
+@dataclass
+class PretrainedReport:
+    """What :func:`load_pretrained` did."""
+
+    #: parameters and buffers copied from the backbone
+    loaded: list[str] = field(default_factory=list)
+    #: names of the model's tensors set here rather than loaded, with how
+    initialised: dict[str, str] = field(default_factory=dict)
+    #: whether the model computes the backbone's function (classifier aside)
+    function_preserved: bool = True
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        kept = "keeps the backbone's function" if self.function_preserved else "does NOT keep the backbone's function"
+        if self.function_preserved and any(k.startswith("fc.") for k in self.initialised):
+            kept += " up to its new classifier"
+        lines = [f"loaded {len(self.loaded)} tensors from the backbone; the model {kept}"]
+        groups: dict[str, list[str]] = {}
+        for name, how in self.initialised.items():
+            groups.setdefault(how, []).append(name)
+        for how, names in groups.items():
+            shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
+            lines.append(f"newly initialised ({how}): {shown}")
+        lines += self.notes
+        return "\n".join(lines)
+
+
+def read_state_dict(source: str | Path | Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A plain ``name -> tensor`` dict from a file or a (possibly wrapped) mapping."""
+    if isinstance(source, Mapping):
+        obj: object = source
+        where = "the given state dict"
+    else:
+        path = Path(source)
+        where = str(path)
+        if not path.is_file():
+            raise UsageError(f"pretrained weights {path} do not exist" + (" (it is a folder)" if path.is_dir() else ""))
+        if path.suffix == ".safetensors":
+            from reslab.files import load_state
+
+            obj = load_state(path)
+        else:
+            from reslab.files import torch_load_safe
+
+            obj = torch_load_safe(path)
+    for _ in range(2):  # a training checkpoint wraps the weights beside its epoch, optimizer, ...
+        if isinstance(obj, Mapping) and not all(isinstance(v, Tensor) for v in obj.values()):
+            inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), Mapping)), None)
+            if inner is not None:
+                obj = inner
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise UsageError(f"{where} is not a state dict of tensors (a ResNet's weights); nothing was loaded")
+    state = {str(k): v for k, v in obj.items()}
+    for prefix in _PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def load_pretrained(model: nn.Module, source: str | Path | Mapping[str, Tensor]) -> PretrainedReport:
+    """Copy a plain ResNet's weights into ``model`` (built with a technique) and set the
+    technique's own parameters to keep the backbone's function where possible.
+
+    Raises :class:`~reslab.errors.UsageError` when the weights do not fit the model (other
+    names or shapes, other than a classifier of another size) or the technique cannot
+    take a post-activation backbone.
+    """
+    spec = getattr(model, "spec", None)
+    technique = getattr(spec, "technique", "baseline")
+    if technique in _REFUSED:
+        raise UsageError(f"cannot load a pretrained ResNet into technique {technique!r}: {_REFUSED[technique]}")
+    state = read_state_dict(source)
+    own = model.state_dict()
+    report = PretrainedReport()
+
+    extra = sorted(k for k in state if k not in own and not k.endswith("num_batches_tracked"))
+    if extra:
+        shown = ", ".join(extra[:5]) + (f", ... ({len(extra)} in all)" if len(extra) > 5 else "")
+        raise UsageError(
+            f"the pretrained weights hold tensors this {getattr(spec, 'name', 'model')} lacks ({shown}); "
+            "they are for another architecture or technique"
+        )
+    to_load: dict[str, Tensor] = {}
+    for name, target in own.items():
+        src = state.get(name)
+        if src is None:
+            continue
+        if src.shape != target.shape:
+            if name.startswith("fc."):
+                report.initialised[name] = f"fresh, classifier {tuple(target.shape)} vs pretrained {tuple(src.shape)}"
+                continue
+            raise UsageError(
+                f"pretrained {name} has shape {tuple(src.shape)}, the model's is {tuple(target.shape)}; build the "
+                "model with the backbone's architecture (name, width, in_channels)"
+            )
+        to_load[name] = src
+    model.load_state_dict(to_load, strict=False)
+    report.loaded = sorted(to_load)
+
+    with torch.no_grad():
+        for block_name, block in residual_blocks(model):
+            if technique == "scale":
+                block.scale.fill_(1.0)
+                report.initialised[f"{block_name}.scale"] = "1: F(x) + s"
+            elif technique == "skipinit":
+                block.alpha.fill_(1.0)
+                report.initialised[f"{block_name}.alpha"] = "1: s + F(x)"
+            elif technique == "layerscale":
+                block.gamma.fill_(1.0)
+                report.initialised[f"{block_name}.gamma"] = "1: s + F(x)"
+            elif technique == "fusion":
+                conv = block.feature_fusion
+                c = conv.out_channels
+                conv.weight.zero_()
+                conv.weight[:, c:, 0, 0].copy_(torch.eye(c))
+                if conv.bias is not None:
+                    conv.bias.zero_()
+                report.initialised[f"{block_name}.feature_fusion"] = "weight [0 | I], bias 0: F(x) + s"
+            elif technique == "norm":
+                report.initialised[f"{block_name}.residual_norm"] = "BatchNorm default (the function changes)"
+    from reslab.nn.techniques import technique_class
+
+    try:
+        own_names = set(technique_class(technique).parameter_names)
+    except ValueError:  # a technique object that was never registered
+        own_names = set()
+    for name, param in model.named_parameters():
+        if name in to_load or name in report.initialised or any(name.startswith(k + ".") for k in report.initialised):
+            continue
+        if name.endswith(".bias") and name[: -len(".bias")] + ".weight" in to_load:
+            with torch.no_grad():
+                param.zero_()  # a conv bias the backbone does not have: 0 adds nothing
+            report.initialised[name] = "0 (absent from the backbone)"
+        elif own_names & set(name.split(".")):
+            report.initialised[name] = "the technique's own init"
+        else:
+            raise UsageError(f"the pretrained weights have no {name}; they are not a complete ResNet state dict")
+    # buffers (BatchNorm running statistics) of the backbone's layers must all have come along
+    missing_buffers = [
+        n
+        for n, _ in model.named_buffers()
+        if n not in to_load
+        and not n.endswith("num_batches_tracked")
+        and not any(n.startswith(k + ".") for k in report.initialised)
+        and not (own_names & set(n.split(".")))
+    ]
+    if missing_buffers:
+        raise UsageError(
+            f"the pretrained weights lack {', '.join(missing_buffers[:3])}; they are not a complete ResNet state dict"
+        )
+    if technique in _CHANGING:
+        report.function_preserved = False
+        report.notes.append(f"{technique}: {_CHANGING[technique]}; fine-tuning starts from a changed network")
+    elif technique not in _PRESERVING:
+        report.function_preserved = False
+        report.notes.append(f"{technique}: reslab does not know a setting that keeps the backbone's function")
+    return report

@@ -1,0 +1,448 @@
+"""reslab report on synthetic run folders written in the run-folder format of docs/architecture.md.
+
+The runs are made up so that every figure in summary.csv can be checked by hand; the real
+end-to-end grid (real training) is in tests/test_compare.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from scipy import stats as sps
+
+from reslab.cli import main
+from reslab.errors import UsageError
+from reslab.report.build import build_report, collect, verdict
+from reslab.study import stats
+
+SEEDS = (0, 1, 2)
+
+
+def write_run(
+    root: Path,
+    technique: str,
+    seed: int,
+    val_acc: list[float],
+    *,
+    model: str = "resnet8",
+    status: str = "completed",
+    test_acc: float | None = None,
+    epoch_s: float = 10.0,
+    images_per_s: float = 1000.0,
+    params: int = 1000,
+    flops: int = 50_000,
+    epochs: int | None = None,
+    gradients: list[dict] | None = None,
+) -> Path:
+    run = root / "runs" / f"{model}-{technique}-s{seed}"
+    run.mkdir(parents=True)
+    epochs = epochs or len(val_acc)
+    cfg = {"model": model, "technique": technique, "seed": seed, "dataset": "fashion-mnist", "epochs": epochs}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    lines = []
+    for i, acc in enumerate(val_acc):
+        e = i + 1
+        lines.append(
+            json.dumps(
+                {
+                    "epoch": e,
+                    "train_loss": 2.0 / e,
+                    "train_acc": acc,
+                    "val_loss": 1.0 / e,
+                    "val_acc": acc,
+                    "lr": 0.1,
+                    "epoch_s": epoch_s,
+                    "elapsed_s": epoch_s * e,
+                    "images_per_s": images_per_s,
+                }
+            )
+        )
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if status != "running":
+        summary = {
+            "status": status,
+            "model": model,
+            "technique": technique,
+            "dataset": "fashion-mnist",
+            "seed": seed,
+            "epochs": epochs,
+            "best_val_acc": max(val_acc) if status == "completed" else None,
+            "best_epoch": val_acc.index(max(val_acc)) + 1,
+            "test_acc": test_acc if test_acc is not None else val_acc[-1],
+            "test_loss": 0.3,
+            "elapsed_s": epoch_s * len(val_acc),
+            "params": params,
+            "flops": flops,
+        }
+        if status == "diverged":
+            summary["diverged_epoch"] = len(val_acc) + 1
+            summary["test_acc"] = None
+        (run / "summary.json").write_text(json.dumps(summary))
+    if gradients:
+        (run / "gradients.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gradients))
+    return run
+
+
+def write_grid(root: Path, techniques: list[str], seeds=SEEDS, target: float = 0.85, interval: str = "t") -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    grid = {
+        "version": 1,
+        "models": ["resnet8"],
+        "techniques": techniques,
+        "seeds": list(seeds),
+        "target_acc": target,
+        "interval": interval,
+        "train": {"dataset": "fashion-mnist", "epochs": 3},
+    }
+    (root / "grid.json").write_text(json.dumps(grid))
+
+
+def read_summary(path: Path) -> dict[str, dict[str, str]]:
+    with open(path / "summary.csv") as f:
+        return {r["technique"]: r for r in csv.DictReader(f)}
+
+
+@pytest.fixture
+def grid_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "res"
+    write_grid(root, ["baseline", "scale"])
+    # baseline reaches 0.85 at epoch 3 in every seed; scale at epoch 2 (seeds 0, 1) and 1 (seed 2)
+    base = {0: [0.70, 0.80, 0.86], 1: [0.72, 0.81, 0.87], 2: [0.71, 0.82, 0.88]}
+    scale = {0: [0.75, 0.85, 0.88], 1: [0.76, 0.86, 0.89], 2: [0.85, 0.87, 0.90]}
+    for s in SEEDS:
+        write_run(root, "baseline", s, base[s], images_per_s=1000, params=1000, flops=50_000)
+        write_run(root, "scale", s, scale[s], images_per_s=900, params=1010, flops=50_000)
+    return root
+
+
+def test_summary_figures_match_hand_computation(grid_dir: Path) -> None:
+    files = build_report(grid_dir)
+    assert not files.missing
+    rows = read_summary(grid_dir)
+    b, s = rows["baseline"], rows["scale"]
+    # test acc = last val acc: baseline 0.86/0.87/0.88 -> mean 0.87, sd 0.01, t CI 0.87 +- 4.302653*0.01/sqrt3
+    assert float(b["test_acc_mean"]) == pytest.approx(0.87)
+    assert float(b["test_acc_std"]) == pytest.approx(0.01, rel=1e-4)
+    assert float(b["test_acc_ci_high"]) == pytest.approx(0.87 + 4.302653 * 0.01 / math.sqrt(3), rel=1e-5)
+    # paired differences 0.02, 0.02, 0.02: zero spread, difference claimed exactly
+    assert float(s["test_acc_diff"]) == pytest.approx(0.02)
+    assert s["test_acc_diff_significant"] == "True"
+    # epochs to 0.85: baseline 3,3,3; scale 2,2,1 -> speed-ups 1.5, 1.5, 3 -> geometric mean 3^(1/3)*1.5^(2/3)
+    gm = math.exp((2 * math.log(1.5) + math.log(3)) / 3)
+    assert float(s["speedup_epochs"]) == pytest.approx(gm, rel=1e-5)
+    logs = [math.log(1.5), math.log(1.5), math.log(3)]
+    lo, hi = sps.t.interval(0.95, 2, loc=sum(logs) / 3, scale=sps.sem(logs))
+    assert float(s["speedup_epochs_ci_low"]) == pytest.approx(math.exp(lo), rel=1e-5)
+    assert float(s["speedup_epochs_ci_high"]) == pytest.approx(math.exp(hi), rel=1e-5)
+    # seconds = 10 s per epoch, so the seconds speed-up equals the epochs speed-up here
+    assert float(s["speedup_seconds"]) == pytest.approx(gm, rel=1e-5)
+    assert s["reached"] == "3" and float(s["epochs_to_target_median"]) == 2.0
+    assert float(b["seconds_to_target_median"]) == 30.0
+    # AUC = mean val acc per epoch: baseline seed 0 (0.70+0.80+0.86)/3
+    aucs = [(0.70 + 0.80 + 0.86) / 3, (0.72 + 0.81 + 0.87) / 3, (0.71 + 0.82 + 0.88) / 3]
+    assert float(b["auc_mean"]) == pytest.approx(sum(aucs) / 3, rel=1e-5)
+    assert float(s["params_ratio"]) == pytest.approx(1.01)
+    assert float(s["throughput_ratio"]) == pytest.approx(0.9)
+    assert s["interval_method"] == "t"
+    assert float(s["test_acc_diff_p_holm"]) == float(s["test_acc_diff_p"])  # one comparison: nothing to adjust
+    # results.jsonl: one record per run with its own figures
+    recs = [json.loads(x) for x in (grid_dir / "results.jsonl").read_text().splitlines()]
+    assert len(recs) == 6
+    r = next(x for x in recs if x["technique"] == "scale" and x["seed"] == 2)
+    assert r["epochs_to_target"] == 1 and r["seconds_to_target"] == 10.0 and r["status"] == "completed"
+
+
+def test_report_files_and_verdict_words(grid_dir: Path) -> None:
+    files = build_report(grid_dir)
+    md = files.report_md.read_text()
+    html = files.report_html.read_text()
+    assert "Complete grid" in md
+    assert "scale: " in md and "higher than baseline by +2.00 pp" in md
+    # speed-up interval [exp(lo), exp(hi)] is wide with 3 seeds and contains 1 -> no claim
+    assert "no significant difference from baseline in epochs to target" in md
+    for fig in ("curves-epoch.png", "curves-time.png", "time-to-target.png"):
+        assert (grid_dir / "figures" / fig).stat().st_size > 5000
+        assert f"figures/{fig}" in md
+    assert html.count("data:image/png;base64,") == 3 and "<table>" in html
+    assert "Not measured" in md  # no gradients.jsonl
+
+
+def test_no_significant_difference_when_interval_contains_zero(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    write_grid(root, ["baseline", "norm"], target=0.99)
+    for s, (a, b) in enumerate([(0.88, 0.885), (0.89, 0.884), (0.87, 0.872)]):
+        write_run(root, "baseline", s, [0.5, a])
+        write_run(root, "norm", s, [0.5, b])
+    build_report(root)
+    row = read_summary(root)["norm"]
+    assert row["test_acc_diff_significant"] == "False"
+    assert float(row["test_acc_diff_ci_low"]) < 0 < float(row["test_acc_diff_ci_high"])
+    assert float(row["test_acc_diff_p"]) == pytest.approx(
+        sps.ttest_rel([0.885, 0.884, 0.872], [0.88, 0.89, 0.87]).pvalue, rel=1e-6
+    )
+    md = (root / "report.md").read_text()
+    assert "no significant difference from baseline in final test accuracy" in md
+    assert "no seed reached 99.0%" in md
+
+
+def test_incomplete_grid_names_what_is_missing(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    write_grid(root, ["baseline", "scale", "fusion"])
+    for s in SEEDS:
+        write_run(root, "baseline", s, [0.8, 0.86])
+    write_run(root, "scale", 0, [0.8, 0.87])
+    write_run(root, "scale", 1, [0.8], status="running", epochs=2)  # killed after epoch 1
+    files = build_report(root)
+    md = files.report_md.read_text()
+    assert "Incomplete grid: 4 of 9 runs finished" in md
+    assert "resnet8 / scale / seed 1: interrupted after epoch 1 of 2" in md
+    assert "resnet8 / scale / seed 2: not started" in md
+    assert "resnet8 / fusion / seed 0: not started" in md
+    rows = read_summary(root)
+    assert "fusion" not in rows  # nothing to summarise, but listed as missing
+    assert rows["scale"]["completed"] == "1" and rows["scale"]["unfinished"] == "2"
+    assert "too few paired seeds" in md
+
+
+def test_diverged_run_is_reported_and_excluded_from_accuracy(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    write_grid(root, ["baseline", "fusion"])
+    for s in SEEDS:
+        write_run(root, "baseline", s, [0.8, 0.86])
+    write_run(root, "fusion", 0, [0.8, 0.87])
+    write_run(root, "fusion", 1, [0.8, 0.88])
+    write_run(root, "fusion", 2, [0.1], status="diverged", epochs=2)
+    build_report(root)
+    row = read_summary(root)["fusion"]
+    assert row["diverged"] == "1" and row["completed"] == "2"
+    assert float(row["test_acc_mean"]) == pytest.approx(0.875)
+    assert row["reached"] == "2" and row["reached_of"] == "3"
+    md = (root / "report.md").read_text()
+    assert "Diverged (non-finite loss) in 1 of 3 finished seeds" in md
+
+
+def test_gradients_are_plotted_when_present(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    write_grid(root, ["baseline", "norm"], seeds=(0,))
+    grads = [{"step": 10, "grad_norms": [1.0, 2.0, 4.0]}, {"step": 20, "grad_norms": [1.0, 8.0]}]
+    write_run(root, "baseline", 0, [0.8, 0.86], gradients=grads)
+    write_run(root, "norm", 0, [0.8, 0.86], gradients=[{"step": 10, "grad_norms": [1e-3, 1.0]}])
+    files = build_report(root)
+    rows = read_summary(root)
+    assert float(rows["baseline"]["worst_grad_ratio"]) == 8.0
+    assert float(rows["norm"]["worst_grad_ratio"]) == pytest.approx(1000.0)
+    assert (root / "figures" / "gradients.png").exists() and "Gradient health" in files.report_md.read_text()
+
+
+def test_bootstrap_interval_is_refused_below_the_n_where_it_holds_its_level(grid_dir: Path, tmp_path: Path) -> None:
+    """At 3 seeds a nominal 95% percentile bootstrap covers ~74% (tests/test_stats.py): refused."""
+    with pytest.raises(UsageError, match="bootstrap needs at least 20 seeds"):
+        build_report(grid_dir, method="bootstrap")
+    root = tmp_path / "many"
+    seeds = range(stats.BOOTSTRAP_MIN_N)
+    write_grid(root, ["baseline", "scale"], seeds=seeds)
+    for s in seeds:
+        write_run(root, "baseline", s, [0.70, 0.80, 0.86])
+        # log speed-ups ln 1.5 (epoch 2 vs 3) or ln 3 (epoch 1): the interval lies within [1.5, 3]
+        write_run(root, "scale", s, [0.85, 0.87, 0.90] if s % 3 == 2 else [0.75, 0.85, 0.88])
+    build_report(root, method="bootstrap")
+    row = read_summary(root)["scale"]
+    assert row["interval_method"] == "bootstrap"
+    assert 1.5 - 1e-9 <= float(row["speedup_epochs_ci_low"]) <= float(row["speedup_epochs_ci_high"]) <= 3 + 1e-9
+    assert "paired percentile bootstrap" in (root / "report.md").read_text()
+
+
+def test_merging_two_shard_folders(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    write_grid(a, ["baseline", "scale"], seeds=(0, 1))
+    write_grid(b, ["baseline", "scale"], seeds=(0, 1))
+    write_run(a, "baseline", 0, [0.86])
+    write_run(a, "scale", 0, [0.87])
+    write_run(b, "baseline", 1, [0.85])
+    write_run(b, "scale", 1, [0.88])
+    write_run(b, "scale", 0, [0.5], status="running")  # an unfinished copy never replaces a finished one
+    files = build_report(a, extra_dirs=[b])
+    assert not files.missing
+    assert float(read_summary(a)["scale"]["test_acc_mean"]) == pytest.approx(0.875)
+    _, runs = collect([a, b])
+    assert len(runs) == 4
+
+
+def test_verdict_never_claims_with_undefined_interval() -> None:
+    row = {
+        "technique": "scale",
+        "completed": 1,
+        "diverged": 0,
+        "unfinished": 0,
+        "seeds_planned": 1,
+        "test_acc_diff_pairs": 1,
+        "reached": 1,
+        "reached_of": 1,
+        "speedup_pairs": 1,
+        "target_acc": 0.9,
+        "params_ratio": math.nan,
+        "flops_ratio": math.nan,
+        "throughput_ratio": math.nan,
+        "interval_method": "t",
+    }
+    words = " ".join(verdict(row))
+    assert "no claim" in words and "faster" not in words and "higher" not in words
+
+
+def test_cli_report_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not exist" in err[0]
+    (tmp_path / "empty").mkdir()
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "no run folders found" in capsys.readouterr().err
+
+
+def test_cli_report_regenerates(grid_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(grid_dir), "--target-acc", "0.8", "--interval", "t"]) == 0
+    assert float(read_summary(grid_dir)["baseline"]["target_acc"]) == 0.8
+    assert "report.md" in capsys.readouterr().out
+
+
+def test_significant_alone_but_not_after_holm_is_said(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    write_grid(root, ["baseline", "scale", "norm", "fusion"], target=0.99)
+    base = [0.880, 0.890, 0.870]
+    finals = {
+        "scale": [0.900, 0.915, 0.885],  # +0.020, +0.025, +0.015: paired t p = 0.0202
+        "norm": [0.885, 0.884, 0.872],
+        "fusion": [0.875, 0.893, 0.871],
+    }
+    for s in SEEDS:
+        write_run(root, "baseline", s, [0.5, base[s]])
+        for tech, acc in finals.items():
+            write_run(root, tech, s, [0.5, acc[s]])
+    build_report(root)
+    rows = read_summary(root)
+    p = sps.ttest_rel(finals["scale"], base).pvalue
+    assert float(rows["scale"]["test_acc_diff_p"]) == pytest.approx(p, rel=1e-6)
+    assert float(rows["scale"]["test_acc_diff_p_holm"]) == pytest.approx(3 * p, rel=1e-6)  # the smallest of 3
+    md = (root / "report.md").read_text()
+    assert "higher than baseline by +2.00 pp" in md and "not after the Holm correction" in md
+
+
+def test_init_probe_file_is_reported(grid_dir: Path) -> None:
+    entries = [
+        {"model": "resnet8", "technique": "baseline", "blocks": 3, "grad_ratio": 1.5, "verdict": "healthy"},
+        {"model": "resnet8", "technique": "scale", "blocks": 3, "grad_ratio": 2.0e6, "verdict": "exploding"},
+    ]
+    (grid_dir / "probe-init.json").write_text(json.dumps({"entries": entries}))
+    files = build_report(grid_dir)
+    rows = read_summary(grid_dir)
+    assert float(rows["scale"]["init_grad_ratio"]) == 2.0e6 and rows["scale"]["init_grad_verdict"] == "exploding"
+    md = files.report_md.read_text()
+    # a results folder of reslab 0.1 (probe entries without depth) still reads; the verdict names its depth
+    assert (
+        "Gradient flow at initialisation, at this model's depth (resnet8): exploding "
+        "(max/min block-output gradient ratio 2e+06)" in md
+    )
+    assert "| scale | 2e+06 | exploding |" in md
+
+
+def test_report_without_run_folders_never_overwrites_stored_results(grid_dir: Path) -> None:
+    build_report(grid_dir)
+    import shutil
+
+    shutil.rmtree(grid_dir / "runs")  # e.g. the committed example report: derived files only
+    before = (grid_dir / "report.md").read_text()
+    with pytest.raises(UsageError, match="no run folders"):
+        build_report(grid_dir)
+    assert (grid_dir / "report.md").read_text() == before
+
+
+def test_several_models_get_their_own_sections_and_figures(tmp_path: Path) -> None:
+    root = tmp_path / "r"
+    write_grid(root, ["baseline", "norm"], seeds=(0, 1))
+    grid = json.loads((root / "grid.json").read_text())
+    grid["models"] = ["resnet8", "resnet14"]
+    (root / "grid.json").write_text(json.dumps(grid))
+    for model in ("resnet8", "resnet14"):
+        for s in (0, 1):
+            write_run(root, "baseline", s, [0.8, 0.86 + 0.01 * s], model=model)
+            write_run(root, "norm", s, [0.8, 0.85 + 0.02 * s], model=model)
+    files = build_report(root)
+    with open(root / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["model"], r["technique"]) for r in rows] == [
+        ("resnet8", "baseline"),
+        ("resnet8", "norm"),
+        ("resnet14", "baseline"),
+        ("resnet14", "norm"),
+    ]
+    md = files.report_md.read_text()
+    assert "## Verdict (resnet8)" in md and "## Verdict (resnet14)" in md
+    for model in ("resnet8", "resnet14"):
+        assert (root / "figures" / f"curves-epoch-{model}.png").exists()
+        assert (root / "figures" / f"time-to-target-{model}.png").exists()
+
+
+def write_sequential_grid(root: Path, techniques: list[str], max_seeds: int = 5) -> None:
+    write_grid(root, techniques, seeds=range(max_seeds))
+    grid = json.loads((root / "grid.json").read_text())
+    grid["sequential"] = {"min_seeds": 3, "max_seeds": max_seeds, "step": 1, "alpha": 0.05, "margin": 0.005}
+    (root / "grid.json").write_text(json.dumps(grid))
+
+
+def test_decision_table_gives_every_label_from_stored_runs(tmp_path: Path) -> None:
+    """Synthetic final test accuracies, chosen so each technique lands on one label; the
+    decision is read off the stored runs exactly as the sequential grid took it."""
+    root = tmp_path / "seq"
+    write_sequential_grid(root, ["baseline", "up", "down", "same", "noisy", "short"])
+    base = [0.850, 0.860, 0.855, 0.852, 0.858]
+    acc = {
+        "up": [b + d for b, d in zip(base, [0.020, 0.021, 0.019], strict=False)],  # decided at 3 seeds
+        "down": [b - d for b, d in zip(base, [0.030, 0.031, 0.029], strict=False)],
+        "same": [b + d for b, d in zip(base, [0.002, -0.002, 0.0015, 0.0], strict=False)],  # equivalent at 4
+        "noisy": [b + d for b, d in zip(base, [0.01, -0.01, 0.004, -0.006, 0.008], strict=True)],  # all 5 seeds
+        "short": [b + d for b, d in zip(base, [0.01, -0.01, 0.004], strict=False)],  # stopped (budget) at 3
+    }
+    for s, b in enumerate(base):
+        write_run(root, "baseline", s, [0.8, b], test_acc=b)
+    for tech, vals in acc.items():
+        for s, v in enumerate(vals):
+            write_run(root, tech, s, [0.8, v], test_acc=v)
+    build_report(root)
+    dec = {d["technique"]: d for d in json.loads((root / "decisions.json").read_text())}
+    assert (dec["up"]["decision"], dec["up"]["seeds"]) == ("better", 3)
+    assert (dec["down"]["decision"], dec["down"]["seeds"]) == ("worse", 3)
+    assert (dec["same"]["decision"], dec["same"]["seeds"]) == ("equivalent", 4)
+    assert (dec["noisy"]["decision"], dec["noisy"]["open_because"], dec["noisy"]["seeds"]) == (
+        "undecided",
+        "max seeds",
+        5,
+    )
+    assert (dec["short"]["decision"], dec["short"]["open_because"]) == ("undecided", "budget or interrupted")
+    assert dec["up"]["diff_low"] > 0 and dec["down"]["diff_high"] < 0
+    assert -0.005 < dec["same"]["diff_low"] and dec["same"]["diff_high"] < 0.005
+    assert "re-run the same command" in dec["short"]["recommendation"]
+    # P(beats baseline in a seed): 3 of 3 wins, exact Clopper-Pearson lower bound 0.025^(1/3)
+    assert dec["up"]["p_better"] == 1.0 and dec["up"]["p_better_low"] == pytest.approx(0.025 ** (1 / 3))
+    md = (root / "report.md").read_text()
+    # the report opens with the decision table
+    assert md.index("## Decision") < md.index("## Settings") < md.index("## Verdict")
+    assert "**better**" in md and "**worse**" in md and "**equivalent**" in md and "undecided (max seeds)" in md
+
+
+def test_diverged_runs_count_at_chance_level(tmp_path: Path) -> None:
+    root = tmp_path / "div"
+    write_sequential_grid(root, ["baseline", "boom"])
+    for s in range(3):
+        write_run(root, "baseline", s, [0.8, 0.85 + 0.002 * s], test_acc=0.85 + 0.002 * s)
+        run = write_run(root, "boom", s, [0.3], status="diverged")
+        summary = json.loads((run / "summary.json").read_text())
+        summary["chance_acc"] = 0.1
+        (run / "summary.json").write_text(json.dumps(summary))
+    build_report(root)
+    (d,) = json.loads((root / "decisions.json").read_text())
+    assert (d["decision"], d["seeds"], d["diverged"]) == ("worse", 3, 3)
+    assert d["diff_mean"] == pytest.approx(0.1 - 0.852)
