@@ -35,7 +35,9 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 
 from reslab.engine.data import load_arrays, search_dirs
-from reslab.engine.train import SPLIT_SEED, TrainConfig, derive_seed, lr_at, param_groups, train
+from reslab.engine.optim import lr_at, param_groups
+from reslab.engine.sources import SPLIT_SEED, derive_seed
+from reslab.engine.train import TrainConfig, train
 from reslab.nn.models import build_model
 
 

@@ -71,7 +71,7 @@ def test_package_names_resolve_lazily():
 def test_cpu_compile_cuda_home_warning_is_silenced(tmp_path, monkeypatch, caplog):
     import torch.utils.cpp_extension as ext
 
-    from reslab.engine.train import silence_cuda_home_warning
+    from reslab.engine.build import silence_cuda_home_warning
 
     if ext.torch.cuda.is_available():
         pytest.skip("the warning only appears without a CUDA runtime")

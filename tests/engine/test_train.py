@@ -15,16 +15,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from reslab.engine.callbacks import block_grad_norms
 from reslab.engine.data import load_arrays
-from reslab.engine.train import (
-    WALL_CLOCK_FIELDS,
-    TrainConfig,
-    _block_grad_norms,
-    lr_at,
-    param_groups,
-    raise_if_diverged,
-    train,
-)
+from reslab.engine.optim import lr_at, param_groups
+from reslab.engine.train import WALL_CLOCK_FIELDS, TrainConfig, raise_if_diverged, train
 from reslab.errors import DivergedError, UsageError
 from reslab.nn.blocks import residual_blocks
 from reslab.nn.models import build_model
@@ -96,7 +90,7 @@ def test_block_grad_norms_match_the_formula():
     model = build_model("resnet8", in_channels=1, width=0.25)
     model(torch.randn(4, 1, 12, 12)).square().mean().backward()
     blocks = residual_blocks(model)
-    got = _block_grad_norms(blocks)
+    got = block_grad_norms(blocks)
     for (_, b), g in zip(blocks, got, strict=True):
         ref = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in b.parameters()))
         assert g == pytest.approx(ref, rel=1e-5)

@@ -79,7 +79,7 @@ def test_two_processes_match_one(tmp_path):
     w1 = load_file(str(tmp_path / "1" / "model.safetensors"))
     w2 = load_file(str(tmp_path / "2" / "model.safetensors"))
     # training moved the weights far more than the tolerance, so the agreement means something
-    from reslab.engine.train import derive_seed
+    from reslab.engine.sources import derive_seed
     from reslab.nn.models import build_model
 
     torch.manual_seed(derive_seed(0, 0, 0))

@@ -216,7 +216,8 @@ def _env(name: str) -> str | None:
 def test_each_worker_is_pinned_to_one_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     # compare --jobs K on a machine with GPUs: worker i sees GPU i (round robin when K > GPUs);
     # checked through the environment each spawned worker really starts with
-    from reslab.study.compare import Grid, _gpu_env
+    from reslab.study.compare import _gpu_env
+    from reslab.study.grid import Grid
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     grid = Grid(models=["resnet8"], techniques=["baseline"], seeds=[0], train={})

@@ -22,7 +22,7 @@ from grids import tiny_args, wait_for
 from reslab.cli import main
 from reslab.errors import UsageError
 from reslab.report.build import SUMMARY_COLUMNS
-from reslab.study.compare import Grid, parse_shard, prepare_results, shard_cells
+from reslab.study.grid import Grid, parse_shard, prepare_results, shard_cells
 
 
 def records(out: Path) -> list[dict]:
@@ -318,7 +318,7 @@ def test_sequential_options_are_checked(tmp_path: Path) -> None:
 def test_quick_preset_includes_a_deep_model_and_decides_sequentially() -> None:
     from reslab.nn.blocks import residual_blocks
     from reslab.nn.models import build_model
-    from reslab.study.compare import PRESETS
+    from reslab.study.grid import PRESETS
 
     quick = PRESETS["quick"]
     depths = [2 * len(residual_blocks(build_model(m))) + 2 for m in quick["models"]]
@@ -329,7 +329,9 @@ def test_quick_preset_includes_a_deep_model_and_decides_sequentially() -> None:
 def test_estimate_flags_a_long_cpu_grid_and_progress_prints_lines_off_a_terminal(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from reslab.study.compare import LONG_RUN_S, Estimator, Outcomes, _GridProgress, estimate_lines
+    from reslab.study.estimate import LONG_RUN_S, Estimator, estimate_lines
+    from reslab.study.outcomes import Outcomes
+    from reslab.study.scheduler import GridProgress
 
     grid = Grid(["resnet20"], ["baseline", "scale"], [0, 1, 2], {"epochs": 15})
     # 0.15 s a step, as the timing pass measures resnet20 at batch 128 on this 2-core CPU
@@ -339,6 +341,6 @@ def test_estimate_flags_a_long_cpu_grid_and_progress_prints_lines_off_a_terminal
     steps = 55_000 // 128 * 15
     assert total == pytest.approx(3 * (0.15 + 0.155) * (steps + 85_000 / (3 * 128)))
     assert total > LONG_RUN_S and words.startswith("estimated time")
-    prog = _GridProgress(enabled=True, every=0.0)  # pytest's stderr is not a terminal
+    prog = GridProgress(enabled=True, every=0.0)  # pytest's stderr is not a terminal
     prog.update(10.0, 100.0, "2 runs done")
     assert "compare: 2 runs done; about 1m30s left" in capsys.readouterr().err

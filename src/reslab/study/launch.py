@@ -168,7 +168,8 @@ class WorkerTask:
         that the driver reports it as one line whatever the engine does with exceptions.
         """
         from reslab.nn import plugins
-        from reslab.study.compare import Grid, run_grid
+        from reslab.study.compare import run_grid
+        from reslab.study.grid import Grid
 
         print(f"reslab worker: pid {os.getpid()} on {socket.gethostname()}, results in {self.out}", file=sys.stderr)
         try:
@@ -341,7 +342,8 @@ class WorkerOutcome:
 def first_round(grid: Any, results: Path, shard: tuple[int, int] | None) -> list[Any]:
     """Cells the grid needs now, given what ``results`` already holds (a sequential grid's first
     look; every unfinished cell of a fixed grid)."""
-    from reslab.study.compare import Outcomes, needed_cells, shard_cells
+    from reslab.study.grid import shard_cells
+    from reslab.study.outcomes import Outcomes, needed_cells
     from reslab.study.results import RUNS_DIR, read_run
 
     outcomes = Outcomes()
@@ -361,7 +363,7 @@ def default_workers(grid: Any, results: Path, shard: tuple[int, int] | None) -> 
 def _finished(grid: Any, results: Path) -> dict[Any, str]:
     """Every finished cell and its status, from the runs' summary.json files alone (cheap
     enough to read a few hundred on a shared file system every few seconds)."""
-    from reslab.study.compare import run_state
+    from reslab.study.cells import run_state
     from reslab.study.results import FINISHED, RUNS_DIR
 
     out = {}
@@ -423,8 +425,10 @@ def launch(
     """
     from reslab.nn import plugins
     from reslab.study.claims import Claims
-    from reslab.study.compare import CompareResult, prepare_results, report_if_last, shard_cells
+    from reslab.study.compare import report_if_last
+    from reslab.study.grid import prepare_results, shard_cells
     from reslab.study.results import CLAIMS_DIR
+    from reslab.study.scheduler import CompareResult
 
     engine = require(launcher)  # before any work: a missing extra is a usage error
     if launcher == "slurm" and res.submitit_cluster == "slurm" and shutil.which("sbatch") is None:

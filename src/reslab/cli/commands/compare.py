@@ -66,7 +66,7 @@ _GRID_OPTIONS = ("models", "techniques", "seeds", "target_acc", "until_decided",
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from reslab.study.compare import PRESETS
+    from reslab.study.grid import PRESETS
 
     parser.add_argument(
         "--preset",
@@ -249,7 +249,7 @@ def parse_duration(text: str) -> float:
 def build_grid(args: argparse.Namespace) -> tuple[Any, int, str]:
     """(Grid, jobs, out) from the options: preset or engine defaults < --config < options < --set."""
     from reslab.engine.config import parse_assignments, read_config_file
-    from reslab.study.compare import PRESETS, Grid, resolve_techniques
+    from reslab.study.grid import PRESETS, Grid, resolve_techniques
     from reslab.study.sequential import Plan
 
     explicit_train = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k) is not None}
@@ -349,7 +349,9 @@ def _target(text: str | None, default: float | str) -> float | str:
 def run(args: argparse.Namespace) -> int:
     check_writable_dir(args.out or "results")  # before any work (reslab.paths)
     from reslab.report.build import build_report
-    from reslab.study.compare import fmt_duration, parse_shard, run_grid
+    from reslab.study.compare import run_grid
+    from reslab.study.estimate import fmt_duration
+    from reslab.study.grid import parse_shard
 
     t0 = time.perf_counter()
     grid, jobs, out = build_grid(args)

@@ -1,0 +1,96 @@
+"""How long what is left of a grid will take: per cell from the timing pass, corrected by
+the runs that finish."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+from reslab.engine.timing import step_seconds
+from reslab.study.grid import Grid
+from reslab.study.outcomes import Outcomes, planned_cells
+from reslab.study.results import (
+    BASELINE,
+    Cell,
+)
+
+
+class Estimator:
+    """Seconds one cell takes in a worker: from the timing pass (step time x steps, plus the
+    evaluations at the cost of a forward pass, a third of a step per image), corrected by the
+    ratio measured on the runs that have finished."""
+
+    #: how much slower each of several CPU workers runs than one alone: two 1-thread workers on
+    #: the 2-vCPU reference machine trained resnet56 at 173 img/s each against 360 img/s alone
+    #: (benchmarks/README.md); refined by the runs that finish
+    PARALLEL_CPU_SLOWDOWN = 2.0
+
+    def __init__(self, grid: Grid, timing: dict[str, Any], n_train: int, n_eval: int, jobs: int = 1) -> None:
+        st = grid.shared_settings()
+        self.batch = int(st["batch_size"])
+        self.epochs = int(st["epochs"])
+        self.steps = max(1, n_train // self.batch) * self.epochs
+        self.eval_images = n_eval
+        self.timing = timing
+        self.measured: list[float] = []  # actual / predicted of finished runs
+        self.prior = (
+            self.PARALLEL_CPU_SLOWDOWN if jobs > 1 and not str(grid.train.get("device", "")).startswith("cuda") else 1.0
+        )
+
+    def predicted(self, cell: Cell) -> float:
+        step = step_seconds(self.timing, cell.model, cell.technique) or step_seconds(self.timing, cell.model, BASELINE)
+        if step is None:
+            return 60.0
+        return step * (self.steps + self.eval_images / (3 * self.batch))
+
+    def seconds(self, cell: Cell) -> float:
+        factor = statistics.median(self.measured) if self.measured else self.prior
+        return self.predicted(cell) * factor
+
+    def observe(self, cell: Cell, elapsed_s: float) -> None:
+        p = self.predicted(cell)
+        if p > 0 and elapsed_s > 0:
+            self.measured.append(elapsed_s / p)
+
+
+def estimate_lines(grid: Grid, est: Estimator, outcomes: Outcomes, jobs: int) -> tuple[float, str]:
+    """(upper estimate in seconds, one-line description) of what is left to train."""
+    low = sum(est.seconds(c) for c in planned_cells(grid, outcomes, upper=False)) / jobs
+    high = sum(est.seconds(c) for c in planned_cells(grid, outcomes, upper=True)) / jobs
+    if grid.budget_s is not None:
+        high = min(high, grid.budget_s)
+        low = min(low, high)
+    if grid.plan() is None or abs(high - low) < 1:
+        return high, f"estimated time {fmt_duration(high)}"
+    return high, (
+        f"estimated time {fmt_duration(low)} if every technique is decided at the next look, "
+        f"at most {fmt_duration(high)}" + (f" (budget {fmt_duration(grid.budget_s)})" if grid.budget_s else "")
+    )
+
+
+#: estimates above this many seconds on a CPU are announced before training starts
+LONG_RUN_S = 30 * 60
+
+
+def image_counts(settings: dict[str, Any], ds: Any) -> tuple[int, int]:
+    """(training images, images evaluated per run) under ``settings``."""
+    n_all = len(ds.train_x) if hasattr(ds, "train_x") else len(ds.train_files)
+    n_test = len(ds.test_x) if hasattr(ds, "test_x") else len(ds.test_files)
+    from reslab.engine.sources import DEFAULT_VAL_SIZE
+
+    val = settings.get("val_size")
+    val = val if val is not None else DEFAULT_VAL_SIZE.get(ds.name, n_all // 10)  # as the engine resolves it
+    n_train = n_all - val
+    if settings.get("train_subset"):
+        n_train = min(n_train, int(settings["train_subset"]))
+    test = min(n_test, int(settings["test_subset"])) if settings.get("test_subset") else n_test
+    evals = (val or n_test) * int(settings.get("evals_per_epoch") or 1) * int(settings["epochs"]) + test
+    return n_train, evals
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "n/a"
+    m, s = divmod(round(seconds), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
