@@ -26,7 +26,7 @@ from reslab.deploy.export import (
     predict,
     read_archive_metadata,
 )
-from reslab.deploy.fuse import FusedResNet
+from reslab.deploy.fused import FusedResNet
 from reslab.errors import UsageError
 from reslab.nn.weights import load_model, read_metadata
 

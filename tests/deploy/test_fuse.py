@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 import reslab
-from reslab.deploy.fuse import ChannelAffine, FusedBlock, FusedResNet, load_fused, save_fused, technique_leftovers
+from reslab.deploy.fuse import technique_leftovers
+from reslab.deploy.fused import ChannelAffine, FusedBlock, FusedResNet, load_fused, save_fused
 from reslab.errors import UsageError
 from reslab.nn.blocks import BasicBlock, Bottleneck, ResidualBlock
 from reslab.nn.models import ResNet

@@ -9,6 +9,7 @@ import pickle
 import shutil
 import struct
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import torchvision
 from PIL import Image
 
 from reslab.engine import data
+from reslab.engine.data import base as data_base
 from reslab.engine.data import load_arrays, load_folder, parse_idx
 from reslab.errors import UsageError
 
@@ -32,12 +34,12 @@ def isolated(tmp_path, monkeypatch):
     """No cache, no $RESLAB_DATA, no system copy, no network: only what a test provides."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("RESLAB_DATA", raising=False)
-    monkeypatch.setattr(data, "SYSTEM_FASHION_DIR", tmp_path / "no-system-copy")
+    monkeypatch.setattr(data_base, "SYSTEM_FASHION_DIR", tmp_path / "no-system-copy")
 
     def offline(*a, **k):
         raise urllib.error.URLError("network unreachable (test)")
 
-    monkeypatch.setattr(data.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
     data._CACHE.clear()
     yield tmp_path
     data._CACHE.clear()
@@ -154,7 +156,7 @@ def test_search_order_without_data_dir(isolated, monkeypatch):
 @pytest.mark.parametrize("kind", ["missing", "empty", "partial", "file"])
 def test_data_dir_without_the_dataset_is_an_error_not_a_fallback(isolated, monkeypatch, kind):
     # a good copy elsewhere must not be used in place of the folder the user named
-    monkeypatch.setattr(data, "SYSTEM_FASHION_DIR", FASHION_DIR)
+    monkeypatch.setattr(data_base, "SYSTEM_FASHION_DIR", FASHION_DIR)
     given = isolated / "given"
     if kind == "empty":
         given.mkdir()

@@ -15,22 +15,9 @@ from reslab.cli import main
 from reslab.nn.blocks import residual_blocks
 from reslab.nn.models import build_model, cifar_resnet
 from reslab.nn.techniques import parse_techniques
-from reslab.probe.measure import (
-    BlockProbe,
-    ModelProbe,
-    _channel_stats,
-    _sq_norm,
-    entry_from_dict,
-    entry_to_dict,
-    make_batches,
-    probe_cell,
-    probe_model,
-    ratio_threshold,
-    read_probe,
-    resolve_depths,
-    run_probe,
-    verdict,
-)
+from reslab.probe.measure import BlockProbe, ModelProbe, _channel_stats, _sq_norm, probe_model, ratio_threshold, verdict
+from reslab.probe.records import entry_from_dict, entry_to_dict, read_probe
+from reslab.probe.runner import make_batches, probe_cell, resolve_depths, run_probe
 
 
 @pytest.fixture(scope="module")

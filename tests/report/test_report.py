@@ -17,8 +17,10 @@ from scipy import stats as sps
 
 from reslab.cli import main
 from reslab.errors import UsageError
-from reslab.report.build import build_report, collect, verdict
+from reslab.report.build import build_report
+from reslab.report.verdicts import verdict
 from reslab.study import stats
+from reslab.study.results import collect
 
 SEEDS = (0, 1, 2)
 

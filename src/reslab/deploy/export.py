@@ -43,7 +43,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from reslab.deploy.fuse import FusedResNet, fuse, is_fused_file, load_fused
+from reslab.deploy.fuse import fuse
+from reslab.deploy.fused import FusedResNet, is_fused_file, load_fused
 from reslab.errors import UsageError
 from reslab.files import atomic_write
 from reslab.nn.normalize import Normalize

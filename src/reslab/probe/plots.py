@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from reslab.plotting import save_figure, technique_colors
-from reslab.probe.measure import ProbeEntry, iter_cells, ratio_threshold
+from reslab.probe.measure import ProbeEntry, ratio_threshold
+from reslab.probe.records import iter_cells
 
 _STYLES = ("-", "--", ":", "-.")
 _MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "h", "<", ">")

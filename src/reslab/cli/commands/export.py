@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from reslab.deploy.export import export, export_metadata, load_source, weights_path
-    from reslab.deploy.fuse import FusedResNet, fuse
+    from reslab.deploy.fuse import fuse
+    from reslab.deploy.fused import FusedResNet
 
     out = Path(args.out)
     want = SUFFIXES[args.format]

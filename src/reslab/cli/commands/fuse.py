@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from reslab.deploy.export import export_metadata, load_source, weights_path
-    from reslab.deploy.fuse import FusedResNet, fuse, save_fused
+    from reslab.deploy.fuse import fuse
+    from reslab.deploy.fused import FusedResNet, save_fused
 
     out = Path(args.out)
     if out.suffix != ".safetensors":

@@ -81,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check(args: argparse.Namespace) -> tuple[list[str], list[int], Path]:
     from reslab.nn.techniques import parse_techniques
-    from reslab.probe.measure import resolve_depths
+    from reslab.probe.runner import resolve_depths
 
     if args.weights is not None:
         given = [f"--{n}" for n in ("techniques", "depths", "width") if getattr(args, n) not in (None, 1.0)]
@@ -262,7 +262,8 @@ def _probe_weights(
 
     from reslab.engine.data import load_arrays
     from reslab.nn.weights import load_model, read_metadata
-    from reslab.probe.measure import ProbeEntry, make_batches, prepare, probe_model, verdict
+    from reslab.probe.measure import ProbeEntry, probe_model, verdict
+    from reslab.probe.runner import make_batches, prepare
 
     meta = read_metadata(path)
     model = load_model(path)
@@ -299,7 +300,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from reslab.files import atomic_write_text
-    from reslab.probe.measure import default_workers, entry_to_dict
+    from reslab.probe.records import entry_to_dict
+    from reslab.probe.runner import default_workers
 
     techniques, depths, out = _check(args)
     t0 = time.perf_counter()
@@ -354,7 +356,7 @@ def _probe_grid(
     args: argparse.Namespace, techniques: list[str], depths: list[int], dataset: str, workers: int
 ) -> list[ProbeEntry]:
     from reslab.engine.data import load_arrays
-    from reslab.probe.measure import cell_cost, make_batches, run_probe
+    from reslab.probe.runner import cell_cost, make_batches, run_probe
 
     ds = load_arrays(dataset, args.data_dir)
     try:

@@ -1,0 +1,181 @@
+"""The report's first section: the decision table, one row per model and technique."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from reslab.report.aggregate import (
+    as_float,
+)
+from reslab.report.document import Doc
+from reslab.study.decisions import Decision, gradient_verdict, pp
+from reslab.version import __version__
+
+
+def fmt_value(x: Any, spec: str = ".2f") -> str:
+    v = as_float(x) if not isinstance(x, str) else math.nan
+    return "n/a" if not math.isfinite(v) else format(v, spec)
+
+
+def step_ms(timing: dict[str, Any], model: str, technique: str) -> str:
+    from reslab.engine.timing import step_seconds
+
+    v = step_seconds(timing, model, technique)
+    return "n/a" if v is None else f"{1000 * v:.1f} ms"
+
+
+def step_ratio_text(timing: dict[str, Any], model: str, technique: str) -> str:
+    from reslab.engine.timing import step_ratio
+
+    r = step_ratio(timing, model, technique)
+    return "n/a" if r is None else f"{r[0]:.3f}x [{r[1]:.3f}, {r[2]:.3f}]"
+
+
+_LABEL = {"better": "**better**", "worse": "**worse**", "equivalent": "**equivalent**", "undecided": "undecided"}
+
+
+def decision_section(
+    doc: Doc,
+    decisions: Sequence[Decision],
+    grid: dict[str, Any] | None,
+    probe_entries: Sequence[dict[str, Any]],
+    timing: dict[str, Any],
+) -> None:
+    """The report's first section: what to do, per model and technique, and how sure it is."""
+    commit = git_commit()
+    doc.p(
+        f"Written by reslab {__version__}"
+        + (f" (git {commit})" if commit else "")
+        + (f"; grid trained by reslab {grid.get('reslab')}" if grid and grid.get("reslab") else "")
+        + "."
+    )
+    doc.h(2, "Decision")
+    if not decisions:
+        doc.p("No technique has paired runs with baseline yet, so nothing is decided.")
+        return
+    d0 = decisions[0]
+    doc.table(
+        [
+            "model",
+            "technique",
+            "decision",
+            "test acc. difference, pp [interval]",
+            "seeds",
+            "P(beats baseline in a seed)",
+            "detectable diff., pp",
+            "params / FLOPs",
+            "time per step",
+            "gradients at init",
+            "recommendation",
+        ],
+        [
+            [
+                d.model,
+                d.technique,
+                _LABEL[d.decision] + (f" ({d.why_open})" if d.why_open else ""),
+                (f"{pp(d.look.mean)} [{pp(d.look.low)}, {pp(d.look.high)}]" if d.look else "n/a"),
+                f"{d.seeds}"
+                + (f" of {d.max_seeds}" if d.sequential else "")
+                + (f" ({d.diverged} diverged)" if d.diverged else ""),
+                (
+                    f"{d.p_better.estimate:.2f} [{d.p_better.low:.2f}, {d.p_better.high:.2f}]"
+                    if d.p_better and d.p_better.defined
+                    else "n/a"
+                ),
+                pp(d.look.mdd, sign=False) if d.look else "n/a",
+                f"{fmt_value(d.params_ratio, '.3f')}x / {fmt_value(d.flops_ratio, '.3f')}x",
+                (f"{d.step[0]:.2f}x [{d.step[1]:.2f}, {d.step[2]:.2f}]" if d.step else "n/a"),
+                gradient_verdict(probe_entries, d.technique),
+                d.recommendation,
+            ]
+            for d in decisions
+        ],
+    )
+    plan_words = (
+        f"seeds were added one round at a time ({d0.max_seeds} at most) and a technique stopped as soon as it was "
+        f"decided; each look's interval is built at a two-sided level of {d0.nominal:.4f} (Pocock-type constant "
+        f"level, found by simulating the paired t statistic over the planned looks), so that the intervals of "
+        f"all looks hold together with probability {1 - d0.alpha:.0%} (repeated confidence intervals, Jennison & "
+        f"Turnbull 1989)"
+        if d0.sequential
+        else f"every seed was trained (no sequential stopping), so the interval is a plain paired t interval at "
+        f"{1 - d0.alpha:.0%}"
+    )
+    doc.p(
+        "How to read this: the difference is technique minus baseline in final test accuracy, paired by seed "
+        f"(seed k sees the same data order and augmentation in every technique); {plan_words}. Decisions: "
+        f"better / worse when the whole interval lies above / below 0, equivalent when it lies within "
+        f"+-{100 * d0.margin:.2g} pp (the margin), otherwise undecided. The chance of any wrong decision per row "
+        f"is at most {d0.alpha:g} (for normally distributed differences; checked by simulation in reslab's tests). "
+        "A diverged run counts at chance level (a constant prediction of the most frequent test class). "
+        "'Detectable diff.' is the smallest true difference these seeds would detect with 80% power at the "
+        "observed spread. P(beats baseline in a seed) is the share of paired seeds the technique won, with an "
+        "exact Clopper-Pearson 95% interval. Params / FLOPs are ratios to baseline; time per step is the "
+        "median ratio to baseline in a dedicated interleaved timing pass (reslab.timing; range over rounds), not "
+        "the grid's own runs, which shared the CPU. Gradients at init: reslab.probe's verdict and max/min "
+        "block-output gradient ratio at each depth measured (the grid's models and 56 and 110 layers, at the grid's "
+        "width)."
+    )
+    conv = [d for d in decisions if d.convergence]
+    if conv:
+        doc.h(3, "Convergence")
+        doc.table(
+            [
+                "model",
+                "technique",
+                "target (val acc)",
+                "reached (technique / baseline)",
+                "median epochs to target (technique / baseline)",
+                "speed-up in epochs [interval]",
+                "speed-up in time",
+            ],
+            [
+                [
+                    d.model,
+                    d.technique,
+                    f"{100 * d.convergence['target']:.1f}%" if math.isfinite(d.convergence["target"]) else "n/a",
+                    f"{d.convergence['reached']}/{d.convergence['of']} / {d.convergence['base_reached']}/"
+                    f"{d.convergence['of']}",
+                    f"{fmt_value(d.convergence['epochs_median'])} / {fmt_value(d.convergence['base_epochs_median'])}",
+                    (
+                        f"{d.convergence['speedup']:.2f}x [{d.convergence['low']:.2f}, {d.convergence['high']:.2f}]: "
+                        f"{d.convergence['label']}"
+                        if math.isfinite(d.convergence["speedup"])
+                        else d.convergence["label"]
+                    ),
+                    (
+                        f"{d.convergence['speedup'] / d.step[0]:.2f}x"
+                        if d.step and math.isfinite(d.convergence["speedup"])
+                        else "n/a"
+                    ),
+                ]
+                for d in conv
+            ],
+        )
+        doc.p(
+            "Epochs to target are read off the validation evaluations (several per epoch when the grid sets "
+            "evals_per_epoch), interpolated linearly between the two around the crossing (from chance level at epoch "
+            "0), so they are not multiples of the evaluation interval. The speed-up is baseline's epochs over the "
+            "technique's, a geometric mean over the seeds where both reached the target, with an interval at the "
+            "same per-look level as the decision; 'speed-up in time' divides it by the step-time ratio."
+        )
+
+
+def git_commit() -> str | None:
+    """The commit of the reslab source tree, when it is a git checkout (None otherwise)."""
+    import subprocess
+
+    src = Path(__file__).resolve().parent
+    try:
+        res = subprocess.run(
+            ["git", "-C", str(src), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if res.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."], capture_output=True, text=True)
+    return res.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

@@ -1,0 +1,88 @@
+"""The machine-readable files a report is drawn from, and their one writer: results.jsonl
+(one record per run), summary.csv (per model and technique) and decisions.json."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from reslab.files import atomic_write_text
+from reslab.report.aggregate import (
+    SUMMARY_COLUMNS,
+)
+from reslab.study.decisions import Decision
+
+
+def write_derived_files(
+    out: Path, records: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], decisions: Sequence[Decision]
+) -> tuple[Path, Path]:
+    """results.jsonl, summary.csv and decisions.json; returns the first two."""
+    results_jsonl = out / "results.jsonl"
+    atomic_write_text(results_jsonl, "".join(json.dumps(r, sort_keys=False) + "\n" for r in records))
+    summary_csv = out / "summary.csv"
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for row in rows:
+        w.writerow({k: _csv_value(row.get(k)) for k in SUMMARY_COLUMNS})
+    atomic_write_text(summary_csv, buf.getvalue())
+    atomic_write_text(out / DECISIONS_FILE, json.dumps([decision_record(d) for d in decisions], indent=1) + "\n")
+    return results_jsonl, summary_csv
+
+
+#: the decision table, machine-readable (one object per model x technique)
+DECISIONS_FILE = "decisions.json"
+
+
+def decision_record(d: Decision) -> dict[str, Any]:
+    """One decisions.json object (JSON has no NaN: missing numbers are null)."""
+    lk = d.look
+    rec = {
+        "model": d.model,
+        "technique": d.technique,
+        "decision": d.decision,
+        "open_because": d.why_open or None,
+        "seeds": d.seeds,
+        "max_seeds": d.max_seeds,
+        "sequential": d.sequential,
+        "alpha": d.alpha,
+        "margin": d.margin,
+        "per_look_level": d.nominal,
+        "diff_mean": lk.mean if lk else None,
+        "diff_low": lk.low if lk else None,
+        "diff_high": lk.high if lk else None,
+        "detectable_diff": lk.mdd if lk else None,
+        "p_better": d.p_better.estimate if d.p_better else None,
+        "p_better_low": d.p_better.low if d.p_better else None,
+        "p_better_high": d.p_better.high if d.p_better else None,
+        "diverged": d.diverged,
+        "params_ratio": d.params_ratio,
+        "flops_ratio": d.flops_ratio,
+        "step_time_ratio": d.step[0] if d.step else None,
+        "convergence": d.convergence,
+        "recommendation": d.recommendation,
+    }
+    return _json_safe(rec)
+
+
+def _json_safe(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _json_safe(x) for k, x in v.items()}
+    return v
+
+
+def _csv_value(v: Any) -> Any:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return ""
+        if math.isinf(v):
+            return "inf"
+        return f"{v:.6g}"
+    return "" if v is None else v
