@@ -16,17 +16,11 @@ from PIL import Image
 
 import reslab
 from reslab.cli import main
-from reslab.deploy.export import (
-    export,
-    export_metadata,
-    fused_source,
-    load_images,
-    load_predictor,
-    onnx_available,
-    predict,
-    read_archive_metadata,
-)
+from reslab.deploy.export import export, onnx_available
 from reslab.deploy.fused import FusedResNet
+from reslab.deploy.inputs import load_images
+from reslab.deploy.predict import load_predictor, predict, read_archive_metadata
+from reslab.deploy.sources import export_metadata, fused_source
 from reslab.errors import UsageError
 from reslab.nn.weights import load_model, read_metadata
 

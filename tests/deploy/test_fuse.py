@@ -302,7 +302,8 @@ def test_refuses_training_mode_unknown_modules_and_techniques() -> None:
 
 
 def test_fusion_identity_shortcut_is_one_accumulated_matmul(images: torch.Tensor, tmp_path: Path) -> None:
-    from reslab.deploy.export import export, load_predictor
+    from reslab.deploy.export import export
+    from reslab.deploy.predict import load_predictor
 
     model = build("basic", "fusion")
     fused = reslab.fuse(model)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from reslab.deploy.export import load_images
+from reslab.deploy.inputs import load_images
 from reslab.errors import UsageError
 
 RNG = np.random.default_rng(0)

@@ -22,8 +22,10 @@ from torch import Tensor, nn
 
 import reslab
 from reslab.cli import main
-from reslab.deploy.export import export, export_metadata, fused_source, load_predictor, predict
+from reslab.deploy.export import export
 from reslab.deploy.fuse import technique_leftovers
+from reslab.deploy.predict import load_predictor, predict
+from reslab.deploy.sources import export_metadata, fused_source
 from reslab.errors import UsageError
 from reslab.nn import plugins, techniques
 from reslab.nn import registry as technique_registry

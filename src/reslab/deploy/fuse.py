@@ -82,16 +82,6 @@ from reslab.nn.folding import bn_affine
 from reslab.nn.models import ResNet
 from reslab.nn.techniques import check_foldable, list_techniques, technique_class
 
-# ---------------------------------------------------------------------------------------
-# Folding algebra, in float64.
-
-
-_bn_affine = bn_affine
-
-
-# ---------------------------------------------------------------------------------------
-# Validation and the public entry points.
-
 # Layers the fuser folds by their type. Exact types: a subclass may compute something else
 # in its forward. Any other layer must describe itself (see reslab.folding).
 _PLAIN_MODULES: tuple[type[nn.Module], ...] = (
@@ -229,7 +219,7 @@ def _fuse_resnet(model: ResNet, dtype: torch.dtype, device: torch.device) -> Fus
         for k, b in enumerate(blocks):
             nxt = blocks[k + 1] if k + 1 < len(blocks) else None
             if nxt is None:
-                consumer = _bn_affine(final[0])
+                consumer = bn_affine(final[0])
             elif nxt.downsample is not None:
                 nxt_norm = nxt.input_norm()
                 assert nxt_norm is not None
@@ -279,10 +269,6 @@ def _fuse_resnet(model: ResNet, dtype: torch.dtype, device: torch.device) -> Fus
     fused.fc.weight.data.copy_(w)
     fused.fc.bias.data.copy_(fc_b)
     return fused
-
-
-# ---------------------------------------------------------------------------------------
-# Files.
 
 
 def technique_leftovers(model: nn.Module) -> list[str]:

@@ -53,10 +53,6 @@ __all__ = [
 WALL_CLOCK_FIELDS = ("epoch_s", "elapsed_s", "images_per_s")
 
 
-# ---------------------------------------------------------------------------------------
-# The engine: orchestration, one epoch, evaluation
-
-
 def train(
     config: TrainConfig,
     out_dir: str | Path,
@@ -220,10 +216,6 @@ def evaluate(e: Engine, which: str) -> tuple[float, float]:
     model.train()
     n = max(float(totals[2]), 1.0)
     return float(totals[0]) / n, float(totals[1]) / n
-
-
-# ---------------------------------------------------------------------------------------
-# Callbacks: the jobs around the loop, each told what happened
 
 
 def raise_if_diverged(summary: dict[str, Any]) -> dict[str, Any]:

@@ -94,7 +94,3 @@ def fused_concat_conv1x1(
     if add_identity:
         w_a = w_a + torch.eye(c, dtype=weight.dtype, device=weight.device)[:, :, None, None]
     return F.conv2d(a, w_a, bias).add_(F.conv2d(b, w_b))
-
-
-# ---------------------------------------------------------------------------------------
-# Known techniques for the same goal, for the comparison.

@@ -108,10 +108,6 @@ class ProbeEntry:
     seconds: float
 
 
-# ---------------------------------------------------------------------------------------
-# Measuring one model.
-
-
 def _sq_norm(t: Tensor) -> float:
     """Squared L2 norm as a float64, without float32 overflow or underflow.
 
@@ -287,10 +283,6 @@ def _upstream_is_zero(loss: Tensor, last_output: list[Tensor]) -> bool:
     return bool(torch.isfinite(g).all()) and not bool(g.any())
 
 
-# ---------------------------------------------------------------------------------------
-# The verdict.
-
-
 def ratio_threshold(num_blocks: int) -> float:
     """Largest max/min output-gradient ratio still called healthy: ``max(L**2, 10)``.
 
@@ -345,10 +337,6 @@ def fmt(x: float | None) -> str:
     if a < 1e4:
         return f"{x:.0f}"
     return f"{x:.1e}".replace("e+", "e")
-
-
-# ---------------------------------------------------------------------------------------
-# Serialisation.
 
 
 __all__ = [

@@ -53,9 +53,6 @@ from reslab.study.results import (
     read_probe_entries,
 )
 
-# ---------------------------------------------------------------------------------------
-# Building the report
-
 
 @dataclass
 class ReportFiles:

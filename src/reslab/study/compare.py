@@ -51,11 +51,6 @@ from reslab.study.results import (
 )
 from reslab.study.scheduler import CompareResult, GridProgress, Scheduler
 
-# -- one cell, claimed ---------------------------------------------------------------------
-
-
-# -- worker processes --------------------------------------------------------------------
-
 
 def _worker_init(threads: int) -> None:
     import torch
@@ -83,18 +78,6 @@ def _gpu_env(grid: Grid, jobs: int) -> Callable[[int], dict[str, str]] | None:
     if not gpus:
         return None
     return lambda i: {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}
-
-
-# -- what to train next ------------------------------------------------------------------
-
-
-# -- progress ----------------------------------------------------------------------------
-
-
-# -- time estimate -----------------------------------------------------------------------
-
-
-# -- the grid ----------------------------------------------------------------------------
 
 
 def run_grid(
@@ -292,6 +275,3 @@ def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-# -- measurements before training --------------------------------------------------------

@@ -35,9 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from reslab.deploy.export import export, export_metadata, load_source, weights_path
+    from reslab.deploy.export import export
     from reslab.deploy.fuse import fuse
     from reslab.deploy.fused import FusedResNet
+    from reslab.deploy.sources import export_metadata, load_source, weights_path
 
     out = Path(args.out)
     want = SUFFIXES[args.format]

@@ -43,9 +43,9 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from reslab.deploy.export import export_metadata, load_source, weights_path
     from reslab.deploy.fuse import fuse
     from reslab.deploy.fused import FusedResNet, save_fused
+    from reslab.deploy.sources import export_metadata, load_source, weights_path
 
     out = Path(args.out)
     if out.suffix != ".safetensors":

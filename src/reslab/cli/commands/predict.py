@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from reslab.deploy.export import load_predictor, predict, read_image_file
+    from reslab.deploy.inputs import read_image_file
+    from reslab.deploy.predict import load_predictor, predict
 
     if args.top < 1:
         raise UsageError(f"--top must be at least 1, got {args.top}")

@@ -43,9 +43,6 @@ __all__ = [
 ]
 
 
-# ---------------------------------------------------------------------------------------
-# Entry points
-
 # Decoding and checksumming fashion-mnist takes seconds; a comparison trains many runs in
 # one process, so the last dataset loaded is kept (tensors are never modified in place).
 _CACHE: dict[tuple[Any, ...], ArrayDataset] = {}
