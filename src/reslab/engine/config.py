@@ -94,7 +94,7 @@ class TrainConfig:
     init_weights: str | None = _opt(
         None,
         "start from a plain ResNet's weights (torchvision/timm .pth or .safetensors, or a reslab model.safetensors) "
-        "of the same architecture; the technique starts where it keeps their function (reslab.pretrained; "
+        "of the same architecture; the technique starts where it keeps their function (reslab.nn.pretrained; "
         "unset: fresh init)",
         metavar="FILE",
     )

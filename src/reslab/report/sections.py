@@ -298,7 +298,7 @@ def cost_section(doc: Doc, v: ModelView, timing: dict[str, Any]) -> None:
     )
     doc.p(
         "FLOPs count convolutions and matrix products for one image (a multiply-add is 2). Step times come from "
-        "the dedicated timing pass (reslab.timing: every technique's training steps interleaved, nothing else "
+        "the dedicated timing pass (reslab.engine.timing: every technique's training steps interleaved, nothing else "
         "running, the workers' thread count); the grid's own runs shared the CPU, so their throughput "
         "(summary.csv, images_per_s) is not a cost figure."
     )

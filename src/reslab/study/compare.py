@@ -97,7 +97,7 @@ def run_grid(
 
     Any number of processes (``jobs`` workers each, on one machine or several sharing the
     folder) may run this on one ``out`` at once: each cell is claimed before it is trained
-    (:mod:`reslab.claims`), so every cell is trained once; a cell whose worker died is taken
+    (:mod:`reslab.study.claims`), so every cell is trained once; a cell whose worker died is taken
     over and resumed. ``threads`` per job defaults to the cores this process may use shared by
     the jobs; a launcher passes what its engine allotted (Ray does not narrow the affinity).
     The report is written by the process that finds the grid finished
