@@ -124,9 +124,9 @@ def _validate(model: nn.Module) -> None:
             continue
         where = name or "the model"
         raise UsageError(
-            f"cannot fuse {where}: module type {type(m).__name__} is unknown to reslab.deploy.fuse, which folds reslab's "
-            "ResNet, BasicBlock and Bottleneck layers and norm layers with a fold_affine(channels) method; fuse a "
-            "model built by reslab.build_model"
+            f"cannot fuse {where}: module type {type(m).__name__} is unknown to reslab.deploy.fuse, which folds "
+            "reslab's ResNet, BasicBlock and Bottleneck layers and norm layers with a fold_affine(channels) "
+            "method; fuse a model built by reslab.build_model"
         )
     for _, m in model.named_modules():
         if isinstance(m, ResidualBlock):

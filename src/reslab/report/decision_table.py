@@ -114,8 +114,8 @@ def decision_section(
         "'Detectable diff.' is the smallest true difference these seeds would detect with 80% power at the "
         "observed spread. P(beats baseline in a seed) is the share of paired seeds the technique won, with an "
         "exact Clopper-Pearson 95% interval. Params / FLOPs are ratios to baseline; time per step is the "
-        "median ratio to baseline in a dedicated interleaved timing pass (reslab.engine.timing; range over rounds), not "
-        "the grid's own runs, which shared the CPU. Gradients at init: reslab.probe's verdict and max/min "
+        "median ratio to baseline in a dedicated interleaved timing pass (reslab.engine.timing; range over "
+        "rounds), not the grid's own runs, which shared the CPU. Gradients at init: reslab.probe's verdict and max/min "
         "block-output gradient ratio at each depth measured (the grid's models and 56 and 110 layers, at the grid's "
         "width)."
     )
