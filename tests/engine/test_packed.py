@@ -3,6 +3,7 @@ as one model, each run the run it would be alone, in its own ordinary run folder
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import signal
@@ -13,16 +14,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
 import reslab
-from reslab.engine.packed import train_pack
+from reslab.engine.optim import param_groups
+from reslab.engine.packed import PackedModel, train_pack
 from reslab.engine.train import WALL_CLOCK_FIELDS, train
 from reslab.errors import UsageError
 from reslab.nn import plugins
 from reslab.nn import registry as technique_registry
 from reslab.nn.folding import FOLD_DTYPE, MergeFold
+from reslab.nn.models import build_model
 from reslab.nn.weights import load_state
 
 SEEDS = (0, 1, 2)
@@ -41,7 +45,7 @@ def same_weights(a: Path, b: Path) -> bool:
 
 
 def configs(tiny_train_config, seeds=SEEDS, **overrides):
-    return [tiny_train_config(seed=s, test_subset=500, **overrides) for s in seeds]
+    return [tiny_train_config(seed=s, test_subset=500, evals_per_epoch=2, **overrides) for s in seeds]
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +68,9 @@ def test_packed_runs_equal_runs_alone(reference, tiny_train_config, tmp_path):
         assert len(mp) == len(ma) == 2
         assert mp[0]["train_loss"] == pytest.approx(ma[0]["train_loss"], rel=1e-3)
         assert [r["lr"] for r in mp] == [r["lr"] for r in ma]
+        # validations inside epochs, at the same steps
+        ep, ea = records(packed, "evals.jsonl"), records(solo, "evals.jsonl")
+        assert [(r["epoch"], r["step"]) for r in ep] == [(r["epoch"], r["step"]) for r in ea] and len(ep) == 4
         sp, sa = (json.loads((p / "summary.json").read_text()) for p in (packed, solo))
         assert sp["status"] == "completed" and sp["seed"] == s
         assert abs(sp["test_acc"] - sa["test_acc"]) <= 0.02
@@ -123,7 +130,7 @@ KILLED = textwrap.dedent(
 
     root, step = Path(sys.argv[1]), int(sys.argv[2])
     base = dict(model="resnet8", width=0.25, epochs=2, batch_size=64, train_subset=256, val_size=200,
-                eval_batch_size=500, threads=1, test_subset=500)
+                eval_batch_size=500, threads=1, test_subset=500, evals_per_epoch=2)
 
     def kill(s, losses):
         if s == step:
@@ -152,6 +159,7 @@ def test_kill_9_of_a_pack_then_resume_equals_an_uninterrupted_pack(reference, ti
         ref = reference / f"s{s}"
         assert summary["status"] == "completed"
         assert records(o) == records(ref)
+        assert records(o, "evals.jsonl") == records(ref, "evals.jsonl")
         assert summary["test_acc"] == json.loads((ref / "summary.json").read_text())["test_acc"]
         assert same_weights(o / "model.safetensors", ref / "model.safetensors")
 
@@ -252,3 +260,59 @@ def test_a_technique_that_cannot_pack_says_why_and_trains_alone(registry, tiny_t
     assert "cannot train packed" in capsys.readouterr().err
     assert [s["status"] for s in summaries] == ["completed", "completed"]
     assert "pack" not in yaml.safe_load((tmp_path / "p0" / "config.yaml").read_text())
+
+
+def test_each_member_steps_as_it_would_alone(tiny_train_config):
+    """Per step, a member's weights, BatchNorm statistics and momentum follow its run alone
+    (no-decay groups included: the decay here is large enough to show), and a frozen
+    member stops changing while the others go on."""
+    wd, k, b = 0.05, 2, 8
+    alone, opts = [], []
+    for s in range(k):
+        torch.manual_seed(s)
+        m = build_model("resnet8", technique="layerscale", num_classes=10, in_channels=1, width=0.25)
+        alone.append(m)
+        opts.append(torch.optim.SGD(param_groups(m, wd), lr=0.1, momentum=0.9, nesterov=True))
+    members = [copy.deepcopy(m) for m in alone]
+    member_opts = [torch.optim.SGD(param_groups(m, wd), lr=0.1, momentum=0.9, nesterov=True) for m in members]
+    pack = PackedModel(members, member_opts, wd, 0.9, True, 0.1)
+    g = torch.Generator().manual_seed(0)
+    before = None
+    for step in range(4):
+        x = torch.randn(k, b, 1, 28, 28, generator=g)
+        y = torch.randint(0, 10, (k, b), generator=g)
+        if step == 3:
+            pack.to_members([1])
+            before = {n: t.clone() for n, t in members[1].state_dict().items()}
+            pack.freeze(1)
+        for i in range(k if step < 3 else 1):
+            loss = F.cross_entropy(alone[i](x[i]), y[i], label_smoothing=0.1)
+            opts[i].zero_grad()
+            loss.backward()
+            opts[i].step()
+        losses, _ = pack.train_losses(x, y, 0.1)
+        pack.optimizer.zero_grad()
+        losses.sum().backward()
+        pack.step()
+    pack.to_members()
+    for i in range(k):
+        got, want = members[i].state_dict(), alone[i].state_dict()
+        for n in want:
+            torch.testing.assert_close(got[n].float(), want[n].float(), rtol=1e-4, atol=1e-5, msg=n)
+        mo, ao = member_opts[i].state_dict()["state"], opts[i].state_dict()["state"]
+        assert mo.keys() == ao.keys()
+        for j in ao:
+            torch.testing.assert_close(mo[j]["momentum_buffer"], ao[j]["momentum_buffer"], rtol=1e-4, atol=1e-5)
+    assert before is not None
+    assert all(torch.equal(members[1].state_dict()[n], before[n]) for n in before)
+
+
+def test_drop_path_in_a_pack_is_reproducible(tiny_train_config, tmp_path):
+    """DropPath draws per member from the pack's (seeds, epoch) stream: the same pack twice
+    gives the same runs."""
+    cs = configs(tiny_train_config, seeds=(0, 1), epochs=1, drop_path_rate=0.3)
+    for name in ("a", "b"):
+        train_pack(cs, [tmp_path / name / "s0", tmp_path / name / "s1"], progress=False)
+    for s in ("s0", "s1"):
+        assert records(tmp_path / "a" / s) == records(tmp_path / "b" / s)
+        assert same_weights(tmp_path / "a" / s / "model.safetensors", tmp_path / "b" / s / "model.safetensors")
