@@ -19,14 +19,16 @@ import yaml
 from torch import Tensor, nn
 
 import reslab
+from reslab.engine.build import open_run_dataset
 from reslab.engine.optim import param_groups
-from reslab.engine.packed import PackedModel, train_pack
+from reslab.engine.packed import PackedModel, pack_groups, packable, train_pack
 from reslab.engine.train import WALL_CLOCK_FIELDS, train
 from reslab.errors import UsageError
 from reslab.nn import plugins
 from reslab.nn import registry as technique_registry
 from reslab.nn.folding import FOLD_DTYPE, MergeFold
 from reslab.nn.models import build_model
+from reslab.nn.registry import list_techniques
 from reslab.nn.weights import load_state
 
 SEEDS = (0, 1, 2)
@@ -316,3 +318,18 @@ def test_drop_path_in_a_pack_is_reproducible(tiny_train_config, tmp_path):
     for s in ("s0", "s1"):
         assert records(tmp_path / "a" / s) == records(tmp_path / "b" / s)
         assert same_weights(tmp_path / "a" / s / "model.safetensors", tmp_path / "b" / s / "model.safetensors")
+
+
+@pytest.mark.parametrize("technique", list_techniques())
+def test_every_built_in_technique_packs(tiny_train_config, technique):
+    cfg = tiny_train_config(technique=technique)
+    assert packable(cfg, open_run_dataset(cfg)) == ""
+
+
+def test_pack_groups_packs_runs_that_differ_only_in_seed(tiny_train_config):
+    cs = [tiny_train_config(technique=t, seed=s) for t in ("baseline", "scale") for s in range(5)]
+    cs.append(tiny_train_config(technique="baseline", seed=0, lr=0.05))
+    assert pack_groups(cs, 2) == [[0, 1], [2, 3], [4], [5, 6], [7, 8], [9], [10]]
+    assert pack_groups(cs, 8) == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [10]]
+    # a seed twice (two folders of one cell) never shares a pack
+    assert pack_groups([cs[0], cs[0]], 4) == [[0], [1]]

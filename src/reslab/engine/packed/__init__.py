@@ -2,8 +2,8 @@
 model mapped over the runs with ``torch.func.vmap`` (:mod:`.stack`), each writing the run
 folder it would write alone (:mod:`.loop`). Which runs may pack: :mod:`.check`."""
 
-from reslab.engine.packed.check import check_pack, packable
+from reslab.engine.packed.check import check_pack, pack_groups, packable
 from reslab.engine.packed.loop import train_pack
 from reslab.engine.packed.stack import PackedModel
 
-__all__ = ["PackedModel", "check_pack", "packable", "train_pack"]
+__all__ = ["PackedModel", "check_pack", "pack_groups", "packable", "train_pack"]

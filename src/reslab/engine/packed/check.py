@@ -69,3 +69,21 @@ def packable(cfg: TrainConfig, ds: Any) -> str:
     finally:
         torch.random.set_rng_state(state)
     return ""
+
+
+def pack_groups(configs: Sequence[TrainConfig], size: int) -> list[list[int]]:
+    """The indices of ``configs`` in packs of at most ``size`` runs that may train together
+    (the same settings but their seed), in the order the configs come: what a scheduler
+    hands :func:`~reslab.engine.packed.loop.train_pack` one list at a time."""
+    if size < 1:
+        raise UsageError(f"a pack holds at least 1 run, got {size}")
+    groups: dict[str, list[list[int]]] = {}
+    order: list[list[int]] = []
+    for i, c in enumerate(configs):
+        key = repr(sorted((k, repr(v)) for k, v in c.to_dict().items() if k not in FREE))
+        packs = groups.setdefault(key, [])
+        if not packs or len(packs[-1]) == size or any(configs[j].seed == c.seed for j in packs[-1]):
+            packs.append([])
+            order.append(packs[-1])
+        packs[-1].append(i)
+    return order
