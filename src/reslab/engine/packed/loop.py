@@ -10,14 +10,26 @@ member ``i`` trains on its own batch, drawn from its own ``(seed, epoch)`` order
 augmentation (:func:`~reslab.engine.sources.epoch_draws`), with the learning rate
 :func:`~reslab.engine.optim.lr_at` gives alone.
 
+What differs from alone: in-model randomness (DropPath) is drawn per member from one
+stream of the pack, seeded by ``(epoch, the pack's seeds)``, not from the member's own
+``(seed, epoch)``; it is as reproducible, and resume is as exact, but a run with
+``drop_path_rate > 0`` packed is not bit for bit the run alone. Numerically a packed step
+is the same computation through other kernels (grouped convolutions), so losses agree with
+the run alone to rounding (1e-5 relative or closer in the tests), not bit for bit.
+
 Divergence: a member whose loss turns non-finite is frozen (:meth:`PackedModel.freeze`)
 and recorded ``diverged`` with its epoch, exactly as alone; the other members go on, and
-since members never mix, their results are what they would have been without it.
+since members never mix, their results are what they would have been without it. Losses
+are checked every :attr:`~reslab.engine.state.Engine.check_every` steps (each check syncs
+with the host): on the CPU every step, so a member freezes at its last good state; on a GPU
+it may take up to 24 more steps, in which its weights (never saved again) turn non-finite.
 
 Resume (``resume=True``): every member reads its own checkpoint. Members whose folders
 say ``completed`` or ``diverged`` are left as they are; the others must stand at the same
 epoch (a member with no checkpoint stands at 0) and continue as one pack, else a
-:class:`~reslab.errors.UsageError` names each member's epoch. A member's checkpoint is the
+:class:`~reslab.errors.UsageError` names each member's epoch. A pack that resumes without
+its finished members is smaller, so it continues to rounding, not bit for bit, as it
+would have gone on uninterrupted; with all its members it continues exactly. A member's checkpoint is the
 one a run alone writes, so such a member can always be resumed alone with
 ``train(config, out, resume=True)``, and a run started alone can join a pack.
 """
@@ -217,7 +229,7 @@ def _train_epoch(
     t0 = time.perf_counter()
     draws = [epoch_draws(m.engine.cfg, epoch, e0.source.n_train) for m in members]
     # in-model randomness (DropPath): one stream for the pack per epoch, so resume is exact
-    torch.manual_seed(derive_seed(epoch, 2, *(m.engine.cfg.seed for m in members)))
+    torch.manual_seed(derive_seed(epoch, 2, *(cfg.pack or {}).get("seeds", [])))
     its = [e0.source.train_batches(order, aug, cfg.batch_size, e0.steps_per_epoch) for order, aug in draws]
     loss_sum = torch.zeros(k, dtype=torch.float64, device=e0.device)
     correct = torch.zeros(k, dtype=torch.float64, device=e0.device)
