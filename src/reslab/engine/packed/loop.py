@@ -29,7 +29,8 @@ say ``completed`` or ``diverged`` are left as they are; the others must stand at
 epoch (a member with no checkpoint stands at 0) and continue as one pack, else a
 :class:`~reslab.errors.UsageError` names each member's epoch. A pack that resumes without
 its finished members is smaller, so it continues to rounding, not bit for bit, as it
-would have gone on uninterrupted; with all its members it continues exactly. A member's checkpoint is the
+would have gone on uninterrupted (and with ``drop_path_rate > 0`` its draws differ); with
+all its members it continues exactly. A member's checkpoint is the
 one a run alone writes, so such a member can always be resumed alone with
 ``train(config, out, resume=True)``, and a run started alone can join a pack.
 """
