@@ -328,7 +328,7 @@ def test_default_ray_workers_fit_the_cluster() -> None:
     """Tasks beyond what the cluster runs at once would start only after the grid is done."""
     from types import SimpleNamespace
 
-    from reslab.study.launch import _ray_capacity
+    from reslab.study.launch import ray_capacity as _ray_capacity
 
     cluster = SimpleNamespace(cluster_resources=lambda: {"CPU": 16.0, "GPU": 2.0})
     assert _ray_capacity(cluster, cpus=4, gpus=0) == 4
