@@ -227,7 +227,15 @@ def shard_cells(
 
 
 def prepare_results(out: Path, grid: Grid) -> Grid:
-    """Create or check ``out`` for ``grid``; returns the grid to record (old cells kept).
+    """Create or check ``out`` for ``grid``; returns the grid to record (old cells kept)."""
+    merged = check_results(out, grid)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / GRID_FILE, json.dumps(merged.to_json(), indent=2) + "\n")
+    return merged
+
+
+def check_results(out: Path, grid: Grid) -> Grid:
+    """Check, writing nothing, that ``out`` may hold ``grid``; returns the grid to record there.
 
     An existing grid may be extended (more seeds, techniques, models) but not retrained with
     other settings: that would mix incomparable runs, so it is refused before anything runs.
@@ -273,8 +281,6 @@ def prepare_results(out: Path, grid: Grid) -> Grid:
                 f"{out} exists and is not a 'reslab compare' results folder (no {GRID_FILE}); choose another --out"
             )
         merged = grid
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(merged.to_json(), indent=2) + "\n")
     return merged
 
 
@@ -751,7 +757,9 @@ def run_grid(
     prog = _GridProgress(progress)
     if probe_init:
         _probe_if_needed(grid, results, prog, claims)
-    threads = threads or max(1, default_threads() // jobs)
+    # threads set in the grid's settings (--set threads=N, --config) win over a launcher's
+    # allotment, so every run of every launcher trains with them (threads change CPU results)
+    threads = grid.train.get("threads") or threads or max(1, default_threads() // jobs)
     timing = _timing_if_needed(grid, results, ds, threads, prog, claims)
     settings = grid.shared_settings()
     n_train, n_eval = _image_counts(settings, ds)

@@ -19,14 +19,19 @@ from reslab.errors import UsageError
 MAX_DEFAULT_WORKERS = 16
 #: Slurm time limit per worker when --time is not given; a worker that reaches it requeues itself
 DEFAULT_TIME_MIN = 240
-#: Slurm time limit per worker when --time is not given; a worker that reaches it requeues itself
-DEFAULT_TIME_MIN = 240
 #: seconds between the driver's looks at the workers and the results folder
 POLL_S = 2.0
 #: seconds between the driver's looks at the results folder for its progress lines
 WATCH_S = 10.0
 #: seconds between the driver's progress lines when nothing changes
 PROGRESS_EVERY_S = 60.0
+#: seconds the driver gives an engine to answer before it names the problem (--connect-timeout)
+DEFAULT_CONNECT_TIMEOUT_S = 15.0
+#: seconds the driver waits, after losing the cluster, for its workers on this machine to die
+LOCAL_WORKERS_GRACE_S = 8.0
+#: exit status of a grid stopped because its cluster was lost (EX_TEMPFAIL of sysexits.h: the
+#: same command later resumes it), distinct from 1, "some run failed"
+LOST_STATUS = 75
 
 
 @dataclass
@@ -48,13 +53,23 @@ class Resources:
     # ray
     ray_address: str | None = None
 
-    def threads(self, launcher: str) -> int | None:
-        """Threads per training job: the CPUs the engine allots shared by the jobs. Without
-        --cpus-per-task, Slurm's default allotment is what the task may use (None: run_grid
-        counts the cores in its affinity, which Slurm narrows); Ray's is 1 CPU, and Ray does
-        not narrow the affinity, so it is passed on."""
-        cpus = self.cpus_per_task or (1 if launcher == "ray" else None)
-        return max(1, cpus // self.jobs) if cpus else None
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+
+    def threads(self, grid_threads: int | None = None) -> int:
+        """CPU threads per run, by one rule for every launcher, so that a grid gives the same
+        results whichever launcher trains it (threads change the arithmetic on the CPU):
+        ``threads`` in the grid's settings (``--set threads=N``) when given; else the CPUs per
+        worker (``--cpus-per-task``) shared by its jobs; else what a local run of this command
+        uses, this machine's cores shared by the jobs."""
+        from reslab.engine.config import default_threads
+
+        if grid_threads:
+            return int(grid_threads)
+        return max(1, (self.cpus_per_task or default_threads()) // self.jobs)
+
+    def cpus(self, threads: int) -> int:
+        """CPUs asked of the engine per worker: ``--cpus-per-task``, else what its jobs use."""
+        return self.cpus_per_task or threads * self.jobs
 
 
 # -- the worker --------------------------------------------------------------------------
@@ -89,6 +104,8 @@ class WorkerTask:
         from reslab.study.compare import Grid, run_grid
 
         print(f"reslab worker: pid {os.getpid()} on {socket.gethostname()}, results in {self.out}", file=sys.stderr)
+        if problem := folder_problem(self.out):
+            return WorkerReply(usage_error=problem)
         try:
             # imported here and listed in RESLAB_IMPORT for this worker's own job processes
             with plugins.imported(self.imports):
@@ -120,6 +137,22 @@ class WorkerReply:
     usage_error: str | None = None
 
 
+def folder_problem(out: str) -> str | None:
+    """Why a worker here cannot write the results folder ``out`` (a one-line usage error naming
+    this host), or None. Checked by each worker before it trains, and on Ray by a probe task
+    before the driver writes anything."""
+    from reslab.paths import check_writable_dir
+
+    try:
+        check_writable_dir(out)
+    except UsageError as e:
+        return (
+            f"{e} (seen by a worker on {socket.gethostname()}: --out must be a folder every worker can write, "
+            "on a file system they share)"
+        )
+    return None
+
+
 def stop_handler(received: list[int]) -> Callable[[int, Any], None]:
     """A handler that records the signal and raises :class:`reslab.signals.Terminated`, so that
     training stops at the next step boundary as after Ctrl-C (run recorded ``interrupted``,
@@ -145,6 +178,8 @@ class WorkerOutcome:
     name: str
     reply: WorkerReply | None = None
     error: str | None = None
+    #: ended without a result and without an error of its own (cancelled, killed with its node)
+    vanished: bool = False
 
 
 def first_round(grid: Any, results: Path, shard: tuple[int, int] | None) -> list[Any]:
@@ -207,3 +242,46 @@ class Watch:
             file=sys.stderr,
             flush=True,
         )
+
+
+class ClusterLost(Exception):
+    """The engine's cluster (Ray's head, every Slurm task) went away while the grid ran; the
+    message names what was lost. The command ends with :data:`LOST_STATUS`."""
+
+
+def lost_line(what: str, grid: Any, results: Path, cells: list[Any]) -> str:
+    """The one line that names a lost cluster: what was lost, the runs finished and those
+    interrupted, what became of the lost workers' claims, and how to go on.
+
+    A claim whose holder was a process of this machine that is gone now is released here (Ray's
+    workers die with their node); one held on another machine expires :data:`reslab.study.claims.DEFAULT_LEASE_S`
+    seconds after its last renewal, and the next invocation takes it over then."""
+    from reslab.study.claims import Claims
+    from reslab.study.compare import run_state
+    from reslab.study.results import CLAIMS_DIR, FINISHED, RUNS_DIR
+
+    claims = Claims(results / CLAIMS_DIR)
+    names = [c.name for c in cells]
+    # Ray's workers on this machine die a few seconds after their raylet: give them that long
+    deadline = time.monotonic() + LOCAL_WORKERS_GRACE_S
+    while claims.local_holders(names) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    released = claims.release_dead(names)
+    held = claims.active(names)
+    states = {c.name: run_state(results / RUNS_DIR / c.name) for c in cells}
+    done = sum(s in FINISHED for s in states.values())
+    stopped = [n for n, s in states.items() if s is not None and s not in FINISHED]
+    shown = ", ".join(stopped[:4]) + (f" and {len(stopped) - 4} more" if len(stopped) > 4 else "")
+    leases = f"{len(released)} claims of lost workers released" if released else ""
+    if held:
+        minutes = f"{claims.lease_s / 60:g}"
+        leases += ("; " if leases else "") + (
+            f"{len(held)} claims of workers still alive or on other machines expire {minutes} minutes after "
+            "their last renewal"
+        )
+    return (
+        f"lost {what}; {done} runs finished, {len(stopped)} interrupted"
+        + (f" ({shown})" if stopped else "")
+        + (f"; {leases}" if leases else "")
+        + f"; re-run the same command to resume ({results})"
+    )

@@ -13,7 +13,16 @@ import threading
 from typing import Any
 
 from reslab.errors import UsageError
-from reslab.study.launch.common import POLL_S, Resources, Watch, WorkerOutcome, WorkerTask, stop_handler
+from reslab.study.launch.common import (
+    POLL_S,
+    Resources,
+    Watch,
+    WorkerOutcome,
+    WorkerTask,
+    folder_problem,
+    stop_handler,
+)
+from reslab.study.launch.reach import GcsWatch
 
 
 def _ray_worker(task: WorkerTask, gpus: int) -> Any:
@@ -57,22 +66,38 @@ def ray_capacity(ray: Any, cpus: int, gpus: int) -> int:
     return max(1, fits)
 
 
-def run_ray(ray: Any, task: WorkerTask, res: Resources, workers: int, watch: Watch) -> list[WorkerOutcome]:
+def check_folder(ray: Any, out: str, timeout: float) -> None:
+    """Before anything is written: a probe task on the cluster checks that a worker there can
+    write ``out`` (and import reslab). A cluster too busy to run it within ``timeout`` seconds
+    is not held against it: each worker checks again before it trains."""
+    from ray.exceptions import GetTimeoutError
+
+    ref = ray.remote(num_cpus=0, max_retries=0)(folder_problem).remote(out)
+    try:
+        problem = ray.get(ref, timeout=timeout)
+    except GetTimeoutError:
+        ray.cancel(ref, force=True)
+        return
+    except Exception as e:  # noqa: BLE001 - the task could not even start reslab's code there
+        text = str(e)
+        if "No module named 'reslab" in text:
+            raise UsageError(
+                "the Ray workers cannot import reslab: install it on every node of the cluster "
+                "(pip install 'reslab[ray]', the same version as here)"
+            ) from None
+        return
+    if problem:
+        raise UsageError(problem)
+
+
+def run_ray(
+    ray: Any, task: WorkerTask, res: Resources, workers: int, cpus: int, watch: Watch, gcs: GcsWatch
+) -> list[WorkerOutcome]:
+    """Start ``workers`` Ray tasks of ``cpus`` CPUs each and wait for them; :class:`ClusterLost`
+    when the cluster stops answering meanwhile."""
     from reslab.pool import STOP_GRACE_S
     from reslab.signals import Terminated
 
-    started = not ray.is_initialized()
-    if started:
-        try:
-            ray.init(
-                address=res.ray_address,
-                include_dashboard=False,
-                log_to_driver=False,  # the workers' output stays in Ray's session logs
-                logging_level="WARNING",
-            )
-        except (ConnectionError, ValueError, RuntimeError) as e:
-            where = res.ray_address or "a new local cluster"
-            raise UsageError(f"cannot start or reach Ray at {where}: {str(e).strip().splitlines()[0]}") from None
     # ray.init replaced the SIGTERM handler with an exit at once, and ray.wait turns whatever a
     # handler raises into a plain KeyboardInterrupt: record the signal to stop as SIGTERM asks
     received: list[int] = []
@@ -80,17 +105,18 @@ def run_ray(ray: Any, task: WorkerTask, res: Resources, workers: int, watch: Wat
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop_handler(received))
     try:
-        remote = ray.remote(
-            num_cpus=res.cpus_per_task or 1,
-            num_gpus=res.gpus_per_task or 0,
-            max_retries=res.retries,
-        )(_ray_worker)
+        remote = ray.remote(num_cpus=cpus, num_gpus=res.gpus_per_task or 0, max_retries=res.retries)(_ray_worker)
         if res.workers is None:
-            workers = min(workers, ray_capacity(ray, res.cpus_per_task or 1, res.gpus_per_task or 0))
+            workers = min(workers, ray_capacity(ray, cpus, res.gpus_per_task or 0))
         refs = [remote.remote(task, res.gpus_per_task or 0) for _ in range(workers)]
         names = {r: f"worker {i + 1}" for i, r in enumerate(refs)}
         if watch.enabled:
-            print(f"compare: {len(refs)} workers started as Ray tasks", file=sys.stderr, flush=True)
+            print(
+                f"compare: {len(refs)} workers started as Ray tasks of {cpus} CPU(s); each run trains with "
+                f"{task.threads} thread(s)",
+                file=sys.stderr,
+                flush=True,
+            )
         out: list[WorkerOutcome] = []
         pending = list(refs)
         try:
@@ -100,8 +126,11 @@ def run_ray(ray: Any, task: WorkerTask, res: Resources, workers: int, watch: Wat
                     try:
                         out.append(WorkerOutcome(names[ref], ray.get(ref)))
                     except Exception as e:  # noqa: BLE001 - reported per worker, the others' results kept
+                        gcs.check()  # a worker lost with its cluster is not a failed worker
                         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
                         out.append(WorkerOutcome(names[ref], error=lines[-1] if lines else type(e).__name__))
+                if pending:
+                    gcs.check()
                 watch.tick(len(pending))
         except KeyboardInterrupt:
             # each task stops like after Ctrl-C (run interrupted, claim released) before Ray goes
@@ -115,5 +144,3 @@ def run_ray(ray: Any, task: WorkerTask, res: Resources, workers: int, watch: Wat
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)
-        if started:
-            ray.shutdown()

@@ -16,7 +16,9 @@ import functools
 import math
 import os
 import re
+import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from reslab.errors import UsageError
-from reslab.study.launch.common import POLL_S, Resources, Watch, WorkerOutcome, WorkerTask, stop_handler
+from reslab.study.launch.common import POLL_S, ClusterLost, Resources, Watch, WorkerOutcome, WorkerTask, stop_handler
 
 
 def parse_time(text: str) -> int:
@@ -146,9 +148,43 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def preflight(res: Resources) -> None:
+    """Before anything is written: ``sbatch`` is here, and Slurm answers and knows the partition
+    (``sinfo``, where installed, within ``--connect-timeout``); else one line saying what to do."""
+    if res.submitit_cluster != "slurm":
+        return  # submitit's local executors (tests) need no Slurm
+    if shutil.which("sbatch") is None:
+        raise UsageError("--launcher slurm submits with sbatch, which is not on PATH; run it on a Slurm login node")
+    if shutil.which("sinfo") is None:
+        return  # sbatch alone will say whether it takes the options
+    try:
+        proc = subprocess.run(
+            ["sinfo", "--noheader", "--format=%R"],
+            capture_output=True,
+            text=True,
+            timeout=res.connect_timeout_s,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired:
+        raise UsageError(
+            f"Slurm did not answer within {res.connect_timeout_s:g} s ('sinfo' hung): check that its controller is "
+            "up ('scontrol ping'), or give a longer --connect-timeout"
+        ) from None
+    if proc.returncode != 0:
+        said = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        raise UsageError(f"cannot reach Slurm: 'sinfo' said: {said}; run on a login node of the cluster")
+    partitions = sorted({ln.strip() for ln in proc.stdout.splitlines() if ln.strip()})
+    if res.partition and partitions and res.partition not in partitions:
+        raise UsageError(
+            f"Slurm has no partition {res.partition!r} (sinfo lists {', '.join(partitions)}); pick one with --partition"
+        )
+
+
 def run_slurm(
-    submitit: Any, task: WorkerTask, res: Resources, workers: int, results: Path, watch: Watch
+    submitit: Any, task: WorkerTask, res: Resources, workers: int, cpus: int, results: Path, watch: Watch
 ) -> list[WorkerOutcome]:
+    """Submit ``workers`` tasks of ``cpus`` CPUs each as one job array and wait for them;
+    :class:`ClusterLost` when every one ended without finishing (cancelled, node lost)."""
     folder = results / "slurm"
     # each requeue after a time limit makes progress (the runs resume from their checkpoints)
     timeouts = {"slurm_max_num_timeout": res.retries, "local_max_num_timeout": res.retries}
@@ -160,8 +196,7 @@ def run_slurm(
         "tasks_per_node": 1,
         "gpus_per_node": res.gpus_per_task or 0,
     }
-    if res.cpus_per_task:
-        params["cpus_per_task"] = res.cpus_per_task
+    params["cpus_per_task"] = cpus
     if res.submitit_cluster == "slurm":
         if res.partition:
             params["slurm_partition"] = res.partition
@@ -182,7 +217,8 @@ def run_slurm(
     where = "Slurm job array" if res.submitit_cluster == "slurm" else f"submitit '{res.submitit_cluster}' jobs"
     if watch.enabled:
         print(
-            f"compare: {len(jobs)} workers submitted as {where} {array}; logs in {folder}",
+            f"compare: {len(jobs)} workers submitted as {where} {array} ({cpus} CPU(s) each; each run trains with "
+            f"{task.threads} thread(s)); logs in {folder}",
             file=sys.stderr,
             flush=True,
         )
@@ -222,6 +258,9 @@ def run_slurm(
             while time.monotonic() < deadline and not all(job.done() for job in jobs):
                 time.sleep(0.2)
         raise
+    if out and all(o.vanished for o in out):
+        states = ", ".join(sorted({o.error.split(" (log:")[0] for o in out if o.error}))[:200]
+        raise ClusterLost(f"every worker of {where} {array} ({states})")
     return out
 
 
@@ -230,6 +269,10 @@ def slurm_outcome(job: Any, folder: Path) -> WorkerOutcome:
     try:
         return WorkerOutcome(name, job.result())
     except Exception as e:  # noqa: BLE001 - a worker's failure is reported, the others' results kept
+        from submitit.core.utils import FailedJobError, UncompletedJobError
+
         lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
         why = lines[-1] if lines else type(e).__name__
-        return WorkerOutcome(name, error=f"{why} (log: {folder}/{job.job_id}_0_log.err)")
+        # ended without a result and without an error of its own: cancelled, killed, node lost
+        vanished = isinstance(e, UncompletedJobError) and not isinstance(e, FailedJobError)
+        return WorkerOutcome(name, error=f"{why} (log: {folder}/{job.job_id}_0_log.err)", vanished=vanished)
