@@ -614,6 +614,6 @@ def test_slurm_workers_that_all_vanish_are_a_lost_cluster(tmp_path: Path) -> Non
     assert len(ours) == 1 and "lost every worker of submitit 'local' jobs" in ours[0], err
     assert (
         "0 runs finished, 1 interrupted (resnet8-baseline-s0)" in ours[0]
-        and "claims of lost workers released" in ours[0]
+        and "claim of lost workers released" in ours[0]
     )
     assert "re-run the same command to resume" in ours[0]

@@ -272,16 +272,20 @@ def lost_line(what: str, grid: Any, results: Path, cells: list[Any]) -> str:
     done = sum(s in FINISHED for s in states.values())
     stopped = [n for n, s in states.items() if s is not None and s not in FINISHED]
     shown = ", ".join(stopped[:4]) + (f" and {len(stopped) - 4} more" if len(stopped) > 4 else "")
-    leases = f"{len(released)} claims of lost workers released" if released else ""
+    leases = f"{_n(len(released), 'claim')} of lost workers released" if released else ""
     if held:
         minutes = f"{claims.lease_s / 60:g}"
         leases += ("; " if leases else "") + (
-            f"{len(held)} claims of workers still alive or on other machines expire {minutes} minutes after "
+            f"{_n(len(held), 'claim')} of workers still alive or on other machines expire {minutes} minutes after "
             "their last renewal"
         )
     return (
-        f"lost {what}; {done} runs finished, {len(stopped)} interrupted"
+        f"lost {what}; {_n(done, 'run')} finished, {len(stopped)} interrupted"
         + (f" ({shown})" if stopped else "")
         + (f"; {leases}" if leases else "")
         + f"; re-run the same command to resume ({results})"
     )
+
+
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
