@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -392,6 +393,7 @@ class RayCluster:
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         self.proc.stdout.close()
+        shutil.rmtree(self.temp, ignore_errors=True)
 
 
 @pytest.fixture
