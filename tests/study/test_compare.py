@@ -21,7 +21,7 @@ import pytest
 from grids import tiny_args, wait_for
 from reslab.cli import main
 from reslab.errors import UsageError
-from reslab.report.build import SUMMARY_COLUMNS
+from reslab.report.aggregate import SUMMARY_COLUMNS
 from reslab.study.grid import Grid, parse_shard, prepare_results, shard_cells
 
 

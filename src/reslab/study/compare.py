@@ -118,7 +118,9 @@ def run_grid(
     prog = GridProgress(progress)
     if probe_init:
         probe_if_needed(grid, results, prog, claims)
-    threads = threads or max(1, default_threads() // jobs)
+    # threads set in the grid's settings (--set threads=N, --config) win over a launcher's
+    # allotment, so every run of every launcher trains with them (threads change CPU results)
+    threads = grid.train.get("threads") or threads or max(1, default_threads() // jobs)
     timing = timing_if_needed(grid, results, ds, threads, prog, claims)
     settings = grid.shared_settings()
     n_train, n_eval = image_counts(settings, ds)
