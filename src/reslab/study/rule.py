@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats as sps
+from scipy.integrate import quad
 from scipy.optimize import brentq
 
 DECISIONS = ("better", "worse", "equivalent", "undecided")
@@ -273,9 +274,11 @@ def decide_paths(
                 hits.append((3, 1, (n >= MIN_PAIRS) & failed_here & (isd > ZERO_SPREAD) & (ihi < 0)))
         # the state of the look: accuracy interval where it exists
         n_at[open_] = n
-        est[open_], low[open_], high[open_] = mean[open_], np.where(valid, lo, np.nan)[open_], np.where(
-            valid, hi, np.nan
-        )[open_]
+        est[open_], low[open_], high[open_] = (
+            mean[open_],
+            np.where(valid, lo, np.nan)[open_],
+            np.where(valid, hi, np.nan)[open_],
+        )
         zero[open_] = (k >= 2)[open_] & (sd <= ZERO_SPREAD)[open_]
         for c, b, hit in hits:
             take = open_ & hit
@@ -374,10 +377,8 @@ def decide_comparison(
             parts.append(f"{failed} in {fail_t} of {n_avail} seeds where baseline did not: never equivalent or better")
         parts += [why, *notes, f"next look at {next_look} seeds" if next_look else "the plan is spent"]
         reason = parts[0] + ": " + "; ".join(parts[1:])
-    return Outcome(
-        decision, n, est, iv, fail_t, fail_b, n_avail, reason, look, next_look, nominal, level,
-        "failures at chance" if r["basis"] else "accuracy",
-    )  # fmt: skip
+    basis = "failures at chance" if r["basis"] else "accuracy"
+    return Outcome(decision, n, est, iv, fail_t, fail_b, n_avail, reason, look, next_look, nominal, level, basis)
 
 
 def decide_differences(diffs: Sequence[float], plan: Plan, level: float | None = None) -> Outcome:
@@ -397,11 +398,21 @@ def decide_table(
 # --- planning ------------------------------------------------------------------------------------
 
 
+def _nct_sf(c: float, df: int, nc: float) -> float:
+    """P(T > c) for T noncentral t (scipy.stats.nct); where scipy returns no number in the far
+    tails, the same probability integrated over the chi-square of the spread."""
+    p = float(sps.nct.sf(c, df, nc))
+    if math.isfinite(p) and 0.0 <= p <= 1.0:
+        return p
+    f = lambda v: float(sps.norm.sf(c * math.sqrt(v / df) - nc) * sps.chi2.pdf(v, df))  # noqa: E731
+    return float(quad(f, 0.0, math.inf)[0])
+
+
 def _power(delta: float, sd: float, n: int, nominal: float) -> float:
     """P(a two-sided t interval at level ``nominal`` over n pairs excludes 0) at true difference delta."""
     c = float(sps.t.ppf(1 - nominal / 2, n - 1))
     nc = delta * math.sqrt(n) / sd
-    return float(sps.nct.sf(c, n - 1, nc) + sps.nct.cdf(-c, n - 1, nc))
+    return _nct_sf(c, n - 1, nc) + _nct_sf(c, n - 1, -nc)
 
 
 def detectable_difference(sd: float, n: int, plan: Plan, level: float | None = None, power: float = 0.8) -> float:
@@ -431,7 +442,7 @@ def seeds_to_decide(
             p = _power(abs(mean), sd, n, nominal)
         else:  # both one-sided bounds inside the margin (a lower bound on the exact probability)
             c, r = float(sps.t.ppf(1 - nominal / 2, n - 1)), math.sqrt(n) / sd
-            p = float(sps.nct.cdf(-c, n - 1, (mean - m) * r) + sps.nct.sf(c, n - 1, (mean + m) * r)) - 1.0
+            p = _nct_sf(c, n - 1, (m - mean) * r) + _nct_sf(c, n - 1, (mean + m) * r) - 1.0
         if p >= power:
             return n
     return None
@@ -477,6 +488,41 @@ def simulate(
     return out
 
 
+def simulate_table(
+    plan: Plan,
+    models: int,
+    techniques: int,
+    sims: int,
+    seed: int,
+    noise: str = "normal",
+    skew: float = 1.0,
+    error_rate: str = "table",
+    shared_baseline: bool = True,
+    sd: float = 0.004,
+) -> dict[str, float]:
+    """P(some row of a ``models x techniques`` table is wrong) when no technique has any effect
+    (every ``better`` or ``worse`` is then wrong).
+    ``shared_baseline``: each model's techniques are compared with the same baseline runs (every run
+    has spread ``sd``; the rows of a model are then correlated); otherwise every row's differences
+    are independent draws of spread ``sd`` and shape ``noise``. Keys: ``any_wrong``, ``row_wrong``,
+    ``level`` (each row's error rate)."""
+    rng = np.random.default_rng(seed)
+    m, n = models * techniques, plan.max_seeds
+    level = table_levels(m, plan, error_rate)
+    if shared_baseline:
+        base = 0.9 + sd * standard_noise(noise, rng, (sims, models, 1, n), skew)
+        tech = 0.9 + sd * standard_noise(noise, rng, (sims, models, techniques, n), skew)
+        base = np.broadcast_to(base, tech.shape)
+    else:
+        base = 0.9 + np.zeros((sims, models, techniques, n))
+        tech = base + sd * standard_noise(noise, rng, base.shape, skew)
+    flat = (sims * m, n)
+    no = np.zeros(flat, bool)
+    r = decide_paths(base.reshape(flat), tech.reshape(flat), no, no, plan, 0.1, level)
+    wrong = ((r["code"] == 2) | (r["code"] == 3)).reshape(sims, m)
+    return {"any_wrong": float(wrong.any(axis=1).mean()), "row_wrong": float(wrong.mean()), "level": level}
+
+
 __all__ = [
     "CALIBRATION_SHAPES",
     "DECISIONS",
@@ -494,6 +540,7 @@ __all__ = [
     "seeds_to_decide",
     "sign_flip_floor",
     "simulate",
+    "simulate_table",
     "standard_noise",
     "table_levels",
 ]
