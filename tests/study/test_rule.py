@@ -75,8 +75,8 @@ def test_row_error_rates(preset: str, setting: str) -> None:
     assert null["eq_or_better_div"] == 0.0 and at_margin["eq_or_better_div"] == 0.0
     if tech_only:
         print(
-            f"  a technique failure exists in {null['any_div']:.3f} of comparisons; they end worse in "
-            f"{null['worse']:.4f}, equivalent or better with a failure in {null['eq_or_better_div']:.4f}"
+            f"  the technique failed where baseline did not in {null['any_div']:.3f} of comparisons; of those, "
+            f"{null['worse_given_div']:.4f} end worse; equivalent or better with one: {null['eq_or_better_div']:.4f}"
         )
 
 

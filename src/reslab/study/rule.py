@@ -473,7 +473,8 @@ def simulate(
     baseline accuracy 0.9 + N(0, 0.5 pp), technique = baseline + true_diff + sd * noise; each run
     diverges independently (technique with ``p_div``, baseline with ``p_div_base``). Keys: the four
     decisions, ``mean_seeds``, ``any_div`` (some technique-only failure exists) and
-    ``eq_or_better_div`` (equivalent or better although the technique failed where baseline did not)."""
+    ``eq_or_better_div`` (equivalent or better although the technique failed where baseline did not),
+    ``worse_given_div`` (the fraction of comparisons with such a failure that end ``worse``)."""
     rng = np.random.default_rng(seed)
     shape = (sims, plan.max_seeds)
     base = 0.9 + 0.005 * rng.standard_normal(shape)
@@ -484,6 +485,8 @@ def simulate(
     out["mean_seeds"] = float(np.mean(np.where(r["code"] > 0, r["n"], plan.max_seeds)))
     out["any_div"] = float(np.mean(r["fail_tech"] > 0))
     out["eq_or_better_div"] = float(np.mean((r["fail_tech"] > 0) & ((r["code"] == 1) | (r["code"] == 2))))
+    div = r["fail_tech"] > 0
+    out["worse_given_div"] = float(np.mean(r["code"][div] == 3)) if div.any() else math.nan
     out["sims"] = float(sims)
     return out
 
