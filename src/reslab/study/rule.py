@@ -31,8 +31,10 @@ measured); heavy symmetric tails (t(3)) and unequal spreads only make the t inte
 
 * ``equivalent``: interval inside ``(-margin, +margin)``; ``better``: above 0; ``worse``: below 0.
 * A technique that failed on a seed where baseline did not (on any seed that exists, also beyond
-  the deciding look) is never ``equivalent`` or ``better``. It is ``worse`` when the interval of the
-  differences with failed runs scored at chance level (all seeds of the look) lies below 0.
+  the deciding look) is never ``equivalent`` or ``better``. It is ``worse`` when the imbalance of
+  failures (seeds where only it failed minus seeds where only baseline failed) crosses an exact
+  sequential bound (:func:`divergence_bounds`), which gets :data:`DIVERGENCE_SHARE` of the row's
+  error rate; the accuracy interval gets the rest.
 * Zero spread (all differences equal, e.g. all runs predict one class) decides nothing, and so do
   fewer than :data:`MIN_PAIRS` finished pairs. If no baseline run learned anything (all at chance
   level or diverged), nothing is decided: "nothing was learned".
@@ -60,6 +62,8 @@ CALIBRATION_PATHS = 400_000
 CALIBRATION_SEED = 18_2026
 #: the shapes the nominal level must hold under: (noise kind, skewness)
 CALIBRATION_SHAPES: tuple[tuple[str, float], ...] = (("normal", 0.0), ("gamma", 1.0))
+#: share of a row's error rate spent on the divergence test (the rest goes to the accuracy interval)
+DIVERGENCE_SHARE = 0.2
 #: fewest finished pairs an interval is formed from
 MIN_PAIRS = 3
 #: a run within this of chance accuracy has learned nothing (accuracy as a fraction)
@@ -133,7 +137,7 @@ class Outcome:
     next_look: int | None  # the look an undecided comparison needs next (None: plan spent, or decided)
     nominal: float  # two-sided level of every look's interval
     level: float  # error rate this row is controlled at
-    basis: str = "accuracy"  # "accuracy" (finished pairs) or "failures at chance" (all seeds)
+    basis: str = "accuracy"  # "accuracy" (finished pairs) or "divergence" (the imbalance of failures)
 
 
 # --- calibration ---------------------------------------------------------------------------------
@@ -201,6 +205,69 @@ def _crit_table(n_max: int, nominal: float) -> np.ndarray:
     return out
 
 
+def _imbalance_tails(n_max: int) -> np.ndarray:
+    """``tails[i, n, s]``: P(S_n >= s - n_max) for the imbalance S_n = (seeds where only the technique
+    failed) - (seeds where only baseline failed) after n seeds, at the i-th point of a grid of
+    ``pi`` = P(only the technique fails) = P(only baseline fails) in [0, 1/4]."""
+    pis = np.linspace(0.0, 0.25, 251)
+    dist = np.zeros((len(pis), 2 * n_max + 1))
+    dist[:, n_max] = 1.0
+    tails = np.zeros((len(pis), n_max + 1, 2 * n_max + 2))
+    for n in range(n_max + 1):
+        if n:
+            up, down = np.roll(dist, 1, axis=1), np.roll(dist, -1, axis=1)
+            dist = pis[:, None] * (up + down) + (1 - 2 * pis[:, None]) * dist
+        tails[:, n, :-1] = np.cumsum(dist[:, ::-1], axis=1)[:, ::-1]
+    return tails
+
+
+@functools.lru_cache(maxsize=256)
+def divergence_bounds(looks: tuple[int, ...], alpha: float) -> tuple[int | None, ...]:
+    """Per look, the imbalance S (seeds where only the technique failed minus seeds where only
+    baseline failed) at which the technique is called ``worse`` (None: no imbalance suffices).
+
+    Under the null that both fail equally often, independently within a seed (or positively
+    dependent), a seed adds +1 or -1 with the same probability ``pi <= 1/4``; the bounds are the
+    loosest with one tail probability ``a`` for every look such that, for every ``pi``, the chance
+    of crossing at any look is at most ``alpha`` (computed exactly over a grid of ``pi``)."""
+    n_max = looks[-1]
+    tails = _imbalance_tails(n_max)
+    sup = tails.max(axis=0)  # (n, s): largest tail probability over the null
+
+    def bounds(a: float) -> tuple[int | None, ...]:
+        out: list[int | None] = []
+        for n in looks:
+            ok = [v for v in range(1, n + 1) if sup[n, v + n_max] <= a]
+            out.append(ok[0] if ok else None)
+        return tuple(out)
+
+    def crossing(bs: tuple[int | None, ...]) -> float:
+        pis = np.linspace(0.0, 0.25, 251)[:, None]
+        dist = np.zeros((pis.shape[0], 2 * n_max + 1))
+        dist[:, n_max] = 1.0
+        crossed, at = np.zeros(pis.shape[0]), dict(zip(looks, bs, strict=True))
+        for n in range(1, n_max + 1):
+            dist = pis * (np.roll(dist, 1, axis=1) + np.roll(dist, -1, axis=1)) + (1 - 2 * pis) * dist
+            if at.get(n) is not None:
+                crossed += dist[:, at[n] + n_max :].sum(axis=1)
+                dist[:, at[n] + n_max :] = 0.0
+        return float(crossed.max())
+
+    best: tuple[int | None, ...] = tuple(None for _ in looks)
+    for a in sorted({float(v) for v in sup[looks[0] :, n_max + 1 :].ravel() if 0 < v <= alpha}):
+        bs = bounds(a)
+        if crossing(bs) <= alpha:
+            best = bs
+    return best
+
+
+def imbalance_p(imbalance: int, n: int) -> float:
+    """The largest chance, when both fail equally often, of an imbalance at least this large at n seeds."""
+    if imbalance <= 0:
+        return 1.0
+    return float(_imbalance_tails(n)[:, n, imbalance + n].max())
+
+
 # --- the rule on many grids at once --------------------------------------------------------------
 
 
@@ -226,7 +293,8 @@ def decide_paths(
     """The rule on ``S`` comparisons at once: arrays ``(S, N)`` of accuracies and divergence flags
     for the ``N`` seeds that exist (in seed order). Returns arrays of length ``S``: ``code``
     (0 undecided, 1 equivalent, 2 better, 3 worse), ``n`` (seeds of the deciding/last look),
-    ``estimate``, ``low``, ``high``, ``basis`` (1: failures at chance), ``fail_tech``, ``fail_base``
+    ``estimate``, ``low``, ``high`` (of the finished pairs), ``basis`` (1: decided by the failures),
+    ``fail_tech``, ``fail_base``
     (failures of one side only, over all N seeds), ``nothing`` (no baseline run learned),
     ``zero`` (the last look taken had zero spread)."""
     base, tech = np.asarray(base, dtype=float), np.asarray(tech, dtype=float)
@@ -241,11 +309,11 @@ def decide_paths(
     only_t, only_b = ft & ~fb, fb & ~ft
     fail_t, fail_b = only_t.sum(axis=1), only_b.sum(axis=1)
     nothing = fb.all(axis=1) & (n_avail > 0)
-    nominal = nominal_level(plan.looks, plan.alpha if level is None else level)
+    level = plan.alpha if level is None else level
+    nominal = nominal_level(plan.looks, (1 - DIVERGENCE_SHARE) * level)
+    bounds = dict(zip(plan.looks, divergence_bounds(plan.looks, DIVERGENCE_SHARE * level), strict=True))
     crit = _crit_table(max(n_avail, 2), nominal)
     d = np.where(ok, tech - base, 0.0)
-    if chance is not None:
-        d_itt = np.where(ft, chance, tech) - np.where(fb, chance, base)
     code, basis = np.zeros(s, int), np.zeros(s, int)
     n_at = np.zeros(s, int)
     est, low, high = np.full(s, np.nan), np.full(s, np.nan), np.full(s, np.nan)
@@ -264,14 +332,9 @@ def decide_paths(
                 (2, 0, valid & clean & (lo > 0)),
                 (3, 0, valid & (hi < 0)),
             ]
-        ilo = ihi = imean = None
-        if chance is not None:
-            _, imean, isd = _mean_sd(d_itt[:, :n], np.ones((s, n), bool))
-            ihalf = crit[n] * isd / math.sqrt(n)
-            ilo, ihi = imean - ihalf, imean + ihalf
-            with np.errstate(invalid="ignore"):
-                failed_here = only_t[:, :n].sum(axis=1) >= 1
-                hits.append((3, 1, (n >= MIN_PAIRS) & failed_here & (isd > ZERO_SPREAD) & (ihi < 0)))
+        b_n = bounds[n]
+        if b_n is not None:
+            hits.append((3, 1, (only_t[:, :n].sum(axis=1) - only_b[:, :n].sum(axis=1)) >= b_n))
         # the state of the look: accuracy interval where it exists
         n_at[open_] = n
         est[open_], low[open_], high[open_] = (
@@ -283,12 +346,15 @@ def decide_paths(
         for c, b, hit in hits:
             take = open_ & hit
             code[take], basis[take] = c, b
-            if b == 1 and ilo is not None and ihi is not None and imean is not None:
-                est[take], low[take], high[take] = imean[take], ilo[take], ihi[take]
             open_ &= ~hit
+    rows, last = np.arange(s), np.maximum(n_at - 1, 0)
+    cut_t = np.where(n_at > 0, np.cumsum(only_t, axis=1)[rows, last] if n_avail else 0, 0)
+    cut_b = np.where(n_at > 0, np.cumsum(only_b, axis=1)[rows, last] if n_avail else 0, 0)
     return {
         "code": code,
         "n": n_at,
+        "fail_tech_look": cut_t,
+        "fail_base_look": cut_b,
         "estimate": est,
         "low": low,
         "high": high,
@@ -351,13 +417,25 @@ def decide_comparison(
     if r["nothing"]:
         what = "diverged" if chance is None else "diverged or stayed at chance level"
         reason = f"nothing was learned: every baseline run {what}; no decision"
+    elif r["basis"]:
+        bt, bb = int(r["fail_tech_look"]), int(r["fail_base_look"])
+        p_imb = imbalance_p(bt - bb, n)
+        reason = (
+            f"worse {where}: {failed} in {bt} of {n} seeds where baseline did not (baseline in {bb} where the "
+            f"technique did not); when both fail equally often an imbalance this large has probability at most "
+            f"{p_imb:.2g} (exact test, {DIVERGENCE_SHARE:.0%} of the row error rate {level:.2g})"
+        )
+        if n_avail > n:
+            notes.insert(0, f"{failed} in {fail_t} of all {n_avail} seeds")
+        if iv is not None and est is not None:
+            notes.append(f"finished pairs: difference {_pp(est)} pp, interval [{_pp(iv[0])}, {_pp(iv[1])}] pp")
+        reason = "; ".join([reason, *notes])
     elif code:
         if fail_t:
             notes.insert(0, f"{failed} in {fail_t} of {n_avail} seeds where baseline did not")
-        basis = "with failed runs counted at chance level, " if r["basis"] else ""
         assert iv is not None and est is not None
         reason = (
-            f"{decision} {where}: {basis}difference {_pp(est)} pp, interval [{_pp(iv[0])}, {_pp(iv[1])}] pp "
+            f"{decision} {where}: difference {_pp(est)} pp, interval [{_pp(iv[0])}, {_pp(iv[1])}] pp "
             f"(each look at level {nominal:.2g}, row error rate {level:.2g})"
         )
         reason = "; ".join([reason, *notes])
@@ -377,7 +455,7 @@ def decide_comparison(
             parts.append(f"{failed} in {fail_t} of {n_avail} seeds where baseline did not: never equivalent or better")
         parts += [why, *notes, f"next look at {next_look} seeds" if next_look else "the plan is spent"]
         reason = parts[0] + ": " + "; ".join(parts[1:])
-    basis = "failures at chance" if r["basis"] else "accuracy"
+    basis = "divergence" if r["basis"] else "accuracy"
     return Outcome(decision, n, est, iv, fail_t, fail_b, n_avail, reason, look, next_look, nominal, level, basis)
 
 
@@ -529,6 +607,7 @@ def simulate_table(
 __all__ = [
     "CALIBRATION_SHAPES",
     "DECISIONS",
+    "DIVERGENCE_SHARE",
     "PAPER",
     "QUICK",
     "Outcome",
@@ -539,6 +618,8 @@ __all__ = [
     "decide_paths",
     "decide_table",
     "detectable_difference",
+    "divergence_bounds",
+    "imbalance_p",
     "nominal_level",
     "seeds_to_decide",
     "sign_flip_floor",
