@@ -21,6 +21,7 @@ from reslab.study.rule import (
     QUICK,
     Pair,
     Plan,
+    accuracy_nominal,
     decide_comparison,
     decide_differences,
     decide_table,
@@ -292,7 +293,9 @@ def test_planning_figures_agree_with_the_level_in_force() -> None:
         delta = detectable_difference(sd, n, plan, level)
         x = rng.normal(delta, sd, (40_000, n))
         t = x.mean(axis=1) / (x.std(axis=1, ddof=1) / math.sqrt(n))
-        c = sps.t.ppf(1 - nominal_level(plan.looks, level) / 2, n - 1)
+        # the level the planning figures use is the one the rule's intervals are built at
+        assert decide_differences([0.01, 0.02, 0.0, 0.01], plan, level).nominal == accuracy_nominal(plan, level)
+        c = sps.t.ppf(1 - accuracy_nominal(plan, level) / 2, n - 1)
         power = float(np.mean(np.abs(t) > c))
         assert abs(power - 0.8) < 3 * mc_se(0.8, 40_000), power
         assert detectable_difference(sd, n, plan, plan.alpha) < delta

@@ -188,6 +188,12 @@ def nominal_level(looks: tuple[int, ...], alpha: float) -> float:
     return min(float(np.quantile(_min_p(tuple(looks), k, s), alpha)) for k, s in CALIBRATION_SHAPES)
 
 
+def accuracy_nominal(plan: Plan, level: float | None = None) -> float:
+    """The per-look level of the accuracy interval of a row run at error rate ``level`` (default
+    ``plan.alpha``): the rule spends ``1 - DIVERGENCE_SHARE`` of it there."""
+    return nominal_level(plan.looks, (1 - DIVERGENCE_SHARE) * (plan.alpha if level is None else level))
+
+
 def table_levels(m: int, plan: Plan, error_rate: str = "table") -> float:
     """The error rate each of ``m`` rows is run at: ``alpha / m`` (Bonferroni: the chance of any
     wrong row in the table is at most ``alpha``) or, with ``error_rate="row"``, ``alpha``."""
@@ -310,7 +316,7 @@ def decide_paths(
     fail_t, fail_b = only_t.sum(axis=1), only_b.sum(axis=1)
     nothing = fb.all(axis=1) & (n_avail > 0)
     level = plan.alpha if level is None else level
-    nominal = nominal_level(plan.looks, (1 - DIVERGENCE_SHARE) * level)
+    nominal = accuracy_nominal(plan, level)
     bounds = dict(zip(plan.looks, divergence_bounds(plan.looks, DIVERGENCE_SHARE * level), strict=True))
     crit = _crit_table(max(n_avail, 2), nominal)
     d = np.where(ok, tech - base, 0.0)
@@ -498,7 +504,7 @@ def detectable_difference(sd: float, n: int, plan: Plan, level: float | None = N
     probability ``power``, at the per-look level in force (exact noncentral t)."""
     if not (math.isfinite(sd) and sd > 0) or n < 2:
         return math.nan
-    nominal = nominal_level(plan.looks, plan.alpha if level is None else level)
+    nominal = accuracy_nominal(plan, level)
     hi = sd
     while _power(hi, sd, n, nominal) < power:
         hi *= 2
@@ -513,7 +519,7 @@ def seeds_to_decide(
     and the spread ``sd``. Always more than ``spent``; None when more than ``n_max`` would be needed."""
     if not (math.isfinite(sd) and sd > 0 and math.isfinite(mean)):
         return None
-    nominal = nominal_level(plan.looks, plan.alpha if level is None else level)
+    nominal = accuracy_nominal(plan, level)
     m = plan.margin
     for n in range(max(spent + 1, 2), n_max + 1):
         if abs(mean) >= m:
@@ -613,6 +619,7 @@ __all__ = [
     "Outcome",
     "Pair",
     "Plan",
+    "accuracy_nominal",
     "decide_comparison",
     "decide_differences",
     "decide_paths",
