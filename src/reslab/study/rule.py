@@ -13,10 +13,13 @@ API
 * :func:`table_levels` ``(m, plan, error_rate)``: the error rate each of ``m`` rows is run at
   (``"table"``: ``alpha / m``, so that P(any wrong row) <= alpha; ``"row"``: ``alpha``).
   :func:`decide_table` applies it to a whole table.
-* :func:`nominal_level` ``(looks, alpha)``: the two-sided level of every look's interval.
+* :func:`nominal_level` ``(looks, alpha)``: the calibrated two-sided per-look level;
+  :func:`accuracy_nominal` ``(plan, level)`` is the one a row's accuracy interval uses, and
+  :func:`divergence_bounds` the bounds of its divergence test.
 * :func:`seeds_to_decide` and :func:`detectable_difference`: planning figures at that level, from
   the exact noncentral t.
-* :func:`decide_paths` and :func:`simulate`: the same rule on many simulated grids at once.
+* :func:`decide_paths`, :func:`simulate` and :func:`simulate_table`: the same rule on many
+  simulated comparisons (or whole tables) at once, vectorised; the tests use them.
 
 Method (docs/decision-rule.md has the measurements)
 ---------------------------------------------------
@@ -39,8 +42,9 @@ measured); heavy symmetric tails (t(3)) and unequal spreads only make the t inte
   fewer than :data:`MIN_PAIRS` finished pairs. If no baseline run learned anything (all at chance
   level or diverged), nothing is decided: "nothing was learned".
 
-A wrong decision needs an interval that misses the truth at some look, so a row errs with
-probability at most ``alpha`` under the shapes above, however the looks end; the tests check it.
+A wrong accuracy decision needs an interval that misses the truth at some look, and a wrong
+``worse`` from the divergence test needs its bound crossed under its null, so a row errs with
+probability at most its level under the shapes above, however the looks end; the tests check it.
 """
 
 from __future__ import annotations
@@ -389,7 +393,7 @@ def decide_comparison(
 ) -> Outcome:
     """Decide one comparison from its pairs in seed order (only the prefix up to the first pair with
     a run that neither exists nor diverged is used). ``chance``: the model's chance accuracy
-    (1/classes), or None when unknown (then no run counts as at chance, and failures are not scored).
+    (1/classes), or None when unknown (then only diverged or non-finite runs count as failed).
     ``level``: this row's error rate (from :func:`table_levels`; default ``plan.alpha``)."""
     level = plan.alpha if level is None else level
     used: list[Pair] = []
