@@ -14,27 +14,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from reslab.study.rule import (
-    CALIBRATION_SHAPES,
-    DIVERGENCE_SHARE,
-    PAPER,
-    QUICK,
-    Pair,
-    Plan,
-    accuracy_nominal,
-    decide_comparison,
-    decide_differences,
-    decide_table,
-    detectable_difference,
-    divergence_bounds,
-    imbalance_p,
-    nominal_level,
-    seeds_to_decide,
-    sign_flip_floor,
-    simulate,
-    simulate_table,
-    table_levels,
-)
+from reslab.study.calibration import CALIBRATION_SHAPES, accuracy_nominal, nominal_level, sign_flip_floor
+from reslab.study.divergence import divergence_bounds, imbalance_p
+from reslab.study.plan import DIVERGENCE_SHARE, PAPER, QUICK, Plan, table_levels
+from reslab.study.planning import detectable_difference, seeds_to_decide
+from reslab.study.rule import Pair, decide_comparison, decide_differences, decide_table
+from reslab.study.simulation import simulate, simulate_table
 
 SIMS = 100_000
 PLANS = {"quick": QUICK, "paper": PAPER}
