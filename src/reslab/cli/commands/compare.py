@@ -382,7 +382,8 @@ def run(args: argparse.Namespace) -> int:
     if progress:
         plan = grid.plan()
         seeds = (
-            f"seeds added until decided ({plan.min_seeds} to {plan.max_seeds}, alpha {plan.alpha:g}, "
+            f"seeds added until decided ({plan.min_seeds} to {plan.max_seeds}, alpha {plan.alpha:g} "
+            f"{'for the whole decision table' if grid.error_rate == 'table' else 'per comparison'}, "
             f"margin +-{100 * plan.margin:g} pp)"
             if plan
             else f"seeds {', '.join(map(str, grid.seeds))}"
