@@ -47,14 +47,15 @@ def cifar_depth(model: str) -> int | None:
 
 def probe_at_init(grid: Grid, results: Path, batches: int = 1, batch_size: int = 64) -> Path:
     """Gradient flow at initialisation of every technique at the grid's models and at depths
-    56 and 110 (at the grid's width), by :func:`reslab.probe.measure.run_probe`, into ``PROBE_FILE`` in
+    56 and 110 (at the grid's width), by :func:`reslab.probe.runner.run_probe`, into ``PROBE_FILE`` in
     the probe's own format (``{"config", "results"}``, each result with its ``width``).
 
     It costs a forward and backward pass per batch and model. Errors are recorded in the
     file rather than stopping the grid, since the training results do not depend on it.
     """
     from reslab.engine.data import ArrayDataset, open_dataset
-    from reslab.probe import measure as probe
+    from reslab.probe.records import entry_to_dict
+    from reslab.probe.runner import make_batches, run_probe
 
     settings = grid.shared_settings()
     results_out: list[dict[str, Any]] = []
@@ -64,13 +65,13 @@ def probe_at_init(grid: Grid, results: Path, batches: int = 1, batch_size: int =
         if not isinstance(ds, ArrayDataset):
             config["error"] = "streamed (folder) datasets are not probed"
         else:
-            data = probe.make_batches(ds.train_x, ds.train_y, ds.mean, ds.std, batches, batch_size, seed=0)
+            data = make_batches(ds.train_x, ds.train_y, ds.mean, ds.std, batches, batch_size, seed=0)
             by_width: dict[float, list[int]] = {}
             for d, w in probe_targets(grid):
                 by_width.setdefault(w, []).append(d)
             for w, depths in by_width.items():
-                entries = probe.run_probe(grid.techniques, depths, data, ds.num_classes, width=w, workers=1)
-                results_out += [{**probe.entry_to_dict(e), "width": w} for e in entries]
+                entries = run_probe(grid.techniques, depths, data, ds.num_classes, width=w, workers=1)
+                results_out += [{**entry_to_dict(e), "width": w} for e in entries]
     except Exception as e:  # noqa: BLE001 - a failed measurement must not stop the training grid
         config["error"] = f"{type(e).__name__}: {e}"
     path = results / PROBE_FILE
