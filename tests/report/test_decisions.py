@@ -186,3 +186,11 @@ def test_the_html_page_shows_the_decision_labels_in_bold_not_as_markup(
     report(root, capsys)
     page = (root / "report.html").read_text()
     assert "<strong>worse</strong>" in page and "**" not in page
+
+
+def test_an_interval_wider_than_the_possible_range_says_so() -> None:
+    from reslab.study.decisions import interval_pp, interval_ratio
+
+    assert interval_pp(-0.012, 0.034) == "[-1.20, +3.40]"
+    assert "wider than the possible range" in interval_pp(-1.16, 0.62)
+    assert interval_ratio(0.5, 2.0) == "[0.50, 2.00]" and "unbounded" in interval_ratio(0.0, 3.9e24)

@@ -11,7 +11,7 @@ from reslab.report.aggregate import (
     as_float,
 )
 from reslab.report.document import Doc
-from reslab.study.decisions import Decision, gradient_verdict, pp
+from reslab.study.decisions import Decision, gradient_verdict, interval_pp, interval_ratio, pp
 from reslab.version import __version__
 
 
@@ -63,9 +63,7 @@ def decision_words(d: Decision) -> str:
 
 
 def difference_words(d: Decision) -> str:
-    if math.isfinite(d.low):
-        return f"{pp(d.estimate)} [{pp(d.low)}, {pp(d.high)}]"
-    return f"{pp(d.estimate)} (no interval)" if math.isfinite(d.estimate) else "n/a"
+    return f"{pp(d.estimate)} {interval_pp(d.low, d.high)}" if math.isfinite(d.estimate) else "n/a"
 
 
 def seeds_words(d: Decision) -> str:
@@ -183,7 +181,8 @@ def decision_section(
                     f"{d.convergence['of']}",
                     f"{fmt_value(d.convergence['epochs_median'])} / {fmt_value(d.convergence['base_epochs_median'])}",
                     (
-                        f"{d.convergence['speedup']:.2f}x [{d.convergence['low']:.2f}, {d.convergence['high']:.2f}]: "
+                        f"{d.convergence['speedup']:.2f}x "
+                        f"{interval_ratio(d.convergence['low'], d.convergence['high'])}: "
                         f"{d.convergence['label']}"
                         if math.isfinite(d.convergence["speedup"])
                         else d.convergence["label"]

@@ -18,7 +18,7 @@ from reslab.report.decision_table import fmt_value, step_ms, step_ratio_text
 from reslab.report.document import Doc
 from reslab.report.verdicts import fmt_bounds, verdict
 from reslab.study import stats
-from reslab.study.decisions import Decision, pp
+from reslab.study.decisions import Decision, interval_pp, interval_ratio, pp
 from reslab.study.results import (
     BASELINE,
     FIGURES_DIR,
@@ -238,9 +238,7 @@ def convergence_section(doc: Doc, v: ModelView) -> None:
 def _decision_diff(d: Decision | None) -> str:
     if d is None or not math.isfinite(d.estimate):
         return "n/a"
-    if not math.isfinite(d.low):
-        return f"{pp(d.estimate)} (no interval)"
-    return f"{pp(d.estimate)} [{pp(d.low)}, {pp(d.high)}]"
+    return f"{pp(d.estimate)} {interval_pp(d.low, d.high)}"
 
 
 def _speedup_words(d: Decision | None) -> str:
@@ -249,7 +247,7 @@ def _speedup_words(d: Decision | None) -> str:
         return "n/a"
     if not math.isfinite(c["speedup"]):
         return str(c["label"])
-    return f"{c['speedup']:.2f}x {fmt_bounds(c['low'], c['high'], 1.0)}: {c['label']}"
+    return f"{c['speedup']:.2f}x {interval_ratio(c['low'], c['high'])}: {c['label']}"
 
 
 def curves_section(doc: Doc, v: ModelView, by_tech: dict[str, list[RunData]], fig_dir: Path, plots: Any) -> list[Path]:

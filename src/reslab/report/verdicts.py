@@ -8,7 +8,7 @@ from typing import Any
 
 from reslab.report.aggregate import as_float
 from reslab.study import stats
-from reslab.study.decisions import Decision
+from reslab.study.decisions import Decision, interval_ratio
 from reslab.study.results import BASELINE
 
 
@@ -86,7 +86,7 @@ def _convergence_words(d: Decision) -> str:
         return f"Convergence: no seed reached {target} validation accuracy, so no speed-up can be measured."
     if not math.isfinite(c["speedup"]):
         return f"Convergence: {reach}; {c['label']}, so no speed-up is claimed."
-    iv = fmt_bounds(c["low"], c["high"], 1.0)
+    iv = interval_ratio(c["low"], c["high"])
     return (
         f"Convergence: {reach}; baseline's epochs to target over the technique's {_ratio_words(c['speedup'])} "
         f"{iv} over {c['pairs']} paired seeds: {c['label']} (interval at the decision's per-look level)."

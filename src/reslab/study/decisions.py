@@ -65,6 +65,8 @@ class Decision:
     step: tuple[float, float, float] | None
     convergence: dict[str, Any] = field(default_factory=dict)
     recommendation: str = ""
+    #: how its failures are named: "diverged", or "diverged or stayed at chance level" when some did not diverge
+    failure_word: str = "diverged"
 
     @property
     def reason(self) -> str:
@@ -75,7 +77,7 @@ class Decision:
         """'diverged in k of n seeds' (where baseline did not), or '' when it never did."""
         if not self.diverged:
             return ""
-        return f"diverged in {self.diverged} of {self.trained} seeds where baseline did not"
+        return f"{self.failure_word} in {self.diverged} of {self.trained} seeds where baseline did not"
 
 
 def seed_pairs(
@@ -310,6 +312,8 @@ def _decide_one(
         flops_ratio=_ratio(mine, base, "flops"),
         step=step_ratio(timing, model, tech),
     )
+    true_div = sum(p.tech_diverged and not p.base_diverged for p in pairs[:avail])
+    d.failure_word = "diverged" if true_div == d.diverged else "diverged or stayed at chance level"
     d.convergence = convergence(mine, base, target, d)
     d.recommendation = recommend(d)
     return d
@@ -363,11 +367,28 @@ def pp(x: float, sign: bool = True) -> str:
     return "n/a" if not math.isfinite(x) else (f"{100 * x:+.2f}" if sign else f"{100 * x:.2f}")
 
 
+def interval_pp(low: float, high: float) -> str:
+    """``[low, high]`` in pp; an interval wider than any accuracy difference can be says so instead."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "(no interval)"
+    if low < -1.0 or high > 1.0:
+        return "(interval wider than the possible range: it says nothing yet)"
+    return f"[{pp(low)}, {pp(high)}]"
+
+
+def interval_ratio(low: float, high: float) -> str:
+    """``[low, high]`` of a speed-up; one spanning more than a factor of 1000 either way says so instead."""
+    if not (math.isfinite(low) and math.isfinite(high)) or low < 1e-3 or high > 1e3:
+        return "(interval unbounded: it says nothing yet)"
+    return f"[{low:.2f}, {high:.2f}]"
+
+
 def recommend(d: Decision) -> str:
     """One line a user can act on, claiming no more than the decision supports."""
     cost = f"{100 * (d.step[0] - 1):+.0f}% time per training step" if d.step is not None else ""
     div = d.divergence_words
-    span = f"between {pp(d.low)} and {pp(d.high)} pp" if math.isfinite(d.low) else "not bounded yet"
+    bounded = math.isfinite(d.low) and -1.0 <= d.low and d.high <= 1.0
+    span = f"lies between {pp(d.low)} and {pp(d.high)} pp" if bounded else "is not bounded yet"
     if d.why_open == "nothing learned":
         return "Nothing to compare: baseline learned nothing (every run diverged or stayed at chance level)."
     if d.decision == "worse" and d.outcome and d.outcome.basis == "divergence":
@@ -385,12 +406,12 @@ def recommend(d: Decision) -> str:
         if d.step is not None and d.step[0] > 1.02:
             return f"Keep baseline: accuracy equal within +-{m} pp, and the technique costs {cost}."
         return f"Either: accuracy equal within +-{m} pp at about the same training cost."
-    lead = f"Not equivalent or better: it {div}; " if div else ""
+    lead = f"Not equivalent or better: it {div}. " if div else ""
     if d.why_open == "too few seeds":
         return f"{lead}No answer yet: {d.trained} paired seeds have finished, too few for a first look."
     if d.why_open == "budget or interrupted":
         return (
-            f"{lead}No answer yet after {d.trained} seeds (difference {span}): re-run the same command to "
+            f"{lead}No answer yet after {d.trained} seeds (the difference {span}): re-run the same command to "
             f"continue up to {d.max_seeds} seeds."
         )
     if d.outcome and "ties decide nothing" in d.outcome.reason:
@@ -402,7 +423,7 @@ def recommend(d: Decision) -> str:
         if math.isfinite(d.sd)
         else ""
     )
-    return f"{lead}No answer at {d.trained} seeds: the difference lies {span}{more}."
+    return f"{lead}No answer at {d.trained} seeds: the difference {span}{more}."
 
 
 # -- gradient health at depth ------------------------------------------------------------
@@ -444,6 +465,8 @@ __all__ = [
     "error_rate_of",
     "finished_diffs",
     "gradient_verdict",
+    "interval_pp",
+    "interval_ratio",
     "open_cells",
     "recommend",
     "row_level",
