@@ -44,6 +44,10 @@ tests_rc=$?
 step technique-overhead "$PYTHON" benchmarks/technique_overhead.py --device cuda --batch 256 --rounds 11 --steps 10
 step inference-speed "$PYTHON" benchmarks/inference_speed.py --device cuda --batch 1024 --channels-last --rounds 7 --iters 10
 step train-speed "$PYTHON" benchmarks/train_speed.py --device cuda --train-subset 0 --rounds 2 --workers 8
+# packed runs (reslab.engine.packed) against one run at a time, same card, same call; issue 19
+# asks for at least 5x at 16 resnet56 runs and 10x at 32 resnet20 runs
+step pack-speed "$PYTHON" benchmarks/pack_speed.py --device cuda --width 1 --rounds 3 --steps 3 \
+  --configs resnet56:4:512,resnet56:16:512,resnet20:8:128,resnet20:32:128
 # the default comparison on the GPU, one process, timed end to end
 step quick-preset "$PYTHON" -m reslab compare --preset quick --device cuda --jobs 1 --out "$out/quick-preset" --quiet
 echo "figures in $out"

@@ -10,6 +10,7 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
+import reslab
 from reslab import build_model
 from reslab.errors import UsageError
 from reslab.nn.blocks import residual_blocks
@@ -138,3 +139,55 @@ def test_cli_train_init_weights(tmp_path, capsys, tiny_train_config):
     argv[argv.index("--out") + 1], argv[argv.index("--width") + 1] = str(wrong), "0.5"
     assert main(argv) == 2
     assert "has shape" in capsys.readouterr().err and not wrong.exists()
+
+
+class ChannelGain(reslab.Technique):
+    """A plugin technique: ``F(x) + g * s`` with a per-channel gain ``g`` that starts random."""
+
+    name = "test_channel_gain"
+    parameter_names = ("g",)
+
+    def add_parameters(self, block: nn.Module, channels: int) -> None:
+        block.g = nn.Parameter(torch.rand(channels, 1, 1) + 0.5)
+
+    def merge(self, block: nn.Module, branch: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        return branch + block.g * shortcut
+
+    def from_plain(self, block: nn.Module) -> dict[str, str]:
+        block.g.fill_(1.0)
+        return {"g": "1 per channel: F(x) + s"}
+
+
+class ChannelGainUnsaid(ChannelGain):
+    """The same merge without a ``from_plain`` of its own (its parent's is removed)."""
+
+    name = "test_channel_gain_unsaid"
+    from_plain = reslab.Technique.from_plain
+
+
+def test_pretrained_module_names_no_technique():
+    import reslab.nn.pretrained as pretrained
+
+    text = pretrained.__loader__.get_source(pretrained.__name__) if pretrained.__loader__ else ""
+    names = set(reslab.list_techniques())
+    said = {n for n in names if f'"{n}"' in text or f"'{n}'" in text}
+    assert not said, f"pretrained.py names techniques {said}: a technique decides its own pretrained init"
+
+
+def test_a_plugin_technique_with_from_plain_loads_a_torchvision_backbone(tv18, x):
+    model = build_model("resnet18", technique=ChannelGain(), num_classes=1000, weights=tv18.state_dict()).eval()
+    with torch.no_grad():
+        assert _close(model(x), tv18(x))  # torchvision's own model is the reference
+    report = model.pretrained_report
+    assert report.function_preserved
+    assert set(report.initialised) == {f"{name}.g" for name, _ in residual_blocks(model)}
+    assert set(report.initialised.values()) == {"1 per channel: F(x) + s"}
+
+
+def test_a_plugin_technique_without_from_plain_loads_and_says_the_function_changed(tv18, x):
+    model = build_model("resnet18", technique=ChannelGainUnsaid(), num_classes=1000, weights=tv18.state_dict()).eval()
+    report = model.pretrained_report
+    assert not report.function_preserved
+    assert any("test_channel_gain_unsaid" in n and "from_plain" in n for n in report.notes)
+    with torch.no_grad():
+        assert not _close(model(x), tv18(x))  # its random gains were left as they were

@@ -1,9 +1,9 @@
 """The ``reslab`` command line.
 
-Each sub-command lives in :mod:`reslab.commands` as a module with ``NAME``, ``HELP``,
+Each sub-command lives in :mod:`reslab.cli.commands` as a module with ``NAME``, ``HELP``,
 ``ORDER``, ``add_arguments(parser)`` and ``run(args) -> int``; this file only finds them
 and turns user errors into one line on stderr and exit status 2. ``--import MODULE`` (on
-any command) imports a module first, e.g. one defining a technique (:mod:`reslab.plugins`).
+any command) imports a module first, e.g. one defining a technique (:mod:`reslab.nn.plugins`).
 """
 
 from __future__ import annotations

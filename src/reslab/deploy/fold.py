@@ -92,7 +92,7 @@ def _fold_norm(cw: FoldedConv, norm: nn.Module) -> None:
     """Fold the normalization layer that follows a conv into it.
 
     BatchNorm is folded from its statistics; any other norm layer must describe itself
-    with ``fold_affine(channels) -> (scale, shift)`` (see :mod:`reslab.folding`).
+    with ``fold_affine(channels) -> (scale, shift)`` (see :mod:`reslab.nn.folding`).
     """
     if not isinstance(norm, nn.Identity):
         cw.scale_out(*_norm_affine(norm, cw.out_channels))

@@ -7,7 +7,7 @@ outputs equal the original's (up to float rounding; the algebra is done in float
 
 The fuser knows no technique. It reads each block's structure from the block
 (:meth:`~reslab.nn.blocks.ResidualBlock.branch_layers`, ``input_norm``, ``relu_after_merge``)
-and each piece's eval-mode algebra from the piece itself (:mod:`reslab.folding`):
+and each piece's eval-mode algebra from the piece itself (:mod:`reslab.nn.folding`):
 
 * every BatchNorm goes into the conv before it (weights and bias), and so does any norm
   layer that states itself as ``fold_affine(channels) -> (scale, shift)`` (Fixup's scalar
@@ -83,7 +83,7 @@ from reslab.nn.models import ResNet
 from reslab.nn.techniques import check_foldable, list_techniques, technique_class
 
 # Layers the fuser folds by their type. Exact types: a subclass may compute something else
-# in its forward. Any other layer must describe itself (see reslab.folding).
+# in its forward. Any other layer must describe itself (see reslab.nn.folding).
 _PLAIN_MODULES: tuple[type[nn.Module], ...] = (
     ResNet,
     BasicBlock,
@@ -124,9 +124,9 @@ def _validate(model: nn.Module) -> None:
             continue
         where = name or "the model"
         raise UsageError(
-            f"cannot fuse {where}: module type {type(m).__name__} is unknown to reslab.fuse, which folds reslab's "
-            "ResNet, BasicBlock and Bottleneck layers and norm layers with a fold_affine(channels) method; fuse a "
-            "model built by reslab.build_model"
+            f"cannot fuse {where}: module type {type(m).__name__} is unknown to reslab.deploy.fuse, which folds "
+            "reslab's ResNet, BasicBlock and Bottleneck layers and norm layers with a fold_affine(channels) "
+            "method; fuse a model built by reslab.build_model"
         )
     for _, m in model.named_modules():
         if isinstance(m, ResidualBlock):

@@ -188,7 +188,7 @@ def check_layout(layout: Any) -> None:
 def save_fused(path: str | Path, fused: FusedResNet, extra: dict[str, Any] | None = None) -> None:
     """Write a fused model as safetensors, its layout and ``extra`` (and the source spec) as metadata."""
     if not isinstance(fused, FusedResNet):
-        raise UsageError("save_fused takes the FusedResNet that reslab.fuse returns for a ResNet")
+        raise UsageError("save_fused takes the FusedResNet that reslab.fuse() returns for a ResNet")
     meta: dict[str, Any] = {"kind": "fused", "fused": fused.layout, **(extra or {})}
     if fused.spec is not None:
         meta["spec"] = {**fused.spec.__dict__}

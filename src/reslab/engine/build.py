@@ -115,8 +115,12 @@ def build_engine(
     device: torch.device,
     out: Path,
     ckpt: dict[str, Any] | None,
+    source: Any = None,
 ) -> tuple[Engine, RunState]:
-    """Model, data source and optimizer of a run, and its state: fresh, or the checkpoint's."""
+    """Model, data source and optimizer of a run, and its state: fresh, or the checkpoint's.
+
+    ``source``: a data source built for another run of the same data (the members of a
+    pack share one), instead of a new one."""
     c, h, w = ds.input_size
     model, note = build_run_model(cfg, ds, load_init_weights=ckpt is None)  # a resumed run takes its checkpoint's
     params, flops = count_params(model), forward_flops(model, (c, h, w))
@@ -125,7 +129,8 @@ def build_engine(
         cfg = dataclasses.replace(cfg, channels_last=False)  # see channels_last_safe: a CPU kernel bug
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
-    source: Any = (ArraySource if isinstance(ds, ArrayDataset) else FolderSource)(ds, cfg, device, d)
+    if source is None:
+        source = (ArraySource if isinstance(ds, ArrayDataset) else FolderSource)(ds, cfg, device, d)
     steps_per_epoch = source.n_train // cfg.batch_size
     if steps_per_epoch < 1:
         raise UsageError(

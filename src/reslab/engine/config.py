@@ -23,7 +23,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 #: fields that may differ between a run and its ``--resume`` (they change where and how
 #: fast it runs, not what it computes).
 RESUMABLE_CHANGES = frozenset(
-    {"device", "threads", "compile", "tensorboard", "workers", "data_dir", "precision", "channels_last"}
+    {"device", "threads", "compile", "tensorboard", "workers", "data_dir", "precision", "channels_last", "pack"}
 )
 
 
@@ -94,7 +94,7 @@ class TrainConfig:
     init_weights: str | None = _opt(
         None,
         "start from a plain ResNet's weights (torchvision/timm .pth or .safetensors, or a reslab model.safetensors) "
-        "of the same architecture; the technique starts where it keeps their function (reslab.pretrained; "
+        "of the same architecture; the technique starts where it keeps their function (reslab.nn.pretrained; "
         "unset: fresh init)",
         metavar="FILE",
     )
@@ -111,6 +111,12 @@ class TrainConfig:
     )
     image_size: int | None = _opt(None, "square size folder:PATH images are resized to (unset: the first image's size)")
     tensorboard: bool = _opt(False, "also write TensorBoard event files")
+    #: the pack a run trained in (:func:`reslab.engine.packed.train_pack`): ``{"size": K,
+    #: "index": i, "members": [run folder names], "seeds": [...]}``; ``None`` for a run
+    #: trained alone, and then left out of :meth:`to_dict`, so an unpacked run's files are
+    #: what they were before packs existed. Where and with whom a run trained, not what it
+    #: computes: a packed run may resume alone and the other way round.
+    pack: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------------------
     @classmethod
@@ -133,7 +139,10 @@ class TrainConfig:
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["pack"] is None:
+            del d["pack"]
+        return d
 
     def replace(self, **changes: Any) -> TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
@@ -183,6 +192,10 @@ class TrainConfig:
         need(self.evals_per_epoch >= 1, f"evals_per_epoch must be at least 1, got {self.evals_per_epoch}")
         need(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
         need(self.image_size is None or self.image_size >= 1, "image_size must be at least 1")
+        need(
+            self.pack is None or (isinstance(self.pack, dict) and int(self.pack.get("size", 0)) >= 1),
+            f"pack must be unset or a mapping with a size of at least 1, got {self.pack!r}",
+        )
         need(
             self.precision in PRECISIONS,
             f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}",

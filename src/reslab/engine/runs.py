@@ -1,9 +1,9 @@
 """Run folders: what a run has written and what its status is.
 
 The one place that writes ``summary.json``, ``metrics.jsonl`` and the other JSON files of a
-run folder, and that reads a folder's status back. :mod:`reslab.train` (deciding whether
-to start, resume or refuse), :mod:`reslab.compare` (which cells are left) and
-:mod:`reslab.results` (what a report shows) all ask here, so they agree on what an
+run folder, and that reads a folder's status back. :mod:`reslab.engine.train` (deciding whether
+to start, resume or refuse), :mod:`reslab.study.compare` (which cells are left) and
+:mod:`reslab.study.results` (what a report shows) all ask here, so they agree on what an
 unreadable folder is. Layout: see ``docs/architecture.md``.
 """
 

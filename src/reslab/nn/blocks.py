@@ -2,7 +2,7 @@
 
 :class:`BasicBlock` and :class:`Bottleneck` have torchvision's layout and state-dict names
 (``conv1, bn1, conv2, bn2[, conv3, bn3], downsample.0, downsample.1``), so torchvision
-weights load as they are. The technique (see :mod:`reslab.techniques`) decides the merge,
+weights load as they are. The technique (see :mod:`reslab.nn.techniques`) decides the merge,
 adds its own parameters under the source article's names (``scale``, ``residual_norm``,
 ``feature_fusion``) and may replace the branch's normalization (Fixup) or its order
 (pre-activation).

@@ -1,4 +1,4 @@
-"""ResNet families built from :mod:`reslab.blocks`, registered once and built by name.
+"""ResNet families built from :mod:`reslab.nn.blocks`, registered once and built by name.
 
 * CIFAR-style (He et al. 2016, section 4.2): a 3x3 stem and three stages of ``n``
   BasicBlocks at widths 16/32/64 (times ``width``), depth ``6n + 2``: ``resnet20/32/44/
@@ -7,7 +7,7 @@
 * ImageNet-style: torchvision's ``resnet18/34/50/101/152``, with its state-dict names, so
   ``build_model("resnet50", num_classes=1000).load_state_dict(torchvision.models.resnet50().state_dict())``
   works, and ``build_model("resnet50", technique="scale", weights=...)`` puts pretrained
-  weights under a technique (:mod:`reslab.pretrained`).
+  weights under a technique (:mod:`reslab.nn.pretrained`).
 
 Every model takes a technique and the options of :class:`ResNet`; ``model.spec`` records
 what is needed to build it again (checkpoints store it).
@@ -279,7 +279,7 @@ def build_model(
     ``weights`` (a file or a state dict of a plain ResNet of the same architecture:
     torchvision's, timm's, or a reslab run's) are loaded into the backbone, and the
     technique's own parameters are set to keep the backbone's function where the
-    technique allows it (see :mod:`reslab.pretrained`). No weights are downloaded: pass
+    technique allows it (see :mod:`reslab.nn.pretrained`). No weights are downloaded: pass
     e.g. ``torchvision.models.resnet50(weights="DEFAULT").state_dict()``. What was loaded
     and what was newly initialised is in ``model.pretrained_report``. Without
     ``weights`` the model is freshly initialised.

@@ -1,6 +1,6 @@
 """Techniques from outside the package: entry points and ``--import``.
 
-A technique written elsewhere reaches the registry (:mod:`reslab.techniques`) in one of
+A technique written elsewhere reaches the registry (:mod:`reslab.nn.techniques`) in one of
 two ways, with no edit to reslab:
 
 * an installed distribution declares it in the entry-point group ``reslab.techniques``

@@ -2,21 +2,15 @@
 timm's, or a reslab run's) into a model built with a technique.
 
 The backbone's tensors are copied by name. The technique's own parameters, which the
-plain ResNet does not have, are then set so that each block still computes the plain
-block's function where the technique allows it, so fine-tuning starts from the
-pretrained network and not from a perturbed one:
-
-* ``baseline``, ``zero_init``: nothing new (``zero_init`` only changes a fresh init).
-* ``scale``: ``scale = 1``, so ``F(x) + 1 * s``.
-* ``skipinit``: ``alpha = 1`` and ``layerscale``: ``gamma = 1``, so ``s + F(x)``. (Their
-  usual inits, 0 and 1e-6, would switch the pretrained branches off.)
-* ``fusion``: the 1x1 fusion conv gets weight ``[0 | I]`` and bias 0, so
-  ``F(x) + Conv1x1(cat[F(x), s]) = F(x) + s``.
-* ``norm``: **cannot** keep the function: ``F(x) + BN(F(x) - s)`` equals ``F(x) + s`` for
-  no setting of the BatchNorm (it would need ``BN(F - s) = s`` for every ``F``), so its
-  BatchNorm keeps its default init and the report says the function changed.
-* ``fixup`` (no normalization layers to take the BatchNorm weights) and ``preact`` (a
-  different block order) cannot take a post-activation backbone: :class:`ValueError`.
+plain ResNet does not have, are then set by the technique itself
+(:meth:`~reslab.nn.technique.Technique.from_plain`, block by block) so that each block still
+computes the plain block's function where the technique allows it, and fine-tuning starts
+from the pretrained network and not from a perturbed one. A technique that cannot keep the
+function raises :class:`~reslab.nn.technique.FunctionChanged` (its parameters keep their own
+init and the report says the function changed); one that cannot take a post-activation
+backbone at all refuses with a :class:`~reslab.errors.UsageError` before anything is copied.
+This module names no technique: a plugin technique takes part through its own
+``from_plain``.
 
 A classifier of another size (fine-tuning to ``num_classes`` other than the backbone's)
 is left at its fresh init and reported, as are conv biases the backbone lacks (set to 0).
@@ -30,6 +24,7 @@ parameter names as torchvision's; checkpoints wrapped as ``{"state_dict": ...}``
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,16 +34,10 @@ from torch import Tensor, nn
 
 from reslab.errors import UsageError
 from reslab.nn.blocks import residual_blocks
+from reslab.nn.technique import FunctionChanged
 
 __all__ = ["PretrainedReport", "load_pretrained", "read_state_dict"]
 
-#: techniques whose merge can be set to the plain block's function, and how
-_PRESERVING = {"baseline", "zero_init", "scale", "skipinit", "layerscale", "fusion"}
-_CHANGING = {"norm": "F(x) + BN(F(x) - s) equals F(x) + s for no BatchNorm setting"}
-_REFUSED = {
-    "fixup": "fixup has no normalization layers to take the backbone's BatchNorm weights",
-    "preact": "preact blocks apply BatchNorm and ReLU before each conv, a different function from the backbone's",
-}
 _WRAPPERS = ("state_dict", "model", "state_dict_ema", "model_ema")
 _PREFIXES = ("module.", "model.")
 
@@ -121,9 +110,17 @@ def load_pretrained(model: nn.Module, source: str | Path | Mapping[str, Tensor])
     take a post-activation backbone.
     """
     spec = getattr(model, "spec", None)
-    technique = getattr(spec, "technique", "baseline")
-    if technique in _REFUSED:
-        raise UsageError(f"cannot load a pretrained ResNet into technique {technique!r}: {_REFUSED[technique]}")
+    blocks = residual_blocks(model)
+    techniques = list({id(b.technique): b.technique for _, b in blocks}.values())
+    for tech in techniques:
+        # A refusal depends on the technique's structure, not on values: try it on a copy of
+        # one of its blocks before anything of the model is changed.
+        first = next(b for _, b in blocks if b.technique is tech)
+        with torch.no_grad():
+            try:
+                tech.from_plain(copy.deepcopy(first))
+            except FunctionChanged:
+                pass
     state = read_state_dict(source)
     own = model.state_dict()
     report = PretrainedReport()
@@ -152,33 +149,17 @@ def load_pretrained(model: nn.Module, source: str | Path | Mapping[str, Tensor])
     model.load_state_dict(to_load, strict=False)
     report.loaded = sorted(to_load)
 
+    changed: dict[str, str] = {}
     with torch.no_grad():
-        for block_name, block in residual_blocks(model):
-            if technique == "scale":
-                block.scale.fill_(1.0)
-                report.initialised[f"{block_name}.scale"] = "1: F(x) + s"
-            elif technique == "skipinit":
-                block.alpha.fill_(1.0)
-                report.initialised[f"{block_name}.alpha"] = "1: s + F(x)"
-            elif technique == "layerscale":
-                block.gamma.fill_(1.0)
-                report.initialised[f"{block_name}.gamma"] = "1: s + F(x)"
-            elif technique == "fusion":
-                conv = block.feature_fusion
-                c = conv.out_channels
-                conv.weight.zero_()
-                conv.weight[:, c:, 0, 0].copy_(torch.eye(c))
-                if conv.bias is not None:
-                    conv.bias.zero_()
-                report.initialised[f"{block_name}.feature_fusion"] = "weight [0 | I], bias 0: F(x) + s"
-            elif technique == "norm":
-                report.initialised[f"{block_name}.residual_norm"] = "BatchNorm default (the function changes)"
-    from reslab.nn.techniques import technique_class
-
-    try:
-        own_names = set(technique_class(technique).parameter_names)
-    except ValueError:  # a technique object that was never registered
-        own_names = set()
+        for block_name, block in blocks:
+            try:
+                for attr, how in block.technique.from_plain(block).items():
+                    report.initialised[f"{block_name}.{attr}"] = how
+            except FunctionChanged as e:
+                changed.setdefault(block.technique.name, str(e))
+                for attr in block.technique.parameter_names:
+                    report.initialised[f"{block_name}.{attr}"] = "the technique's own init (the function changes)"
+    own_names = {n for tech in techniques for n in tech.parameter_names}
     for name, param in model.named_parameters():
         if name in to_load or name in report.initialised or any(name.startswith(k + ".") for k in report.initialised):
             continue
@@ -203,10 +184,7 @@ def load_pretrained(model: nn.Module, source: str | Path | Mapping[str, Tensor])
         raise UsageError(
             f"the pretrained weights lack {', '.join(missing_buffers[:3])}; they are not a complete ResNet state dict"
         )
-    if technique in _CHANGING:
+    for name, why in changed.items():
         report.function_preserved = False
-        report.notes.append(f"{technique}: {_CHANGING[technique]}; fine-tuning starts from a changed network")
-    elif technique not in _PRESERVING:
-        report.function_preserved = False
-        report.notes.append(f"{technique}: reslab does not know a setting that keeps the backbone's function")
+        report.notes.append(f"{name}: {why}; fine-tuning starts from a changed network")
     return report

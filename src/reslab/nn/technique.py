@@ -21,6 +21,11 @@ from reslab.errors import UsageError
 from reslab.nn.folding import MergeFold, fold_is_current
 
 
+class FunctionChanged(Exception):
+    """Raised by :meth:`Technique.from_plain` when no setting of the technique's parameters
+    makes a block compute the plain block's function; the message says why."""
+
+
 class Technique:
     """Base class. The default is the plain residual merge ``F(x) + s`` of He et al."""
 
@@ -53,6 +58,30 @@ class Technique:
         :func:`merge_fold`).
         """
         return MergeFold()
+
+    def from_plain(self, block: nn.Module) -> dict[str, str]:
+        """Set this technique's parameters on ``block`` so that it computes what the plain
+        (``baseline``) block with the same branch and shortcut weights computes.
+
+        Called by pretrained loading (:func:`reslab.nn.pretrained.load_pretrained`) once the
+        plain backbone's weights are in the block, under ``torch.no_grad()``. Returns, per
+        attribute set, how it was set (e.g. ``{"scale": "1: F(x) + s"}``), for the loading
+        report. Raises :class:`FunctionChanged` with the reason when no setting keeps the
+        plain function (the weights still load; fine-tuning starts from a changed network),
+        and :class:`~reslab.errors.UsageError` when a plain ResNet's weights cannot go into
+        this technique's blocks at all (this must not depend on the block's values).
+
+        The default: a technique that keeps the plain block (the plain merge, BatchNorm,
+        post-activation order) and adds no parameters has nothing to set; any other
+        technique must say how, so the default raises :class:`FunctionChanged`.
+        """
+        plain = type(self).merge is Technique.merge and self.normalized and not self.preact and not self.parameter_names
+        if plain:
+            return {}
+        raise FunctionChanged(
+            f"technique {self.name!r} does not say how to keep a plain block's function "
+            "(it defines no from_plain method)"
+        )
 
     def init_block(self, block: nn.Module, num_blocks: int) -> None:
         """Apply the technique's init rule after the generic (He) init of the block.

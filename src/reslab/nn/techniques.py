@@ -24,7 +24,7 @@ from reslab.nn.registry import (
     registered,
     technique_class,
 )
-from reslab.nn.technique import Technique, check_foldable, merge_fold
+from reslab.nn.technique import FunctionChanged, Technique, check_foldable, merge_fold
 
 # ---------------------------------------------------------------------------------------
 # The plain merge and the article's three techniques.
@@ -53,6 +53,10 @@ class ResidualScaling(Technique):
     def fold_merge(self, block: nn.Module, channels: int) -> MergeFold:
         return MergeFold(coef=scalar(block.scale))
 
+    def from_plain(self, block: nn.Module) -> dict[str, str]:
+        block.scale.fill_(1.0)
+        return {"scale": "1: F(x) + s"}
+
 
 @register
 class ResidualNormalization(Technique):
@@ -72,6 +76,10 @@ class ResidualNormalization(Technique):
         # F + a (F - s) + b = (1 + a) F - a s + b, with BN(x) = a x + b per channel.
         a, b = bn_affine(block.residual_norm)
         return MergeFold(gain=1 + a, coef=-a, shift=b)
+
+    def from_plain(self, block: nn.Module) -> dict[str, str]:
+        # it would need BN(F - s) = s for every F: no BatchNorm setting does that
+        raise FunctionChanged("F(x) + BN(F(x) - s) equals F(x) + s for no BatchNorm setting")
 
 
 @register
@@ -103,6 +111,15 @@ class FeatureFusion(Technique):
         eye = torch.eye(channels, dtype=FOLD_DTYPE, device=w.device)
         return MergeFold(gain=eye + w[:, :channels], coef=w[:, channels:].clone(), shift=b)
 
+    def from_plain(self, block: nn.Module) -> dict[str, str]:
+        conv = block.feature_fusion
+        c = conv.out_channels
+        conv.weight.zero_()
+        conv.weight[:, c:, 0, 0].copy_(torch.eye(c, dtype=conv.weight.dtype))
+        if conv.bias is not None:
+            conv.bias.zero_()
+        return {"feature_fusion": "weight [0 | I], bias 0: F(x) + s"}
+
 
 @register
 class SkipInit(Technique):
@@ -119,6 +136,10 @@ class SkipInit(Technique):
 
     def fold_merge(self, block: nn.Module, channels: int) -> MergeFold:
         return MergeFold(gain=scalar(block.alpha))
+
+    def from_plain(self, block: nn.Module) -> dict[str, str]:
+        block.alpha.fill_(1.0)  # its usual init, 0, would switch the pretrained branch off
+        return {"alpha": "1: s + F(x)"}
 
 
 @register
@@ -144,6 +165,10 @@ class LayerScale(Technique):
 
     def __repr__(self) -> str:
         return f"LayerScale(init_value={self.init_value:g})"
+
+    def from_plain(self, block: nn.Module) -> dict[str, str]:
+        block.gamma.fill_(1.0)  # its usual init, 1e-6, would switch the pretrained branch off
+        return {"gamma": "1: s + F(x)"}
 
 
 @register
@@ -242,6 +267,12 @@ class Fixup(Technique):
             nn.init.zeros_(fc.weight)
             nn.init.zeros_(fc.bias)
 
+    def from_plain(self, block: nn.Module) -> dict[str, str]:
+        raise UsageError(
+            "cannot load a pretrained ResNet into technique 'fixup': it has no normalization layers to take the "
+            "backbone's BatchNorm weights"
+        )
+
 
 @register
 class PreActivation(Technique):
@@ -250,8 +281,15 @@ class PreActivation(Technique):
     reference = "He et al. 2016, Identity Mappings in Deep Residual Networks"
     preact = True
 
+    def from_plain(self, block: nn.Module) -> dict[str, str]:
+        raise UsageError(
+            "cannot load a pretrained ResNet into technique 'preact': its blocks apply BatchNorm and ReLU before "
+            "each conv, a different function from the backbone's"
+        )
+
 
 __all__ = [
+    "FunctionChanged",
     "Technique",
     "check_foldable",
     "get_technique",

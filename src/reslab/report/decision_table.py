@@ -154,10 +154,10 @@ def decision_section(
         "detects with 80% power at the observed spread and the per-look level in force (exact noncentral t). "
         "P(beats baseline in a seed) is the share of paired seeds the technique won, with an exact "
         "Clopper-Pearson 95% interval. Params / FLOPs are ratios to baseline; time per step is the median ratio "
-        "to baseline in a dedicated interleaved timing pass (reslab.timing; range over rounds), not the grid's own "
-        "runs, which shared the CPU. Gradients at init: reslab.probe's verdict and max/min block-output gradient "
-        "ratio at each depth measured (the grid's models and 56 and 110 layers, at the grid's width). The rule and "
-        "its measured error rates: docs/decision-rule.md."
+        "to baseline in a dedicated interleaved timing pass (reslab.engine.timing; range over rounds), not the "
+        "grid's own runs, which shared the CPU. Gradients at init: reslab.probe's verdict and max/min "
+        "block-output gradient ratio at each depth measured (the grid's models and 56 and 110 layers, at the "
+        "grid's width). The rule and its measured error rates: docs/decision-rule.md."
     )
     conv = [d for d in decisions if d.convergence]
     if conv:

@@ -78,7 +78,25 @@ def settings_lines(grid: dict[str, Any] | None, runs: dict[Cell, RunData]) -> li
         items.append(f"Grid: models {', '.join(grid['models'])}; techniques {techs}; seeds {seeds}{preset}")
     if shown:
         items.append("Training settings: " + ", ".join(shown) + " (full settings: each run's config.yaml).")
+    if threads := threads_line(runs):
+        items.append(threads)
     return items
+
+
+def threads_line(runs: dict[Cell, RunData]) -> str | None:
+    """CPU threads per run, as each run's config.yaml records them: on the CPU they change the
+    arithmetic, so results of two grids (or launchers) agree only with the same threads."""
+    counts: dict[Any, int] = {}
+    for run in runs.values():
+        if run.config:
+            t = run.config.get("threads")
+            counts[t] = counts.get(t, 0) + 1
+    if not counts:
+        return None
+    if len(counts) == 1:
+        return f"CPU threads per run: {next(iter(counts))} (set with --set threads=N)."
+    parts = ", ".join(f"{t} in {n} runs" for t, n in sorted(counts.items(), key=lambda kv: str(kv[0])))
+    return f"CPU threads per run differ: {parts} (CPU results depend on them; --set threads=N makes them one)."
 
 
 def settings_section(
@@ -310,7 +328,7 @@ def cost_section(doc: Doc, v: ModelView, timing: dict[str, Any]) -> None:
     )
     doc.p(
         "FLOPs count convolutions and matrix products for one image (a multiply-add is 2). Step times come from "
-        "the dedicated timing pass (reslab.timing: every technique's training steps interleaved, nothing else "
+        "the dedicated timing pass (reslab.engine.timing: every technique's training steps interleaved, nothing else "
         "running, the workers' thread count); the grid's own runs shared the CPU, so their throughput "
         "(summary.csv, images_per_s) is not a cost figure."
     )

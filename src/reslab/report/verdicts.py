@@ -1,4 +1,4 @@
-"""The verdict sentences of a report: what a summary row (:mod:`reslab.aggregate`) lets one
+"""The verdict sentences of a report: what a summary row (:mod:`reslab.report.aggregate`) lets one
 claim, in plain words, each claim next to the interval that backs it."""
 
 from __future__ import annotations

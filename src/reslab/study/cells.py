@@ -31,7 +31,7 @@ from reslab.study.results import (
 
 def run_state(run_dir: Path) -> str | None:
     """The status in ``run_dir/summary.json`` (``unknown`` when unreadable); None when no
-    run started there. Read as :mod:`reslab.runs` reads it, like the engine and the report."""
+    run started there. Read as :mod:`reslab.engine.runs` reads it, like the engine and the report."""
     from reslab.engine.runs import recorded_status
 
     return recorded_status(run_dir)

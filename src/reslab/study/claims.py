@@ -219,6 +219,33 @@ class Claims:
                 out[n] = state[0]
         return out
 
+    def local_holders(self, names: Iterable[str]) -> dict[str, Holder]:
+        """The names of ``names`` whose live claim is held by a process of this host."""
+        here = socket.gethostname()
+        return {n: h for n, h in self.active(names).items() if h.host == here}
+
+    def release_dead(self, names: Iterable[str]) -> list[str]:
+        """Remove the claims of ``names`` whose holder was a process of this host that is gone
+        (killed with a lost cluster): what the holder would have done. A claim of another
+        host is left to expire (``lease_s``). Safe against a concurrent takeover: only the
+        dead holder's own generation file is removed."""
+        found = self._scan()
+        here = socket.gethostname()
+        out = []
+        for n in names:
+            if n not in found:
+                continue
+            gen = found[n][-1]
+            path = self.root / f"{n}.{gen}.lease"
+            try:
+                holder = Holder.parse(path.read_text())
+            except OSError:
+                continue
+            if holder is not None and holder.host == here and not _pid_alive(holder.pid, holder.start):
+                path.unlink(missing_ok=True)
+                out.append(n)
+        return out
+
     # -- claiming ------------------------------------------------------------------------
 
     def _create(self, name: str, gen: int, holder: Holder) -> bool:

@@ -97,7 +97,7 @@ def run_grid(
 
     Any number of processes (``jobs`` workers each, on one machine or several sharing the
     folder) may run this on one ``out`` at once: each cell is claimed before it is trained
-    (:mod:`reslab.claims`), so every cell is trained once; a cell whose worker died is taken
+    (:mod:`reslab.study.claims`), so every cell is trained once; a cell whose worker died is taken
     over and resumed. ``threads`` per job defaults to the cores this process may use shared by
     the jobs; a launcher passes what its engine allotted (Ray does not narrow the affinity).
     The report is written by the process that finds the grid finished
@@ -118,7 +118,9 @@ def run_grid(
     prog = GridProgress(progress)
     if probe_init:
         probe_if_needed(grid, results, prog, claims)
-    threads = threads or max(1, default_threads() // jobs)
+    # threads set in the grid's settings (--set threads=N, --config) win over a launcher's
+    # allotment, so every run of every launcher trains with them (threads change CPU results)
+    threads = grid.train.get("threads") or threads or max(1, default_threads() // jobs)
     timing = timing_if_needed(grid, results, ds, threads, prog, claims)
     settings = grid.shared_settings()
     n_train, n_eval = image_counts(settings, ds)

@@ -1,7 +1,7 @@
 """The bottom line of a comparison: per model and technique, a decision a user can act on.
 
 Reads nothing from disk itself: :mod:`reslab.report` hands it the runs of a results folder
-(:mod:`reslab.results`), the timing pass and the init probe, and renders what comes back.
+(:mod:`reslab.study.results`), the timing pass and the init probe, and renders what comes back.
 Every figure here carries its interval, the number of seeds and the method that made it.
 """
 

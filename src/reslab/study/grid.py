@@ -189,7 +189,15 @@ def shard_cells(
 
 
 def prepare_results(out: Path, grid: Grid) -> Grid:
-    """Create or check ``out`` for ``grid``; returns the grid to record (old cells kept).
+    """Create or check ``out`` for ``grid``; returns the grid to record (old cells kept)."""
+    merged = check_results(out, grid)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / GRID_FILE, json.dumps(merged.to_json(), indent=2) + "\n")
+    return merged
+
+
+def check_results(out: Path, grid: Grid) -> Grid:
+    """Check, writing nothing, that ``out`` may hold ``grid``; returns the grid to record there.
 
     An existing grid may be extended (more seeds, techniques, models) but not retrained with
     other settings: that would mix incomparable runs, so it is refused before anything runs.
@@ -238,6 +246,4 @@ def prepare_results(out: Path, grid: Grid) -> Grid:
                 f"{out} exists and is not a 'reslab compare' results folder (no {GRID_FILE}); choose another --out"
             )
         merged = grid
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(merged.to_json(), indent=2) + "\n")
     return merged

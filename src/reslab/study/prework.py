@@ -125,7 +125,7 @@ def read_timing(grid: Grid, results: Path) -> dict[str, Any] | None:
 def timing_if_needed(
     grid: Grid, results: Path, ds: Any, threads: int, prog: GridProgress, claims: Claims
 ) -> dict[str, Any]:
-    """The dedicated step-time pass (:mod:`reslab.timing`), once per results folder."""
+    """The dedicated step-time pass (:mod:`reslab.engine.timing`), once per results folder."""
     what = "timing a few training steps of every model x technique, side by side"
     lease = claim_once(claims, "timing", lambda: read_timing(grid, results) is not None, prog, what)
     if lease is None:

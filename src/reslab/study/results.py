@@ -1,6 +1,6 @@
 """Results folders of ``reslab compare``: their layout, and reading the runs they hold.
 
-Written by :mod:`reslab.compare` and read by :mod:`reslab.report`; both take the layout from
+Written by :mod:`reslab.study.compare` and read by :mod:`reslab.report`; both take the layout from
 here, so the writer and the reader cannot disagree::
 
     RESULTS/

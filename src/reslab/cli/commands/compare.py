@@ -27,9 +27,15 @@ trained once). '--launcher slurm' submits --workers of them as a Slurm job array
 submitit; logs in OUT/slurm; a worker stopped by the time limit requeues itself and resumes),
 '--launcher ray' runs them as Ray tasks (--ray-address auto for a running cluster); the
 command waits for them and prints the usual summary. --out must be a folder every worker sees.
+A cluster that cannot be reached is one line and exit status 2 within --connect-timeout
+(nothing is written to --out); one lost while the grid runs (Ray's head gone, every Slurm
+task cancelled) is one line naming the runs finished and interrupted, and exit status 75.
+Threads per run are the same whichever launcher trains them: --set threads=N, else
+--cpus-per-task / --jobs, else this machine's cores / --jobs (what a local run uses).
 Exit status: 0 all runs finished (diverged runs count as finished results), 1 some run
-failed with an error (listed in the report; re-run to retry), 2 usage error, 130 interrupted
-(Ctrl-C), 143 terminated (SIGTERM, e.g. Slurm preemption; handled like Ctrl-C).
+failed with an error (listed in the report; re-run to retry), 2 usage error, 75 the cluster
+was lost (re-run the same command to resume), 130 interrupted (Ctrl-C), 143 terminated
+(SIGTERM, e.g. Slurm preemption; handled like Ctrl-C).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from reslab.engine.config import cli_options
@@ -173,6 +180,12 @@ def _add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
     # submitit's executor: 'local' and 'debug' run the Slurm launcher's code on this machine (tests)
     g.add_argument("--submitit-cluster", choices=("slurm", "local", "debug"), default=None, help=argparse.SUPPRESS)
     g.add_argument(
+        "--connect-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="how long to wait for the cluster to answer before saying why it does not (default 15)",
+    )
+    g.add_argument(
         "--ray-address",
         metavar="ADDRESS",
         help="Ray cluster to use, e.g. auto or ray://host:10001 (default: start a local one)",
@@ -181,7 +194,7 @@ def _add_launcher_arguments(parser: argparse.ArgumentParser) -> None:
 
 _SLURM_ONLY = ("partition", "time", "mem", "slurm_arg", "submitit_cluster")
 _RAY_ONLY = ("ray_address",)
-_ENGINE_ONLY = ("workers", "cpus_per_task", "gpus_per_task", "retries")
+_ENGINE_ONLY = ("workers", "cpus_per_task", "gpus_per_task", "retries", "connect_timeout")
 
 
 def _resources(args: argparse.Namespace) -> Any:
@@ -207,6 +220,8 @@ def _resources(args: argparse.Namespace) -> Any:
     for k in ("gpus_per_task", "retries"):
         if getattr(args, k) is not None and getattr(args, k) < 0:
             raise UsageError(f"--{k.replace('_', '-')} must be 0 or more, got {getattr(args, k)}")
+    if args.connect_timeout is not None and not 0 < args.connect_timeout <= 3600:
+        raise UsageError(f"--connect-timeout takes seconds between 0 and 3600, e.g. 15, got {args.connect_timeout:g}")
     jobs = args.jobs or 1
     if args.launcher == "slurm" and jobs > 1:
         # Slurm signals every process of a task; the extra job processes would die on the
@@ -224,6 +239,8 @@ def _resources(args: argparse.Namespace) -> Any:
         submitit_cluster=args.submitit_cluster or "slurm",
         ray_address=args.ray_address,
     )
+    if args.connect_timeout is not None:
+        res.connect_timeout_s = args.connect_timeout
     if args.time:
         res.time_min = launch.parse_time(args.time)
     return res
@@ -365,19 +382,48 @@ def _target(text: str | None, default: float | str) -> float | str:
 
 def run(args: argparse.Namespace) -> int:
     check_writable_dir(args.out or "results")  # before any work (reslab.paths)
-    from reslab.report.build import build_report
-    from reslab.study.compare import run_grid
-    from reslab.study.estimate import fmt_duration
     from reslab.study.grid import parse_shard
 
     t0 = time.perf_counter()
     grid, jobs, out = build_grid(args)
     shard = parse_shard(args.shard)
     launcher = _resources(args)
-    if launcher is not None:
-        from reslab.study.launch import launch, require
+    # every usage error before the header: each run's settings, the results folder, and for a
+    # launcher its engine (installed, reachable) and the folder as its workers see it
+    from reslab.study.grid import check_results
 
-        require(args.launcher)  # a missing extra is said before the header
+    for cell in grid.cells():
+        grid.config(cell)
+    if jobs is not None and jobs < 1:
+        raise UsageError(f"--jobs must be at least 1, got {jobs}")
+    check_results(Path(out), grid)
+    session = None
+    if launcher is not None:
+        from reslab.study.launch import Session
+
+        session = Session(args.launcher, grid, out, launcher)
+    try:
+        return _run(args, grid, jobs, out, shard, launcher, session, t0)
+    finally:
+        if session is not None:
+            session.close()
+
+
+def _run(
+    args: argparse.Namespace,
+    grid: Any,
+    jobs: int,
+    out: str,
+    shard: tuple[int, int] | None,
+    launcher: Any,
+    session: Any,
+    t0: float,
+) -> int:
+    from reslab.report.build import build_report
+    from reslab.study.compare import run_grid
+    from reslab.study.estimate import fmt_duration
+    from reslab.study.launch.common import LOST_STATUS, ClusterLost
+
     progress = not args.quiet
     if progress:
         plan = grid.plan()
@@ -406,11 +452,7 @@ def run(args: argparse.Namespace) -> int:
                 probe_init=not args.no_probe,
             )
         else:
-            res, workers = launch(
-                args.launcher,
-                grid,
-                out,
-                launcher,
+            res, workers = session.run(
                 shard=shard,
                 progress=progress,
                 report=None if args.no_report else build_report,
@@ -419,6 +461,9 @@ def run(args: argparse.Namespace) -> int:
             for w in workers:
                 if w.error:
                     print(f"reslab compare: {w.name} failed: {w.error}", file=sys.stderr)
+    except ClusterLost as e:
+        print(f"reslab compare: {e}", file=sys.stderr)
+        return LOST_STATUS
     except KeyboardInterrupt as e:
         from reslab.signals import exit_status, stop_word
 

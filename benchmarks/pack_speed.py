@@ -1,0 +1,132 @@
+"""Packed training against one run at a time: how many more images a second K runs train
+when they are one packed model (``reslab.engine.packed.PackedModel``, ``torch.func.vmap``)
+than when their training steps run one after another.
+
+Per configuration ``MODEL:K:BATCH`` (K runs, BATCH images each per step), each round times
+``--steps`` training steps (forward, backward, SGD with Nesterov momentum and weight decay)
+of both variants, in a freshly shuffled order, on random Fashion-MNIST-sized data already
+on the device:
+
+* ``sep``: K models, each with its own optimizer, stepped one after another (what a grid
+  of runs in one process does);
+* ``pack``: the same K models stacked into one PackedModel, one step for all.
+
+Each round gives a ratio of throughputs (``pack / sep``, images per second of all K runs),
+so slow drifts of the machine cancel; the median ratio over rounds is printed with the
+median throughputs. CUDA is synchronised around each timing and uses bf16 autocast (as the
+engine does there); the CPU runs fp32.
+
+    python benchmarks/pack_speed.py                                  # CPU, small configurations
+    python benchmarks/pack_speed.py --device cuda --width 1 --configs resnet56:16:512,resnet20:32:128
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from reslab.engine.optim import param_groups
+from reslab.engine.packed import PackedModel
+from reslab.nn.models import build_model
+
+
+def make(model: str, k: int, width: float, device: torch.device) -> tuple[list, list]:
+    models, opts = [], []
+    for i in range(k):
+        torch.manual_seed(i)
+        m = build_model(model, num_classes=10, in_channels=1, width=width).to(device)
+        models.append(m)
+        opts.append(torch.optim.SGD(param_groups(m, 5e-4), lr=0.05, momentum=0.9, nesterov=True))
+    return models, opts
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument(
+        "--configs",
+        default="resnet8:4:64,resnet20:4:64,resnet20:8:32",
+        help="comma-separated MODEL:K:BATCH (K runs of BATCH images each per step)",
+    )
+    p.add_argument("--width", type=float, default=0.25, help="width multiplier of every model")
+    p.add_argument("--steps", type=int, default=3, help="training steps per variant per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (unset: PyTorch's default)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}; width {args.width:g}; {'bf16' if cuda else 'fp32'}")
+    print("| model | batch per run | K | sep img/s | pack img/s | pack / sep |")
+    print("|---|---|---|---|---|---|")
+    for spec in args.configs.split(","):
+        model, k_s, b_s = spec.split(":")
+        try:
+            measure(model, int(k_s), int(b_s), args, device)
+        except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. out of memory: say so, go on
+            print(f"| {model} | {b_s} | {k_s} | {type(e).__name__}: {str(e).splitlines()[0][:80]} | | |", flush=True)
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def measure(model: str, k: int, b: int, args: argparse.Namespace, device: torch.device) -> None:
+    """One table row: the median throughputs of both variants and of their ratio."""
+    cuda = device.type == "cuda"
+    models, opts = make(model, k, args.width, device)
+    pack = PackedModel(models, opts, 5e-4, 0.9, True, 0.05)
+    x = torch.randn(k, b, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (k, b), device=device)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
+
+    def sep() -> None:
+        for i, (m, o) in enumerate(zip(models, opts, strict=True)):
+            with autocast():
+                loss = F.cross_entropy(m(x[i]).float(), y[i], label_smoothing=0.1)
+            o.zero_grad(set_to_none=True)
+            loss.backward()
+            o.step()
+
+    def packed() -> None:
+        with autocast():
+            losses, _ = pack.train_losses(x, y, 0.1)
+        pack.optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        pack.step()
+
+    variants = {"sep": sep, "pack": packed}
+    for fn in variants.values():  # warm-up: allocations, kernel choice
+        fn()
+    rates: dict[str, list[float]] = {v: [] for v in variants}
+    ratios = []
+    for _ in range(args.rounds):
+        order = list(variants)
+        random.shuffle(order)
+        got = {}
+        for v in order:
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                variants[v]()
+            sync(device)
+            got[v] = k * b * args.steps / (time.perf_counter() - t0)
+            rates[v].append(got[v])
+        ratios.append(got["pack"] / got["sep"])
+    s, pk = statistics.median(rates["sep"]), statistics.median(rates["pack"])
+    print(f"| {model} | {b} | {k} | {s:,.0f} | {pk:,.0f} | {statistics.median(ratios):.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""K models of one architecture as one packed model, through ``torch.func``.
+
+The members' parameters and buffers are stacked along a new leading dimension
+(``stack_module_state``) and one forward pass of a stateless copy of the architecture is
+mapped over that dimension with ``vmap`` (``functional_call``): a convolution over a
+batch of weights becomes one grouped convolution, a BatchNorm updates each member's own
+slice of the stacked running statistics, and random layers (DropPath) draw per member
+(``randomness="different"``). Nothing here knows a technique: whatever a technique adds
+to a block is a parameter or buffer of the module and is stacked like the rest, so a
+plugin technique packs with no code of its own.
+
+SGD on stacked tensors is elementwise, so a member's slice of the momentum buffer and its
+weight decay are what it would have alone. The members' own modules and optimizers are
+kept beside the pack: :meth:`PackedModel.to_members` copies each member's slices back into
+them, so a member's checkpoint and weights are written by the engine's own functions and
+read back by them (:meth:`PackedModel.from_members`) exactly as a run trained alone.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from reslab.engine.optim import param_groups
+
+
+class PackedModel:
+    """The stacked state of K member models, their stacked optimizer, and frozen members."""
+
+    def __init__(
+        self,
+        members: Sequence[nn.Module],
+        optimizers: Sequence[torch.optim.Optimizer],
+        weight_decay: float,
+        momentum: float,
+        nesterov: bool,
+        lr: float,
+    ) -> None:
+        self.members, self.member_opts = list(members), list(optimizers)
+        self.k = len(self.members)
+        params, buffers = stack_module_state(self.members)  # type: ignore[arg-type]
+        self.params: dict[str, Tensor] = params
+        self.buffers: dict[str, Tensor] = buffers
+        # a stateless copy of the architecture that functional_call fills with each slice
+        self.base = copy.deepcopy(self.members[0]).to("meta")
+        # the same groups, in the same order, as param_groups builds for each member: a
+        # member's optimizer state and the stacked one index their parameters alike
+        names = {id(p): n for n, p in self.members[0].named_parameters()}
+        groups = param_groups(self.members[0], weight_decay)
+        self.group_names = [[names[id(p)] for p in g["params"]] for g in groups]
+        self.optimizer = torch.optim.SGD(
+            [
+                {"params": [self.params[n] for n in gn], "weight_decay": g["weight_decay"]}
+                for gn, g in zip(self.group_names, groups, strict=True)
+            ],
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+        )
+        self.from_members()
+        #: member index -> its parameters, buffers and optimizer state when it was frozen
+        self.frozen: dict[int, dict[str, Tensor]] = {}
+
+    # ------------------------------------------------------------------ forward passes
+    def _call(self, p: dict[str, Tensor], b: dict[str, Tensor], x: Tensor) -> Tensor:
+        return functional_call(self.base, (p, b), (x,))
+
+    def train_losses(self, x: Tensor, y: Tensor, label_smoothing: float) -> tuple[Tensor, Tensor]:
+        """Each member's mean training loss over its own batch (``x``: K x B x C x H x W,
+        ``y``: K x B) and its logits (K x B x classes), in training mode."""
+        self.base.train()
+
+        def one(p: dict[str, Tensor], b: dict[str, Tensor], xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
+            logits = self._call(p, b, xb)
+            return F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing), logits
+
+        return vmap(one, randomness="different")(self.params, self.buffers, x, y)  # type: ignore[no-any-return]
+
+    def eval_logits(self, x: Tensor) -> Tensor:
+        """Every member's logits (K x B x classes) for the same images ``x``, in eval mode."""
+        self.base.eval()
+        try:
+            return vmap(self._call, in_dims=(0, 0, None))(self.params, self.buffers, x)  # type: ignore[no-any-return]
+        finally:
+            self.base.train()
+
+    # ------------------------------------------------------------------ the members' state
+    def step(self) -> None:
+        """One optimizer step; frozen members get their frozen state back."""
+        self.optimizer.step()
+        if self.frozen:
+            self._restore_frozen()
+
+    def _momentum(self) -> dict[str, Tensor]:
+        out = {}
+        for gn, group in zip(self.group_names, self.optimizer.param_groups, strict=True):
+            for n, p in zip(gn, group["params"], strict=True):
+                buf = self.optimizer.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    out[n] = buf
+        return out
+
+    def freeze(self, i: int) -> None:
+        """Stop member ``i`` changing: from now on every step puts its parameters, buffers
+        and momentum back to what they are now."""
+        if i in self.frozen:
+            return
+        snap = {f"p:{n}": t[i].detach().clone() for n, t in self.params.items()}
+        snap.update({f"b:{n}": t[i].clone() for n, t in self.buffers.items()})
+        snap.update({f"m:{n}": t[i].clone() for n, t in self._momentum().items()})
+        self.frozen[i] = snap
+
+    def _restore_frozen(self) -> None:
+        momentum = self._momentum()
+        with torch.no_grad():
+            for i, snap in self.frozen.items():
+                for key, v in snap.items():
+                    kind, n = key.split(":", 1)
+                    table = self.params if kind == "p" else self.buffers if kind == "b" else momentum
+                    if n in table:
+                        table[n][i].copy_(v)
+
+    def to_members(self, indices: Sequence[int] | None = None) -> None:
+        """Copy the stacked state into the members' own modules and optimizers (before
+        the engine writes their checkpoints or weights)."""
+        stacked = self.optimizer.state_dict()
+        with torch.no_grad():
+            for i in range(self.k) if indices is None else indices:
+                m = self.members[i]
+                for n, p in m.named_parameters():
+                    p.copy_(self.params[n][i])
+                for n, b in m.named_buffers():
+                    b.copy_(self.buffers[n][i])
+                sliced = {
+                    idx: {key: _slice(v, i, self.k) for key, v in st.items()} for idx, st in stacked["state"].items()
+                }
+                self.member_opts[i].load_state_dict(
+                    {"state": sliced, "param_groups": copy.deepcopy(stacked["param_groups"])}
+                )
+
+    def from_members(self) -> None:
+        """Stack the members' modules and optimizer states (fresh, or restored from their
+        checkpoints) into the pack."""
+        with torch.no_grad():
+            for n, t in self.params.items():
+                t.copy_(torch.stack([dict(m.named_parameters())[n].detach() for m in self.members]))
+            for n, t in self.buffers.items():
+                t.copy_(torch.stack([dict(m.named_buffers())[n] for m in self.members]))
+        states = [o.state_dict() for o in self.member_opts]
+        if not states[0]["state"]:
+            return  # no step taken yet: nothing to stack
+        sd = self.optimizer.state_dict()
+        sd["state"] = {
+            idx: {
+                key: torch.stack([s["state"][idx][key] for s in states]) if torch.is_tensor(v) else v
+                for key, v in st.items()
+            }
+            for idx, st in states[0]["state"].items()
+        }
+        sd["param_groups"] = [
+            {**g, "lr": mg["lr"]} for g, mg in zip(sd["param_groups"], states[0]["param_groups"], strict=True)
+        ]
+        self.optimizer.load_state_dict(sd)
+
+
+def _slice(v: Any, i: int, k: int) -> Any:
+    if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == k:
+        return v[i].clone()
+    return v
