@@ -15,9 +15,9 @@ import numpy as np
 
 from reslab.errors import UsageError
 from reslab.study import stats
-from reslab.study.decisions import auto_target, open_cells
+from reslab.study.decisions import auto_target, chance_of, error_rate_of, open_cells, row_level
+from reslab.study.plan import Plan
 from reslab.study.results import BASELINE, FINISHED, Cell, RunData, run_value
-from reslab.study.sequential import Plan
 
 
 def as_float(x: Any) -> float:
@@ -211,8 +211,11 @@ def summarize_technique(
         row[k] = math.nan
         row[f"{k}_ci_low"] = row[f"{k}_ci_high"] = math.nan
     row["speedup_pairs"] = row["test_acc_diff_pairs"] = 0
-    row["test_acc_diff_p"] = row["auc_diff_p"] = math.nan
-    row["test_acc_diff_significant"] = False
+    row["auc_diff_p"] = math.nan
+    row["decision"] = ""
+    row["decision_seeds"] = 0
+    row["diverged_where_baseline_did_not"] = row["baseline_diverged_where_it_did_not"] = 0
+    row["row_error_rate"] = math.nan
     row["params_ratio"] = row["flops_ratio"] = math.nan
     if base:
         b_ep = _vals(base, "epochs_to_target", seeds, inf_if_none=True)
@@ -225,14 +228,11 @@ def summarize_technique(
         row["speedup_pairs"] = int(
             sum(math.isfinite(a) and math.isfinite(b) for a, b in zip(b_ep, reached_ep, strict=True))
         )
-        for key in ("test_acc", "auc"):
-            pt = stats.paired_test(_vals(records, key, seeds), _vals(base, key, seeds), level, method)
-            row[f"{key}_diff"] = pt.mean_diff
-            row.update(_iv_fields(f"{key}_diff", pt.ci))
-            row[f"{key}_diff_p"] = pt.p_value
-            if key == "test_acc":
-                row["test_acc_diff_pairs"] = pt.n
-                row["test_acc_diff_significant"] = pt.significant
+        # the accuracy difference is the decision's (apply_decisions); AUC is described, not decided
+        pt = stats.paired_test(_vals(records, "auc", seeds), _vals(base, "auc", seeds), level, method)
+        row["auc_diff"] = pt.mean_diff
+        row.update(_iv_fields("auc_diff", pt.ci))
+        row["auc_diff_p"] = pt.p_value
         iv = stats.ratio_interval(ips, _vals(base, "images_per_s", seeds), level, method)
         row["throughput_ratio"] = iv.estimate
         row.update(_iv_fields("throughput_ratio", iv))
@@ -287,9 +287,11 @@ SUMMARY_COLUMNS = [
     "test_acc_diff",
     "test_acc_diff_ci_low",
     "test_acc_diff_ci_high",
-    "test_acc_diff_p",
-    "test_acc_diff_p_holm",
-    "test_acc_diff_significant",
+    "decision",
+    "decision_seeds",
+    "diverged_where_baseline_did_not",
+    "baseline_diverged_where_it_did_not",
+    "row_error_rate",
     "auc_diff",
     "auc_diff_ci_low",
     "auc_diff_ci_high",
@@ -329,11 +331,29 @@ def summarize_all(
                 continue
             tgt = target[model] if isinstance(target, dict) else target
             rows.append(summarize_technique(recs, base if tech != BASELINE else None, seeds, tgt, method, level))
-        # Holm correction over this model's comparisons with baseline (the family of tests one report makes)
-        mine = [r for r in rows if r["model"] == model]
-        for r, adj in zip(mine, stats.holm([r["test_acc_diff_p"] for r in mine]), strict=True):
-            r["test_acc_diff_p_holm"] = adj
     return rows
+
+
+def apply_decisions(rows: Sequence[dict[str, Any]], decisions: Sequence[Any]) -> None:
+    """Give each technique's summary row its decision and the decision's accuracy difference and
+    interval (the rule's, at its per-look level), so that no section of a report computes a second
+    one that could disagree (:class:`reslab.study.decisions.Decision`)."""
+    by_key = {(d.model, d.technique): d for d in decisions}
+    for row in rows:
+        d = by_key.get((row["model"], row["technique"]))
+        if d is None:
+            continue
+        row["decision"] = d.decision + (f" ({d.why_open})" if d.why_open else "")
+        row["decision_seeds"] = d.seeds
+        row["test_acc_diff"], row["test_acc_diff_ci_low"], row["test_acc_diff_ci_high"] = d.estimate, d.low, d.high
+        row["test_acc_diff_pairs"] = d.pairs
+        row["diverged_where_baseline_did_not"] = d.diverged
+        row["baseline_diverged_where_it_did_not"] = d.base_diverged
+        row["row_error_rate"] = d.level
+        c = d.convergence or {}
+        if c:
+            row["speedup_epochs"], row["speedup_pairs"] = c["speedup"], c["pairs"]
+            row["speedup_epochs_ci_low"], row["speedup_epochs_ci_high"] = c["low"], c["high"]
 
 
 # ---------------------------------------------------------------------------------------
@@ -378,10 +398,14 @@ def expected_cells(grid: dict[str, Any] | None, cells: Sequence[Cell], runs: dic
     if not grid or not seq:
         return list(cells)
     seeds = [int(s) for s in grid["seeds"]]
-    values = {c: v for c, r in runs.items() if (v := run_value(r)) is not None}
+    values = {c: v for c, r in runs.items() if r.status == "completed" and (v := run_value(r)) is not None}
+    status = {c: r.status for c, r in runs.items()}
+    plan = Plan(**seq)
+    level = row_level(plan, error_rate_of(grid), len(grid["models"]), len(grid["techniques"]))
     need = set(runs)
     for m in grid["models"]:
-        need |= open_cells(Plan(**seq), seeds, values, m, grid["techniques"])
+        chance = chance_of([r.summary for c, r in runs.items() if c.model == m])
+        need |= open_cells(plan, seeds, status, values, m, grid["techniques"], level, chance)
     return sorted(need)
 
 

@@ -18,6 +18,7 @@ from reslab.errors import UsageError
 from reslab.files import atomic_write_text
 from reslab.report.aggregate import (
     add_plan_and_init_probe,
+    apply_decisions,
     check_interval_method,
     expected_cells,
     run_record,
@@ -99,6 +100,7 @@ def build_report(
     missing = describe_missing(expected, runs)
     timing = _read_json(out / TIMING_FILE)
     decisions = decide(grid, runs, timing, targets)
+    apply_decisions(rows, decisions)
     # Derived files first: they are the machine-readable truth the report is drawn from.
     results_jsonl, summary_csv = write_derived_files(out, records, rows, decisions)
 
@@ -113,7 +115,8 @@ def build_report(
     figures: list[Path] = []
     shown = list(dict.fromkeys(r["model"] for r in rows))
     for model in shown:
-        view = ModelView(model, [r for r in rows if r["model"] == model], len(shown) > 1, targets, level)
+        mine = {d.technique: d for d in decisions if d.model == model}
+        view = ModelView(model, [r for r in rows if r["model"] == model], len(shown) > 1, targets, level, mine)
         verdict_section(doc, view)
         summary_section(doc, view)
         convergence_section(doc, view)

@@ -11,7 +11,7 @@ from reslab.report.aggregate import (
     as_float,
 )
 from reslab.report.document import Doc
-from reslab.study.decisions import Decision, gradient_verdict, pp
+from reslab.study.decisions import Decision, gradient_verdict, interval_pp, interval_ratio, pp
 from reslab.version import __version__
 
 
@@ -37,6 +37,42 @@ def step_ratio_text(timing: dict[str, Any], model: str, technique: str) -> str:
 _LABEL = {"better": "**better**", "worse": "**worse**", "equivalent": "**equivalent**", "undecided": "undecided"}
 
 
+def error_rate_words(decisions: Sequence[Decision]) -> str:
+    """The report's statement of the error rate in force (its first lines)."""
+    d0 = decisions[0]
+    rows = len(decisions)
+    if d0.error_rate == "row":
+        return (
+            f"Error rate in force: per row. Each row on its own is wrong with probability at most {d0.alpha:g}; "
+            f"with {rows} rows, some row may well be wrong (compare --error-rate table bounds the whole table)."
+        )
+    return (
+        f"Error rate in force: table-wide. The chance that any of these {rows} rows is wrong is at most "
+        f"{d0.alpha:g}: each row is decided at {d0.level:.2g} (alpha split over the rows, Bonferroni)."
+    )
+
+
+def decision_words(d: Decision) -> str:
+    """The decision cell: the label, why it is open, and the divergence it must not hide."""
+    text = _LABEL[d.decision] + (f" ({d.why_open})" if d.why_open else "")
+    if d.diverged:
+        text += f"; {d.divergence_words}"
+    if d.decision == "undecided" and d.outcome and "ties decide nothing" in d.outcome.reason:
+        text += "; ties decide nothing"
+    return text
+
+
+def difference_words(d: Decision) -> str:
+    return f"{pp(d.estimate)} {interval_pp(d.low, d.high)}" if math.isfinite(d.estimate) else "n/a"
+
+
+def seeds_words(d: Decision) -> str:
+    text = f"{d.seeds}" + (f" of {d.max_seeds}" if d.sequential else "")
+    if d.trained > d.seeds:
+        text += f" ({d.trained} trained)"
+    return text
+
+
 def decision_section(
     doc: Doc,
     decisions: Sequence[Decision],
@@ -56,7 +92,7 @@ def decision_section(
     if not decisions:
         doc.p("No technique has paired runs with baseline yet, so nothing is decided.")
         return
-    d0 = decisions[0]
+    doc.p(error_rate_words(decisions))
     doc.table(
         [
             "model",
@@ -64,6 +100,7 @@ def decision_section(
             "decision",
             "test acc. difference, pp [interval]",
             "seeds",
+            "diverged (technique only / baseline only)",
             "P(beats baseline in a seed)",
             "detectable diff., pp",
             "params / FLOPs",
@@ -75,17 +112,16 @@ def decision_section(
             [
                 d.model,
                 d.technique,
-                _LABEL[d.decision] + (f" ({d.why_open})" if d.why_open else ""),
-                (f"{pp(d.look.mean)} [{pp(d.look.low)}, {pp(d.look.high)}]" if d.look else "n/a"),
-                f"{d.seeds}"
-                + (f" of {d.max_seeds}" if d.sequential else "")
-                + (f" ({d.diverged} diverged)" if d.diverged else ""),
+                decision_words(d),
+                difference_words(d),
+                seeds_words(d),
+                f"{d.diverged} / {d.base_diverged} of {d.trained}",
                 (
                     f"{d.p_better.estimate:.2f} [{d.p_better.low:.2f}, {d.p_better.high:.2f}]"
                     if d.p_better and d.p_better.defined
                     else "n/a"
                 ),
-                pp(d.look.mdd, sign=False) if d.look else "n/a",
+                pp(d.detectable, sign=False),
                 f"{fmt_value(d.params_ratio, '.3f')}x / {fmt_value(d.flops_ratio, '.3f')}x",
                 (f"{d.step[0]:.2f}x [{d.step[1]:.2f}, {d.step[2]:.2f}]" if d.step else "n/a"),
                 gradient_verdict(probe_entries, d.technique),
@@ -94,30 +130,34 @@ def decision_section(
             for d in decisions
         ],
     )
+    d0 = decisions[0]
+    nominal = ", ".join(sorted({f"{d.nominal:.2g}" for d in decisions if math.isfinite(d.nominal)})) or "n/a"
     plan_words = (
         f"seeds were added one round at a time ({d0.max_seeds} at most) and a technique stopped as soon as it was "
-        f"decided; each look's interval is built at a two-sided level of {d0.nominal:.4f} (Pocock-type constant "
-        f"level, found by simulating the paired t statistic over the planned looks), so that the intervals of "
-        f"all looks hold together with probability {1 - d0.alpha:.0%} (repeated confidence intervals, Jennison & "
-        f"Turnbull 1989)"
+        f"decided; every look's interval is built at the same two-sided level ({nominal}), calibrated by "
+        "simulation so that all looks together err with at most the row's share of the error rate when the "
+        "differences are normal or skewed up to skewness 1 (a repeated confidence interval)"
         if d0.sequential
-        else f"every seed was trained (no sequential stopping), so the interval is a plain paired t interval at "
-        f"{1 - d0.alpha:.0%}"
+        else f"every seed was trained (no sequential stopping), so there is one look, at a two-sided level of {nominal}"
     )
     doc.p(
         "How to read this: the difference is technique minus baseline in final test accuracy, paired by seed "
-        f"(seed k sees the same data order and augmentation in every technique); {plan_words}. Decisions: "
-        f"better / worse when the whole interval lies above / below 0, equivalent when it lies within "
-        f"+-{100 * d0.margin:.2g} pp (the margin), otherwise undecided. The chance of any wrong decision per row "
-        f"is at most {d0.alpha:g} (for normally distributed differences; checked by simulation in reslab's tests). "
-        "A diverged run counts at chance level (a constant prediction of the most frequent test class). "
-        "'Detectable diff.' is the smallest true difference these seeds would detect with 80% power at the "
-        "observed spread. P(beats baseline in a seed) is the share of paired seeds the technique won, with an "
-        "exact Clopper-Pearson 95% interval. Params / FLOPs are ratios to baseline; time per step is the "
-        "median ratio to baseline in a dedicated interleaved timing pass (reslab.engine.timing; range over "
-        "rounds), not the grid's own runs, which shared the CPU. Gradients at init: reslab.probe's verdict and max/min "
-        "block-output gradient ratio at each depth measured (the grid's models and 56 and 110 layers, at the grid's "
-        "width)."
+        "(seed k sees the same data order and augmentation in every technique), over the seeds where both runs "
+        f"finished and learned; {plan_words}. Decisions: better / worse when the whole interval lies above / "
+        f"below 0, equivalent when it lies within +-{100 * d0.margin:.2g} pp (the margin), otherwise undecided. "
+        "A run that diverged (non-finite loss) or ended within 1 pp of chance level failed: it gives no accuracy "
+        "difference, and a technique that failed where baseline did not is never equivalent or better; it is "
+        "worse when an exact sequential test of the imbalance of failures decides (20% of the row's error rate). "
+        "Ties (no spread between seeds) decide nothing, and a model whose baseline never learned says so. "
+        "'Seeds' counts the seeds of the look that decided; runs trained beyond it are listed and their "
+        "divergences counted. 'Detectable diff.' is the smallest true difference one look at these seeds "
+        "detects with 80% power at the observed spread and the per-look level in force (exact noncentral t). "
+        "P(beats baseline in a seed) is the share of paired seeds the technique won, with an exact "
+        "Clopper-Pearson 95% interval. Params / FLOPs are ratios to baseline; time per step is the median ratio "
+        "to baseline in a dedicated interleaved timing pass (reslab.engine.timing; range over rounds), not the "
+        "grid's own runs, which shared the CPU. Gradients at init: reslab.probe's verdict and max/min "
+        "block-output gradient ratio at each depth measured (the grid's models and 56 and 110 layers, at the "
+        "grid's width). The rule and its measured error rates: docs/decision-rule.md."
     )
     conv = [d for d in decisions if d.convergence]
     if conv:
@@ -141,7 +181,8 @@ def decision_section(
                     f"{d.convergence['of']}",
                     f"{fmt_value(d.convergence['epochs_median'])} / {fmt_value(d.convergence['base_epochs_median'])}",
                     (
-                        f"{d.convergence['speedup']:.2f}x [{d.convergence['low']:.2f}, {d.convergence['high']:.2f}]: "
+                        f"{d.convergence['speedup']:.2f}x "
+                        f"{interval_ratio(d.convergence['low'], d.convergence['high'])}: "
                         f"{d.convergence['label']}"
                         if math.isfinite(d.convergence["speedup"])
                         else d.convergence["label"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,9 @@ class Doc:
         return "\n\n".join(out) + "\n"
 
     def html(self, title: str) -> str:
-        e = html.escape
+        def e(text: str) -> str:  # escaped, with markdown's **bold** (the decision labels) as <strong>
+            return re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", html.escape(text))
+
         body: list[str] = []
         for kind, v in self.blocks:
             if kind == "h":
@@ -67,7 +70,7 @@ class Doc:
                 body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>")
             elif kind == "img":
                 data = base64.b64encode(Path(v[0]).read_bytes()).decode("ascii")
-                body.append(f'<figure><img alt="{e(v[2])}" src="data:image/png;base64,{data}"></figure>')
+                body.append(f'<figure><img alt="{html.escape(v[2])}" src="data:image/png;base64,{data}"></figure>')
         style = (
             "body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}"
             "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
@@ -76,6 +79,6 @@ class Doc:
             "@media print{body{max-width:none}figure{break-inside:avoid}}"
         )
         return (
-            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
+            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
         )

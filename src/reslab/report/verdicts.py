@@ -8,6 +8,7 @@ from typing import Any
 
 from reslab.report.aggregate import as_float
 from reslab.study import stats
+from reslab.study.decisions import Decision, interval_ratio
 from reslab.study.results import BASELINE
 
 
@@ -31,13 +32,10 @@ def _ratio_words(x: float) -> str:
     return f"{x:.2f}x"
 
 
-def verdict(row: dict[str, Any], level: float = 0.95) -> list[str]:
-    """Plain-words findings for one technique, each backed by the interval next to it.
-
-    A difference is claimed only when its interval excludes "no difference" (0 for
-    accuracy, 1 for a speed-up); otherwise the sentence says there is no significant
-    difference, and quotes the interval so that a reader sees how large it could be.
-    """
+def verdict(row: dict[str, Any], level: float = 0.95, decision: Decision | None = None) -> list[str]:
+    """Plain-words findings for one technique. Its accuracy and convergence are the decision's
+    (:mod:`reslab.study.decisions`), in the same numbers as the decision table: this section adds
+    detail, never a second verdict. Without a decision, no claim is made."""
     lvl = f"{round(100 * level)}%"
     tech = row["technique"]
     out: list[str] = []
@@ -56,54 +54,16 @@ def verdict(row: dict[str, Any], level: float = 0.95) -> list[str]:
                 f"({lvl} CI {stats.fmt_interval(_iv(row, 'test_acc'), 100, 2, '%')}, {row['completed']} seeds)."
             )
         return out + _gradient_words(row)
-    n = row["test_acc_diff_pairs"]
-    if n < 2:
-        out.append(
-            f"Accuracy: too few paired seeds with baseline ({n}) for an interval; no claim about accuracy is made."
-        )
+    if decision is None:
+        out.append("Accuracy: no decision was taken for this technique, so no claim about accuracy is made.")
     else:
-        d, iv, p = row["test_acc_diff"], _iv(row, "test_acc_diff"), row["test_acc_diff_p"]
-        ci = f"{lvl} CI {fmt_bounds(iv.low, iv.high, 0.0, 100, sign=True)} pp, paired t p = {p:.3g}, {n} seeds"
-        if row["test_acc_diff_significant"]:
-            word = "higher" if d > 0 else "lower"
-            text = f"Accuracy: final test accuracy is {word} than baseline by {_pp(d)} ({ci})"
-            p_holm = as_float(row.get("test_acc_diff_p_holm"))
-            if math.isfinite(p_holm) and p_holm >= 1 - level:
-                text += (
-                    f"; but not after the Holm correction for the comparisons in this report (adjusted p = "
-                    f"{p_holm:.3g}), so treat it as a lead to confirm with more seeds"
-                )
-            out.append(text + ".")
-        else:
-            out.append(
-                f"Accuracy: no significant difference from baseline in final test accuracy "
-                f"(difference {_pp(d)}, {ci}; the interval contains 0)."
-            )
-    target = f"{100 * row['target_acc']:.1f}%"
-    if row["reached"] == 0:
-        out.append(f"Convergence: no seed reached {target} validation accuracy, so no speed-up can be measured.")
-    elif row["speedup_pairs"] < 2:
-        out.append(
-            f"Convergence: reached {target} in {row['reached']} of {row['reached_of']} seeds; fewer than 2 seeds "
-            f"where both it and baseline reached it, so no speed-up is claimed."
-        )
-    else:
-        s, iv = row["speedup_epochs"], _iv(row, "speedup_epochs")
-        ci = f"{lvl} CI {fmt_bounds(iv.low, iv.high, 1.0)}, {row['speedup_pairs']} paired seeds"
-        reach = f"reached {target} in {row['reached']} of {row['reached_of']} seeds"
-        if iv.defined and iv.low == iv.high == 1.0:
-            out.append(
-                f"Convergence: {reach}, in the same epoch as baseline in each of the "
-                f"{row['speedup_pairs']} paired seeds."
-            )
-        elif iv.defined and not iv.contains(1.0):
-            word = "faster" if s > 1 else "slower"
-            out.append(f"Convergence: {reach}, {_ratio_words(s)} {word} than baseline in epochs ({ci}).")
-        else:
-            out.append(
-                f"Convergence: {reach}; no significant difference from baseline in epochs to target "
-                f"(speed-up {_ratio_words(s)}, {ci}; the interval contains 1)."
-            )
+        words = f"Accuracy (the decision table's): {decision.decision}"
+        words += f" ({decision.why_open})" if decision.why_open else ""
+        words += f" - {decision.reason}"
+        if decision.trained > decision.seeds:
+            words += f"; {decision.trained} seeds were trained in all"
+        out.append(words + ".")
+        out.append(_convergence_words(decision))
     cost = []
     if math.isfinite(as_float(row["params_ratio"])):
         cost.append(f"{100 * (row['params_ratio'] - 1):+.1f}% parameters")
@@ -113,6 +73,24 @@ def verdict(row: dict[str, Any], level: float = 0.95) -> list[str]:
         out.append("Cost: " + ", ".join(cost) + ".")
     out += _gradient_words(row)
     return out
+
+
+def _convergence_words(d: Decision) -> str:
+    """The decision's convergence figure (the decision table's Convergence rows), in words."""
+    c = d.convergence
+    if not c:
+        return "Convergence: not measured."
+    target = f"{100 * c['target']:.1f}%" if math.isfinite(c["target"]) else "the target"
+    reach = f"reached {target} in {c['reached']} of {c['of']} seeds"
+    if c["reached"] == 0:
+        return f"Convergence: no seed reached {target} validation accuracy, so no speed-up can be measured."
+    if not math.isfinite(c["speedup"]):
+        return f"Convergence: {reach}; {c['label']}, so no speed-up is claimed."
+    iv = interval_ratio(c["low"], c["high"])
+    return (
+        f"Convergence: {reach}; baseline's epochs to target over the technique's {_ratio_words(c['speedup'])} "
+        f"{iv} over {c['pairs']} paired seeds: {c['label']} (interval at the decision's per-look level)."
+    )
 
 
 def _gradient_words(row: dict[str, Any]) -> list[str]:

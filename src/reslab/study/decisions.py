@@ -13,11 +13,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy import stats as sps
 
 from reslab.engine.timing import step_ratio
+from reslab.errors import UsageError
 from reslab.study import stats
-from reslab.study.results import BASELINE, Cell, RunData, run_value
-from reslab.study.sequential import Look, Plan, critical_t, run_to_decision, seeds_to_decide
+from reslab.study.plan import ERROR_RATES, Plan, rows_of, table_levels
+from reslab.study.planning import detectable_difference, seeds_to_decide
+from reslab.study.results import BASELINE, Cell, RunData
+from reslab.study.rule import CHANCE_TOL, Outcome, Pair, decide_comparison
 
 #: default plan for a grid run with fixed seeds: one look at whatever seeds it has
 FIXED_ALPHA = 0.05
@@ -29,20 +33,31 @@ AUTO_TARGET_FRACTION = 0.95
 
 @dataclass
 class Decision:
-    """One row of the decision table."""
+    """One row of the decision table: the rule's :class:`reslab.study.rule.Outcome` and what the
+    report shows beside it. Every section of the report reads a technique's accuracy from here."""
 
     model: str
     technique: str
     decision: str  # better | worse | equivalent | undecided
-    why_open: str  # for undecided: "max seeds", "budget or interrupted", "too few seeds", ""
-    look: Look | None
-    seeds: int
+    why_open: str  # for undecided: "max seeds", "budget or interrupted", "too few seeds", "nothing learned", ""
+    outcome: Outcome | None
+    seeds: int  # seeds of the look that decided (or of the last look taken)
+    trained: int  # paired seeds that exist (runs beyond a decided look included)
     max_seeds: int
-    nominal: float
+    nominal: float  # two-sided level of each look's accuracy interval
     margin: float
     alpha: float
+    level: float  # the error rate this row is run at (alpha / rows under table-wide control)
+    error_rate: str  # "table" or "row"
     sequential: bool
-    diverged: int
+    diverged: int  # seeds where the technique failed and baseline did not (all that exist)
+    base_diverged: int  # seeds where baseline failed and the technique did not
+    estimate: float  # mean difference technique - baseline over the finished pairs of the look
+    low: float
+    high: float
+    pairs: int  # finished pairs (both runs learned) of the look
+    sd: float  # their spread
+    detectable: float  # smallest difference one look at these pairs detects with 80% power
     p_better: stats.Interval | None
     seeds_needed: int | None
     params_ratio: float
@@ -50,35 +65,83 @@ class Decision:
     step: tuple[float, float, float] | None
     convergence: dict[str, Any] = field(default_factory=dict)
     recommendation: str = ""
+    #: how its failures are named: "diverged", or "diverged or stayed at chance level" when some did not diverge
+    failure_word: str = "diverged"
+
+    @property
+    def reason(self) -> str:
+        return self.outcome.reason if self.outcome else f"too few paired seeds ({self.trained}) for a decision"
+
+    @property
+    def divergence_words(self) -> str:
+        """'diverged in k of n seeds' (where baseline did not), or '' when it never did."""
+        if not self.diverged:
+            return ""
+        return f"{self.failure_word} in {self.diverged} of {self.trained} seeds where baseline did not"
 
 
-def paired_diffs(values: dict[Cell, float], model: str, technique: str, seeds: Sequence[int]) -> list[float]:
-    """Differences technique - baseline, seed by seed in ``seeds`` order, up to the first seed
-    missing on either side (a look uses a prefix of the seeds, never a selection)."""
+def seed_pairs(
+    status: dict[Cell, str], values: dict[Cell, float], model: str, technique: str, seeds: Sequence[int]
+) -> list[Pair]:
+    """One :class:`Pair` per seed, in ``seeds`` order: a completed run's outcome, a diverged run as
+    diverged, anything else as not there yet (the rule reads the prefix of seeds before it)."""
+
+    def side(c: Cell) -> tuple[float | None, bool]:
+        st = status.get(c)
+        if st == "diverged":
+            return None, True
+        if st == "completed" and c in values:
+            return values[c], False
+        return None, False
+
     out = []
     for s in seeds:
-        a, b = values.get(Cell(model, technique, s)), values.get(Cell(model, BASELINE, s))
-        if a is None or b is None:
-            break
-        out.append(a - b)
+        (b, bd), (t, td) = side(Cell(model, BASELINE, s)), side(Cell(model, technique, s))
+        out.append(Pair(b, t, bd, td))
     return out
 
 
+def error_rate_of(grid: dict[str, Any] | None) -> str:
+    """The grid's error rate ("table" unless it recorded "row"; grids older than the field: "table")."""
+    er = (grid or {}).get("error_rate") or "table"
+    if er not in ERROR_RATES:
+        raise UsageError(f"grid.json has error_rate {er!r}; it must be one of {', '.join(ERROR_RATES)}")
+    return str(er)
+
+
+def row_level(plan: Plan, error_rate: str, models: int, techniques: int) -> float:
+    """The error rate each comparison of a models x techniques table is run at."""
+    return table_levels(rows_of(models, techniques), plan, error_rate)
+
+
+def chance_of(summaries: Sequence[dict[str, Any]]) -> float | None:
+    """The model's chance accuracy as its runs recorded it (None when none did)."""
+    vals = [float(v) for s in summaries if isinstance(v := s.get("chance_acc"), (int, float)) and math.isfinite(v)]
+    return float(np.median(vals)) if vals else None
+
+
 def open_cells(
-    plan: Plan, seeds: Sequence[int], values: dict[Cell, float], model: str, techniques: Sequence[str]
+    plan: Plan,
+    seeds: Sequence[int],
+    status: dict[Cell, str],
+    values: dict[Cell, float],
+    model: str,
+    techniques: Sequence[str],
+    level: float,
+    chance: float | None,
 ) -> set[Cell]:
     """The cells the next look of every still-open comparison on ``model`` needs: its seeds up to
-    that look, and baseline's. Decided comparisons (and those undecided after the last look)
-    need nothing more. Used by compare (what to train) and report (what is missing)."""
+    that look, and baseline's. Decided comparisons (and those undecided after the last look, or
+    where nothing was learned) need nothing more. Used by compare (what to train) and report
+    (what is missing), with the level the report decides at."""
     need: set[Cell] = set()
     for t in techniques:
         if t == BASELINE:
             continue
-        looks = run_to_decision(paired_diffs(values, model, t, seeds), plan)
-        if looks and looks[-1].decision != "continue":
+        out = decide_comparison(seed_pairs(status, values, model, t, seeds), plan, chance, level)
+        if out.next_look is None:
             continue
-        n = plan.next_look(looks[-1].n) if looks else plan.looks[0]
-        need |= {Cell(model, tt, s) for s in seeds[: n or 0] for tt in (t, BASELINE)}
+        need |= {Cell(model, tt, s) for s in seeds[: out.next_look] for tt in (t, BASELINE)}
     return need
 
 
@@ -124,72 +187,133 @@ def _plan(grid: dict[str, Any] | None, n: int) -> tuple[Plan | None, bool]:
     return Plan(min_seeds=n, max_seeds=n, alpha=FIXED_ALPHA, margin=FIXED_MARGIN), False
 
 
+def _available(pairs: Sequence[Pair]) -> int:
+    """Seeds before the first one where either run has no outcome yet."""
+    n = 0
+    for p in pairs:
+        if (p.base is None and not p.base_diverged) or (p.tech is None and not p.tech_diverged):
+            break
+        n += 1
+    return n
+
+
+def finished_diffs(pairs: Sequence[Pair], chance: float | None) -> list[float]:
+    """Differences technique - baseline on the seeds where both runs finished and learned (the
+    seeds the rule's accuracy interval is built from)."""
+
+    def failed(acc: float | None, div: bool) -> bool:
+        return div or acc is None or not math.isfinite(acc) or (chance is not None and acc <= chance + CHANCE_TOL)
+
+    return [
+        float(p.tech) - float(p.base)  # type: ignore[arg-type]
+        for p in pairs
+        if not failed(p.base, p.base_diverged) and not failed(p.tech, p.tech_diverged)
+    ]
+
+
 def decide(
     grid: dict[str, Any] | None,
     runs: dict[Cell, RunData],
     timing: dict[str, Any],
     targets: dict[str, float],
 ) -> list[Decision]:
-    """A decision for every model x technique (baseline excluded) found in ``grid``/``runs``."""
+    """A decision for every model x technique (baseline excluded) found in ``grid``/``runs``, each at
+    the error rate the grid asks for (table-wide by default: alpha split over the rows)."""
     models = list(dict.fromkeys([*((grid or {}).get("models") or []), *(c.model for c in runs)]))
     techs = list(dict.fromkeys([*((grid or {}).get("techniques") or []), *(c.technique for c in runs)]))
     seeds = [int(s) for s in ((grid or {}).get("seeds") or sorted({c.seed for c in runs}))]
-    values = {c: v for c, r in runs.items() if (v := run_value(r)) is not None}
+    values = {c: v for c, r in runs.items() if r.status == "completed" and (v := _test_acc(r)) is not None}
+    status = {c: r.status for c, r in runs.items()}
+    error_rate = error_rate_of(grid)
+    n_rows = rows_of(len(models), len([t for t in techs if t != BASELINE]) + 1)
     out = []
     for m in models:
+        chance = chance_of([r.summary for c, r in runs.items() if c.model == m])
         for t in techs:
             if t == BASELINE:
                 continue
-            out.append(_decide_one(grid, runs, timing, values, seeds, m, t, targets.get(m, math.nan)))
+            pairs = seed_pairs(status, values, m, t, seeds)
+            d = _decide_one(
+                grid, runs, timing, pairs, chance, error_rate, n_rows, seeds, m, t, targets.get(m, math.nan)
+            )
+            out.append(d)
     return out
+
+
+def _test_acc(run: RunData) -> float | None:
+    try:
+        v = float(run.summary.get("test_acc"))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
 
 
 def _decide_one(
     grid: dict[str, Any] | None,
     runs: dict[Cell, RunData],
     timing: dict[str, Any],
-    values: dict[Cell, float],
+    pairs: list[Pair],
+    chance: float | None,
+    error_rate: str,
+    n_rows: int,
     seeds: list[int],
     model: str,
     tech: str,
     target: float,
 ) -> Decision:
-    diffs = paired_diffs(values, model, tech, seeds)
-    plan, sequential = _plan(grid, len(diffs))
-    looks = run_to_decision(diffs, plan) if plan else []
-    last = looks[-1] if looks else None
-    if last is None:
+    avail = _available(pairs)
+    plan, sequential = _plan(grid, avail)
+    level = table_levels(n_rows, plan, error_rate) if plan else math.nan
+    out = decide_comparison(pairs, plan, chance, level) if plan else None
+    if out is not None and out.reason.startswith("nothing was learned"):
+        decision, why = "undecided", "nothing learned"
+    elif out is None or (out.decision == "undecided" and out.n_used == 0):
         decision, why = "undecided", "too few seeds"
-    elif last.decision == "continue":
+    elif out.decision != "undecided":
+        decision, why = out.decision, ""
+    elif out.next_look is not None:
         decision, why = "undecided", "budget or interrupted"
-    elif last.decision == "undecided":
-        decision, why = "undecided", "max seeds"
     else:
-        decision, why = last.decision, ""
-    n = last.n if last else len(diffs)
-    used = diffs[:n]
-    mine = [runs[Cell(model, tech, s)] for s in seeds[:n] if Cell(model, tech, s) in runs]
-    base = [runs[Cell(model, BASELINE, s)] for s in seeds[:n] if Cell(model, BASELINE, s) in runs]
-    p_better = stats.prob_improvement(used) if len(used) >= 1 else None
+        decision, why = "undecided", "max seeds"
+    n = out.n_used if out and out.n_used else avail
+    diffs = finished_diffs(pairs[:n], chance)
+    sd = float(np.std(diffs, ddof=1)) if len(diffs) >= 2 else math.nan
+    low, high = out.interval if out and out.interval else (math.nan, math.nan)
+    estimate = out.estimate if out and out.estimate is not None else (float(np.mean(diffs)) if diffs else math.nan)
+    mine = [runs[Cell(model, tech, s)] for s in seeds[:avail] if Cell(model, tech, s) in runs]
+    base = [runs[Cell(model, BASELINE, s)] for s in seeds[:avail] if Cell(model, BASELINE, s) in runs]
+    open_ = decision == "undecided" and why in ("max seeds", "budget or interrupted")
     d = Decision(
         model=model,
         technique=tech,
         decision=decision,
         why_open=why,
-        look=last,
+        outcome=out,
         seeds=n,
-        max_seeds=plan.max_seeds if plan else n,
-        nominal=plan.nominal if plan else math.nan,
+        trained=avail,
+        max_seeds=plan.max_seeds if plan else avail,
+        nominal=out.nominal if out else math.nan,
         margin=plan.margin if plan else FIXED_MARGIN,
         alpha=plan.alpha if plan else FIXED_ALPHA,
+        level=level,
+        error_rate=error_rate,
         sequential=sequential,
-        diverged=sum(r.status == "diverged" for r in mine),
-        p_better=p_better,
-        seeds_needed=seeds_to_decide(last.sd, last.mean, plan) if (last and plan and decision == "undecided") else None,
+        diverged=out.diverged_tech if out else 0,
+        base_diverged=out.diverged_base if out else 0,
+        estimate=estimate,
+        low=low,
+        high=high,
+        pairs=len(diffs),
+        sd=sd,
+        detectable=detectable_difference(sd, len(diffs), plan, level) if plan and len(diffs) >= 2 else math.nan,
+        p_better=stats.prob_improvement(diffs) if diffs else None,
+        seeds_needed=seeds_to_decide(estimate, sd, plan, avail, level) if (plan and open_) else None,
         params_ratio=_ratio(mine, base, "params"),
         flops_ratio=_ratio(mine, base, "flops"),
         step=step_ratio(timing, model, tech),
     )
+    true_div = sum(p.tech_diverged and not p.base_diverged for p in pairs[:avail])
+    d.failure_word = "diverged" if true_div == d.diverged else "diverged or stayed at chance level"
     d.convergence = convergence(mine, base, target, d)
     d.recommendation = recommend(d)
     return d
@@ -225,7 +349,7 @@ def convergence(mine: Sequence[RunData], base: Sequence[RunData], target: float,
     if len(both) >= 2 and math.isfinite(d.nominal):
         logs = np.log([by_seed_b[s] / by_seed_m[s] for s in both])
         mean, sd = float(logs.mean()), float(logs.std(ddof=1))
-        half = critical_t(len(both), d.nominal) * sd / math.sqrt(len(both))
+        half = float(sps.t.ppf(1 - d.nominal / 2, len(both) - 1)) * sd / math.sqrt(len(both))
         out.update(speedup=math.exp(mean), low=math.exp(mean - half), high=math.exp(mean + half))
         out["label"] = "faster" if out["low"] > 1 else "slower" if out["high"] < 1 else "no difference shown"
     elif out["reached"] == 0 and out["base_reached"] > 0:
@@ -243,37 +367,63 @@ def pp(x: float, sign: bool = True) -> str:
     return "n/a" if not math.isfinite(x) else (f"{100 * x:+.2f}" if sign else f"{100 * x:.2f}")
 
 
+def interval_pp(low: float, high: float) -> str:
+    """``[low, high]`` in pp; an interval wider than any accuracy difference can be says so instead."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "(no interval)"
+    if low < -1.0 or high > 1.0:
+        return "(interval wider than the possible range: it says nothing yet)"
+    return f"[{pp(low)}, {pp(high)}]"
+
+
+def interval_ratio(low: float, high: float) -> str:
+    """``[low, high]`` of a speed-up; one spanning more than a factor of 1000 either way says so instead."""
+    if not (math.isfinite(low) and math.isfinite(high)) or low < 1e-3 or high > 1e3:
+        return "(interval unbounded: it says nothing yet)"
+    return f"[{low:.2f}, {high:.2f}]"
+
+
 def recommend(d: Decision) -> str:
-    """One line a user can act on, claiming no more than the interval supports."""
-    lk = d.look
-    cost = ""
-    if d.step is not None:
-        cost = f"{100 * (d.step[0] - 1):+.0f}% time per training step"
-    if d.decision == "better" and lk:
+    """One line a user can act on, claiming no more than the decision supports."""
+    cost = f"{100 * (d.step[0] - 1):+.0f}% time per training step" if d.step is not None else ""
+    div = d.divergence_words
+    bounded = math.isfinite(d.low) and -1.0 <= d.low and d.high <= 1.0
+    span = f"lies between {pp(d.low)} and {pp(d.high)} pp" if bounded else "is not bounded yet"
+    if d.why_open == "nothing learned":
+        return "Nothing to compare: baseline learned nothing (every run diverged or stayed at chance level)."
+    if d.decision == "worse" and d.outcome and d.outcome.basis == "divergence":
+        return f"Avoid at this depth: it {div}."
+    if d.decision == "better":
         return (
             f"Adopt at this depth if {cost or 'its cost'} is worth it: final accuracy gains "
-            f"{pp(lk.low)} to {pp(lk.high)} pp."
+            f"{pp(d.low)} to {pp(d.high)} pp."
         )
-    if d.decision == "worse" and lk:
-        return f"Avoid at this depth: final accuracy drops by {pp(-lk.high, False)} to {pp(-lk.low, False)} pp."
+    if d.decision == "worse":
+        also = f"; it also {div}" if div else ""
+        return f"Avoid at this depth: final accuracy drops by {pp(-d.high, False)} to {pp(-d.low, False)} pp{also}."
     if d.decision == "equivalent":
         m = f"{100 * d.margin:.2g}"
         if d.step is not None and d.step[0] > 1.02:
             return f"Keep baseline: accuracy equal within +-{m} pp, and the technique costs {cost}."
         return f"Either: accuracy equal within +-{m} pp at about the same training cost."
-    if lk is None:
-        return "No answer yet: fewer than 2 paired seeds have finished."
+    lead = f"Not equivalent or better: it {div}. " if div else ""
+    if d.why_open == "too few seeds":
+        return f"{lead}No answer yet: {d.trained} paired seeds have finished, too few for a first look."
+    if d.why_open == "budget or interrupted":
+        return (
+            f"{lead}No answer yet after {d.trained} seeds (the difference {span}): re-run the same command to "
+            f"continue up to {d.max_seeds} seeds."
+        )
+    if d.outcome and "ties decide nothing" in d.outcome.reason:
+        return f"{lead}No answer: every paired seed gave the same difference, and ties decide nothing."
     more = (
         f"; at this spread about {d.seeds_needed} seeds would settle it"
         if d.seeds_needed
         else "; its spread is too large to settle with a practical number of seeds"
+        if math.isfinite(d.sd)
+        else ""
     )
-    if d.why_open == "budget or interrupted":
-        return (
-            f"No answer yet after {d.seeds} seeds (difference between {pp(lk.low)} and {pp(lk.high)} pp): "
-            f"re-run the same command to continue up to {d.max_seeds} seeds."
-        )
-    return f"No answer at {d.seeds} seeds: the difference lies between {pp(lk.low)} and {pp(lk.high)} pp{more}."
+    return f"{lead}No answer at {d.trained} seeds: the difference {span}{more}."
 
 
 # -- gradient health at depth ------------------------------------------------------------
@@ -308,11 +458,17 @@ def _ratio_text(v: Any) -> str:
 __all__ = [
     "Decision",
     "auto_target",
+    "chance_of",
     "convergence",
     "decide",
     "epochs_to_target",
+    "error_rate_of",
+    "finished_diffs",
     "gradient_verdict",
+    "interval_pp",
+    "interval_ratio",
     "open_cells",
-    "paired_diffs",
     "recommend",
+    "row_level",
+    "seed_pairs",
 ]

@@ -17,11 +17,11 @@ from typing import Any
 from reslab.engine.config import RESUMABLE_CHANGES, TrainConfig
 from reslab.errors import UsageError
 from reslab.files import atomic_write_text
+from reslab.study.plan import Plan
 from reslab.study.results import (
     GRID_FILE,
     Cell,
 )
-from reslab.study.sequential import Plan
 
 #: Presets, sized by measurement (benchmarks/README.md, "The quick preset").
 #:
@@ -78,10 +78,11 @@ FREE_FIELDS = RESUMABLE_CHANGES | {"threads"}
 class Grid:
     """What a comparison trains: cells = models x techniques x seeds, sharing ``train`` settings.
 
-    With ``sequential`` (a :class:`reslab.study.sequential.Plan` as a dict), ``seeds`` is the most the
+    With ``sequential`` (a :class:`reslab.study.plan.Plan` as a dict), ``seeds`` is the most the
     plan may use; seeds are added in rounds and each technique stops when it is decided.
     ``target_acc`` is a validation accuracy, or ``"auto"`` (per model: 95% of baseline's mean
-    final validation accuracy, set when the report is drawn).
+    final validation accuracy, set when the report is drawn). ``error_rate``: ``"table"`` (the
+    chance of any wrong row of the decision table is at most alpha) or ``"row"`` (per comparison).
     """
 
     models: list[str]
@@ -93,6 +94,7 @@ class Grid:
     preset: str | None = None
     sequential: dict[str, Any] | None = None
     budget_s: float | None = None
+    error_rate: str = "table"
 
     def cells(self) -> list[Cell]:
         """Seed-major order: a grid stopped half-way still has complete, paired seeds."""
@@ -125,6 +127,7 @@ class Grid:
             "techniques": self.techniques,
             "seeds": self.seeds,
             "sequential": self.sequential,
+            "error_rate": self.error_rate,
             "target_acc": self.target_acc,
             "interval": self.interval,
             "train": self.shared_settings(),
@@ -217,6 +220,8 @@ def check_results(out: Path, grid: Grid) -> Grid:
         ]
         if old.get("sequential") != new["sequential"]:
             diffs.append(f"sequential plan {new['sequential']} (stored: {old.get('sequential')})")
+        if (old.get("error_rate") or "table") != new["error_rate"]:
+            diffs.append(f"--error-rate {new['error_rate']} (stored: {old.get('error_rate') or 'table'})")
         if diffs:
             raise UsageError(
                 f"{out} holds a grid trained with other settings: {'; '.join(diffs)}; "
@@ -232,6 +237,7 @@ def check_results(out: Path, grid: Grid) -> Grid:
             preset=grid.preset if grid.preset == old.get("preset") else None,
             sequential=grid.sequential,
             budget_s=grid.budget_s,
+            error_rate=grid.error_rate,
         )
     else:
         # names starting with a dot are other processes' atomic writes in flight (grid.json's)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from reslab.study.decisions import open_cells, paired_diffs
+from reslab.study.decisions import chance_of, error_rate_of, open_cells, row_level, seed_pairs
 from reslab.study.grid import Grid
 from reslab.study.results import (
     BASELINE,
@@ -15,7 +15,7 @@ from reslab.study.results import (
     RunData,
     summary_value,
 )
-from reslab.study.sequential import Look, run_to_decision
+from reslab.study.rule import Outcome, decide_comparison
 
 
 @dataclass
@@ -24,6 +24,8 @@ class Outcomes:
 
     values: dict[Cell, float] = field(default_factory=dict)
     status: dict[Cell, str] = field(default_factory=dict)
+    #: per model, the chance accuracy its runs recorded (summary.json's chance_acc)
+    chance: dict[str, list[float]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, runs: dict[Cell, RunData]) -> Outcomes:
@@ -34,6 +36,8 @@ class Outcomes:
 
     def add(self, cell: Cell, status: str | None, summary: dict[str, Any]) -> None:
         self.status[cell] = str(status)
+        if isinstance(c := summary.get("chance_acc"), (int, float)):
+            self.chance.setdefault(cell.model, []).append(float(c))
         v = summary_value(status, summary)
         if v is not None:
             self.values[cell] = v
@@ -41,12 +45,23 @@ class Outcomes:
     def finished(self, cell: Cell) -> bool:
         return self.status.get(cell) in FINISHED
 
+    def chance_of(self, model: str) -> float | None:
+        return chance_of([{"chance_acc": c} for c in self.chance.get(model, [])])
 
-def comparison_looks(grid: Grid, outcomes: Outcomes, model: str, technique: str) -> list[Look]:
-    """The looks a sequential comparison has taken so far (the last one is its state)."""
+
+def grid_level(grid: Grid) -> float:
+    """The error rate each comparison of a sequential grid is run at (as the report decides it)."""
     plan = grid.plan()
     assert plan is not None
-    return run_to_decision(paired_diffs(outcomes.values, model, technique, grid.seeds), plan)
+    return row_level(plan, error_rate_of({"error_rate": grid.error_rate}), len(grid.models), len(grid.techniques))
+
+
+def comparison_outcome(grid: Grid, outcomes: Outcomes, model: str, technique: str) -> Outcome:
+    """Where a sequential comparison stands now, by the rule the report decides with."""
+    plan = grid.plan()
+    assert plan is not None
+    pairs = seed_pairs(outcomes.status, outcomes.values, model, technique, grid.seeds)
+    return decide_comparison(pairs, plan, outcomes.chance_of(model), grid_level(grid))
 
 
 def needed_cells(grid: Grid, outcomes: Outcomes) -> list[Cell]:
@@ -56,8 +71,11 @@ def needed_cells(grid: Grid, outcomes: Outcomes) -> list[Cell]:
     if plan is None:
         return [c for c in grid.cells() if not outcomes.finished(c)]
     need: set[Cell] = set()
+    level = grid_level(grid)
     for m in grid.models:
-        need |= open_cells(plan, grid.seeds, outcomes.values, m, grid.techniques)
+        need |= open_cells(
+            plan, grid.seeds, outcomes.status, outcomes.values, m, grid.techniques, level, outcomes.chance_of(m)
+        )
     order = {c: i for i, c in enumerate(grid.cells())}
     return sorted((c for c in need if not outcomes.finished(c)), key=order.__getitem__)
 

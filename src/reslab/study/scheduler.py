@@ -13,7 +13,7 @@ from reslab.study.cells import CellRun, record_failure
 from reslab.study.claims import Claims, describe
 from reslab.study.estimate import Estimator, estimate_lines, fmt_duration
 from reslab.study.grid import Grid, shard_cells
-from reslab.study.outcomes import Outcomes, comparison_looks, needed_cells
+from reslab.study.outcomes import Outcomes, comparison_outcome, needed_cells
 from reslab.study.results import (
     BASELINE,
     FAILED_DIR,
@@ -115,14 +115,14 @@ class Scheduler:
         n = len(self.ran) + len(self.failed)
         if plan is None:
             return f"{n} runs done"
-        looks = [
-            comparison_looks(self.grid, self.outcomes, m, t)
+        states = [
+            comparison_outcome(self.grid, self.outcomes, m, t)
             for m in self.grid.models
             for t in self.grid.techniques
             if t != BASELINE
         ]
-        decided = sum(1 for lk in looks if lk and lk[-1].decision != "continue")
-        return f"{n} runs done, {decided}/{len(looks)} comparisons decided"
+        decided = sum(1 for o in states if o.decision != "undecided")
+        return f"{n} runs done, {decided}/{len(states)} comparisons decided"
 
     def refresh(self) -> None:
         total, _ = estimate_lines(self.grid, self.est, self.outcomes, self.jobs)

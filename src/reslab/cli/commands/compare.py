@@ -11,9 +11,13 @@ preset. The header states the preset, the grid and an estimated time before trai
 
 Sequential seeds (--until-decided, the presets' default): seeds are added one round at a
 time; a technique stops when its repeated confidence interval for the difference in final
-test accuracy lies above 0 (better), below 0 (worse) or inside +-margin (equivalent), or
-when --max-seeds or --budget is reached (undecided). The chance of any wrong decision is
-at most --alpha however many rounds are looked at.
+test accuracy, over the seeds where both runs finished, lies above 0 (better), below 0
+(worse) or inside +-margin (equivalent), when it diverges often enough where baseline does
+not (worse), or when --max-seeds or --budget is reached (undecided). A technique that
+diverged where baseline did not is never equivalent or better. With --error-rate table (the
+default) the chance that any row of the decision table is wrong is at most --alpha, however
+many rounds are looked at; --error-rate row bounds each comparison instead
+(docs/decision-rule.md).
 
 Re-running the same command resumes: finished runs are kept, interrupted ones continue from
 their checkpoints. '--shard i/n' trains one of n parts of the grid, balanced by estimated time.
@@ -97,7 +101,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--margin", type=float, help="equivalence margin in percentage points of test accuracy (default 0.5)"
     )
-    parser.add_argument("--alpha", type=float, help="chance of any wrong decision per comparison (default 0.05)")
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        help="chance of a wrong decision: in the whole decision table, or per comparison with --error-rate row "
+        "(default 0.05)",
+    )
+    parser.add_argument(
+        "--error-rate",
+        choices=("table", "row"),
+        default=None,
+        help="table (default): the chance that ANY row of the decision table is wrong is at most --alpha (alpha "
+        "is split over the comparisons); row: each comparison on its own (more power, more wrong rows in a big table)",
+    )
     parser.add_argument(
         "--budget", help="wall-time budget for training, e.g. 30m or 2h; then undecided techniques stop"
     )
@@ -267,7 +283,7 @@ def build_grid(args: argparse.Namespace) -> tuple[Any, int, str]:
     """(Grid, jobs, out) from the options: preset or engine defaults < --config < options < --set."""
     from reslab.engine.config import parse_assignments, read_config_file
     from reslab.study.grid import PRESETS, Grid, resolve_techniques
-    from reslab.study.sequential import Plan
+    from reslab.study.plan import Plan
 
     explicit_train = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k) is not None}
     grid_given = any(getattr(args, k) is not None for k in _GRID_OPTIONS)
@@ -341,8 +357,9 @@ def build_grid(args: argparse.Namespace) -> tuple[Any, int, str]:
         preset_name if not custom else None,
         sequential=seq,
         budget_s=budget,
+        error_rate=args.error_rate or "table",
     )
-    if preset_name and custom:
+    if preset_name and (custom or grid.error_rate != "table"):
         grid.preset = f"{preset_name} (modified)"
     jobs = args.jobs if args.jobs is not None else base["jobs"]
     out = args.out or f"results/{preset_name or 'compare'}"
@@ -411,7 +428,8 @@ def _run(
     if progress:
         plan = grid.plan()
         seeds = (
-            f"seeds added until decided ({plan.min_seeds} to {plan.max_seeds}, alpha {plan.alpha:g}, "
+            f"seeds added until decided ({plan.min_seeds} to {plan.max_seeds}, alpha {plan.alpha:g} "
+            f"{'for the whole decision table' if grid.error_rate == 'table' else 'per comparison'}, "
             f"margin +-{100 * plan.margin:g} pp)"
             if plan
             else f"seeds {', '.join(map(str, grid.seeds))}"

@@ -1,0 +1,111 @@
+"""Synthetic results folders for the report's tests: run folders in the format ``reslab train``
+writes (config.yaml, metrics.jsonl, summary.json) and a grid.json, with made-up numbers chosen so
+that every figure can be checked by hand."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import yaml
+
+SEEDS = (0, 1, 2)
+
+
+def write_run(
+    root: Path,
+    technique: str,
+    seed: int,
+    val_acc: list[float],
+    *,
+    model: str = "resnet8",
+    status: str = "completed",
+    test_acc: float | None = None,
+    epoch_s: float = 10.0,
+    images_per_s: float = 1000.0,
+    params: int = 1000,
+    flops: int = 50_000,
+    epochs: int | None = None,
+    gradients: list[dict] | None = None,
+    chance: float | None = None,
+) -> Path:
+    run = root / "runs" / f"{model}-{technique}-s{seed}"
+    run.mkdir(parents=True)
+    epochs = epochs or len(val_acc)
+    cfg = {"model": model, "technique": technique, "seed": seed, "dataset": "fashion-mnist", "epochs": epochs}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    lines = []
+    for i, acc in enumerate(val_acc):
+        e = i + 1
+        lines.append(
+            json.dumps(
+                {
+                    "epoch": e,
+                    "train_loss": 2.0 / e,
+                    "train_acc": acc,
+                    "val_loss": 1.0 / e,
+                    "val_acc": acc,
+                    "lr": 0.1,
+                    "epoch_s": epoch_s,
+                    "elapsed_s": epoch_s * e,
+                    "images_per_s": images_per_s,
+                }
+            )
+        )
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    if status != "running":
+        summary = {
+            "status": status,
+            "model": model,
+            "technique": technique,
+            "dataset": "fashion-mnist",
+            "seed": seed,
+            "epochs": epochs,
+            "best_val_acc": max(val_acc) if status == "completed" else None,
+            "best_epoch": val_acc.index(max(val_acc)) + 1,
+            "test_acc": test_acc if test_acc is not None else val_acc[-1],
+            "test_loss": 0.3,
+            "elapsed_s": epoch_s * len(val_acc),
+            "params": params,
+            "flops": flops,
+        }
+        if status == "diverged":
+            summary["diverged_epoch"] = len(val_acc) + 1
+            summary["test_acc"] = None
+        if chance is not None:
+            summary["chance_acc"] = chance
+        (run / "summary.json").write_text(json.dumps(summary))
+    if gradients:
+        (run / "gradients.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gradients))
+    return run
+
+
+def write_grid(root: Path, techniques: list[str], seeds=SEEDS, target: float = 0.85, interval: str = "t") -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    grid = {
+        "version": 1,
+        "models": ["resnet8"],
+        "techniques": techniques,
+        "seeds": list(seeds),
+        "target_acc": target,
+        "interval": interval,
+        "train": {"dataset": "fashion-mnist", "epochs": 3},
+    }
+    (root / "grid.json").write_text(json.dumps(grid))
+
+
+def read_summary(path: Path) -> dict[str, dict[str, str]]:
+    with open(path / "summary.csv") as f:
+        return {r["technique"]: r for r in csv.DictReader(f)}
+
+
+def write_sequential_grid(
+    root: Path, techniques: list[str], max_seeds: int = 5, min_seeds: int = 3, error_rate: str | None = None
+) -> None:
+    write_grid(root, techniques, seeds=range(max_seeds))
+    grid = json.loads((root / "grid.json").read_text())
+    grid["sequential"] = {"min_seeds": min_seeds, "max_seeds": max_seeds, "step": 1, "alpha": 0.05, "margin": 0.005}
+    if error_rate is not None:
+        grid["error_rate"] = error_rate
+    (root / "grid.json").write_text(json.dumps(grid))
