@@ -90,7 +90,18 @@ def image_counts(settings: dict[str, Any], ds: Any) -> tuple[int, int]:
 
 
 def fmt_duration(seconds: float | None) -> str:
+    """A duration in the units a person reads: 45s, 4m05s, 2h07m, 6d23h."""
     if seconds is None or not math.isfinite(seconds):
         return "n/a"
-    m, s = divmod(round(seconds), 60)
-    return f"{m}m{s:02d}s" if m else f"{s}s"
+    total = max(0, round(seconds))
+    if total < 60:
+        return f"{total}s"
+    if total < 3600:
+        m, s = divmod(total, 60)
+        return f"{m}m{s:02d}s"
+    total_m = round(total / 60)  # past an hour, seconds are noise: round to the minute
+    if total_m < 24 * 60:
+        h, m = divmod(total_m, 60)
+        return f"{h}h{m:02d}m"
+    d, h = divmod(round(total / 3600), 24)
+    return f"{d}d{h:02d}h"
