@@ -80,7 +80,7 @@ def build_report(
     """
     out = Path(results_dir)
     dirs = [out, *(Path(d) for d in extra_dirs)]
-    grid, runs = collect(dirs)
+    grid, runs = collect(dirs, strict=True)  # a corrupt summary.json is an error, not a guess
     if not runs and read_jsonl(out / "results.jsonl"):
         # e.g. a copied report without its run folders: regenerating would replace the stored
         # figures with an empty report, so refuse rather than destroy them

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from reslab.engine.runs import UNKNOWN, read_summary, status_of
+from reslab.engine.runs import SUMMARY_FILE, UNKNOWN, read_summary, status_of
 from reslab.errors import UsageError
 
 GRID_FILE = "grid.json"
@@ -115,10 +115,17 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return obj if isinstance(obj, dict) else {}
 
 
-def read_run(path: Path) -> RunData | None:
-    """Read one run folder; ``None`` when it does not say which model/technique/seed it is."""
+def read_run(path: Path, *, strict: bool = False) -> RunData | None:
+    """Read one run folder; ``None`` when it does not say which model/technique/seed it is.
+
+    A summary.json that exists but cannot be read is, by default, a run of unknown state (it
+    may be being written by another worker). With ``strict`` (the report) it is a
+    :class:`UsageError` naming the file and the fix.
+    """
     config = _read_yaml(path / "config.yaml")
     recorded = read_summary(path)
+    if strict and recorded is None:
+        check_summary_file(path / SUMMARY_FILE)
     summary = recorded or {}
     ident = {**config, **{k: v for k, v in summary.items() if v is not None}}
     try:
@@ -145,6 +152,29 @@ def read_run(path: Path) -> RunData | None:
     )
 
 
+def check_summary_file(file: Path) -> None:
+    """Raise :class:`UsageError` when ``file`` exists but is not a JSON object."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return  # no summary yet: a run killed as it started
+    except (OSError, UnicodeDecodeError) as e:
+        why = f"cannot be read ({e.__class__.__name__})"
+    else:
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            why = "is not valid JSON"
+        else:
+            if isinstance(obj, dict):
+                return
+            why = f"holds a JSON {type(obj).__name__}, not an object"
+    raise UsageError(
+        f"{file} {why}, so this run's result is unknown; re-run the same compare command to retrain it, "
+        f"or delete the run folder {file.parent}"
+    )
+
+
 def read_grid(results_dir: Path) -> dict[str, Any] | None:
     path = results_dir / GRID_FILE
     if not path.exists():
@@ -159,8 +189,10 @@ def grid_cells(grid: dict[str, Any]) -> list[Cell]:
     return [Cell(m, t, int(s)) for m in grid["models"] for t in grid["techniques"] for s in grid["seeds"]]
 
 
-def collect(dirs: Sequence[Path]) -> tuple[dict[str, Any] | None, dict[Cell, RunData]]:
+def collect(dirs: Sequence[Path], *, strict: bool = False) -> tuple[dict[str, Any] | None, dict[Cell, RunData]]:
     """The grid (from the first folder that has one) and every run found in ``dirs``.
+
+    ``strict``: a run whose summary.json cannot be read is an error (see :func:`read_run`).
 
     Several folders (e.g. shards copied from several machines) merge: when the same run is
     found twice, a finished copy wins over an unfinished one, and the first finished copy
@@ -179,7 +211,7 @@ def collect(dirs: Sequence[Path]) -> tuple[dict[str, Any] | None, dict[Cell, Run
                 grid[key] = list(dict.fromkeys([*grid[key], *g[key]]))
         root = d / RUNS_DIR if (d / RUNS_DIR).is_dir() else d
         for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-            run = read_run(sub)
+            run = read_run(sub, strict=strict)
             if run is None:
                 continue
             old = runs.get(run.cell)
