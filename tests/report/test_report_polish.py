@@ -50,3 +50,87 @@ def test_the_scheduler_still_reads_an_unreadable_summary_as_unknown(tmp_path: Pa
     run = root / "runs" / "resnet8-scale-s1"
     (run / "summary.json").write_text("{")
     assert read_run(run) is not None and read_run(run).status == "interrupted"
+
+
+PROBE = """<script>
+window.addEventListener("load", () => {
+  const out = document.createElement("pre");
+  out.id = "rendered";
+  out.textContent = document.body.innerText;
+  document.querySelectorAll("img").forEach((i) => i.setAttribute("data-natural-width", String(i.naturalWidth)));
+  document.body.appendChild(out);
+});
+</script>"""
+
+
+def test_report_html_renders_in_a_real_browser(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Chromium (headless) renders report.html: no Markdown markup in the text a reader sees, the
+    tables are tables and the figures are images that decode."""
+    import html.parser
+    import shutil
+    import subprocess
+
+    browser = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        pytest.skip("no chromium binary installed (CI installs Debian's chromium: see README.md's test command)")
+    root = tmp_path / "compare"
+    small_grid(root)
+    assert main(["report", str(root)]) == 0
+    capsys.readouterr()
+    page = (root / "report.html").read_text(encoding="utf-8")
+    probe = tmp_path / "probe.html"
+    probe.write_text(page.replace("</body>", PROBE + "</body>"), encoding="utf-8")
+    done = subprocess.run(
+        [
+            browser,
+            "--headless",
+            "--disable-gpu",
+            "--no-sandbox",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            probe.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    class Dom(html.parser.HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tags: dict[str, int] = {}
+            self.widths: list[int] = []
+            self.rendered: list[str] = []
+            self._in_rendered = False
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            self.tags[tag] = self.tags.get(tag, 0) + 1
+            a = dict(attrs)
+            if tag == "img":
+                self.widths.append(int(a.get("data-natural-width") or 0))
+            self._in_rendered = self._in_rendered or (tag == "pre" and a.get("id") == "rendered")
+
+        def handle_endtag(self, tag: str) -> None:
+            if tag == "pre":
+                self._in_rendered = False
+
+        def handle_data(self, data: str) -> None:
+            if self._in_rendered:
+                self.rendered.append(data)
+
+    dom = Dom()
+    dom.feed(done.stdout)
+    text = "".join(dom.rendered)
+    assert "reslab comparison" in text and "scale" in text, done.stdout[:2000]
+    for markup in ("**", "|---|", "| --- |", "![", "](", "\n# ", "\n## "):
+        assert markup not in text, f"raw Markdown {markup!r} in the rendered page"
+    md_tables = sum(
+        1
+        for line in (root / "report.md").read_text().splitlines()
+        if line.startswith("|---") or line.startswith("| ---")
+    )
+    assert md_tables >= 1 and dom.tags.get("table", 0) == md_tables
+    figures = sorted((root / "figures").glob("*.png"))
+    assert figures and len(dom.widths) == len(figures) and all(w > 0 for w in dom.widths), dom.widths
