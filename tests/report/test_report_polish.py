@@ -134,3 +134,47 @@ def test_report_html_renders_in_a_real_browser(tmp_path: Path, capsys: pytest.Ca
     assert md_tables >= 1 and dom.tags.get("table", 0) == md_tables
     figures = sorted((root / "figures").glob("*.png"))
     assert figures and len(dom.widths) == len(figures) and all(w > 0 for w in dom.widths), dom.widths
+
+
+def test_the_title_and_settings_say_what_was_compared(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    import yaml
+
+    root = tmp_path / "compare"  # the folder's name says nothing about the grid
+    small_grid(root)
+    grid = json.loads((root / "grid.json").read_text())
+    grid["train"]["val_size"] = None  # left to the default by the grid
+    grid["target_acc"] = "auto"
+    (root / "grid.json").write_text(json.dumps(grid))
+    for run in (root / "runs").iterdir():
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "val_size": 5000}))
+    assert main(["report", str(root)]) == 0
+    capsys.readouterr()
+    md = (root / "report.md").read_text()
+    assert md.splitlines()[0] == "# reslab comparison: custom grid, resnet8"
+    assert "val_size=None" not in md and "val_size=5000" in md
+    # baseline's final validation accuracies are 0.80, 0.81, 0.82: 95% of their mean is 77.0%
+    assert "auto, 95% of baseline's mean final validation accuracy = resnet8 77.0%" in md
+    assert "<title>reslab comparison: custom grid, resnet8</title>" in (root / "report.html").read_text()
+
+    grid["preset"] = "quick"
+    grid["target_acc"] = 0.7
+    (root / "grid.json").write_text(json.dumps(grid))
+    assert main(["report", str(root)]) == 0
+    md = (root / "report.md").read_text()
+    assert md.splitlines()[0] == "# reslab comparison: quick preset, resnet8"
+    assert "Target validation accuracy (for epochs to target): resnet8 70.0%." in md
+
+
+def test_compare_help_and_default_target_agree_with_the_report() -> None:
+    from reslab.cli import build_parser
+
+    parser = build_parser(["compare"])
+    help_text = " ".join(parser._subparsers._group_actions[0].choices["compare"].format_help().split())
+    assert "'auto' (the default): per model, 95% of baseline's mean final validation accuracy" in help_text
+    from reslab.cli.commands.compare import build_grid
+
+    args = parser.parse_args(["compare", "--models", "resnet8", "--seeds", "2", "--out", "x"])
+    assert build_grid(args)[0].target_acc == "auto"

@@ -364,9 +364,9 @@ def targets_for(
     target_acc: float | str | None, grid: dict[str, Any] | None, runs: dict[Cell, RunData], models: Sequence[str]
 ) -> dict[str, float]:
     """Per-model validation-accuracy target: the option, the grid's, or 'auto' (see decisions)."""
-    raw = target_acc if target_acc is not None else (grid or {}).get("target_acc", 0.9)
-    if isinstance(raw, str) and raw.strip().lower() == "auto":
+    if is_auto_target(target_acc, grid):
         return {m: auto_target(runs, m) for m in models}
+    raw = target_acc if target_acc is not None else (grid or {}).get("target_acc", 0.9)
     try:
         target = float(raw)
     except (TypeError, ValueError):
@@ -374,6 +374,12 @@ def targets_for(
     if not 0.0 < target <= 1.0:
         raise UsageError(f"--target-acc must be a fraction in (0, 1], e.g. 0.9, or 'auto', got {raw!r}")
     return dict.fromkeys(models, target)
+
+
+def is_auto_target(target_acc: float | str | None, grid: dict[str, Any] | None) -> bool:
+    """Whether :func:`targets_for` derives the targets from baseline ('auto')."""
+    raw = target_acc if target_acc is not None else (grid or {}).get("target_acc", 0.9)
+    return isinstance(raw, str) and raw.strip().lower() == "auto"
 
 
 def check_interval_method(method: str, runs: dict[Cell, RunData], models: Sequence[str]) -> str:

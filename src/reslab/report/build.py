@@ -21,6 +21,7 @@ from reslab.report.aggregate import (
     apply_decisions,
     check_interval_method,
     expected_cells,
+    is_auto_target,
     run_record,
     runs_by_technique,
     summarize_all,
@@ -37,6 +38,7 @@ from reslab.report.sections import (
     describe_missing,
     files_section,
     gradient_section,
+    report_title,
     settings_section,
     summary_section,
     verdict_section,
@@ -108,10 +110,21 @@ def build_report(
 
     fig_dir = out / FIGURES_DIR
     fig_dir.mkdir(parents=True, exist_ok=True)
-    doc, title = Doc(), f"reslab comparison: {out.name}"
+    doc, title = Doc(), report_title(grid, models)
     doc.h(1, title)
     decision_section(doc, decisions, grid, read_probe_entries(dirs), timing)
-    settings_section(doc, grid, runs, targets, method, level, len(cells), expected, missing)
+    settings_section(
+        doc,
+        grid,
+        runs,
+        targets,
+        method,
+        level,
+        len(cells),
+        expected,
+        missing,
+        auto_target=is_auto_target(target_acc, grid),
+    )
     figures: list[Path] = []
     shown = list(dict.fromkeys(r["model"] for r in rows))
     for model in shown:

@@ -18,7 +18,7 @@ from reslab.report.decision_table import fmt_value, step_ms, step_ratio_text
 from reslab.report.document import Doc
 from reslab.report.verdicts import fmt_bounds, verdict
 from reslab.study import stats
-from reslab.study.decisions import Decision, interval_pp, interval_ratio, pp
+from reslab.study.decisions import AUTO_TARGET_FRACTION, Decision, interval_pp, interval_ratio, pp
 from reslab.study.results import (
     BASELINE,
     FIGURES_DIR,
@@ -50,10 +50,40 @@ def describe_missing(cells: Sequence[Cell], runs: dict[Cell, RunData]) -> list[s
     return out
 
 
+def report_title(grid: dict[str, Any] | None, models: Sequence[str]) -> str:
+    """What was compared, not where it is stored: the preset (or a custom grid) and the models."""
+    preset = (grid or {}).get("preset")
+    what = f"{preset} preset" if preset else "custom grid" if grid else "runs"
+    names = list(models)
+    on = " and ".join(names) if len(names) <= 2 else ", ".join(names[:-1]) + f" and {names[-1]}"
+    return f"reslab comparison: {what}, {on}" if names else f"reslab comparison: {what}"
+
+
+def target_line(targets: dict[str, float], auto: bool) -> str:
+    """The epochs-to-target accuracy per model, and how it was derived."""
+    values = ", ".join(
+        f"{m} {stats.fmt_pct(t, 1) if math.isfinite(t) else 'n/a (no finished baseline)'}" for m, t in targets.items()
+    )
+    if auto:
+        frac = round(100 * AUTO_TARGET_FRACTION)
+        return (
+            f"Target validation accuracy (for epochs to target): auto, {frac}% of baseline's mean final "
+            f"validation accuracy = {values}."
+        )
+    return f"Target validation accuracy (for epochs to target): {values}."
+
+
 def settings_lines(grid: dict[str, Any] | None, runs: dict[Cell, RunData]) -> list[str]:
     cfg = dict(grid.get("train", {})) if grid else {}
     if not cfg and runs:
         cfg = next(iter(runs.values())).config
+    for k in [k for k, v in cfg.items() if v is None]:
+        # a setting the grid left to the default: show what the runs used (config.yaml), or nothing
+        used = {repr(r.config[k]): r.config[k] for r in runs.values() if r.config.get(k) is not None}
+        if len(used) == 1:
+            cfg[k] = next(iter(used.values()))
+        else:
+            del cfg[k]
     keys = (
         "dataset",
         "epochs",
@@ -109,8 +139,10 @@ def settings_section(
     n_cells: int,
     expected: Sequence[Cell],
     missing: Sequence[str],
+    auto_target: bool = False,
 ) -> None:
-    """Settings, how the intervals are made, and which runs are finished."""
+    """Settings, how the intervals are made, and which runs are finished. ``auto_target``: the
+    targets were derived from baseline (``--target-acc auto``), which the line then says."""
     doc.h(2, "Settings")
     doc.ul(settings_lines(grid, runs))
     method_words = (
@@ -123,9 +155,7 @@ def settings_section(
         f"intervals from the {method_words}. Every difference from baseline in accuracy, and every speed-up in "
         "epochs to target, is the decision table's: the same interval at the same per-look level, paired by seed "
         "(seed k sees the same data order and augmentation in every technique), so no section below can "
-        "disagree with it. Target validation accuracy: "
-        + ", ".join(f"{m} {stats.fmt_pct(t, 1)}" for m, t in targets.items())
-        + "."
+        "disagree with it. " + target_line(targets, auto_target)
     )
     n_done = sum(1 for c in expected if c in runs and runs[c].finished)
     if (grid or {}).get("sequential"):

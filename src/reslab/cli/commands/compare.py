@@ -89,7 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--techniques", help="comma-separated techniques or 'all' (baseline is always included)")
     parser.add_argument("--seeds", help="N (seeds 0..N-1) or a comma-separated list, e.g. 0,1,2")
     parser.add_argument(
-        "--target-acc", help="validation accuracy for time-to-target, e.g. 0.9, or 'auto' (95%% of baseline's final)"
+        "--target-acc",
+        help="validation accuracy for epochs to target, e.g. 0.9, or 'auto' (the default): per model, 95%% of "
+        "baseline's mean final validation accuracy",
     )
     parser.add_argument(
         "--until-decided",
@@ -299,7 +301,7 @@ def build_grid(args: argparse.Namespace) -> tuple[Any, int, str]:
             "seeds": [0, 1, 2],
             "sequential": None,
             "budget_s": None,
-            "target_acc": 0.9,
+            "target_acc": "auto",
             "train": {},
             "jobs": 1,
         }

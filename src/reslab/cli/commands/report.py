@@ -28,7 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="more results folders (e.g. shards from other machines) whose runs join this report",
     )
     parser.add_argument(
-        "--target-acc", type=float, default=None, help="validation accuracy target (default: the grid's, else 0.9)"
+        "--target-acc",
+        type=float,
+        default=None,
+        help="validation accuracy target for epochs to target (default: the grid's, e.g. auto; else 0.9)",
     )
     parser.add_argument(
         "--interval",
