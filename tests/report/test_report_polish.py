@@ -178,3 +178,30 @@ def test_compare_help_and_default_target_agree_with_the_report() -> None:
 
     args = parser.parse_args(["compare", "--models", "resnet8", "--seeds", "2", "--out", "x"])
     assert build_grid(args)[0].target_acc == "auto"
+
+
+@pytest.mark.parametrize(
+    ("baseline", "shown", "hidden"),
+    [
+        # 2 seeds, far apart: the t interval (mean ± 12.7 x sd/sqrt 2) spans far more than 0-100%
+        ([0.2, 0.5], "too few seeds for an interval", ["[-", "-155", "225"]),
+        # 2 seeds near the top: the upper bound (about 110.7%) is clipped at 100%, with a note
+        ([0.97, 0.99], "100.00]% (clipped at 100%: too few seeds", ["110.", "[85.29, 110"]),
+    ],
+)
+def test_an_accuracy_interval_never_shows_impossible_bounds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], baseline: list[float], shown: str, hidden: list[str]
+) -> None:
+    root = tmp_path / "compare"
+    write_grid(root, ["baseline", "scale"], seeds=range(2))
+    for s, acc in enumerate(baseline):
+        write_run(root, "baseline", s, [0.1, acc])
+        write_run(root, "scale", s, [0.1, acc + 0.001])
+    assert main(["report", str(root)]) == 0
+    capsys.readouterr()
+    md = (root / "report.md").read_text()
+    reference = next(line for line in md.splitlines() if line.startswith("baseline: ") and "Reference" in line)
+    summary = next(line for line in md.splitlines() if line.startswith("| baseline |"))
+    for text in (reference, summary):
+        assert shown.replace("]%", "]") in text.replace("]%", "]"), text
+        assert not any(h in text for h in hidden), text

@@ -16,7 +16,7 @@ from reslab.report.aggregate import (
 )
 from reslab.report.decision_table import fmt_value, step_ms, step_ratio_text
 from reslab.report.document import Doc
-from reslab.report.verdicts import fmt_bounds, verdict
+from reslab.report.verdicts import fmt_acc_interval, verdict
 from reslab.study import stats
 from reslab.study.decisions import AUTO_TARGET_FRACTION, Decision, interval_pp, interval_ratio, pp
 from reslab.study.results import (
@@ -25,14 +25,6 @@ from reslab.study.results import (
     Cell,
     RunData,
 )
-
-
-def fmt_ci(row: dict[str, Any], key: str, scale: float = 1.0, spec: str = ".2f") -> str:
-    # differences are judged against 0, ratios against 1: keep the side of those visible
-    ref = 0.0 if key.endswith("_diff") else 1.0 if key.startswith(("speedup", "throughput")) else math.nan
-    return fmt_bounds(
-        as_float(row[f"{key}_ci_low"]), as_float(row[f"{key}_ci_high"]), ref, scale, sign=spec.startswith("+")
-    )
 
 
 def describe_missing(cells: Sequence[Cell], runs: dict[Cell, RunData]) -> list[str]:
@@ -233,7 +225,7 @@ def summary_section(doc: Doc, v: ModelView) -> None:
                 r["technique"],
                 f"{r['completed']}/{r['diverged']}/{r['unfinished']}",
                 f"{fmt_value(as_float(r['test_acc_mean']) * 100)} ± {fmt_value(as_float(r['test_acc_std']) * 100)}",
-                fmt_ci(r, "test_acc", 100),
+                fmt_acc_interval(as_float(r["test_acc_ci_low"]), as_float(r["test_acc_ci_high"])),
                 fmt_value(as_float(r["test_acc_iqm"]) * 100)
                 if math.isfinite(as_float(r["test_acc_iqm"]))
                 else "n/a (n < 4)",

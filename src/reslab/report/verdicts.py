@@ -24,6 +24,21 @@ def fmt_bounds(low: float, high: float, ref: float, scale: float = 1.0, sign: bo
     return f"[{format(low * scale, spec)}, {format(high * scale, spec)}]"
 
 
+def fmt_acc_interval(low: float, high: float, digits: int = 2, unit: str = "") -> str:
+    """An interval of an accuracy (fractions, printed in %), never with impossible bounds: one
+    spanning the whole 0-100% range or more says that it says nothing; one with a single bound
+    past 0% or 100% is clipped there, with a note."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "n/a"
+    if high - low >= 1.0:
+        return "too few seeds for an interval (it would be wider than 0-100%)"
+    lo, hi = max(low, 0.0), min(high, 1.0)
+    text = f"[{100 * lo:.{digits}f}, {100 * hi:.{digits}f}]{unit}"
+    if lo != low or hi != high:
+        text += f" (clipped at {'0%' if lo != low else '100%'}: too few seeds for a tighter interval)"
+    return text
+
+
 def _pp(x: float) -> str:
     return f"{100 * x:+.2f} pp"
 
@@ -49,9 +64,10 @@ def verdict(row: dict[str, Any], level: float = 0.95, decision: Decision | None 
         out.append(f"{row['unfinished']} of {row['seeds_planned']} seeds have no finished result yet.")
     if tech == BASELINE:
         if row["completed"]:
+            ci = fmt_acc_interval(*_bounds(row, "test_acc"), unit="%")
             out.append(
                 f"Reference: final test accuracy {stats.fmt_pct(row['test_acc_mean'])} "
-                f"({lvl} CI {stats.fmt_interval(_iv(row, 'test_acc'), 100, 2, '%')}, {row['completed']} seeds)."
+                f"({ci if not ci.startswith('[') else f'{lvl} CI {ci}'}, {row['completed']} seeds)."
             )
         return out + _gradient_words(row)
     if decision is None:
@@ -104,8 +120,5 @@ def _gradient_words(row: dict[str, Any]) -> list[str]:
     ]
 
 
-def _iv(row: dict[str, Any], key: str) -> stats.Interval:
-    est = as_float(row.get(key, row.get(f"{key}_mean")))
-    return stats.Interval(
-        est, as_float(row[f"{key}_ci_low"]), as_float(row[f"{key}_ci_high"]), method=row["interval_method"]
-    )
+def _bounds(row: dict[str, Any], key: str) -> tuple[float, float]:
+    return as_float(row[f"{key}_ci_low"]), as_float(row[f"{key}_ci_high"])
