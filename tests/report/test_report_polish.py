@@ -1,6 +1,7 @@
 """The report's user-facing details (issue 18, item 6): a corrupt run file is an error that names
-the file and the fix, the title and settings say what was compared, and intervals never show
-impossible bounds. Synthetic results folders (tests/synthetic.py)."""
+the file and the fix, the title and settings say what was compared, intervals never show
+impossible bounds, and report.html renders in a real browser (headless Chromium). Synthetic
+results folders (tests/synthetic.py)."""
 
 from __future__ import annotations
 
@@ -168,15 +169,15 @@ def test_the_title_and_settings_say_what_was_compared(tmp_path: Path, capsys: py
     assert "Target validation accuracy (for epochs to target): resnet8 70.0%." in md
 
 
-def test_compare_help_and_default_target_agree_with_the_report() -> None:
+def test_compare_help_and_default_target_agree_with_the_report(capsys: pytest.CaptureFixture[str]) -> None:
     from reslab.cli import build_parser
-
-    parser = build_parser(["compare"])
-    help_text = " ".join(parser._subparsers._group_actions[0].choices["compare"].format_help().split())
-    assert "'auto' (the default): per model, 95% of baseline's mean final validation accuracy" in help_text
     from reslab.cli.commands.compare import build_grid
 
-    args = parser.parse_args(["compare", "--models", "resnet8", "--seeds", "2", "--out", "x"])
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "'auto' (the default): per model, 95% of baseline's mean final validation accuracy" in help_text
+    args = build_parser(["compare"]).parse_args(["compare", "--models", "resnet8", "--seeds", "2", "--out", "x"])
     assert build_grid(args)[0].target_acc == "auto"
 
 
