@@ -64,3 +64,10 @@ def test_timing_on_cuda_records_the_card() -> None:
     assert dev["type"] == "cuda"
     assert dev["name"] == torch.cuda.get_device_name(dev["index"])
     assert timing["settings"]["precision"] == "bf16"
+
+
+def test_the_recorded_layout_is_the_one_that_ran() -> None:
+    # resnet8 at width 0.25 has a 4 -> 8 channel 1x1 stride-2 shortcut: NCHW on the CPU
+    assert _tiny(device="cpu")["settings"]["channels_last"] is False
+    wide = measure_step_times(["resnet8"], ["baseline"], (1, 8, 8), 10, batch_size=4, width=1.0, rounds=1)
+    assert wide["settings"]["channels_last"] is True

@@ -48,7 +48,8 @@ def measure_step_times(
 
     ``device``, ``precision`` and ``channels_last`` are the grid's settings, resolved as the
     engine resolves them (``auto``: CUDA when visible, bf16 autocast there, fp32 on the CPU;
-    channels_last where :func:`~reslab.nn.models.channels_last_safe` allows it). On CUDA the
+    channels_last where :func:`~reslab.nn.models.channels_last_safe` allows it; the settings'
+    ``channels_last`` says whether every variant ran in it). On CUDA the
     device is synchronised before and after each timed block of steps. ``threads`` is the
     CPU thread count for the pass (the runs').
 
@@ -66,11 +67,13 @@ def measure_step_times(
         c, h, w = input_size
         variants: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]] = {}
         gen = torch.Generator().manual_seed(seed)
+        layouts = set()
         for m in models:
             for t in techniques:
                 torch.manual_seed(seed)
                 model = build_model(m, t, num_classes, c, width=width, technique_args=dict(technique_args or {}))
                 fmt = fast_memory_format(model, dev) if channels_last else torch.contiguous_format
+                layouts.add(fmt)
                 model = model.to(dev).to(memory_format=fmt).train()
                 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
                 x = torch.randn(batch_size, c, h, w, generator=gen).to(dev).contiguous(memory_format=fmt)
@@ -100,7 +103,8 @@ def measure_step_times(
                 "steps": steps,
                 "threads": threads,
                 "precision": precision,
-                "channels_last": channels_last,
+                # as run: the CPU falls back to NCHW where channels_last is unsafe
+                "channels_last": layouts == {torch.channels_last},
                 "torch": torch.__version__,
             },
             "device": describe_device(dev, threads),
