@@ -3,9 +3,9 @@
 Throughput read off a grid's own runs is not a cost figure: those runs share the CPU with
 each other (a technique that happened to train beside a heavy run looks slow). Here every
 (model, technique) takes a few training steps (forward, backward, SGD update) on a batch of
-the grid's input size, in a freshly shuffled order each round, nothing else running, with
-on the device the grid trains on, with its precision and memory layout and (on the CPU) the
-thread count the grid's workers use; a technique's cost is the median over rounds of
+the grid's input size, in a freshly shuffled order each round, nothing else running, on the
+device the grid trains on, with its precision and memory layout and (on the CPU) the thread
+count the grid's workers use; a technique's cost is the median over rounds of
 its step time divided by baseline's *in the same round*, so slow drifts of the machine
 cancel. ``reslab compare`` runs it once per results folder before training (a few seconds)
 and uses it both for the report's cost column and for its time estimate.
@@ -49,9 +49,9 @@ def measure_step_times(
     ``device``, ``precision`` and ``channels_last`` are the grid's settings, resolved as the
     engine resolves them (``auto``: CUDA when visible, bf16 autocast there, fp32 on the CPU;
     channels_last where :func:`~reslab.nn.models.channels_last_safe` allows it; the settings'
-    ``channels_last`` says whether every variant ran in it). On CUDA the
-    device is synchronised before and after each timed block of steps. ``threads`` is the
-    CPU thread count for the pass (the runs').
+    ``channels_last`` says whether every variant ran in it). On CUDA the device is
+    synchronised before and after each timed block of steps. ``threads`` is the CPU thread
+    count for the pass (the runs').
 
     Returns ``{"settings": {...}, "device": {...}, "steps": {"MODEL/TECHNIQUE": [seconds per
     step, per round]}}``; ``device`` is :func:`~reslab.engine.devices.describe_device`'s record.
