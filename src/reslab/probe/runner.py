@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -111,9 +112,22 @@ def _cell_job(
     technique, depth, num_classes, width, seed, dtype, device = job
     t0 = time.perf_counter()
     data = _WORKER_BATCHES if batches is None else batches
-    probe = probe_cell(technique, depth, data, num_classes, width, seed, getattr(torch, dtype), device)
+    with full_precision():
+        probe = probe_cell(technique, depth, data, num_classes, width, seed, getattr(torch, dtype), device)
     synchronize(torch.device(device))
     return technique, depth, probe, time.perf_counter() - t0
+
+
+@contextmanager
+def full_precision() -> Iterator[None]:
+    """float32 convolutions and matrix products in float32, not TF32 (which cuDNN uses by default
+    on a GPU): the probe's figures then agree with the CPU's to float32 rounding."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def cell_cost(depth: int, batches: int) -> float:
