@@ -169,6 +169,8 @@ def timing_if_needed(
             channels_last=bool(grid.train.get("channels_last", True)),
         )
         atomic_write_text(results / TIMING_FILE, json.dumps(timing, indent=1) + "\n")
+        dev = timing["device"]
+        prog.line(f"compare: timed on {dev['name']} ({dev['type']}), {timing['settings']['precision']}")
     return timing
 
 
