@@ -273,6 +273,8 @@ def test_cli_writes_tables_figures_and_refuses_to_overwrite(tmp_path, capsys):
     config, entries = read_probe(out / "probe.json")
     assert config == data["config"] and len(entries) == 6
     assert data["config"]["depths"] == [8, 14] and data["config"]["batches"] == 2
+    assert data["config"]["device"]["type"] == "cpu"  # the default, named with the processor
+    assert data["config"]["device"]["name"]
     cells = {(r["technique"], r["depth"]): r for r in data["results"]}
     assert len(cells) == 6
     assert cells["fixup", 8]["grad_ratio"] is None and cells["fixup", 8]["verdict"] == "undefined"
@@ -383,3 +385,42 @@ def test_interrupting_the_probe_process_alone_stops_its_workers(tmp_path):
         time.sleep(0.1)
     assert members() == []
     assert not (out / "probe.json").exists()
+
+
+def test_cli_cuda_without_a_gpu_is_a_user_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "p"
+    assert main(["probe", "-d", "8", "--device", "cuda", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no CUDA GPU" in err
+    assert not out.exists()
+
+
+def test_the_probe_turns_tf32_off_only_while_it_runs():
+    from reslab.probe.runner import full_precision
+
+    before = torch.backends.cudnn.allow_tf32
+    with full_precision():
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cudnn.allow_tf32 == before
+
+
+def test_run_probe_on_a_device_gives_the_cpu_numbers(fashion):
+    from reslab.probe.runner import make_batches, run_probe
+
+    batches = make_batches(fashion.train_x, fashion.train_y, fashion.mean, fashion.std, 1, 16, seed=0)
+    here = run_probe(["baseline"], [8], batches, 10, width=0.25)
+    there = run_probe(["baseline"], [8], batches, 10, width=0.25, device=torch.device("cpu"))
+    assert here[0].probe.grad_ratio == pytest.approx(there[0].probe.grad_ratio, rel=1e-6)
+
+
+@pytest.mark.cuda
+def test_run_probe_on_the_gpu_agrees_with_the_cpu(fashion):
+    from reslab.probe.runner import make_batches, run_probe
+
+    batches = make_batches(fashion.train_x, fashion.train_y, fashion.mean, fashion.std, 1, 16, seed=0)
+    cpu = run_probe(["baseline"], [8], batches, 10, width=0.25)
+    gpu = run_probe(["baseline"], [8], batches, 10, width=0.25, device="cuda", workers=2)
+    # the same init (drawn on the CPU) and float32 arithmetic (no TF32): the same figures to rounding
+    assert gpu[0].probe.grad_ratio == pytest.approx(cpu[0].probe.grad_ratio, rel=1e-3)
+    assert torch.backends.cudnn.allow_tf32  # the probe put the default back

@@ -19,6 +19,7 @@ from torch import nn
 from reslab.engine.checkpoint import restore
 from reslab.engine.config import TrainConfig, default_threads
 from reslab.engine.data import ArrayDataset, FolderDataset, open_dataset
+from reslab.engine.devices import pick_precision
 from reslab.engine.distributed import Dist
 from reslab.engine.optim import param_groups
 from reslab.engine.sources import DEFAULT_VAL_SIZE, ArraySource, FolderSource, derive_seed
@@ -40,7 +41,7 @@ def resolve_config(cfg: TrainConfig, ds: ArrayDataset | FolderDataset, device: t
     if cfg.crop_padding is None:
         changes["crop_padding"] = ds.crop_padding
     if cfg.precision == "auto":
-        changes["precision"] = "bf16" if device.type == "cuda" else "fp32"
+        changes["precision"] = pick_precision(cfg.precision, device)
     # not validated again: the values come from the dataset and the machine
     return dataclasses.replace(cfg, **changes)
 

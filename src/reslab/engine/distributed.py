@@ -11,7 +11,6 @@ import torch
 from torch import Tensor, nn
 
 from reslab.engine.config import TrainConfig
-from reslab.errors import UsageError
 
 
 @dataclass
@@ -71,15 +70,11 @@ def setup_distributed(device_name: str) -> Dist:
 
 
 def resolve_device(cfg: TrainConfig, d: Dist) -> torch.device:
-    name = cfg.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise UsageError("device cuda was asked for but no CUDA GPU is available; use --device cpu")
-        if d.enabled and name == "cuda":
-            name = f"cuda:{d.local_rank}"
-    return torch.device(name)
+    from reslab.engine.devices import pick_device
+
+    if d.enabled and cfg.device in ("auto", "cuda") and pick_device(cfg.device).type == "cuda":
+        return torch.device(f"cuda:{d.local_rank}")
+    return pick_device(cfg.device)
 
 
 def all_finite(d: Dist, value: float) -> bool:

@@ -3,8 +3,9 @@
 Throughput read off a grid's own runs is not a cost figure: those runs share the CPU with
 each other (a technique that happened to train beside a heavy run looks slow). Here every
 (model, technique) takes a few training steps (forward, backward, SGD update) on a batch of
-the grid's input size, in a freshly shuffled order each round, nothing else running, with
-the thread count the grid's workers use; a technique's cost is the median over rounds of
+the grid's input size, in a freshly shuffled order each round, nothing else running, on the
+device the grid trains on, with its precision and memory layout and (on the CPU) the thread
+count the grid's workers use; a technique's cost is the median over rounds of
 its step time divided by baseline's *in the same round*, so slow drifts of the machine
 cancel. ``reslab compare`` runs it once per results folder before training (a few seconds)
 and uses it both for the report's cost column and for its time estimate.
@@ -15,12 +16,14 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from reslab.engine.devices import describe_device, pick_device, pick_precision, synchronize
 from reslab.nn.models import build_model, fast_memory_format
 
 
@@ -37,28 +40,47 @@ def measure_step_times(
     steps: int = 1,
     threads: int = 1,
     seed: int = 0,
+    device: str | torch.device = "cpu",
+    precision: str = "auto",
+    channels_last: bool = True,
 ) -> dict[str, Any]:
     """Seconds per training step of every model x technique, ``rounds`` interleaved rounds.
 
-    Returns ``{"settings": {...}, "steps": {"MODEL/TECHNIQUE": [seconds per step, per round]}}``.
+    ``device``, ``precision`` and ``channels_last`` are the grid's settings, resolved as the
+    engine resolves them (``auto``: CUDA when visible, bf16 autocast there, fp32 on the CPU;
+    channels_last where :func:`~reslab.nn.models.channels_last_safe` allows it; the settings'
+    ``channels_last`` says whether every variant ran in it). On CUDA the device is
+    synchronised before and after each timed block of steps. ``threads`` is the CPU thread
+    count for the pass (the runs').
+
+    Returns ``{"settings": {...}, "device": {...}, "steps": {"MODEL/TECHNIQUE": [seconds per
+    step, per round]}}``; ``device`` is :func:`~reslab.engine.devices.describe_device`'s record.
     """
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    precision = pick_precision(precision, dev)
+    autocast: Callable[[], Any] = (
+        (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
+    )
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         c, h, w = input_size
         variants: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]] = {}
         gen = torch.Generator().manual_seed(seed)
+        layouts = set()
         for m in models:
             for t in techniques:
                 torch.manual_seed(seed)
                 model = build_model(m, t, num_classes, c, width=width, technique_args=dict(technique_args or {}))
-                fmt = fast_memory_format(model)
-                model = model.to(memory_format=fmt).train()
+                fmt = fast_memory_format(model, dev) if channels_last else torch.contiguous_format
+                layouts.add(fmt)
+                model = model.to(dev).to(memory_format=fmt).train()
                 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-                x = torch.randn(batch_size, c, h, w, generator=gen).contiguous(memory_format=fmt)
-                y = torch.randint(0, num_classes, (batch_size,), generator=gen)
+                x = torch.randn(batch_size, c, h, w, generator=gen).to(dev).contiguous(memory_format=fmt)
+                y = torch.randint(0, num_classes, (batch_size,), generator=gen).to(dev)
                 variants[f"{m}/{t}"] = (model, opt, x, y)
-                _step(model, opt, x, y)  # warm-up: first-call allocations and kernel choices
+                _step(model, opt, x, y, autocast)  # warm-up: first-call allocations and kernel choices
+        synchronize(dev)
         times: dict[str, list[float]] = {k: [] for k in variants}
         order = list(variants)
         rng = random.Random(seed)
@@ -66,9 +88,11 @@ def measure_step_times(
             rng.shuffle(order)
             for k in order:
                 model, opt, x, y = variants[k]
+                synchronize(dev)
                 t0 = time.perf_counter()
                 for _ in range(steps):
-                    _step(model, opt, x, y)
+                    _step(model, opt, x, y, autocast)
+                synchronize(dev)
                 times[k].append((time.perf_counter() - t0) / steps)
         return {
             "settings": {
@@ -78,16 +102,27 @@ def measure_step_times(
                 "rounds": rounds,
                 "steps": steps,
                 "threads": threads,
+                "precision": precision,
+                # as run: the CPU falls back to NCHW where channels_last is unsafe
+                "channels_last": layouts == {torch.channels_last},
                 "torch": torch.__version__,
             },
+            "device": describe_device(dev, threads),
             "steps": times,
         }
     finally:
         torch.set_num_threads(previous)
 
 
-def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
-    loss = F.cross_entropy(model(x), y)
+def _step(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    autocast: Callable[[], Any] = nullcontext,
+) -> None:
+    with autocast():
+        loss = F.cross_entropy(model(x), y)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
+from reslab.engine.devices import synchronize
 from reslab.nn.models import cifar_resnet, fast_memory_format
 from reslab.nn.normalize import Normalize
 from reslab.nn.plugins import import_from_env
@@ -69,22 +71,28 @@ def probe_cell(
     width: float = 1.0,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
 ) -> ModelProbe:
-    """Build ``cifar_resnet(depth, technique)`` with default init from ``seed`` and probe it."""
+    """Build ``cifar_resnet(depth, technique)`` with default init from ``seed`` (drawn on the
+    CPU, so the init does not depend on the device) and probe it on ``device``."""
     torch.manual_seed(seed)
     in_channels = batches[0][0].shape[1]
     model = cifar_resnet(depth, technique=technique, num_classes=num_classes, in_channels=in_channels, width=width)
-    return probe_model(*prepare(model, batches, dtype))
+    return probe_model(*prepare(model, batches, dtype, device))
 
 
 def prepare(
-    model: nn.Module, batches: Sequence[tuple[Tensor, Tensor]], dtype: torch.dtype
+    model: nn.Module,
+    batches: Sequence[tuple[Tensor, Tensor]],
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
 ) -> tuple[nn.Module, list[tuple[Tensor, Tensor]]]:
-    """``model`` and ``batches`` in ``dtype`` and the faster memory layout the model allows
-    (:func:`reslab.nn.models.fast_memory_format`); the layout does not change the maths."""
-    fmt = fast_memory_format(model)
-    model = model.to(dtype=dtype, memory_format=fmt)
-    return model, [(x.to(dtype).contiguous(memory_format=fmt), y) for x, y in batches]
+    """``model`` and ``batches`` on ``device``, in ``dtype`` and the faster memory layout the
+    model allows there (:func:`reslab.nn.models.fast_memory_format`); the layout does not
+    change the maths."""
+    fmt = fast_memory_format(model, device)
+    model = model.to(device=device, dtype=dtype, memory_format=fmt)
+    return model, [(x.to(device=device, dtype=dtype).contiguous(memory_format=fmt), y.to(device)) for x, y in batches]
 
 
 # Per-process state of a worker: the batches arrive once, through the pool initializer.
@@ -99,13 +107,27 @@ def _worker_init(threads: int, batches: list[tuple[Tensor, Tensor]]) -> None:
 
 
 def _cell_job(
-    job: tuple[str, int, int, float, int, str], batches: Sequence[tuple[Tensor, Tensor]] | None = None
+    job: tuple[str, int, int, float, int, str, str], batches: Sequence[tuple[Tensor, Tensor]] | None = None
 ) -> tuple[str, int, ModelProbe, float]:
-    technique, depth, num_classes, width, seed, dtype = job
+    technique, depth, num_classes, width, seed, dtype, device = job
     t0 = time.perf_counter()
     data = _WORKER_BATCHES if batches is None else batches
-    probe = probe_cell(technique, depth, data, num_classes, width, seed, getattr(torch, dtype))
+    with full_precision():
+        probe = probe_cell(technique, depth, data, num_classes, width, seed, getattr(torch, dtype), device)
+    synchronize(torch.device(device))
     return technique, depth, probe, time.perf_counter() - t0
+
+
+@contextmanager
+def full_precision() -> Iterator[None]:
+    """float32 convolutions and matrix products in float32, not TF32 (which cuDNN uses by default
+    on a GPU): the probe's figures then agree with the CPU's to float32 rounding."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def cell_cost(depth: int, batches: int) -> float:
@@ -123,13 +145,15 @@ def run_probe(
     dtype: str = "float32",
     workers: int = 1,
     on_done: Callable[[ProbeEntry, float], None] | None = None,
+    device: str | torch.device = "cpu",
 ) -> list[ProbeEntry]:
-    """Probe every technique x depth; results in (depth, technique) order.
+    """Probe every technique x depth on ``device``; results in (depth, technique) order.
 
     ``workers > 1`` runs cells in that many processes with one thread each: on a small
     CPU this beats one process with several threads, because much of a ResNet's step at
     these sizes is memory-bound elementwise work (BatchNorm, ReLU) that threads share
-    badly. ``on_done(entry, cost)`` is called as each cell finishes (for progress).
+    badly. On a GPU the cells run one after another in this process (one card, one queue).
+    ``on_done(entry, cost)`` is called as each cell finishes (for progress).
     """
     if dtype not in ("float32", "float64"):
         raise ValueError(f"dtype must be float32 or float64, got {dtype!r}")
@@ -145,8 +169,9 @@ def run_probe(
             on_done(entry, cell_cost(cell[1], len(batches)))
 
     data = [(x.contiguous(), y.contiguous()) for x, y in batches]
-    jobs = [(t, d, num_classes, width, seed, dtype) for t, d in order]
-    if workers <= 1 or len(cells) == 1:
+    dev = str(device)
+    jobs = [(t, d, num_classes, width, seed, dtype, dev) for t, d in order]
+    if workers <= 1 or len(cells) == 1 or torch.device(dev).type != "cpu":
         for job in jobs:
             t, d, probe, seconds = _cell_job(job, data)
             finish((t, d), probe, seconds)

@@ -34,6 +34,33 @@ def step_ratio_text(timing: dict[str, Any], model: str, technique: str) -> str:
     return "n/a" if r is None else f"{r[0]:.3f}x [{r[1]:.3f}, {r[2]:.3f}]"
 
 
+def timing_device_words(timing: dict[str, Any] | None) -> str:
+    """Which machine the timing pass measured, from its ``device`` record: e.g. "NVIDIA H100
+    80GB HBM3 (CUDA, compute capability 9.0), bf16, torch 2.11" or "the CPU (AMD EPYC 7B13,
+    2 threads), fp32, torch 2.14"; "device not recorded" for a timing.json written before
+    the pass recorded it, and "no timing pass" when there is none."""
+    if not isinstance(timing, dict) or not timing.get("steps"):
+        return "no timing pass"
+    dev = timing.get("device")
+    if not isinstance(dev, dict) or not dev.get("type"):
+        return "device not recorded"
+    settings = timing.get("settings") if isinstance(timing.get("settings"), dict) else {}
+    name = str(dev.get("name") or "unknown")
+    if dev["type"] == "cuda":
+        cap = f", compute capability {dev['capability']}" if dev.get("capability") else ""
+        words = f"{name} (CUDA{cap})"
+    elif dev["type"] == "cpu":
+        threads = dev.get("threads", settings.get("threads"))
+        words = f"the CPU ({name}" + (f", {threads} thread{'s' if threads != 1 else ''})" if threads else ")")
+    else:
+        words = f"{name} ({dev['type']})"
+    extra = [str(settings["precision"])] if settings.get("precision") else []
+    torch_version = dev.get("torch") or settings.get("torch")
+    if torch_version:
+        extra.append(f"torch {torch_version}")
+    return words + "".join(f", {e}" for e in extra)
+
+
 _LABEL = {"better": "**better**", "worse": "**worse**", "equivalent": "**equivalent**", "undecided": "undecided"}
 
 
@@ -155,9 +182,10 @@ def decision_section(
         "P(beats baseline in a seed) is the share of paired seeds the technique won, with an exact "
         "Clopper-Pearson 95% interval. Params / FLOPs are ratios to baseline; time per step is the median ratio "
         "to baseline in a dedicated interleaved timing pass (reslab.engine.timing; range over rounds), not the "
-        "grid's own runs, which shared the CPU. Gradients at init: reslab.probe's verdict and max/min "
-        "block-output gradient ratio at each depth measured (the grid's models and 56 and 110 layers, at the "
-        "grid's width). The rule and its measured error rates: docs/decision-rule.md."
+        f"grid's own runs, which shared the machine; measured on {timing_device_words(timing)}. "
+        "Gradients at init: reslab.probe's verdict and max/min block-output gradient ratio at each depth "
+        "measured (the grid's models and 56 and 110 layers, at the grid's width). The rule and its measured "
+        "error rates: docs/decision-rule.md."
     )
     conv = [d for d in decisions if d.convergence]
     if conv:

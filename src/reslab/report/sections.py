@@ -14,7 +14,7 @@ from reslab.report.aggregate import (
     curves,
     gradient_series,
 )
-from reslab.report.decision_table import fmt_value, step_ms, step_ratio_text
+from reslab.report.decision_table import fmt_value, step_ms, step_ratio_text, timing_device_words
 from reslab.report.document import Doc
 from reslab.report.verdicts import fmt_acc_interval, verdict
 from reslab.study import stats
@@ -351,7 +351,8 @@ def cost_section(doc: Doc, v: ModelView, timing: dict[str, Any]) -> None:
     doc.p(
         "FLOPs count convolutions and matrix products for one image (a multiply-add is 2). Step times come from "
         "the dedicated timing pass (reslab.engine.timing: every technique's training steps interleaved, nothing else "
-        "running, the workers' thread count); the grid's own runs shared the CPU, so their throughput "
+        "running, on the grid's device with its precision and, on the CPU, the workers' thread count), measured on "
+        f"{timing_device_words(timing)}; the grid's own runs shared the machine, so their throughput "
         "(summary.csv, images_per_s) is not a cost figure."
     )
 

@@ -47,13 +47,15 @@ def cifar_depth(model: str) -> int | None:
 
 def probe_at_init(grid: Grid, results: Path, batches: int = 1, batch_size: int = 64) -> Path:
     """Gradient flow at initialisation of every technique at the grid's models and at depths
-    56 and 110 (at the grid's width), by :func:`reslab.probe.runner.run_probe`, into ``PROBE_FILE`` in
-    the probe's own format (``{"config", "results"}``, each result with its ``width``).
+    56 and 110 (at the grid's width), by :func:`reslab.probe.runner.run_probe` on the device
+    the grid trains on, into ``PROBE_FILE`` in the probe's own format (``{"config",
+    "results"}``, each result with its ``width``; the config's ``device`` names the device).
 
     It costs a forward and backward pass per batch and model. Errors are recorded in the
     file rather than stopping the grid, since the training results do not depend on it.
     """
     from reslab.engine.data import ArrayDataset, open_dataset
+    from reslab.engine.devices import describe_device, pick_device
     from reslab.probe.records import entry_to_dict
     from reslab.probe.runner import make_batches, run_probe
 
@@ -61,6 +63,8 @@ def probe_at_init(grid: Grid, results: Path, batches: int = 1, batch_size: int =
     results_out: list[dict[str, Any]] = []
     config: dict[str, Any] = {"batches": batches, "batch_size": batch_size, "source": "at initialisation"}
     try:
+        device = pick_device(str(grid.train.get("device") or "auto"))  # where the grid trains
+        config["device"] = describe_device(device)
         ds = open_dataset(settings["dataset"], grid.train.get("data_dir"))
         if not isinstance(ds, ArrayDataset):
             config["error"] = "streamed (folder) datasets are not probed"
@@ -70,7 +74,7 @@ def probe_at_init(grid: Grid, results: Path, batches: int = 1, batch_size: int =
             for d, w in probe_targets(grid):
                 by_width.setdefault(w, []).append(d)
             for w, depths in by_width.items():
-                entries = run_probe(grid.techniques, depths, data, ds.num_classes, width=w, workers=1)
+                entries = run_probe(grid.techniques, depths, data, ds.num_classes, width=w, workers=1, device=device)
                 results_out += [{**entry_to_dict(e), "width": w} for e in entries]
     except Exception as e:  # noqa: BLE001 - a failed measurement must not stop the training grid
         config["error"] = f"{type(e).__name__}: {e}"
@@ -112,20 +116,35 @@ def probe_if_needed(grid: Grid, results: Path, prog: GridProgress, claims: Claim
 
 
 def read_timing(grid: Grid, results: Path) -> dict[str, Any] | None:
-    """The stored step-time pass when it covers every model x technique of ``grid``."""
+    """The stored step-time pass when it covers every model x technique of ``grid`` and was
+    measured on the kind of device (CPU or CUDA) the grid trains on here. A file without a
+    device record was written when the pass always ran on the CPU."""
     try:
         old = json.loads((results / TIMING_FILE).read_text())
         if {f"{m}/{t}" for m in grid.models for t in grid.techniques} <= set(old.get("steps", {})):
-            return old
+            return old if _same_device_type(grid, old) else None
     except (OSError, ValueError, AttributeError):
         pass
     return None
 
 
+def _same_device_type(grid: Grid, timing: dict[str, Any]) -> bool:
+    from reslab.engine.devices import pick_device
+
+    dev = timing.get("device")
+    measured = dev.get("type") if isinstance(dev, dict) else "cpu"
+    try:
+        here = pick_device(str(grid.train.get("device") or "auto")).type
+    except (UsageError, RuntimeError):  # no such device here: training says so, not this check
+        return True
+    return measured == here
+
+
 def timing_if_needed(
     grid: Grid, results: Path, ds: Any, threads: int, prog: GridProgress, claims: Claims
 ) -> dict[str, Any]:
-    """The dedicated step-time pass (:mod:`reslab.engine.timing`), once per results folder."""
+    """The dedicated step-time pass (:mod:`reslab.engine.timing`), once per results folder, on
+    the device, precision and memory layout the grid's runs use (``threads`` on the CPU)."""
     what = "timing a few training steps of every model x technique, side by side"
     lease = claim_once(claims, "timing", lambda: read_timing(grid, results) is not None, prog, what)
     if lease is None:
@@ -144,8 +163,14 @@ def timing_if_needed(
             width=float(settings["width"]),
             technique_args=dict(settings["technique_args"]),
             threads=threads,
+            # machine settings, which the grid keeps outside its shared settings
+            device=str(grid.train.get("device") or "auto"),
+            precision=str(grid.train.get("precision") or "auto"),
+            channels_last=bool(grid.train.get("channels_last", True)),
         )
         atomic_write_text(results / TIMING_FILE, json.dumps(timing, indent=1) + "\n")
+        dev = timing["device"]
+        prog.line(f"compare: timed on {dev['name']} ({dev['type']}), {timing['settings']['precision']}")
     return timing
 
 

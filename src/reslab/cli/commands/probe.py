@@ -64,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model precision (default float32; float64 when float32 gradients overflow)",
     )
     parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where to probe: cpu (default), cuda, cuda:N or auto (CUDA when present)",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=None,
@@ -102,6 +107,12 @@ def _check(args: argparse.Namespace) -> tuple[list[str], list[int], Path]:
         raise UsageError(f"--width must be positive, got {args.width}")
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {args.workers}")
+    from reslab.engine.devices import pick_device
+
+    try:
+        args.device = pick_device(args.device)  # a UsageError when CUDA is asked for and absent
+    except RuntimeError as e:  # a device string torch does not know
+        raise UsageError(f"--device {args.device}: {e}; use cpu, cuda, cuda:N or auto") from None
     if args.dataset is not None and args.dataset.startswith("folder:"):
         raise UsageError("reslab probe needs an in-memory dataset (fashion-mnist, cifar10, cifar100, digits)")
     if args.out is None:
@@ -165,6 +176,8 @@ def _command_line(args: argparse.Namespace, techniques: list[str], depths: list[
         parts.append(f"--width {args.width:g}")
     if args.dtype != "float32":
         parts.append(f"--dtype {args.dtype}")
+    if str(getattr(args, "device", "cpu")) != "cpu":
+        parts.append(f"--device {args.device}")
     return " ".join(parts)
 
 
@@ -210,7 +223,7 @@ def _probe_weights(
     m = re.fullmatch(r"resnet(\d+)", spec.name)
     depth = int(m.group(1)) if m else 0
     dtype = getattr(torch, args.dtype)
-    model, data = prepare(model, batches, dtype)
+    model, data = prepare(model, batches, dtype, args.device)
     torch.manual_seed(args.seed)  # DropPath, if the model has it, draws from here
     t0 = time.perf_counter()
     probe = probe_model(model, data)
@@ -222,6 +235,7 @@ def _probe_weights(
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from reslab.engine.devices import describe_device
     from reslab.files import atomic_write_text
     from reslab.probe.records import entry_to_dict
     from reslab.probe.runner import default_workers
@@ -234,7 +248,8 @@ def run(args: argparse.Namespace) -> int:
         workers = 1
         entries, techniques, depths, dataset, extra = _probe_weights(args, _weights_path(args.weights))
     else:
-        workers = args.workers or default_workers()
+        # on a GPU the cells run one after another in this process (run_probe)
+        workers = (args.workers or default_workers()) if args.device.type == "cpu" else 1
         dataset = args.dataset or "fashion-mnist"
         entries = _probe_grid(args, techniques, depths, dataset, workers)
     elapsed = time.perf_counter() - t0
@@ -256,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "dtype": args.dtype,
         "workers": workers,
+        "device": describe_device(args.device, 1 if workers > 1 else None),
         "torch": torch.__version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "elapsed_s": round(elapsed, 2),
@@ -291,7 +307,7 @@ def _probe_grid(
     if not args.no_progress:
         print(
             f"probing {len(techniques)} techniques x depths {','.join(map(str, depths))} on {dataset} "
-            f"({args.batches} x {args.batch_size} images, {args.dtype}, {workers} worker(s))",
+            f"({args.batches} x {args.batch_size} images, {args.dtype}, {workers} worker(s) on {args.device})",
             file=sys.stderr,
             flush=True,
         )
@@ -309,6 +325,7 @@ def _probe_grid(
             dtype=args.dtype,
             workers=workers,
             on_done=progress,
+            device=args.device,
         )
     finally:
         progress.close()

@@ -1,0 +1,74 @@
+"""The report names the machine behind its step-time figures (the timing pass's device)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from reslab.report.build import build_report
+from reslab.report.decision_table import timing_device_words
+from reslab.study.results import TIMING_FILE
+from synthetic import SEEDS, write_grid, write_run
+
+STEPS = {"resnet8/baseline": [0.010, 0.011, 0.010], "resnet8/scale": [0.012, 0.012, 0.013]}
+
+
+def _grid(root: Path, timing: dict | None) -> str:
+    write_grid(root, ["baseline", "scale"])
+    for s in SEEDS:
+        write_run(root, "baseline", s, [0.70, 0.80, 0.86 + s / 100])
+        write_run(root, "scale", s, [0.72, 0.81, 0.87 + s / 100])
+    if timing is not None:
+        (root / TIMING_FILE).write_text(json.dumps(timing))
+    return build_report(root).report_md.read_text()
+
+
+def _cost_paragraph(md: str) -> str:
+    cost = md[md.index("## Cost") :]
+    return cost[cost.index("Step times come from") :].split("\n")[0]
+
+
+def _decision_paragraph(md: str) -> str:
+    return next(line for line in md.splitlines() if line.startswith("How to read this"))
+
+
+def test_cpu_timing_names_the_processor_and_threads(tmp_path: Path) -> None:
+    timing = {
+        "settings": {"threads": 2, "precision": "fp32", "torch": "2.14.1"},
+        "device": {"type": "cpu", "name": "AMD EPYC 7B13", "threads": 2, "torch": "2.14.1"},
+        "steps": STEPS,
+    }
+    md = _grid(tmp_path / "res", timing)
+    words = "the CPU (AMD EPYC 7B13, 2 threads), fp32, torch 2.14.1"
+    assert words in _cost_paragraph(md)
+    assert words in _decision_paragraph(md)
+
+
+def test_gpu_timing_names_the_card(tmp_path: Path) -> None:
+    timing = {
+        "settings": {"threads": 4, "precision": "bf16", "torch": "2.11.0"},
+        "device": {"type": "cuda", "name": "NVIDIA H100 80GB HBM3", "capability": "9.0", "index": 0},
+        "steps": STEPS,
+    }
+    md = _grid(tmp_path / "res", timing)
+    words = "NVIDIA H100 80GB HBM3 (CUDA, compute capability 9.0), bf16, torch 2.11.0"
+    assert words in _cost_paragraph(md) and words in _decision_paragraph(md)
+    assert "thread" not in words
+
+
+def test_old_timing_file_without_a_device_still_renders(tmp_path: Path) -> None:
+    timing = {"settings": {"threads": 2, "torch": "2.14.1"}, "steps": STEPS}
+    md = _grid(tmp_path / "res", timing)
+    assert "device not recorded" in _cost_paragraph(md)
+    assert "device not recorded" in _decision_paragraph(md)
+    assert "ms" in md[md.index("## Cost") :]  # the step times themselves still show
+
+
+@pytest.mark.parametrize(
+    ("timing", "words"),
+    [(None, "no timing pass"), ({}, "no timing pass"), ({"steps": STEPS, "device": "cpu"}, "device not recorded")],
+)
+def test_device_words_without_a_usable_record(timing: dict | None, words: str) -> None:
+    assert timing_device_words(timing) == words
