@@ -20,6 +20,8 @@ class Dist:
     local_rank: int = 0
     #: where collectives run: NCCL only reduces CUDA tensors, gloo CPU ones
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: whether :func:`setup_distributed` created the process group (and :meth:`close` ends it)
+    owns_group: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -53,6 +55,16 @@ class Dist:
 
             dist.barrier()
 
+    def close(self) -> None:
+        """End the process group this run created, explicitly rather than at the interpreter's
+        exit (PyTorch asks for it; an implicit teardown is where gloo's threads can race)."""
+        if self.owns_group:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            self.owns_group = False
+
 
 def setup_distributed(device_name: str) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -62,11 +74,12 @@ def setup_distributed(device_name: str) -> Dist:
 
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         backend = "nccl" if device_name.startswith("cuda") else "gloo"
         dist.init_process_group(backend=backend)
     dev = torch.device(f"cuda:{local}") if device_name.startswith("cuda") else torch.device("cpu")
-    return Dist(rank=rank, world=world, local_rank=local, device=dev)
+    return Dist(rank=rank, world=world, local_rank=local, device=dev, owns_group=owns)
 
 
 def resolve_device(cfg: TrainConfig, d: Dist) -> torch.device:

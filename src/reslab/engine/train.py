@@ -33,7 +33,7 @@ from reslab.engine.build import build_engine, initial_summary, open_run_dataset,
 from reslab.engine.callbacks import Callback, default_callbacks, run_end
 from reslab.engine.checkpoint import read_checkpoint
 from reslab.engine.config import TrainConfig, read_config_file
-from reslab.engine.distributed import all_finite, resolve_device, setup_distributed
+from reslab.engine.distributed import Dist, all_finite, resolve_device, setup_distributed
 from reslab.engine.optim import lr_at
 from reslab.engine.runs import RUN_FILES
 from reslab.engine.sources import augment_gather, derive_seed, epoch_draws
@@ -91,6 +91,22 @@ def train(
     d = setup_distributed(
         config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     )
+    try:
+        return _train(config, out, d, resume, overwrite, progress, on_epoch)
+    finally:
+        d.close()
+
+
+def _train(
+    config: TrainConfig,
+    out: Path,
+    d: Dist,
+    resume: bool,
+    overwrite: bool,
+    progress: bool | None,
+    on_epoch: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
+    """:func:`train` once its processes are set up."""
     set_threads(config, d)
     resume, overwrite = runs.plan_run(out, config, resume, overwrite)  # before touching anything
     d.barrier()  # every rank has looked at out_dir before rank 0 writes to it
