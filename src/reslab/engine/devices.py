@@ -15,13 +15,20 @@ import torch
 from reslab.errors import UsageError
 
 
+def device_name(name: str | None) -> str:
+    """The device a setting names, ``auto`` resolved (CUDA when a GPU is visible, else the CPU);
+    other names are returned as they are, checked by :func:`pick_device`."""
+    name = str(name or "auto")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def pick_device(name: str) -> torch.device:
     """``auto`` (CUDA when a GPU is visible, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
 
     ``cuda`` is the first GPU this process sees, so a ``CUDA_VISIBLE_DEVICES`` pin is kept."""
-    name = str(name or "auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    name = device_name(name)
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"device {name} was asked for but no CUDA GPU is available; use --device cpu")
     return torch.device(name)
@@ -79,4 +86,4 @@ def describe_device(device: torch.device, threads: int | None = None) -> dict[st
     return {"type": device.type, "name": str(device), "torch": torch.__version__}
 
 
-__all__ = ["cpu_name", "describe_device", "pick_device", "pick_precision", "synchronize"]
+__all__ = ["cpu_name", "describe_device", "device_name", "pick_device", "pick_precision", "synchronize"]

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from reslab.engine.config import TrainConfig
+from reslab.engine.devices import pick_device
 
 
 @dataclass
@@ -83,11 +84,10 @@ def setup_distributed(device_name: str) -> Dist:
 
 
 def resolve_device(cfg: TrainConfig, d: Dist) -> torch.device:
-    from reslab.engine.devices import pick_device
-
-    if d.enabled and cfg.device in ("auto", "cuda") and pick_device(cfg.device).type == "cuda":
+    device = pick_device(cfg.device)
+    if d.enabled and cfg.device in ("auto", "cuda") and device.type == "cuda":
         return torch.device(f"cuda:{d.local_rank}")
-    return pick_device(cfg.device)
+    return device
 
 
 def all_finite(d: Dist, value: float) -> bool:

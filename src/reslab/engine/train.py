@@ -33,6 +33,7 @@ from reslab.engine.build import build_engine, initial_summary, open_run_dataset,
 from reslab.engine.callbacks import Callback, default_callbacks, run_end
 from reslab.engine.checkpoint import read_checkpoint
 from reslab.engine.config import TrainConfig, read_config_file
+from reslab.engine.devices import device_name
 from reslab.engine.distributed import Dist, all_finite, resolve_device, setup_distributed
 from reslab.engine.optim import lr_at
 from reslab.engine.runs import RUN_FILES
@@ -88,9 +89,7 @@ def train(
     """
     config.ensure_valid()  # commands and compare pass a config they built and validated
     out = Path(out_dir)
-    d = setup_distributed(
-        config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    )
+    d = setup_distributed(device_name(config.device))
     try:
         return _train(config, out, d, resume, overwrite, progress, on_epoch)
     finally:

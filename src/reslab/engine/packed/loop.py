@@ -50,6 +50,7 @@ from reslab.engine.build import build_engine, initial_summary, open_run_dataset,
 from reslab.engine.callbacks import Callback, default_callbacks, run_end
 from reslab.engine.checkpoint import read_checkpoint
 from reslab.engine.config import TrainConfig
+from reslab.engine.devices import device_name
 from reslab.engine.distributed import resolve_device, setup_distributed
 from reslab.engine.optim import lr_at
 from reslab.engine.packed.check import check_pack, packable
@@ -101,7 +102,7 @@ def train_pack(
     outs = [Path(o) for o in out_dirs]
     check_pack(configs, outs)
     say = Progress("pack", enabled=progress is not False, bar=False)
-    d = setup_distributed("cpu" if configs[0].device == "cpu" else "cuda" if torch.cuda.is_available() else "cpu")
+    d = setup_distributed(device_name(configs[0].device))
     if d.enabled:
         raise UsageError("a pack trains in one process; run it without torchrun")
     set_threads(configs[0], d)
