@@ -157,7 +157,7 @@ def test_the_title_and_settings_say_what_was_compared(tmp_path: Path, capsys: py
     assert md.splitlines()[0] == "# reslab comparison: custom grid, resnet8"
     assert "val_size=None" not in md and "val_size=5000" in md
     # baseline's final validation accuracies are 0.80, 0.81, 0.82: 95% of their mean is 77.0%
-    assert "auto, 95% of baseline's mean final validation accuracy = resnet8 77.0%" in md
+    assert "auto, 95% of baseline's mean validation accuracy at the end of training = resnet8 77.0%" in md
     assert "<title>reslab comparison: custom grid, resnet8</title>" in (root / "report.html").read_text()
 
     grid["preset"] = "quick"
@@ -176,7 +176,8 @@ def test_compare_help_and_default_target_agree_with_the_report(capsys: pytest.Ca
     with pytest.raises(SystemExit):
         main(["compare", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "'auto' (the default): per model, 95% of baseline's mean final validation accuracy" in help_text
+    auto = "'auto' (the default): per model, 95% of baseline's mean validation accuracy at the end of training"
+    assert auto in help_text
     args = build_parser(["compare"]).parse_args(["compare", "--models", "resnet8", "--seeds", "2", "--out", "x"])
     assert build_grid(args)[0].target_acc == "auto"
 

@@ -19,7 +19,6 @@ from reslab.study.stats import (
     ratio_interval,
     summarize,
     t_interval,
-    time_to_target,
 )
 
 # t quantiles from a printed table (Student's t, two-sided 95%): df=1 12.7062, df=2 4.3027, df=4 2.7764.
@@ -134,9 +133,7 @@ def test_ratio_interval_skips_unreached_pairs() -> None:
     assert iv.estimate == pytest.approx(2.0) and iv.low == pytest.approx(2.0)
 
 
-def test_time_to_target_and_censored_median() -> None:
-    assert time_to_target([0.5, 0.8, 0.91, 0.95], [10, 20, 30, 40], 0.9) == (3.0, 30.0)
-    assert time_to_target([0.5, 0.8], [10, 20], 0.9) == (math.inf, math.inf)
+def test_censored_median() -> None:
     assert censored_median([3.0, 2.0, math.inf]) == 3.0
     assert censored_median([3.0, math.inf, math.inf]) == math.inf
     assert censored_median([1.0, 3.0]) == 2.0

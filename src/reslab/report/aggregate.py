@@ -15,6 +15,7 @@ import numpy as np
 
 from reslab.errors import UsageError
 from reslab.study import stats
+from reslab.study.curve import epochs_to_target, seconds_at
 from reslab.study.decisions import auto_target, chance_of, error_rate_of, open_cells, row_level
 from reslab.study.plan import Plan
 from reslab.study.results import BASELINE, FINISHED, Cell, RunData, run_value
@@ -98,8 +99,10 @@ def run_record(run: RunData, target: float, base: Path | None = None) -> dict[st
     epochs_done = [int(r.get("epoch", i + 1)) for i, r in enumerate(m)]
     finite_val = [v for v in val_acc if math.isfinite(v)]
     usable = run.status == "completed"
-    # A diverged run counts as never reaching the target: its model is not usable.
-    ep_t, sec_t = stats.time_to_target(val_acc, elapsed, target, epochs_done) if usable else (math.inf, math.inf)
+    # The one definition of convergence (reslab.study.curve), the decision table's too: a
+    # diverged run never reaches the target, since its model is not usable.
+    ep_t = epochs_to_target(run, target)
+    sec_t = seconds_at(run, ep_t)
     _, ratios = gradient_ratios(run.gradients)
     rec: dict[str, Any] = {
         "model": run.cell.model,

@@ -43,7 +43,9 @@ from reslab.report.sections import (
     summary_section,
     verdict_section,
 )
-from reslab.study.decisions import decide
+from reslab.study.decisions import decide, margin_of
+from reslab.study.regime import read_reference
+from reslab.study.regime import regimes as regime_of
 from reslab.study.results import (
     FIGURES_DIR,
     RUNS_DIR,
@@ -74,11 +76,13 @@ def build_report(
     target_acc: float | None = None,
     method: str | None = None,
     level: float = 0.95,
+    references: Sequence[str | Path] = (),
 ) -> ReportFiles:
     """Read every run under ``results_dir`` (and ``extra_dirs``), write records, summary and report.
 
     ``target_acc`` and ``method`` default to what the grid was run with (grid.json), else
-    0.9 and ``"t"``.
+    0.9 and ``"t"``. ``references``: run folders of the grid's models trained long, against
+    which the report measures how far baseline was from its plateau.
     """
     out = Path(results_dir)
     dirs = [out, *(Path(d) for d in extra_dirs)]
@@ -101,7 +105,8 @@ def build_report(
     add_plan_and_init_probe(rows, grid, expected, runs, init_probe)
     missing = describe_missing(expected, runs)
     timing = _read_json(out / TIMING_FILE)
-    decisions = decide(grid, runs, timing, targets)
+    regimes = regime_of(runs, models, margin_of(grid), [read_reference(r) for r in references])
+    decisions = decide(grid, runs, timing, targets, regimes)
     apply_decisions(rows, decisions)
     # Derived files first: they are the machine-readable truth the report is drawn from.
     results_jsonl, summary_csv = write_derived_files(out, records, rows, decisions)
@@ -112,7 +117,7 @@ def build_report(
     fig_dir.mkdir(parents=True, exist_ok=True)
     doc, title = Doc(), report_title(grid, models)
     doc.h(1, title)
-    decision_section(doc, decisions, grid, read_probe_entries(dirs), timing)
+    decision_section(doc, decisions, grid, read_probe_entries(dirs), timing, regimes)
     settings_section(
         doc,
         grid,
@@ -129,7 +134,9 @@ def build_report(
     shown = list(dict.fromkeys(r["model"] for r in rows))
     for model in shown:
         mine = {d.technique: d for d in decisions if d.model == model}
-        view = ModelView(model, [r for r in rows if r["model"] == model], len(shown) > 1, targets, level, mine)
+        view = ModelView(
+            model, [r for r in rows if r["model"] == model], len(shown) > 1, targets, level, mine, regimes.get(model)
+        )
         verdict_section(doc, view)
         summary_section(doc, view)
         convergence_section(doc, view)

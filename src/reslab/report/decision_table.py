@@ -12,6 +12,7 @@ from reslab.report.aggregate import (
 )
 from reslab.report.document import Doc
 from reslab.study.decisions import Decision, gradient_verdict, interval_pp, interval_ratio, pp
+from reslab.study.regime import Regime
 from reslab.version import __version__
 
 
@@ -86,6 +87,8 @@ def decision_words(d: Decision) -> str:
         text += f"; {d.divergence_words}"
     if d.decision == "undecided" and d.outcome and "ties decide nothing" in d.outcome.reason:
         text += "; ties decide nothing"
+    if d.regime is not None and d.regime.early:
+        text += f"; early training ({d.regime.length})"
     return text
 
 
@@ -106,8 +109,10 @@ def decision_section(
     grid: dict[str, Any] | None,
     probe_entries: Sequence[dict[str, Any]],
     timing: dict[str, Any],
+    regimes: dict[str, Regime] | None = None,
 ) -> None:
-    """The report's first section: what to do, per model and technique, and how sure it is."""
+    """The report's first section: what to do, per model and technique, and how sure it is, and
+    how far training went (``regimes``, per model)."""
     commit = git_commit()
     doc.p(
         f"Written by reslab {__version__}"
@@ -120,6 +125,9 @@ def decision_section(
         doc.p("No technique has paired runs with baseline yet, so nothing is decided.")
         return
     doc.p(error_rate_words(decisions))
+    if regimes:
+        doc.p("How far training went, per model (a decision about runs still rising is about early training):")
+        doc.ul([r.words() for r in regimes.values()])
     doc.table(
         [
             "model",
@@ -168,7 +176,8 @@ def decision_section(
         else f"every seed was trained (no sequential stopping), so there is one look, at a two-sided level of {nominal}"
     )
     doc.p(
-        "How to read this: the difference is technique minus baseline in final test accuracy, paired by seed "
+        "How to read this: the difference is technique minus baseline in test accuracy at the end of each run's "
+        "training (the regime above says whether that was a plateau), paired by seed "
         "(seed k sees the same data order and augmentation in every technique), over the seeds where both runs "
         f"finished and learned; {plan_words}. Decisions: better / worse when the whole interval lies above / "
         f"below 0, equivalent when it lies within +-{100 * d0.margin:.2g} pp (the margin), otherwise undecided. "

@@ -16,6 +16,7 @@ from reslab.report.aggregate import (
     SUMMARY_COLUMNS,
 )
 from reslab.study.decisions import Decision
+from reslab.study.regime import Regime
 
 
 def write_derived_files(
@@ -72,9 +73,29 @@ def decision_record(d: Decision) -> dict[str, Any]:
         "flops_ratio": d.flops_ratio,
         "step_time_ratio": d.step[0] if d.step else None,
         "convergence": d.convergence,
+        "regime": _regime_record(d.regime),
         "recommendation": d.recommendation,
     }
     return _json_safe(rec)
+
+
+def _regime_record(r: Regime | None) -> dict[str, Any] | None:
+    if r is None:
+        return None
+    return {
+        "label": r.label,
+        "early_training": r.early,
+        "epochs": r.epochs,
+        "steps": r.steps,
+        "baseline_end_val_acc": r.end_acc,
+        "baseline_rise_last_quarter": r.rise,
+        "rise_low": r.rise_low,
+        "rise_high": r.rise_high,
+        "seeds": r.seeds,
+        "reference": str(r.reference.path) if r.reference else None,
+        "reference_val_acc": r.reference.val_acc if r.reference else None,
+        "gap_to_reference": r.gap,
+    }
 
 
 def _json_safe(v: Any) -> Any:

@@ -19,6 +19,7 @@ from reslab.report.document import Doc
 from reslab.report.verdicts import fmt_acc_interval, verdict
 from reslab.study import stats
 from reslab.study.decisions import AUTO_TARGET_FRACTION, Decision, interval_pp, interval_ratio, pp
+from reslab.study.regime import Regime
 from reslab.study.results import (
     BASELINE,
     FIGURES_DIR,
@@ -59,8 +60,8 @@ def target_line(targets: dict[str, float], auto: bool) -> str:
     if auto:
         frac = round(100 * AUTO_TARGET_FRACTION)
         return (
-            f"Target validation accuracy (for epochs to target): auto, {frac}% of baseline's mean final "
-            f"validation accuracy = {values}."
+            f"Target validation accuracy (for epochs to target): auto, {frac}% of baseline's mean validation "
+            f"accuracy at the end of training = {values}."
         )
     return f"Target validation accuracy (for epochs to target): {values}."
 
@@ -173,6 +174,8 @@ class ModelView:
     level: float
     #: technique -> its decision (every figure about a technique against baseline comes from it)
     decisions: dict[str, Decision] = field(default_factory=dict)
+    #: how far the model's training went
+    regime: Regime | None = None
 
     @property
     def suffix(self) -> str:
@@ -202,7 +205,7 @@ def verdict_section(doc: Doc, v: ModelView) -> None:
     if not any(r["technique"] == BASELINE for r in v.rows):
         doc.p("No baseline runs found, so no technique is compared against baseline.")
     for r in v.rows:
-        words = verdict(r, v.level, v.decisions.get(r["technique"]))
+        words = verdict(r, v.level, v.decisions.get(r["technique"]), v.regime)
         doc.p(f"{r['technique']}: " + " ".join(words or ["no finished runs yet."]))
 
 
@@ -253,7 +256,7 @@ def convergence_section(doc: Doc, v: ModelView) -> None:
             [
                 r["technique"],
                 f"{r['reached']}/{r['reached_of']}",
-                fmt_value(r["epochs_to_target_median"], ".0f")
+                fmt_value(r["epochs_to_target_median"], ".2f")
                 if math.isfinite(as_float(r["epochs_to_target_median"]))
                 else "not reached",
                 fmt_value(r["seconds_to_target_median"], ".1f")
@@ -265,13 +268,14 @@ def convergence_section(doc: Doc, v: ModelView) -> None:
         ],
     )
     doc.p(
-        "Medians count a seed that never reached the target (or diverged) as slower than every other seed; "
-        "'not reached' means fewer than half of the seeds reached it. Seconds are the cumulative time of the "
-        "epochs (training and the per-epoch validation) as measured while the grid ran, so they include any "
-        "sharing of the CPU between parallel runs. The speed-up is the decision table's (epochs interpolated "
-        "between evaluations, paired by seed, at the decision's per-look level); a speed-up in time is the "
-        "decision table's too (divided by the step-time ratio of the timing pass), since the grid's own seconds "
-        "shared the CPU."
+        "Epochs to target are the decision table's: read off the validation evaluations, interpolated linearly "
+        "between the two around the crossing. Medians count a seed that never reached the target (or diverged) "
+        "as slower than every other seed; 'not reached' means fewer than half of the seeds reached it. Seconds "
+        "are the run's cumulative training time at that epoch (interpolated within the epoch) as measured while "
+        "the grid ran, so they include any sharing of the machine between parallel runs. The speed-up is the "
+        "decision table's (paired by seed, at the decision's per-look level); a speed-up in time is the decision "
+        "table's too (divided by the step-time ratio of the timing pass), since the grid's own seconds shared "
+        "the machine."
     )
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from reslab.report.aggregate import as_float
 from reslab.study import stats
 from reslab.study.decisions import Decision, interval_ratio
+from reslab.study.regime import Regime
 from reslab.study.results import BASELINE
 
 
@@ -47,7 +48,9 @@ def _ratio_words(x: float) -> str:
     return f"{x:.2f}x"
 
 
-def verdict(row: dict[str, Any], level: float = 0.95, decision: Decision | None = None) -> list[str]:
+def verdict(
+    row: dict[str, Any], level: float = 0.95, decision: Decision | None = None, regime: Regime | None = None
+) -> list[str]:
     """Plain-words findings for one technique. Its accuracy and convergence are the decision's
     (:mod:`reslab.study.decisions`), in the same numbers as the decision table: this section adds
     detail, never a second verdict. Without a decision, no claim is made."""
@@ -65,8 +68,9 @@ def verdict(row: dict[str, Any], level: float = 0.95, decision: Decision | None 
     if tech == BASELINE:
         if row["completed"]:
             ci = fmt_acc_interval(*_bounds(row, "test_acc"), unit="%")
+            when = f"after {regime.length} ({regime.label})" if regime is not None else "at the end of training"
             out.append(
-                f"Reference: final test accuracy {stats.fmt_pct(row['test_acc_mean'])} "
+                f"Reference: test accuracy {when} {stats.fmt_pct(row['test_acc_mean'])} "
                 f"({ci if not ci.startswith('[') else f'{lvl} CI {ci}'}, {row['completed']} seeds)."
             )
         return out + _gradient_words(row)

@@ -18,8 +18,10 @@ from scipy import stats as sps
 from reslab.engine.timing import step_ratio
 from reslab.errors import UsageError
 from reslab.study import stats
+from reslab.study.curve import epochs_to_target
 from reslab.study.plan import ERROR_RATES, Plan, rows_of, table_levels
 from reslab.study.planning import detectable_difference, seeds_to_decide
+from reslab.study.regime import Regime
 from reslab.study.results import BASELINE, Cell, RunData
 from reslab.study.rule import CHANCE_TOL, Outcome, Pair, decide_comparison
 
@@ -67,6 +69,8 @@ class Decision:
     recommendation: str = ""
     #: how its failures are named: "diverged", or "diverged or stayed at chance level" when some did not diverge
     failure_word: str = "diverged"
+    #: how far the model's training went (None when the report measured no regime)
+    regime: Regime | None = None
 
     @property
     def reason(self) -> str:
@@ -145,37 +149,21 @@ def open_cells(
     return need
 
 
+def margin_of(grid: dict[str, Any] | None) -> float:
+    """The equivalence margin of a grid's decisions (its sequential plan's, else the fixed one)."""
+    seq = (grid or {}).get("sequential")
+    return float(seq["margin"]) if isinstance(seq, dict) and "margin" in seq else FIXED_MARGIN
+
+
 def auto_target(runs: dict[Cell, RunData], model: str) -> float:
-    """95% of baseline's mean final validation accuracy on ``model`` (nan without baseline runs)."""
+    """95% of baseline's mean validation accuracy at the end of training on ``model`` (nan
+    without baseline runs)."""
     finals = [
         float(r.metrics[-1]["val_acc"])
         for c, r in runs.items()
         if c.model == model and c.technique == BASELINE and r.status == "completed" and r.metrics
     ]
     return AUTO_TARGET_FRACTION * float(np.mean(finals)) if finals else math.nan
-
-
-def epochs_to_target(run: RunData, target: float) -> float:
-    """Epoch at which validation accuracy first reaches ``target``, interpolated linearly between
-    the evaluations around the crossing (the curve starts at chance level at epoch 0), so the
-    figure is continuous rather than a multiple of the evaluation interval; inf when never
-    reached or the run did not complete."""
-    if run.status != "completed":
-        return math.inf
-    curve = run.evals or [{"epoch": m.get("epoch"), "val_acc": m.get("val_acc")} for m in run.metrics]
-    chance = run.summary.get("chance_acc")
-    prev_e, prev_a = 0.0, float(chance) if isinstance(chance, (int, float)) else 0.0
-    for row in curve:
-        try:
-            e, acc = float(row["epoch"]), float(row["val_acc"])
-        except (KeyError, TypeError, ValueError):
-            continue
-        if acc >= target:
-            if prev_a >= target or acc == prev_a:
-                return e
-            return prev_e + (target - prev_a) / (acc - prev_a) * (e - prev_e)
-        prev_e, prev_a = e, acc
-    return math.inf
 
 
 def _plan(grid: dict[str, Any] | None, n: int) -> tuple[Plan | None, bool]:
@@ -216,9 +204,12 @@ def decide(
     runs: dict[Cell, RunData],
     timing: dict[str, Any],
     targets: dict[str, float],
+    regimes: dict[str, Regime] | None = None,
 ) -> list[Decision]:
     """A decision for every model x technique (baseline excluded) found in ``grid``/``runs``, each at
-    the error rate the grid asks for (table-wide by default: alpha split over the rows)."""
+    the error rate the grid asks for (table-wide by default: alpha split over the rows). With
+    ``regimes`` (:func:`reslab.study.regime.regimes`), each row and its recommendation say how far
+    training went."""
     models = list(dict.fromkeys([*((grid or {}).get("models") or []), *(c.model for c in runs)]))
     techs = list(dict.fromkeys([*((grid or {}).get("techniques") or []), *(c.technique for c in runs)]))
     seeds = [int(s) for s in ((grid or {}).get("seeds") or sorted({c.seed for c in runs}))]
@@ -236,6 +227,8 @@ def decide(
             d = _decide_one(
                 grid, runs, timing, pairs, chance, error_rate, n_rows, seeds, m, t, targets.get(m, math.nan)
             )
+            d.regime = (regimes or {}).get(m)
+            d.recommendation = recommend(d)
             out.append(d)
     return out
 
@@ -393,19 +386,37 @@ def recommend(d: Decision) -> str:
         return "Nothing to compare: baseline learned nothing (every run diverged or stayed at chance level)."
     if d.decision == "worse" and d.outcome and d.outcome.basis == "divergence":
         return f"Avoid at this depth: it {div}."
+    r = d.regime
+    early = r is not None and r.early
+    after = f"after {r.length}" if r is not None else "at the end of training"
     if d.decision == "better":
+        if early:
+            return (
+                f"Faster to learn at this depth: {after} accuracy is {pp(d.low)} to {pp(d.high)} pp higher, "
+                "while baseline was still rising; confirm with longer training before adopting "
+                f"({cost or 'its cost'})."
+            )
         return (
-            f"Adopt at this depth if {cost or 'its cost'} is worth it: final accuracy gains "
+            f"Adopt at this depth if {cost or 'its cost'} is worth it: accuracy {after} (flat by then) gains "
             f"{pp(d.low)} to {pp(d.high)} pp."
         )
     if d.decision == "worse":
         also = f"; it also {div}" if div else ""
-        return f"Avoid at this depth: final accuracy drops by {pp(-d.high, False)} to {pp(-d.low, False)} pp{also}."
+        if early:
+            return (
+                f"Slower to learn at this depth: {after} accuracy is {pp(-d.high, False)} to {pp(-d.low, False)} pp "
+                f"lower, while baseline was still rising (convergence speed, not accuracy after full training){also}."
+            )
+        return (
+            f"Avoid at this depth: accuracy {after} (flat by then) drops by {pp(-d.high, False)} to "
+            f"{pp(-d.low, False)} pp{also}."
+        )
     if d.decision == "equivalent":
         m = f"{100 * d.margin:.2g}"
+        when = f" {after}" + (" (early training: says nothing yet about full training)" if early else "")
         if d.step is not None and d.step[0] > 1.02:
-            return f"Keep baseline: accuracy equal within +-{m} pp, and the technique costs {cost}."
-        return f"Either: accuracy equal within +-{m} pp at about the same training cost."
+            return f"Keep baseline: accuracy{when} equal within +-{m} pp, and the technique costs {cost}."
+        return f"Either: accuracy{when} equal within +-{m} pp at about the same training cost."
     lead = f"Not equivalent or better: it {div}. " if div else ""
     if d.why_open == "too few seeds":
         return f"{lead}No answer yet: {d.trained} paired seeds have finished, too few for a first look."
@@ -461,12 +472,12 @@ __all__ = [
     "chance_of",
     "convergence",
     "decide",
-    "epochs_to_target",
     "error_rate_of",
     "finished_diffs",
     "gradient_verdict",
     "interval_pp",
     "interval_ratio",
+    "margin_of",
     "open_cells",
     "recommend",
     "row_level",

@@ -241,21 +241,6 @@ def censored_median(values: Sequence[float]) -> float:
     return float(np.median(np.sort(x)))
 
 
-def time_to_target(
-    val_acc: Sequence[float], elapsed_s: Sequence[float], target: float, epochs: Sequence[int] | None = None
-) -> tuple[float, float]:
-    """(epoch, seconds) of the first epoch whose validation accuracy is at least ``target``.
-
-    ``(inf, inf)`` when the curve never reaches it. ``epochs`` defaults to 1, 2, ...; seconds
-    are the cumulative training time recorded at that epoch.
-    """
-    ep = list(epochs) if epochs is not None else list(range(1, len(val_acc) + 1))
-    for e, acc, t in zip(ep, val_acc, elapsed_s, strict=True):
-        if acc is not None and math.isfinite(acc) and acc >= target:
-            return float(e), float(t)
-    return math.inf, math.inf
-
-
 def curve_auc(val_acc: Sequence[float]) -> float:
     """Area under the validation-accuracy curve per epoch, normalised to [0, 1].
 

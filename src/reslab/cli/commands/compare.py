@@ -10,8 +10,8 @@ training option without --preset starts a custom grid from the training engine's
 preset. The header states the preset, the grid and an estimated time before training.
 
 Sequential seeds (--until-decided, the presets' default): seeds are added one round at a
-time; a technique stops when its repeated confidence interval for the difference in final
-test accuracy, over the seeds where both runs finished, lies above 0 (better), below 0
+time; a technique stops when its repeated confidence interval for the difference in test
+accuracy at the end of training, over the seeds where both runs finished, lies above 0 (better), below 0
 (worse) or inside +-margin (equivalent), when it diverges often enough where baseline does
 not (worse), or when --max-seeds or --budget is reached (undecided). A technique that
 diverged where baseline did not is never equivalent or better. With --error-rate table (the
@@ -91,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--target-acc",
         help="validation accuracy for epochs to target, e.g. 0.9, or 'auto' (the default): per model, 95%% of "
-        "baseline's mean final validation accuracy",
+        "baseline's mean validation accuracy at the end of training",
     )
     parser.add_argument(
         "--until-decided",

@@ -39,6 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="confidence intervals from the t distribution or a paired bootstrap (default: the grid's, else t)",
     )
+    parser.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="RUN",
+        help="run folder of one of the grid's models trained long (e.g. 'reslab train --epochs 30 --out RUN'); "
+        "the report then says how far baseline was from that run's accuracy (repeat once per model)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -55,8 +63,10 @@ def run(args: argparse.Namespace) -> int:
     from reslab.report.run_report import is_run_folder, write_run_report
 
     if is_run_folder(path):
-        if args.merge:
-            raise UsageError("--merge joins results folders of 'reslab compare'; a single run folder takes none")
+        if args.merge or args.reference:
+            raise UsageError(
+                "--merge and --reference apply to results folders of 'reslab compare'; a single run folder takes none"
+            )
         check_writable_dir(path / "report", option="")
         written = write_run_report(path)
         print(f"wrote {', '.join(str(f) for f in written.files)}")
@@ -66,7 +76,13 @@ def run(args: argparse.Namespace) -> int:
     from reslab.report.build import build_report
 
     try:
-        files = build_report(args.results, extra_dirs=args.merge, target_acc=args.target_acc, method=args.interval)
+        files = build_report(
+            args.results,
+            extra_dirs=args.merge,
+            target_acc=args.target_acc,
+            method=args.interval,
+            references=args.reference,
+        )
     except UsageError:
         raise
     except ValueError as e:
