@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from patience import HANG_S
 from reslab.study.results import STARTS_FILE
 
 
@@ -55,7 +56,7 @@ def tiny_args(
     ]
 
 
-def wait_for(pred: Callable[[], bool], proc: subprocess.Popen, timeout: float = 240.0) -> None:
+def wait_for(pred: Callable[[], bool], proc: subprocess.Popen, timeout: float = HANG_S) -> None:
     """Poll ``pred`` until true; fail if ``proc`` exits first or the time runs out."""
     t0 = time.monotonic()
     while not pred():

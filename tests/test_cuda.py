@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from patience import HANG_S
 from reslab import build_model, fuse, list_techniques
 from reslab.study.results import STARTS_FILE
 
@@ -62,7 +63,7 @@ def test_compare_pins_each_worker_to_a_gpu(tmp_path: Path) -> None:
     args += ["--train-subset", "512", "--val-size", "256", "--epochs", "1", "--techniques", "baseline,scale"]
     args += ["--seeds", "2", "--no-probe", "--quiet", "--jobs", "2", "--device", "cuda", "--out", str(out)]
     env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
-    res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert res.returncode == 0, res.stderr
     pinned = set()
     for run in (out / "runs").iterdir():

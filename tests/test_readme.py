@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from patience import HANG_S
+
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "# The README's test command, verbatim:"
 
@@ -72,7 +74,7 @@ def test_ci_run_exit_status_follows_the_suite(tmp_path, suite_status):
     log = tmp_path / "log"
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "CI_LOG": str(log)}
     env.pop("RESLAB_CI_TIMED", None)
-    r = subprocess.run([str(repo / ".ci" / "run")], env=env, capture_output=True, text=True, timeout=60)
+    r = subprocess.run([str(repo / ".ci" / "run")], env=env, capture_output=True, text=True, timeout=HANG_S)
     assert (r.returncode != 0) == bool(suite_status), r.stderr
     calls = log.read_text().splitlines()
     assert calls[0] == "apt-get update"

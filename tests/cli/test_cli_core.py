@@ -9,10 +9,11 @@ import sys
 import pytest
 
 import reslab
+from patience import HANG_S
 
 
 def reslab_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "reslab", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "reslab", *args], capture_output=True, text=True, timeout=HANG_S)
 
 
 def test_models_lists_every_model_and_technique() -> None:
@@ -58,7 +59,7 @@ def _help_entries(command: str) -> dict[str, str]:
 
     env = {**os.environ, "COLUMNS": "200"}
     r = subprocess.run(
-        [sys.executable, "-m", "reslab", command, "--help"], capture_output=True, text=True, timeout=120, env=env
+        [sys.executable, "-m", "reslab", command, "--help"], capture_output=True, text=True, timeout=HANG_S, env=env
     )
     assert r.returncode == 0, r.stderr
     options = r.stdout.split("\noptions:\n", 1)[1]

@@ -44,6 +44,8 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from patience import HANG_S  # noqa: E402
+
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
@@ -57,7 +59,7 @@ def _nobody_can_run() -> str | None:
             env={"PYTHONPATH": SRC, "PATH": "/usr/bin:/bin"},
             cwd="/",
             capture_output=True,
-            timeout=60,
+            timeout=HANG_S,
         )
     except (OSError, subprocess.SubprocessError) as e:
         return f"cannot run as nobody ({e})"
@@ -98,7 +100,7 @@ def world(tmp_path_factory, tiny_train_config):
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _as_nobody(base: Path, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _as_nobody(base: Path, *argv: str, timeout: float = HANG_S) -> subprocess.CompletedProcess[str]:
     home = base / "home"
     env = {
         "PYTHONPATH": SRC,
@@ -142,7 +144,7 @@ READ_ONLY_CASES = {
 def test_read_only_output_is_refused_before_the_work(world, command):
     before = (world / "ro" / "run" / "model.safetensors").read_bytes()
     argv = [a.format(ro=world / "ro", run=world / "run") for a in READ_ONLY_CASES[command]]
-    r = _as_nobody(world, *argv, timeout=90)
+    r = _as_nobody(world, *argv, timeout=HANG_S)
     line = _check_one_line(r, command)
     assert "cannot write in" in line and str(world / "ro") in line and "permission" in line
     assert sorted(p.name for p in (world / "ro").iterdir()) == ["run"]  # nothing created

@@ -19,6 +19,7 @@ import yaml
 from torch import Tensor, nn
 
 import reslab
+from patience import HANG_S
 from reslab.engine.build import open_run_dataset
 from reslab.engine.optim import param_groups
 from reslab.engine.packed import PackedModel, pack_groups, packable, train_pack
@@ -150,7 +151,9 @@ def test_kill_9_of_a_pack_then_resume_equals_an_uninterrupted_pack(reference, ti
     script.write_text(KILLED)
     root = tmp_path / "runs"
     step = STEPS_PER_EPOCH + 2  # after epoch 1's checkpoints, inside epoch 2
-    r = subprocess.run([sys.executable, str(script), str(root), str(step)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, str(script), str(root), str(step)], capture_output=True, text=True, timeout=HANG_S
+    )
     assert r.returncode == -signal.SIGKILL, r.stderr
     outs = [root / f"s{s}" for s in SEEDS]
     for o in outs:

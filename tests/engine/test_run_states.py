@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from patience import HANG_S
 from reslab.cli import main
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
@@ -47,7 +48,7 @@ def _killed_before_first_checkpoint(out: Path) -> None:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
+    proc.wait(timeout=HANG_S)
     assert not (out / "checkpoint" / "latest.json").exists(), "killed too late for this test"
     assert _summary(out)["status"] == "running" and _summary(out)["pid"] == proc.pid
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from patience import HANG_S
 from reslab.engine.callbacks import block_grad_norms
 from reslab.engine.data import load_arrays
 from reslab.engine.optim import lr_at, param_groups
@@ -30,7 +31,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _cli(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+def _cli(*args: str, timeout: float = HANG_S) -> subprocess.CompletedProcess:
     env_cmd = [sys.executable, "-m", "reslab", "train", *args]
     return subprocess.run(env_cmd, capture_output=True, text=True, timeout=timeout, env=_env())
 

@@ -25,6 +25,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from patience import HANG_S
+
 pytestmark = [
     pytest.mark.skipif(
         not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file(),
@@ -48,7 +50,7 @@ def test_two_processes_match_one(tmp_path):
         [*launcher, "--standalone", "--nproc_per_node=2", "-m", "reslab", "train", *ARGS, "--out", str(tmp_path / "2")],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_S,
         env=env,
     )
     assert two.returncode == 0, two.stderr[-3000:]
@@ -56,7 +58,7 @@ def test_two_processes_match_one(tmp_path):
         [sys.executable, "-m", "reslab", "train", *ARGS, "--threads", "1", "--out", str(tmp_path / "1")],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_S,
         env=env,
     )
     assert one.returncode == 0, one.stderr[-3000:]

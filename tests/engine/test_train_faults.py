@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from patience import HANG_S
 from reslab.engine.train import WALL_CLOCK_FIELDS, TrainConfig, train
 
 pytestmark = pytest.mark.skipif(
@@ -59,7 +60,7 @@ def _start(out: Path) -> subprocess.Popen:
     )
 
 
-def _wait_for_epoch(proc: subprocess.Popen, out: Path, epoch: int, timeout: float = 240) -> dict:
+def _wait_for_epoch(proc: subprocess.Popen, out: Path, epoch: int, timeout: float = HANG_S) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.communicate()
@@ -102,7 +103,7 @@ def test_sigkill_mid_epoch_then_resume_is_identical(tmp_path):
         [sys.executable, "-m", "reslab", "train", "--out", str(out), "--resume", "-q"],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=HANG_S,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert r.returncode == 0, r.stderr
@@ -120,7 +121,7 @@ def test_ctrl_c_marks_the_run_interrupted(tmp_path):
     proc = _start(out)
     _wait_for_epoch(proc, out, 1)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 130
     assert "Traceback" not in err and "--resume" in err
     summary = json.loads((out / "summary.json").read_text())

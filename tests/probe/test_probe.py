@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from patience import HANG_S
 from reslab.cli import main
 from reslab.nn.blocks import residual_blocks
 from reslab.nn.models import build_model, cifar_resnet
@@ -377,7 +378,7 @@ def test_interrupting_the_probe_process_alone_stops_its_workers(tmp_path):
         time.sleep(0.1)
     time.sleep(3)  # the workers are now inside their depth-218 cells
     os.kill(proc.pid, signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 130, stderr
     assert "interrupted" in stderr and "Traceback" not in stderr
     deadline = time.monotonic() + 15

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from patience import HANG_S
 from reslab.cli import main
 from synthetic import write_grid, write_run
 
@@ -93,7 +94,7 @@ def test_report_html_renders_in_a_real_browser(tmp_path: Path, capsys: pytest.Ca
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_S,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from patience import HANG_S
 from reslab.pool import RemoteError, WorkerDied, WorkerPool
 from reslab.study.claims import Claims, Holder, _proc_start
 
@@ -173,7 +174,7 @@ def test_pool_survives_a_killed_worker_and_reports_errors() -> None:
         assert isinstance(done["a"].error, WorkerDied) and "signal 9" in str(done["a"].error)
         assert done["b"].value == 42  # the other task is unaffected
         pool.submit("c", _boom, 3)  # the replaced worker takes tasks
-        (d,) = pool.wait(timeout=30)
+        (d,) = pool.wait(timeout=HANG_S)
         assert isinstance(d.error, RemoteError) and str(d.error) == "ValueError: bad 3"
         assert sorted(pool.map_unordered(_echo, [1, 2, 3])) == [2, 4, 6]
 
@@ -233,7 +234,7 @@ def test_each_worker_is_pinned_to_one_gpu(monkeypatch: pytest.MonkeyPatch) -> No
             pool.submit(i, _env, "CUDA_VISIBLE_DEVICES")
         seen = []
         while pool.running():
-            seen += [d.value for d in pool.wait(timeout=60)]
+            seen += [d.value for d in pool.wait(timeout=HANG_S)]
     seen.sort()
     assert seen == ["3", "3", "5"]
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "3,5"  # the parent's own environment is unchanged

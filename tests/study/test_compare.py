@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from grids import tiny_args, wait_for
+from patience import HANG_S
 from reslab.cli import main
 from reslab.errors import UsageError
 from reslab.report.aggregate import SUMMARY_COLUMNS
@@ -115,7 +116,7 @@ def test_resume_after_killing_the_grid(tmp_path: Path) -> None:
     assert "resnet8 / scale / seed 0: running after epoch" in md
 
     # the same command again: the finished run is kept byte for byte, the killed one resumes
-    res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert res.returncode == 0, res.stderr
     assert "1 runs trained (0 diverged), 1 already finished" in res.stdout
     assert {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()} == first_files
@@ -287,7 +288,7 @@ def test_sequential_grid_stops_each_technique_at_its_decision_and_resumes_identi
     while time.time() < deadline and not any((resumed / "runs").glob("*/model.safetensors")):
         time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=120) == 130
+    assert proc.wait(timeout=HANG_S) == 130
     assert main(tiny_args(resumed, *SEQ, techniques="baseline,scale,norm")) == 0
     a, b = decisions(straight), decisions(resumed)
     for tech in a:

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from grids import run_starts, tiny_args, wait_for
+from patience import HANG_S
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +107,7 @@ TESTS = Path(__file__).resolve().parents[1]
 def uninterrupted(factory: pytest.TempPathFactory, settings: dict) -> dict[str, tuple]:
     """The results of one plain, uninterrupted ``compare`` of the grid: the reference."""
     out = factory.mktemp("ref") / "res"
-    res = subprocess.run(grid_args(out, **settings), env=ENV, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(grid_args(out, **settings), env=ENV, capture_output=True, text=True, timeout=HANG_S)
     assert res.returncode == 0, res.stderr
     return run_results(out)
 
@@ -138,7 +139,7 @@ def test_concurrent_compare_processes_train_each_cell_once(
         subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(processes)
     ]
-    outputs = [p.communicate(timeout=600) for p in procs]
+    outputs = [p.communicate(timeout=HANG_S) for p in procs]
     assert [p.returncode for p in procs] == [0] * processes, [e for _, e in outputs]
     runs = sorted((out / "runs").iterdir())
     assert len(runs) == 6
@@ -175,7 +176,7 @@ def test_a_killed_worker_has_its_cell_taken_over(tmp_path: Path, killed_referenc
     victim = json.loads((run / "summary.json").read_text())["pid"]
     assert victim != proc.pid  # a worker process, not the scheduler
     os.kill(victim, signal.SIGKILL)
-    _, stderr = proc.communicate(timeout=600)
+    _, stderr = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 0, stderr
     assert "died (killed by signal 9); its run is resumed from its checkpoint" in stderr
     first, second = run_starts(run)
@@ -193,14 +194,14 @@ def test_sigterm_stops_like_ctrl_c_and_the_same_command_resumes(
     proc = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: mid_run(out) is not None, proc)
     proc.send_signal(signal.SIGTERM)  # to the parent only, as Slurm's scancel --signal would
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 143, stderr
     assert "reslab compare: terminated (SIGTERM); finished runs are kept" in stderr
     assert "Traceback" not in stderr
     found = statuses(out)
     assert "interrupted" in found.values() and "running" not in found.values(), found
     assert held_leases(out) == []  # every claim released
-    res = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=HANG_S)
     assert res.returncode == 0, res.stderr
     assert run_results(out) == killed_reference
 

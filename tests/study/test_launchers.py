@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from grids import run_starts, tiny_args
+from patience import HANG_S
 from reslab.cli import main
 from reslab.errors import UsageError
 from reslab.study.results import RUNS_DIR
@@ -138,7 +139,7 @@ def _worker_mid_run(out: Path, proc: subprocess.Popen) -> int:
                 return run_starts(run)[0]["pid"]
         except (OSError, ValueError, KeyError):
             pass
-        assert proc.poll() is None and time.monotonic() - t0 < 240, "the worker did not start training"
+        assert proc.poll() is None and time.monotonic() - t0 < HANG_S, "the worker did not start training"
         time.sleep(0.01)
 
 
@@ -180,7 +181,7 @@ def test_slurm_worker_stops_cleanly_on_the_time_limit_signal_and_resumes_when_re
     argv = grid_args(out, *engine, "--train-subset", "1024", "--no-report", **LONG)
     proc = subprocess.Popen([sys.executable, "-m", "reslab", *argv], stdout=subprocess.PIPE, text=True)
     os.kill(_worker_mid_run(out, proc), signal.SIGUSR2)
-    stdout, _ = proc.communicate(timeout=240)
+    stdout, _ = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 0, stdout
     _assert_resumed_once(out, long_reference)
     log = "".join(p.read_text() for p in sorted((out / "slurm").glob("*_0_log.*")))  # ours and submitit's
@@ -200,7 +201,7 @@ def test_ray_task_killed_mid_run_is_retried_and_resumes(tmp_path: Path, long_ref
     argv = grid_args(out, *engine, "--train-subset", "1024", "--no-report", **LONG)
     proc = subprocess.Popen([sys.executable, "-m", "reslab", *argv], stdout=subprocess.PIPE, text=True)
     os.kill(_worker_mid_run(out, proc), signal.SIGKILL)
-    stdout, _ = proc.communicate(timeout=240)
+    stdout, _ = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 0, stdout
     assert "1 runs trained (0 diverged), 0 already finished, 0 failed" in stdout
     _assert_resumed_once(out, long_reference)
@@ -403,7 +404,7 @@ def ray_home(tmp_path: Path) -> Path:
     return home
 
 
-def _reslab(argv: list[str], env: dict[str, str], timeout: float = 300) -> tuple[subprocess.CompletedProcess, float]:
+def _reslab(argv: list[str], env: dict[str, str], timeout: float = HANG_S) -> tuple[subprocess.CompletedProcess, float]:
     t0 = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "reslab", *argv], capture_output=True, text=True, env=env, timeout=timeout
@@ -421,7 +422,7 @@ def test_a_wrong_ray_address_fails_in_seconds_with_one_line(tmp_path: Path, ray_
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1, proc.stderr
     assert f"nothing listens at 127.0.0.1:{port}" in err[0] and "ray start --head" in err[0]
-    assert took < 30
+    assert took < 120  # seconds, not the 13 minutes Ray retries for (loose: the suite runs under load)
     assert not out.exists()
 
 
@@ -443,7 +444,7 @@ def test_token_authentication_is_named_with_its_fix(tmp_path: Path, ray_home: Pa
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1, proc.stderr
     assert "requires token authentication" in err[0] and "RAY_AUTH_MODE=token" in err[0]
-    assert took < 30
+    assert took < 120  # seconds, not the 13 minutes Ray retries for (loose: the suite runs under load)
     assert not out.exists()
 
 
@@ -501,7 +502,7 @@ def test_a_lost_ray_cluster_is_named_and_the_same_command_resumes(
         worker = _worker_mid_run(out, proc)
         cluster.stop()
         t0 = time.monotonic()
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=HANG_S)
         took = time.monotonic() - t0
     finally:
         cluster.stop()
@@ -510,7 +511,7 @@ def test_a_lost_ray_cluster_is_named_and_the_same_command_resumes(
     assert len(ours) == 1 and "lost the Ray cluster at" in ours[0], err
     assert "0 runs finished, 1 interrupted (resnet8-baseline-s0)" in ours[0]
     assert "re-run the same command to resume" in ours[0]
-    assert took < 30
+    assert took < 120  # seconds, not the 13 minutes Ray retries for (loose: the suite runs under load)
     assert not os.path.exists(f"/proc/{worker}")
     assert Claims(out / CLAIMS_DIR).active([LONG_CELL]) == {}  # the dead worker's claim is released
     assert not list((out / CLAIMS_DIR).glob(f"{LONG_CELL}.*.lease"))
@@ -610,7 +611,7 @@ def test_slurm_workers_that_all_vanish_are_a_lost_cluster(tmp_path: Path) -> Non
         [sys.executable, "-m", "reslab", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     os.kill(_worker_mid_run(out, proc), signal.SIGKILL)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=HANG_S)
     ours = [ln for ln in err.splitlines() if ln.startswith("reslab compare:")]
     assert proc.returncode == 75, err
     assert len(ours) == 1 and "lost every worker of submitit 'local' jobs" in ours[0], err
