@@ -1,9 +1,17 @@
-"""One cell of a grid: claimed in the results folder, then trained (fresh, or resumed from
-its checkpoint) into ``RESULTS/runs/MODEL-TECHNIQUE-sSEED``."""
+"""One cell of a grid, or a pack of them: claimed in the results folder, then trained (fresh,
+or resumed from its checkpoint) into ``RESULTS/runs/MODEL-TECHNIQUE-sSEED``.
+
+A pack (:func:`claim_and_run_pack`) is several cells that differ only in their seed, trained
+in one process as one packed model (:func:`reslab.engine.packed.train_pack`). Each of its
+cells is claimed on its own, exactly as a cell trained alone, and all the claims are renewed
+while the pack trains: a cell held elsewhere simply stays out of the pack, and a worker that
+dies releases every cell of its pack to be taken over and resumed (alone or packed: a run's
+checkpoint is the same either way)."""
 
 from __future__ import annotations
 
 import _thread
+import contextlib
 import json
 import os
 import signal
@@ -37,6 +45,25 @@ def run_state(run_dir: Path) -> str | None:
     return recorded_status(run_dir)
 
 
+def _start_flags(run_dir: Path) -> tuple[bool, bool]:
+    """``(resume, overwrite)`` for an unfinished cell: resume from its checkpoint when it has
+    one; one killed before its first checkpoint has nothing to resume and is started again."""
+    state = run_state(run_dir)
+    if state in FINISHED:
+        raise RuntimeError(f"refusing to retrain finished run {run_dir}")
+    resume = (run_dir / "checkpoint" / "latest.json").is_file()
+    return resume, not resume and state is not None
+
+
+def checkpoint_epoch(run_dir: Path) -> int:
+    """The epoch a run's latest checkpoint stands at (0 when it has none, or an unreadable one:
+    such a run starts again)."""
+    try:
+        return int(json.loads((run_dir / "checkpoint" / "latest.json").read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def run_cell(
     grid: Grid,
     cell: Cell,
@@ -50,14 +77,25 @@ def run_cell(
     run_dir = results / RUNS_DIR / cell.name
     extra = {"threads": threads} if threads else {}
     cfg = grid.config(cell, **extra)
-    resume = (run_dir / "checkpoint" / "latest.json").is_file()
-    # Only an unfinished run reaches here (finished ones are skipped by the caller); one
-    # killed before its first checkpoint has nothing to resume and is started again.
-    state = run_state(run_dir)
-    if state in FINISHED:
-        raise RuntimeError(f"refusing to retrain finished run {run_dir}")
-    overwrite = not resume and state is not None
+    resume, overwrite = _start_flags(run_dir)
     return train(cfg, run_dir, resume=resume, overwrite=overwrite, progress=False, on_epoch=on_epoch)
+
+
+def run_pack(grid: Grid, cells: list[Cell], results: Path, threads: int | None) -> list[dict[str, Any]]:
+    """Train ``cells`` (one model and technique, distinct seeds, standing at one epoch) as one
+    pack; returns their summaries in order."""
+    from reslab.engine.packed import train_pack
+
+    extra = {"threads": threads} if threads else {}
+    dirs = [results / RUNS_DIR / c.name for c in cells]
+    flags = [_start_flags(d) for d in dirs]
+    return train_pack(
+        [grid.config(c, **extra) for c in cells],
+        dirs,
+        resume=[r for r, _ in flags],
+        overwrite=[w for _, w in flags],
+        progress=False,
+    )
 
 
 @dataclass
@@ -122,6 +160,66 @@ def claim_and_run(
         if lost.is_set():
             return CellRun("lost")
         raise
+
+
+def claim_and_run_pack(
+    grid: Grid,
+    cells: list[Cell],
+    results: Path,
+    threads: int | None,
+    lease_s: float = DEFAULT_LEASE_S,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> list[tuple[Cell, CellRun]]:
+    """Claim each of ``cells`` (one model and technique, distinct seeds) and train the claimed,
+    unfinished ones as packs of the runs that stand at one epoch (a fresh cell stands at 0);
+    one :class:`CellRun` per cell, in order. A single cell is :func:`claim_and_run`."""
+    if len(cells) == 1:
+        return [(cells[0], claim_and_run(grid, cells[0], results, threads, lease_s, on_epoch))]
+    claims = Claims(results / CLAIMS_DIR, lease_s)
+    outcome: dict[Cell, CellRun] = {}
+    leases = []
+    for c in cells:
+        lease = claims.try_claim(c.name)
+        if lease is None:
+            outcome[c] = CellRun("held")
+        else:
+            leases.append((c, lease))
+    lost = threading.Event()
+
+    def on_lost() -> None:
+        lost.set()
+        term = callable(signal.getsignal(signal.SIGTERM))
+        _thread.interrupt_main(signal.SIGTERM if term else signal.SIGINT)
+
+    try:
+        with contextlib.ExitStack() as stack:
+            for _, lease in leases:
+                stack.enter_context(lease.renewed(on_lost))
+            by_epoch: dict[int, list[Cell]] = {}
+            for c, _ in leases:
+                run_dir = results / RUNS_DIR / c.name
+                if run_state(run_dir) in FINISHED:
+                    outcome[c] = CellRun("finished", read_summary(run_dir))
+                else:
+                    by_epoch.setdefault(checkpoint_epoch(run_dir), []).append(c)
+            for group in by_epoch.values():
+                for c in group:
+                    run_dir = results / RUNS_DIR / c.name
+                    append_start(run_dir, (run_dir / "checkpoint" / "latest.json").is_file())
+                if len(group) == 1:
+                    summaries = [run_cell(grid, group[0], results, threads, on_epoch)]
+                else:
+                    summaries = run_pack(grid, group, results, threads)
+                for c, summary in zip(group, summaries, strict=True):
+                    outcome[c] = CellRun("trained", summary)
+    except KeyboardInterrupt:
+        if not lost.is_set():
+            raise
+        # a claim of the pack was taken over (this worker had stalled): the takers resume
+        # every run this pack had not finished
+        for c in cells:
+            outcome.setdefault(c, CellRun("lost"))
+    return [(c, outcome[c]) for c in cells]
 
 
 def record_failure(results: Path, cell: Cell, error: BaseException) -> None:

@@ -12,6 +12,8 @@ worker processes, then has the report written by the last process to finish.
   A run that fails with an unexpected error is written to ``failed/NAME.json`` and the grid goes
   on; the command then exits with status 1.
 * ``jobs`` runs cells in that many processes, each with ``cores // jobs`` threads.
+* ``pack`` trains up to that many seeds of one model and technique in a process as one packed
+  model (:mod:`reslab.study.packing`); each run keeps its own folder, claim and result.
 * **Claimed, not assigned.** Any number of processes (here, on other machines sharing the
   folder, or started by :mod:`reslab.study.launch`) may work on one results folder: a cell is
   claimed (:mod:`reslab.study.claims`) before it is trained, so each is trained once, and the
@@ -36,14 +38,16 @@ from pathlib import Path
 from typing import Any
 
 from reslab.engine.config import default_threads
+from reslab.engine.devices import pick_device
 from reslab.errors import UsageError
 from reslab.files import atomic_write_text
 from reslab.pool import STOP_GRACE_S, WorkerDied, WorkerPool, WorkerStopped
 from reslab.signals import Terminated
-from reslab.study.cells import claim_and_run
+from reslab.study.cells import claim_and_run_pack
 from reslab.study.claims import DEFAULT_LEASE_S, Claims, describe
 from reslab.study.estimate import LONG_RUN_S, Estimator, estimate_lines, fmt_duration, image_counts
 from reslab.study.grid import Grid, prepare_results
+from reslab.study.packing import resolve_pack
 from reslab.study.prework import check_data, probe_if_needed, timing_if_needed
 from reslab.study.results import (
     CLAIMS_DIR,
@@ -91,6 +95,7 @@ def run_grid(
     probe_init: bool = True,
     lease_s: float = DEFAULT_LEASE_S,
     threads: int | None = None,
+    pack: int | str = "auto",
 ) -> CompareResult:
     """Train the cells ``grid`` needs (all of them, or seeds until decided) into ``out``, then
     call ``report(out)`` (the report writer the caller chose, e.g. :func:`reslab.report.build.build_report`).
@@ -101,7 +106,8 @@ def run_grid(
     over and resumed. ``threads`` per job defaults to the cores this process may use shared by
     the jobs; a launcher passes what its engine allotted (Ray does not narrow the affinity).
     The report is written by the process that finds the grid finished
-    with no other worker still training.
+    with no other worker still training. ``pack``: runs per packed model (an integer, or
+    ``"auto"``: :func:`reslab.study.packing.resolve_pack`).
 
     Settings errors (unknown technique, missing dataset, a results folder made with other
     settings) raise :class:`UsageError` before any training starts.
@@ -126,11 +132,16 @@ def run_grid(
     n_train, n_eval = image_counts(settings, ds)
     est = Estimator(grid, timing, n_train, n_eval, jobs)
     sched = Scheduler(grid, results, claims, est, jobs, shard, prog, t0)
+    size, note = resolve_pack(grid, pack, pick_device(str(grid.train.get("device") or "auto")), ds)
+    if note:
+        prog.line(note)
     total_s, words = estimate_lines(grid, est, sched.outcomes, jobs)
     prog.line(
         f"compare: {len(sched.cells)} cells at most, {len(sched.skipped)} already finished"
         + (f" (shard {shard[0]}/{shard[1]})" if shard else "")
-        + f"; {jobs} job(s) x {threads} thread(s); {words}; results in {results}"
+        + f"; {jobs} job(s) x {threads} thread(s)"
+        + (f", packs of up to {size} runs" if size > 1 else "")
+        + f"; {words}; results in {results}"
     )
     if total_s > LONG_RUN_S and not str(settings.get("device", "cpu")).startswith("cuda") and not _has_cuda():
         prog.line(
@@ -140,9 +151,9 @@ def run_grid(
         )
     try:
         if jobs == 1:
-            _run_serial(sched, threads, lease_s)
+            _run_serial(sched, threads, lease_s, size)
         else:
-            _run_parallel(sched, threads, lease_s)
+            _run_parallel(sched, threads, lease_s, size)
     finally:
         prog.close()
     res = CompareResult(
@@ -160,58 +171,74 @@ def run_grid(
     return res
 
 
-def _run_serial(sched: Scheduler, threads: int, lease_s: float) -> None:
-    """One cell at a time in this process."""
+def _run_serial(sched: Scheduler, threads: int, lease_s: float, pack: int = 1) -> None:
+    """One cell, or one pack of cells, at a time in this process."""
     while True:
         sched.sync()  # other workers' results change what is needed (sequential grids)
-        cand = sched.next_cells(set())
-        if not cand:
+        packs = sched.next_packs(set(), pack)
+        if not packs:
             if sched.wait_for_others(set()):
                 continue
             return
-        cell = cand[0]
+        cells = packs[0]
         sched.refresh()
         try:
-            run = claim_and_run(sched.grid, cell, sched.results, threads, lease_s, lambda _row: sched.refresh())
+            done = claim_and_run_pack(sched.grid, cells, sched.results, threads, lease_s, lambda _row: sched.refresh())
         except KeyboardInterrupt:
             raise
-        except Exception as e:  # noqa: BLE001 - one broken run must not stop the grid
-            sched.finished(cell, None, e)
+        except Exception as e:  # noqa: BLE001 - one broken run (or pack) must not stop the grid
+            for cell in cells:
+                sched.finished(cell, None, e)
         else:
-            sched.finished(cell, run, None)
-            if run.kind == "held":
-                sched.sync()
+            _record(sched, done)
 
 
-def _run_parallel(sched: Scheduler, threads: int, lease_s: float) -> None:
-    """Keep ``jobs`` worker processes busy with the cells the scheduler asks for, until it asks
-    for none and none is running here or elsewhere. One pool serves every round of a
-    sequential grid; a worker that dies fails only its cell, which is then taken over."""
+def _record(sched: Scheduler, done: list[tuple[Any, Any]]) -> None:
+    for cell, run in done:
+        sched.finished(cell, run, None)
+    if any(run.kind == "held" for _, run in done):
+        sched.sync()
+
+
+def _run_parallel(sched: Scheduler, threads: int, lease_s: float, pack: int = 1) -> None:
+    """Keep ``jobs`` worker processes busy with the cells (or packs of cells) the scheduler asks
+    for, until it asks for none and none is running here or elsewhere. One pool serves every
+    round of a sequential grid; a worker that dies fails only its cells, which are then taken
+    over."""
     pool = WorkerPool(sched.jobs, _worker_init, (threads,), env_for=_gpu_env(sched.grid, sched.jobs))
     stopping: KeyboardInterrupt | None = None
     try:
         last, synced = 0.0, 0
         while True:
-            busy = set(pool.running())
-            # Hand out only as many cells as there are free workers: nothing waits in a queue,
+            busy = {c for cells in pool.running() for c in cells}
+            # Hand out only as many packs as there are free workers: nothing waits in a queue,
             # so after Ctrl-C no new run starts, and each hand-out sees the latest decisions.
             if pool.free():
-                for cell in sched.next_cells(busy)[: pool.free()]:
-                    pool.submit(cell, claim_and_run, sched.grid, cell, sched.results, threads, lease_s)
+                for cells in sched.next_packs(busy, pack)[: pool.free()]:
+                    tag = tuple(cells)
+                    pool.submit(tag, claim_and_run_pack, sched.grid, cells, sched.results, threads, lease_s)
             if not pool.running():
                 if sched.wait_for_others(set()):
                     continue
                 return
             for done in pool.wait(timeout=0.5):
                 if isinstance(done.error, WorkerDied | WorkerStopped):
-                    # killed, or stopped by a signal sent to it alone: its claim ends with it, and
-                    # the cell is claimed again, and resumed from its checkpoint, next round
+                    # killed, or stopped by a signal sent to it alone: its claims end with it, and
+                    # its cells are claimed again, and resumed from their checkpoints, next round
                     why = done.error if isinstance(done.error, WorkerDied) else f"worker {done.error}"
-                    sched.prog.line(f"{done.tag.name}: {why}; its run is resumed from its checkpoint")
+                    names = ", ".join(c.name for c in done.tag)
+                    what = (
+                        "its run is resumed from its checkpoint"
+                        if len(done.tag) == 1
+                        else "their runs are resumed from their checkpoints"
+                    )
+                    sched.prog.line(f"{names}: {why}; {what}")
                     continue
-                sched.finished(done.tag, done.value, done.error)
-                if done.value is not None and done.value.kind == "held":
-                    sched.sync()
+                if done.error is not None:
+                    for cell in done.tag:
+                        sched.finished(cell, None, done.error)
+                else:
+                    _record(sched, done.value)
             if time.perf_counter() - last > 1.0:
                 last = time.perf_counter()
                 synced += 1

@@ -147,6 +147,21 @@ class Scheduler:
             cand = fits
         return cand
 
+    def next_packs(self, busy: set[Cell], size: int) -> list[list[Cell]]:
+        """:meth:`next_cells` gathered into packs of at most ``size`` cells of one model and
+        technique (distinct seeds: what one packed model trains), best first; with ``size`` 1,
+        one cell each."""
+        packs: list[list[Cell]] = []
+        open_pack: dict[tuple[str, str], list[Cell]] = {}
+        for c in self.next_cells(busy):
+            key = (c.model, c.technique)
+            p = open_pack.get(key)
+            if p is None or len(p) >= size:
+                p = open_pack[key] = []
+                packs.append(p)
+            p.append(c)
+        return packs
+
     def held_elsewhere(self, busy: set[Cell]) -> list[Cell]:
         """Needed cells that other live workers are training (wait for them, unless out of budget)."""
         if self.budget_spent:

@@ -122,6 +122,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", "-o", help="results folder (default: results/PRESET or results/compare)")
     parser.add_argument("--jobs", "-j", type=int, help="runs trained at once, in processes (cores are shared)")
     parser.add_argument(
+        "--pack",
+        metavar="K",
+        help="train up to K seeds of one model and technique in a process as one packed model (each run keeps "
+        "its own folder and results), or 'auto': 1 on the CPU, on a GPU the size a short probe of packed steps "
+        "finds fastest (the default)",
+    )
+    parser.add_argument(
         "--shard", metavar="I/N", help="train only the I-th of N parts of the grid (balanced by estimated time)"
     )
     parser.add_argument(
@@ -232,6 +239,7 @@ def _resources(args: argparse.Namespace) -> Any:
     res = launch.Resources(
         workers=args.workers,
         jobs=jobs,
+        pack=args.pack,
         cpus_per_task=args.cpus_per_task,
         gpus_per_task=args.gpus_per_task,
         retries=3 if args.retries is None else args.retries,
@@ -389,6 +397,10 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     grid, jobs, out = build_grid(args)
     shard = parse_shard(args.shard)
+    from reslab.study.packing import check_pack_option, parse_pack
+
+    args.pack = parse_pack(args.pack)
+    check_pack_option(grid, args.pack)
     launcher = _resources(args)
     # every usage error before the header: each run's settings, the results folder, and for a
     # launcher its engine (installed, reachable) and the folder as its workers see it
@@ -448,6 +460,7 @@ def _run(
                 grid,
                 out,
                 jobs=jobs,
+                pack=args.pack,
                 shard=shard,
                 progress=progress,
                 report=None if args.no_report else build_report,

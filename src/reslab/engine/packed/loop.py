@@ -81,8 +81,8 @@ def train_pack(
     configs: Sequence[TrainConfig],
     out_dirs: Sequence[str | Path],
     *,
-    resume: bool = False,
-    overwrite: bool = False,
+    resume: bool | Sequence[bool] = False,
+    overwrite: bool | Sequence[bool] = False,
     progress: bool | None = None,
     loss_hook: LossHook | None = None,
 ) -> list[dict[str, Any]]:
@@ -91,9 +91,9 @@ def train_pack(
 
     Every run folder is the one :func:`reslab.engine.train.train` writes, its config
     recording the pack (``pack: {size, index, members, seeds}``). ``resume``/``overwrite``
-    apply to each folder as in ``train``. A technique that cannot be mapped by ``vmap``
-    (:func:`~reslab.engine.packed.check.packable`) is said so on stderr and its runs train
-    one after another with ``train``. ``progress``: ``False`` = silent, otherwise one line
+    apply to each folder as in ``train`` (one flag for all, or one per run). A technique that
+    cannot be mapped by ``vmap`` (:func:`~reslab.engine.packed.check.packable`) is said so on
+    stderr and its runs train one after another with ``train``. ``progress``: ``False`` = silent, otherwise one line
     per epoch of the pack.
     """
     from reslab.engine.train import train
@@ -101,6 +101,7 @@ def train_pack(
     configs = [c.ensure_valid() for c in configs]
     outs = [Path(o) for o in out_dirs]
     check_pack(configs, outs)
+    resumes, overwrites = _per_run(resume, len(outs), "resume"), _per_run(overwrite, len(outs), "overwrite")
     say = Progress("pack", enabled=progress is not False, bar=False)
     d = setup_distributed(device_name(configs[0].device))
     if d.enabled:
@@ -111,9 +112,10 @@ def train_pack(
     if why:
         say.line(f"technique {configs[0].technique!r} cannot train packed ({why}); training its runs one at a time")
         return [
-            train(c, o, resume=resume, overwrite=overwrite, progress=False) for c, o in zip(configs, outs, strict=True)
+            train(c, o, resume=r, overwrite=w, progress=False)
+            for c, o, r, w in zip(configs, outs, resumes, overwrites, strict=True)
         ]
-    plans = [runs.plan_run(o, c, resume, overwrite) for c, o in zip(configs, outs, strict=True)]
+    plans = [runs.plan_run(o, c, r, w) for c, o, r, w in zip(configs, outs, resumes, overwrites, strict=True)]
     device = resolve_device(configs[0], d)
     names, seeds = [o.name for o in outs], [c.seed for c in configs]
     members: list[Member] = []
@@ -146,6 +148,15 @@ def train_pack(
         _run(members, say, loss_hook)
     by_out = {m.out: m.summary for m in members}
     return [finished[i] if i in finished else by_out[o] for i, o in enumerate(outs)]
+
+
+def _per_run(flag: bool | Sequence[bool], n: int, name: str) -> list[bool]:
+    if isinstance(flag, bool):
+        return [flag] * n
+    flags = [bool(f) for f in flag]
+    if len(flags) != n:
+        raise UsageError(f"{name} needs one flag per run of the pack ({n}), got {len(flags)}")
+    return flags
 
 
 def _run(members: list[Member], say: Progress, loss_hook: LossHook | None) -> None:

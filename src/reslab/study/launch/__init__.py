@@ -129,6 +129,7 @@ class Session:
             grid=dataclasses.asdict(grid),
             out=str(results),
             jobs=res.jobs,
+            pack=res.pack,
             shard=shard,
             report=report,
             probe_init=probe_init,

@@ -41,6 +41,8 @@ class Resources:
     #: None: :func:`default_workers`, and on Ray at most what the cluster can run at once
     workers: int | None = None
     jobs: int = 1
+    #: runs per packed model in each worker (an integer, or "auto")
+    pack: int | str = "auto"
     cpus_per_task: int | None = None
     gpus_per_task: int | None = None
     retries: int = 3
@@ -87,6 +89,7 @@ class WorkerTask:
     grid: dict[str, Any]
     out: str
     jobs: int = 1
+    pack: int | str = "auto"
     shard: tuple[int, int] | None = None
     #: the report writer (a module-level function: engines pickle it by reference), or None
     report: Callable[[Path], Any] | None = None
@@ -114,6 +117,7 @@ class WorkerTask:
                     Grid(**self.grid),
                     self.out,
                     jobs=self.jobs,
+                    pack=self.pack,
                     shard=self.shard,
                     progress=False,
                     report=self.report,

@@ -1,0 +1,171 @@
+"""How many runs one ``compare`` process trains as one packed model (``--pack K|auto``).
+
+A pack holds runs of one model and technique that differ only in their seed
+(:mod:`reslab.engine.packed`), so it is never larger than the seeds a grid needs at once:
+all of them for fixed seeds, the first look's for a sequential grid (later looks add
+``step`` seeds each). Packing changes where a run trains, never what it computes: the
+results are the runs trained alone, to rounding, and the sequential plan and its error rate
+are the same with or without packs.
+
+``auto`` is 1 on the CPU, where packing measured 0.84-1.4x and is not worth its memory. On a
+GPU it is the largest pack, in powers of two up to the seeds needed at once, that still
+speeds training up by at least :data:`AUTO_GAIN` per doubling in a short probe of packed
+steps on the grid's own device (and fits in its memory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import torch
+
+from reslab.engine.config import TrainConfig
+from reslab.errors import UsageError
+from reslab.study.grid import Grid
+
+#: a doubling of the pack must raise throughput by at least this factor to be taken
+AUTO_GAIN = 1.15
+#: timed packed steps per pack size in the probe (after one warm-up step)
+PROBE_STEPS = 3
+
+
+def parse_pack(text: str | int | None) -> int | str:
+    """``--pack``: a positive integer or ``auto`` (the default, None); anything else is a
+    :class:`UsageError`."""
+    if text is None:
+        return "auto"
+    if isinstance(text, int):
+        value = text
+    elif str(text).strip().lower() == "auto":
+        return "auto"
+    else:
+        try:
+            value = int(str(text))
+        except ValueError:
+            raise UsageError(f"--pack must be a positive number of runs or 'auto', got {text!r}") from None
+    if value < 1:
+        raise UsageError(f"--pack must be at least 1, got {value}")
+    return value
+
+
+def seeds_at_once(grid: Grid) -> int:
+    """The most seeds of one model and technique the grid needs at the same time."""
+    plan = grid.plan()
+    return min(plan.min_seeds, len(grid.seeds)) if plan else len(grid.seeds)
+
+
+def refusal(cfg: TrainConfig) -> str:
+    """Why runs with these settings cannot train packed ("" when they can)."""
+    if cfg.compile:
+        return "a pack does not torch.compile its model (drop compile)"
+    if cfg.probe_every:
+        return "the gradient-norm probe is not recorded in a pack (--probe-every 0, or --set probe_every=0)"
+    return ""
+
+
+def check_pack_option(grid: Grid, pack: int | str) -> None:
+    """A :class:`UsageError` when ``--pack K`` (K > 1) asks for packs these settings cannot
+    train: said before any work starts, not after the measurements."""
+    if pack not in (1, "auto") and (why := refusal(grid.config(grid.cells()[0]))):
+        raise UsageError(f"--pack {pack}: {why}; or leave --pack out to train every run alone")
+
+
+def resolve_pack(grid: Grid, pack: int | str, device: torch.device, ds: Any) -> tuple[int, str]:
+    """The pack size this process uses, and a line saying why when it is not what was asked
+    ("" otherwise). An explicit size the settings cannot pack is a :class:`UsageError`."""
+    cfg = grid.config(grid.cells()[0])
+    at_once = seeds_at_once(grid)
+    if pack == 1:
+        return 1, ""
+    why = refusal(cfg)
+    if pack == "auto":
+        if device.type == "cpu" or at_once == 1:
+            return 1, ""
+        if why:
+            return 1, f"compare: --pack auto: {why}, so every run trains alone"
+        k = choose_pack(cfg, ds, device, at_once)
+        return k, f"compare: --pack auto chose packs of {k} runs on {device} (a probe of packed steps)"
+    check_pack_option(grid, pack)
+    k = int(pack)
+    if k > at_once:
+        return at_once, (
+            f"compare: --pack {k}: a pack holds seeds of one model and technique, and this grid needs at most "
+            f"{at_once} at once, so packs hold {at_once} runs"
+        )
+    return k, ""
+
+
+def choose_pack(cfg: TrainConfig, ds: Any, device: torch.device, max_k: int) -> int:
+    """The largest pack size (1, 2, 4, ... and ``max_k``) whose packed training steps on
+    ``device`` run at least :data:`AUTO_GAIN` times the throughput of the size before it,
+    stopping at the first size that does not, or that runs out of memory."""
+    sizes = sorted(({1 << i for i in range(1, max_k.bit_length())} | {max_k}) - {1})
+    best_k, best_rate = 1, packed_rate(cfg, ds, device, 1)
+    for k in sizes:
+        try:
+            rate = packed_rate(cfg, ds, device, k)
+        except torch.OutOfMemoryError:
+            break
+        finally:
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if rate < AUTO_GAIN * best_rate:
+            break
+        best_k, best_rate = k, rate
+    return best_k
+
+
+def packed_rate(cfg: TrainConfig, ds: Any, device: torch.device, k: int) -> float:
+    """Images per second of ``k`` runs trained as one pack on ``device`` (random images of the
+    dataset's shape, the grid's batch size and precision), over :data:`PROBE_STEPS` steps."""
+    from reslab.engine.build import autocast_for, build_run_model, resolve_config
+    from reslab.engine.packed.stack import PackedModel
+
+    # one process, no channels_last (the packed convolutions take 5-d input), as train_pack does
+    cfg = dataclasses.replace(resolve_config(cfg, ds, device), channels_last=False)
+    autocast = autocast_for(cfg, device)
+    state = torch.random.get_rng_state()
+    try:
+        models, opts = [], []
+        for _ in range(k):
+            m, _ = build_run_model(cfg, ds, load_init_weights=False)
+            m = m.to(device)
+            models.append(m)
+            opts.append(torch.optim.SGD(m.parameters(), lr=cfg.lr))
+        pack = PackedModel(models, opts, cfg.weight_decay, cfg.momentum, cfg.nesterov, cfg.lr)
+        c, h, w = ds.input_size
+        x = torch.randn(k, cfg.batch_size, c, h, w, device=device)
+        y = torch.randint(0, ds.num_classes, (k, cfg.batch_size), device=device)
+
+        def step() -> None:
+            with autocast():
+                losses, _ = pack.train_losses(x, y, 0.0)
+            losses.sum().backward()
+            pack.step()
+            pack.optimizer.zero_grad(set_to_none=True)
+
+        step()  # warm-up: kernel selection and allocation
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(PROBE_STEPS):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return k * cfg.batch_size * PROBE_STEPS / (time.perf_counter() - t0)
+    finally:
+        torch.random.set_rng_state(state)
+
+
+__all__ = [
+    "AUTO_GAIN",
+    "check_pack_option",
+    "choose_pack",
+    "packed_rate",
+    "parse_pack",
+    "refusal",
+    "resolve_pack",
+    "seeds_at_once",
+]
