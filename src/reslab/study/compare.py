@@ -147,7 +147,7 @@ def run_grid(
         prog.line(
             f"compare: note: this grid is estimated at {fmt_duration(total_s)} on this CPU (over 30 minutes); "
             "Ctrl-C stops it at any time and the same command resumes it; '--preset quick' asks the same "
-            "question in 4 to 5 minutes"
+            "question in 2 to 5 minutes"
         )
     try:
         if jobs == 1:

@@ -3,7 +3,7 @@ worse or equivalent (within a margin), with intervals that stay honest at a few 
 
 With no options it runs the 'quick' preset: baseline, scale, norm and fusion on a shallow
 ResNet-8 and a deep ResNet-56 (quarter width, a Fashion-MNIST subset, 2 epochs), adding seeds
-(4 to 6) until each technique is decided, in 4 to 5 minutes on a 2-core CPU. '--preset
+(4 to 6) until each technique is decided, in 2 to 5 minutes on a 2-core CPU. '--preset
 paper' runs resnet20/56/110 with every technique on full data (for a GPU). Any grid or
 training option without --preset starts a custom grid from the training engine's defaults
 (resnet20, full data, fixed seeds); '--preset quick --epochs 3' changes one setting of a
