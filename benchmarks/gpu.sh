@@ -50,5 +50,16 @@ step pack-speed "$PYTHON" benchmarks/pack_speed.py --device cuda --width 1 --rou
   --configs resnet56:4:512,resnet56:16:512,resnet20:8:128,resnet20:32:128
 # the default comparison on the GPU, one process, timed end to end
 step quick-preset "$PYTHON" -m reslab compare --preset quick --device cuda --jobs 1 --out "$out/quick-preset" --quiet
+# a grid of 16 resnet56 runs (one technique, 16 seeds: one pack) end to end, packed against one
+# run at a time, the same card in the same call (compare --pack; issue 19)
+grid16=(--models resnet56 --techniques baseline --seeds 16 --no-until-decided --width 1 --epochs 1
+  --train-subset 8192 --batch-size 512 --device cuda --no-probe --quiet)
+step grid16-alone "$PYTHON" -m reslab compare "${grid16[@]}" --pack 1 --out "$out/grid16-alone"
+step grid16-packed "$PYTHON" -m reslab compare "${grid16[@]}" --pack 16 --out "$out/grid16-packed"
+# the deep study at realistic length: resnet56, full width, all the training images, 5 epochs,
+# 3 seeds, every article technique; its report is the project's evidence (docs/evidence/)
+step deep-study "$PYTHON" -m reslab compare --models resnet56 --techniques scale,norm,fusion --seeds 3 \
+  --no-until-decided --width 1 --epochs 5 --batch-size 512 --device cuda --pack auto --quiet --out "$out/deep-study"
+mkdir -p "$out/evidence" && cp "$out/deep-study/"{report.md,decisions.json,summary.csv,grid.json} "$out/evidence/" 2>/dev/null
 echo "figures in $out"
 exit "$tests_rc"

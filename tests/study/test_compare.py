@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from grids import tiny_args, wait_for
 from patience import HANG_S
@@ -210,6 +211,12 @@ def test_results_folder_with_other_settings_is_refused(tmp_path: Path) -> None:
         (["--models", "resnet9"], "unknown model"),
         (["--epochs", "0"], "epochs must be at least 1"),
         (["--shard", "3/2"], "--shard must be i/n"),
+        # once written only after the init probe and into the timing pass
+        pytest.param(
+            ["--device", "cuda"],
+            "device cuda was asked for but no CUDA GPU is available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible here"),
+        ),
     ],
 )
 def test_usage_errors_are_one_line(

@@ -410,6 +410,11 @@ def run(args: argparse.Namespace) -> int:
         grid.config(cell)
     if jobs is not None and jobs < 1:
         raise UsageError(f"--jobs must be at least 1, got {jobs}")
+    if launcher is None:
+        # the device must exist here (a launcher's workers run elsewhere, on their own devices)
+        from reslab.engine.devices import pick_device
+
+        pick_device(str(grid.train.get("device") or "auto"))
     check_results(Path(out), grid)
     session = None
     if launcher is not None:
