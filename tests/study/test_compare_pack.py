@@ -166,3 +166,37 @@ def test_pack_sizes_resolve_from_the_grid_and_the_device() -> None:
     cfg = grid.config(grid.cells()[0], threads=1)
     assert packed_rate(cfg, ds, cpu, 2) > 0
     assert choose_pack(cfg, ds, cpu, 2) in (1, 2)
+
+
+def test_a_pack_that_fails_fails_its_runs_not_the_cells_held_elsewhere(tmp_path: Path, monkeypatch) -> None:
+    """A pack's training raising fails the runs it trained, with the error in one line; a cell of
+    the pack that another worker holds stays that worker's (it was never this pack's)."""
+    from reslab.study import cells as cells_mod
+    from reslab.study.claims import Claims
+    from reslab.study.results import CLAIMS_DIR, FAILED_DIR, Cell
+
+    grid = Grid(["resnet8"], ["baseline"], [0, 1, 2], {"epochs": 1, "width": 0.25, "train_subset": 256})
+    results = tmp_path / "res"
+    (results / RUNS_DIR).mkdir(parents=True)
+    held = Claims(results / CLAIMS_DIR).try_claim("resnet8-baseline-s1")  # another worker's claim
+    assert held is not None
+
+    def boom(grid, cells, results, threads):
+        raise RuntimeError("CUDA out of memory\n(a second line the record leaves out)")
+
+    monkeypatch.setattr(cells_mod, "run_pack", boom)
+    cells = [Cell("resnet8", "baseline", s) for s in (0, 1, 2)]
+    done = dict(cells_mod.claim_and_run_pack(grid, cells, results, threads=1))
+    assert done[cells[1]].kind == "held"
+    for c in (cells[0], cells[2]):
+        assert done[c].kind == "failed" and done[c].error == "RuntimeError: CUDA out of memory"
+        cells_mod.record_failure(results, c, done[c].error)
+    assert sorted(p.name for p in (results / FAILED_DIR).iterdir()) == [
+        "resnet8-baseline-s0.json",
+        "resnet8-baseline-s2.json",
+    ]
+    assert json.loads((results / FAILED_DIR / "resnet8-baseline-s0.json").read_text())["error"] == (
+        "RuntimeError: CUDA out of memory"
+    )
+    # the failed pack's claims are released; the held one is still its holder's
+    assert set(Claims(results / CLAIMS_DIR).active()) == {"resnet8-baseline-s1"}

@@ -103,13 +103,16 @@ class CellRun:
     """What became of one attempt at a cell.
 
     ``kind``: ``trained`` (by this worker; ``summary`` is its result), ``finished`` (found
-    finished by another worker; its summary), ``held`` (another live worker holds it), or
+    finished by another worker; its summary), ``held`` (another live worker holds it),
     ``lost`` (this worker's claim was taken over while it trained: it had stalled for longer
-    than the lease, and the taker resumes the run).
+    than the lease, and the taker resumes the run), or ``failed`` (its pack's training raised
+    ``error``; the pack's other cells keep their own outcomes).
     """
 
     kind: str
     summary: dict[str, Any] | None = None
+    #: for ``failed`` (a cell of a pack whose training raised): the error, one line
+    error: str | None = None
 
 
 def append_start(run_dir: Path, resumed: bool) -> None:
@@ -206,10 +209,15 @@ def claim_and_run_pack(
                 for c in group:
                     run_dir = results / RUNS_DIR / c.name
                     append_start(run_dir, (run_dir / "checkpoint" / "latest.json").is_file())
-                if len(group) == 1:
-                    summaries = [run_cell(grid, group[0], results, threads, on_epoch)]
-                else:
-                    summaries = run_pack(grid, group, results, threads)
+                try:
+                    if len(group) == 1:
+                        summaries = [run_cell(grid, group[0], results, threads, on_epoch)]
+                    else:
+                        summaries = run_pack(grid, group, results, threads)
+                except Exception as e:  # noqa: BLE001 - fails the runs it trained, not the cells held elsewhere
+                    for c in group:
+                        outcome[c] = CellRun("failed", error=error_line(e))
+                    continue
                 for c, summary in zip(group, summaries, strict=True):
                     outcome[c] = CellRun("trained", summary)
     except KeyboardInterrupt:
@@ -222,7 +230,13 @@ def claim_and_run_pack(
     return [(c, outcome[c]) for c in cells]
 
 
-def record_failure(results: Path, cell: Cell, error: BaseException) -> None:
-    msg = f"{type(error).__name__}: {error}".strip().splitlines()[0]
+def error_line(error: BaseException) -> str:
+    """An error as one line: its type and the first line of its message."""
+    return (f"{type(error).__name__}: {error}".strip().splitlines() or [type(error).__name__])[0]
+
+
+def record_failure(results: Path, cell: Cell, error: BaseException | str) -> None:
+    """``failed/NAME.json`` for a cell whose training raised ``error`` (or its :func:`error_line`)."""
+    msg = error if isinstance(error, str) else error_line(error)
     payload = {"model": cell.model, "technique": cell.technique, "seed": cell.seed, "error": msg}
     atomic_write_text(results / FAILED_DIR / f"{cell.name}.json", json.dumps(payload) + "\n")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from reslab.progress import Progress
-from reslab.study.cells import CellRun, record_failure
+from reslab.study.cells import CellRun, error_line, record_failure
 from reslab.study.claims import Claims, describe
 from reslab.study.estimate import Estimator, estimate_lines, fmt_duration
 from reslab.study.grid import Grid, shard_cells
@@ -170,12 +170,13 @@ class Scheduler:
         return [c for c in self.needed() if c not in busy and c.name in held]
 
     def finished(self, cell: Cell, run: CellRun | None, error: BaseException | None) -> None:
-        if error is not None:
+        if error is not None or (run is not None and run.kind == "failed"):
+            msg = error_line(error) if error is not None else str(run.error if run else "")
             self.done_s += self.est.seconds(cell) / self.jobs
             self.failed.append(cell)
             self.outcomes.status[cell] = "failed"
-            record_failure(self.results, cell, error)
-            self.prog.line(f"{cell.name}: FAILED ({type(error).__name__}: {error}); the grid goes on")
+            record_failure(self.results, cell, msg)
+            self.prog.line(f"{cell.name}: FAILED ({msg}); the grid goes on")
             return
         assert run is not None
         if run.kind == "lost":
