@@ -87,6 +87,15 @@ def restore(
     )
 
 
+def checkpoint_epoch(out: Path) -> int:
+    """The epoch ``out``'s latest checkpoint stands at, from ``checkpoint/latest.json`` (0 when
+    there is none or it is unreadable: such a run starts again)."""
+    try:
+        return int(json.loads((out / "checkpoint" / "latest.json").read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def save_checkpoint(out: Path, e: Engine, state: RunState, epoch: int) -> None:
     """Write epoch ``epoch``'s weights and state under new names, then point latest.json
     at them, then remove older ones: a kill at any moment leaves latest.json naming a

@@ -55,15 +55,6 @@ def _start_flags(run_dir: Path) -> tuple[bool, bool]:
     return resume, not resume and state is not None
 
 
-def checkpoint_epoch(run_dir: Path) -> int:
-    """The epoch a run's latest checkpoint stands at (0 when it has none, or an unreadable one:
-    such a run starts again)."""
-    try:
-        return int(json.loads((run_dir / "checkpoint" / "latest.json").read_text())["epoch"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
-
-
 def run_cell(
     grid: Grid,
     cell: Cell,
@@ -130,6 +121,19 @@ def append_start(run_dir: Path, resumed: bool) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def _stop_when_lost(lost: threading.Event) -> Callable[[], None]:
+    """What a lease calls when another worker took its claim over: set ``lost`` and stop the
+    training at the next step boundary, like Ctrl-C (through SIGTERM when it is handled: a
+    worker started from a non-interactive shell may ignore SIGINT)."""
+
+    def on_lost() -> None:
+        lost.set()
+        term = callable(signal.getsignal(signal.SIGTERM))
+        _thread.interrupt_main(signal.SIGTERM if term else signal.SIGINT)
+
+    return on_lost
+
+
 def claim_and_run(
     grid: Grid,
     cell: Cell,
@@ -145,16 +149,8 @@ def claim_and_run(
         return CellRun("held")
     run_dir = results / RUNS_DIR / cell.name
     lost = threading.Event()
-
-    def on_lost() -> None:
-        lost.set()
-        # stop at the next step boundary, like Ctrl-C (through SIGTERM when it is handled:
-        # a worker started from a non-interactive shell may ignore SIGINT)
-        term = callable(signal.getsignal(signal.SIGTERM))
-        _thread.interrupt_main(signal.SIGTERM if term else signal.SIGINT)
-
     try:
-        with lease.renewed(on_lost):
+        with lease.renewed(_stop_when_lost(lost)):
             if run_state(run_dir) in FINISHED:
                 return CellRun("finished", read_summary(run_dir))
             append_start(run_dir, (run_dir / "checkpoint" / "latest.json").is_file())
@@ -178,6 +174,8 @@ def claim_and_run_pack(
     one :class:`CellRun` per cell, in order. A single cell is :func:`claim_and_run`."""
     if len(cells) == 1:
         return [(cells[0], claim_and_run(grid, cells[0], results, threads, lease_s, on_epoch))]
+    from reslab.engine.checkpoint import checkpoint_epoch  # torch: only where training starts
+
     claims = Claims(results / CLAIMS_DIR, lease_s)
     outcome: dict[Cell, CellRun] = {}
     leases = []
@@ -188,12 +186,7 @@ def claim_and_run_pack(
         else:
             leases.append((c, lease))
     lost = threading.Event()
-
-    def on_lost() -> None:
-        lost.set()
-        term = callable(signal.getsignal(signal.SIGTERM))
-        _thread.interrupt_main(signal.SIGTERM if term else signal.SIGINT)
-
+    on_lost = _stop_when_lost(lost)
     try:
         with contextlib.ExitStack() as stack:
             for _, lease in leases:
