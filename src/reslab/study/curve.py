@@ -82,13 +82,16 @@ def rise_over_last(run: RunData, fraction: float = 0.25) -> float:
     """Validation accuracy gained over the last ``fraction`` of the run's training: its last
     evaluation minus the curve's value at ``(1 - fraction)`` of the epochs trained. nan when
     the run did not complete or has no evaluation after that point."""
-    if run.status != "completed":
-        return math.nan
-    curve = val_curve(run)
+    return curve_rise(val_curve(run), fraction) if run.status == "completed" else math.nan
+
+
+def curve_rise(curve: list[tuple[float, float]], fraction: float = 0.25) -> float:
+    """:func:`rise_over_last` of a curve :func:`val_curve` already read (nan without an
+    evaluation)."""
     if len(curve) < 2:
         return math.nan
     end_e, end_a = curve[-1]
     return end_a - acc_at(curve, (1.0 - fraction) * end_e)
 
 
-__all__ = ["acc_at", "epochs_to_target", "rise_over_last", "seconds_at", "val_curve"]
+__all__ = ["acc_at", "curve_rise", "epochs_to_target", "rise_over_last", "seconds_at", "val_curve"]

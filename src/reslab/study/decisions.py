@@ -224,12 +224,8 @@ def decide(
             if t == BASELINE:
                 continue
             pairs = seed_pairs(status, values, m, t, seeds)
-            d = _decide_one(
-                grid, runs, timing, pairs, chance, error_rate, n_rows, seeds, m, t, targets.get(m, math.nan)
-            )
-            d.regime = (regimes or {}).get(m)
-            d.recommendation = recommend(d)
-            out.append(d)
+            target, regime = targets.get(m, math.nan), (regimes or {}).get(m)
+            out.append(_decide_one(grid, runs, timing, pairs, chance, error_rate, n_rows, seeds, m, t, target, regime))
     return out
 
 
@@ -253,6 +249,7 @@ def _decide_one(
     model: str,
     tech: str,
     target: float,
+    regime: Regime | None,
 ) -> Decision:
     avail = _available(pairs)
     plan, sequential = _plan(grid, avail)
@@ -304,6 +301,7 @@ def _decide_one(
         params_ratio=_ratio(mine, base, "params"),
         flops_ratio=_ratio(mine, base, "flops"),
         step=step_ratio(timing, model, tech),
+        regime=regime,
     )
     true_div = sum(p.tech_diverged and not p.base_diverged for p in pairs[:avail])
     d.failure_word = "diverged" if true_div == d.diverged else "diverged or stayed at chance level"

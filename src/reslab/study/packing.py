@@ -75,15 +75,14 @@ def check_pack_option(grid: Grid, pack: int | str) -> None:
 def resolve_pack(grid: Grid, pack: int | str, device: torch.device, ds: Any) -> tuple[int, str]:
     """The pack size this process uses, and a line saying why when it is not what was asked
     ("" otherwise). An explicit size the settings cannot pack is a :class:`UsageError`."""
-    cfg = grid.config(grid.cells()[0])
     at_once = seeds_at_once(grid)
     if pack == 1:
         return 1, ""
-    why = refusal(cfg)
     if pack == "auto":
         if device.type == "cpu" or at_once == 1:
             return 1, ""
-        if why:
+        cfg = grid.config(grid.cells()[0])
+        if why := refusal(cfg):
             return 1, f"compare: --pack auto: {why}, so every run trains alone"
         k = choose_pack(cfg, ds, device, at_once)
         return k, f"compare: --pack auto chose packs of {k} runs on {device} (a probe of packed steps)"

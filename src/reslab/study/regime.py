@@ -25,7 +25,7 @@ import numpy as np
 from scipy import stats as sps
 
 from reslab.errors import UsageError
-from reslab.study.curve import rise_over_last, val_curve
+from reslab.study.curve import curve_rise, val_curve
 from reslab.study.results import BASELINE, Cell, RunData, read_run
 
 #: the share of training whose rise is measured
@@ -132,7 +132,7 @@ def read_reference(path: str | Path) -> Reference:
     if run.status != "completed":
         raise UsageError(f"--reference {p}: the run is {run.status}, not completed; finish it or give another run")
     curve = val_curve(run)
-    return Reference(p, run.cell.model, curve[-1][0], curve[-1][1], rise_over_last(run, LAST))
+    return Reference(p, run.cell.model, curve[-1][0], curve[-1][1], curve_rise(curve, LAST))
 
 
 def regimes(
@@ -151,12 +151,13 @@ def regimes(
     out = {}
     for m in models:
         base = [r for c, r in sorted(runs.items()) if c.model == m and c.technique == BASELINE]
-        done = [r for r in base if r.status == "completed" and len(val_curve(r)) > 1]
-        rises = np.array([rise_over_last(r, LAST) for r in done], dtype=float)
+        done = [r for r in base if r.status == "completed"]
+        curves = [c for r in done if len(c := val_curve(r)) > 1]  # each run's curve, read once
+        rises = np.array([curve_rise(c, LAST) for c in curves], dtype=float)
         rises = rises[np.isfinite(rises)]
-        ends = [val_curve(r)[-1][1] for r in done]
+        ends = [c[-1][1] for c in curves]
         planned = float((base[0].config.get("epochs") if base else 0) or 0)
-        epochs = max((val_curve(r)[-1][0] for r in done), default=planned)
+        epochs = max((c[-1][0] for c in curves), default=planned)
         steps = next((int(s) for r in done if r.evals and isinstance(s := r.evals[-1].get("step"), int)), None)
         low = high = math.nan
         if len(rises) >= 2:
