@@ -30,6 +30,14 @@ from torch.func import functional_call, stack_module_state, vmap
 from reslab.engine.optim import param_groups
 
 
+def _norm_in_fp32(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
+    """BatchNorm of a pack takes fp32 input under autocast: ``vmap``'s batching rule of batch
+    norm calls the kernel in a form whose CUDA version refuses bf16 input with fp32 running
+    statistics (measured on an H200, torch 2.11); the next convolution casts back to bf16."""
+    x = args[0]
+    return (x.float(), *args[1:]) if x.dtype in (torch.bfloat16, torch.float16) else None
+
+
 class PackedModel:
     """The stacked state of K member models, their stacked optimizer, and frozen members."""
 
@@ -49,6 +57,9 @@ class PackedModel:
         self.buffers: dict[str, Tensor] = buffers
         # a stateless copy of the architecture that functional_call fills with each slice
         self.base = copy.deepcopy(self.members[0]).to("meta")
+        for m in self.base.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.register_forward_pre_hook(_norm_in_fp32)
         # the same groups, in the same order, as param_groups builds for each member: a
         # member's optimizer state and the stacked one index their parameters alike
         names = {id(p): n for n, p in self.members[0].named_parameters()}
