@@ -50,11 +50,8 @@ class Plan:
 
 
 QUICK = Plan(4, 6, 1, 0.05, 0.005)
-PAPER = Plan(3, 10, 1, 0.05, 0.005)
-
-
-QUICK = Plan(4, 6, 1, 0.05, 0.005)
-PAPER = Plan(3, 10, 1, 0.05, 0.005)
+#: the paper preset's plan: looks at 3, 6 and 9 seeds, each look one pack of 3 seeds per technique
+PAPER = Plan(3, 9, 3, 0.05, 0.005)
 
 
 def table_levels(m: int, plan: Plan, error_rate: str = "table") -> float:
