@@ -231,7 +231,7 @@ def test_usage_errors_are_one_line(
 def test_presets_and_custom_grids() -> None:
     from reslab.cli import build_parser
     from reslab.cli.commands.compare import build_grid
-    from reslab.nn.techniques import list_techniques
+    from reslab.study.packing import refusal, seeds_at_once
 
     parse = build_parser().parse_args
     grid, jobs, out = build_grid(parse(["compare"]))
@@ -239,9 +239,12 @@ def test_presets_and_custom_grids() -> None:
     assert grid.models == ["resnet8", "resnet56"] and grid.techniques == ["baseline", "scale", "norm", "fusion"]
     assert grid.plan() is not None and grid.plan().looks == (4, 5, 6) and len(grid.cells()) == 2 * 4 * 6
     grid, _, out = build_grid(parse(["compare", "--preset", "paper"]))
-    assert grid.models == ["resnet20", "resnet56", "resnet110"] and grid.techniques == list_techniques()
-    assert len(grid.cells()) == 3 * len(list_techniques()) * 10 and "train_subset" not in grid.train
-    assert grid.plan() is not None and grid.plan().max_seeds == 10
+    assert grid.models == ["resnet20", "resnet56", "resnet110"]
+    assert grid.techniques == ["baseline", "scale", "norm", "fusion"]  # the article's three
+    assert len(grid.cells()) == 3 * 4 * 9 and "train_subset" not in grid.train
+    # each look is one pack of 3 seeds per technique, and nothing in the settings refuses a pack
+    assert grid.plan() is not None and grid.plan().looks == (3, 6, 9)
+    assert seeds_at_once(grid) == 3 and refusal(grid.config(grid.cells()[0])) == ""
     # an option without --preset starts from the engine's defaults, not from quick's subset
     grid, jobs, out = build_grid(parse(["compare", "--epochs", "15", "--techniques", "scale"]))
     assert grid.preset is None and out == "results/compare" and jobs == 1
@@ -353,3 +356,36 @@ def test_estimate_flags_a_long_cpu_grid_and_progress_prints_lines_off_a_terminal
     prog = GridProgress(enabled=True, every=0.0)  # pytest's stderr is not a terminal
     prog.update(10.0, 100.0, "2 runs done")
     assert "compare: 2 runs done; about 1m30s left" in capsys.readouterr().err
+
+
+def test_the_estimate_divides_by_the_measured_pack_gain_and_counts_a_packs_share() -> None:
+    from reslab.study.estimate import Estimator
+    from reslab.study.results import Cell
+
+    grid = Grid(["resnet20", "resnet56"], ["baseline"], [0, 1, 2], {"epochs": 2, "batch_size": 100})
+    timing = {"steps": {"resnet20/baseline": [0.01] * 3, "resnet56/baseline": [0.03] * 3}}
+    est = Estimator(grid, timing, n_train=1000, n_eval=600, pack_gain={"resnet56": 2.5})
+    alone = 0.03 * (10 * 2 + 600 / (3 * 100))
+    r56, r20 = Cell("resnet56", "baseline", 0), Cell("resnet20", "baseline", 0)
+    assert est.seconds(r56) == pytest.approx(alone / 2.5)  # a third of a pack of 3 at 2.5x
+    assert est.seconds(r20) == pytest.approx(0.01 * 22)  # no gain measured: a run's own time
+    # a pack of 3 that took 3 x 0.5 of the prediction: each run's share is half its prediction
+    est.observe(r56, 3 * 0.5 * alone / 2.5, pack_size=3)
+    assert est.seconds(r56) == pytest.approx(0.5 * alone / 2.5)
+
+
+def test_estimate_measures_and_trains_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "res"
+    assert main(tiny_args(out, "--estimate")) == 0
+    said = capsys.readouterr().out.strip().splitlines()
+    assert len(said) == 1 and said[0].startswith("this grid: estimated time ") and "this CPU" in said[0]
+    assert (out / "timing.json").is_file()  # kept: the real run reuses it
+    assert not (out / "runs").exists() or not any((out / "runs").iterdir())
+    # the same command without --estimate trains the grid, from the measurements kept
+    assert main(tiny_args(out)) == 0
+    assert len(list((out / "runs").iterdir())) == 4
+    # a launcher's workers run elsewhere: one line, status 2, nothing written
+    assert main(tiny_args(tmp_path / "r2", "--estimate", "--launcher", "ray")) == 2
+    err = capsys.readouterr().err
+    assert "--estimate measures this machine" in err and "Traceback" not in err
+    assert not (tmp_path / "r2").exists()

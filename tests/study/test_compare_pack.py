@@ -20,7 +20,7 @@ from patience import HANG_S
 from reslab.cli import main
 from reslab.engine.devices import pick_device
 from reslab.study.grid import Grid
-from reslab.study.packing import choose_pack, packed_rate, parse_pack, resolve_pack, seeds_at_once
+from reslab.study.packing import AUTO_GAIN, choose_pack, packed_rate, parse_pack, resolve_pack, seeds_at_once
 from reslab.study.prework import check_data
 from reslab.study.results import RUNS_DIR
 
@@ -156,16 +156,19 @@ def test_pack_sizes_resolve_from_the_grid_and_the_device() -> None:
     assert parse_pack(None) == "auto" and parse_pack("auto") == "auto" and parse_pack("4") == 4
     assert seeds_at_once(grid) == 3
     # the CPU: auto is 1 (packing is not a lever there); an explicit size is capped at the seeds at once
-    assert resolve_pack(grid, "auto", cpu, ds) == (1, "")
-    assert resolve_pack(grid, 2, cpu, ds) == (2, "")
-    k, note = resolve_pack(grid, 8, cpu, ds)
+    assert resolve_pack(grid, "auto", cpu, ds) == (1, "", {})
+    assert resolve_pack(grid, 2, cpu, ds) == (2, "", {})  # no probe on the CPU: the estimate is a run's time
+    k, note, _ = resolve_pack(grid, 8, cpu, ds)
     assert k == 3 and "needs at most 3 at once" in note
     seq = Grid(["resnet8"], ["baseline", "scale"], list(range(6)), train, sequential={"min_seeds": 4, "max_seeds": 6})
     assert seeds_at_once(seq) == 4
     # the probe the GPU's auto uses, run here on the CPU: a rate per size, and a size it can defend
     cfg = grid.config(grid.cells()[0], threads=1)
     assert packed_rate(cfg, ds, cpu, 2) > 0
-    assert choose_pack(cfg, ds, cpu, 2) in (1, 2)
+    k, gain = choose_pack(cfg, ds, cpu, 2)
+    # the gain is the chosen size's throughput over one run's: 1 when it keeps 1, and a doubling
+    # is taken only when it gained AUTO_GAIN
+    assert (k, gain) == (1, 1.0) or (k == 2 and gain >= AUTO_GAIN)
 
 
 def test_a_pack_that_fails_fails_its_runs_not_the_cells_held_elsewhere(tmp_path: Path, monkeypatch) -> None:

@@ -45,7 +45,7 @@ from reslab.pool import STOP_GRACE_S, WorkerDied, WorkerPool, WorkerStopped
 from reslab.signals import Terminated
 from reslab.study.cells import claim_and_run_pack
 from reslab.study.claims import DEFAULT_LEASE_S, Claims, describe
-from reslab.study.estimate import LONG_RUN_S, Estimator, estimate_lines, fmt_duration, image_counts
+from reslab.study.estimate import LONG_RUN_S, Estimator, estimate_lines, fmt_duration, image_counts, timing_device
 from reslab.study.grid import Grid, prepare_results
 from reslab.study.packing import resolve_pack
 from reslab.study.prework import check_data, probe_if_needed, timing_if_needed
@@ -96,6 +96,7 @@ def run_grid(
     lease_s: float = DEFAULT_LEASE_S,
     threads: int | None = None,
     pack: int | str = "auto",
+    estimate_only: bool = False,
 ) -> CompareResult:
     """Train the cells ``grid`` needs (all of them, or seeds until decided) into ``out``, then
     call ``report(out)`` (the report writer the caller chose, e.g. :func:`reslab.report.build.build_report`).
@@ -107,7 +108,9 @@ def run_grid(
     the jobs; a launcher passes what its engine allotted (Ray does not narrow the affinity).
     The report is written by the process that finds the grid finished
     with no other worker still training. ``pack``: runs per packed model (an integer, or
-    ``"auto"``: :func:`reslab.study.packing.resolve_pack`).
+    ``"auto"``: :func:`reslab.study.packing.resolve_pack`). ``estimate_only``: take the
+    measurements the estimate needs (the timing pass and the pack probe, kept in ``out`` for the
+    real run), say the estimate, and train nothing.
 
     Settings errors (unknown technique, missing dataset, a results folder made with other
     settings) raise :class:`UsageError` before any training starts.
@@ -122,7 +125,7 @@ def run_grid(
     grid = prepare_results(results, grid)
     claims = Claims(results / CLAIMS_DIR, lease_s)
     prog = GridProgress(progress)
-    if probe_init:
+    if probe_init and not estimate_only:
         probe_if_needed(grid, results, prog, claims)
     # threads set in the grid's settings (--set threads=N, --config) win over a launcher's
     # allotment, so every run of every launcher trains with them (threads change CPU results)
@@ -130,12 +133,21 @@ def run_grid(
     timing = timing_if_needed(grid, results, ds, threads, prog, claims)
     settings = grid.shared_settings()
     n_train, n_eval = image_counts(settings, ds)
-    est = Estimator(grid, timing, n_train, n_eval, jobs)
-    sched = Scheduler(grid, results, claims, est, jobs, shard, prog, t0)
-    size, note = resolve_pack(grid, pack, pick_device(str(grid.train.get("device") or "auto")), ds)
+    size, note, gain = resolve_pack(grid, pack, pick_device(str(grid.train.get("device") or "auto")), ds)
     if note:
         prog.line(note)
+    est = Estimator(grid, timing, n_train, n_eval, jobs, pack_gain=gain)
+    sched = Scheduler(grid, results, claims, est, jobs, shard, prog, t0)
     total_s, words = estimate_lines(grid, est, sched.outcomes, jobs)
+    words += f" on {timing_device(timing)}"
+    if estimate_only:
+        prog.close()
+        packs = ""
+        if size > 1:
+            packs = f", packs of up to {size} runs" + (
+                " (throughput x " + ", ".join(f"{m} {g:.1f}x" for m, g in gain.items()) + ")" if gain else ""
+            )
+        return CompareResult(results, [], sched.skipped, [], [], time.perf_counter() - t0, estimate=f"{words}{packs}")
     prog.line(
         f"compare: {len(sched.cells)} cells at most, {len(sched.skipped)} already finished"
         + (f" (shard {shard[0]}/{shard[1]})" if shard else "")

@@ -18,15 +18,24 @@ from reslab.study.results import (
 
 class Estimator:
     """Seconds one cell takes in a worker: from the timing pass (step time x steps, plus the
-    evaluations at the cost of a forward pass, a third of a step per image), corrected by the
-    ratio measured on the runs that have finished."""
+    evaluations at the cost of a forward pass, a third of a step per image), divided by the
+    measured gain of the packs its model trains in, then corrected by the ratio measured on the
+    runs that have finished (a packed run counts its share of its pack's time)."""
 
     #: how much slower each of several CPU workers runs than one alone: two 1-thread workers on
     #: the 2-vCPU reference machine trained resnet56 at 173 img/s each against 360 img/s alone
     #: (benchmarks/README.md); refined by the runs that finish
     PARALLEL_CPU_SLOWDOWN = 2.0
 
-    def __init__(self, grid: Grid, timing: dict[str, Any], n_train: int, n_eval: int, jobs: int = 1) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        timing: dict[str, Any],
+        n_train: int,
+        n_eval: int,
+        jobs: int = 1,
+        pack_gain: dict[str, float] | None = None,
+    ) -> None:
         st = grid.shared_settings()
         self.batch = int(st["batch_size"])
         self.epochs = int(st["epochs"])
@@ -37,21 +46,24 @@ class Estimator:
         self.prior = (
             self.PARALLEL_CPU_SLOWDOWN if jobs > 1 and not str(grid.train.get("device", "")).startswith("cuda") else 1.0
         )
+        #: per model: throughput of its packs over one run alone (measured on a GPU; 1 where not)
+        self.pack_gain = dict(pack_gain or {})
 
     def predicted(self, cell: Cell) -> float:
         step = step_seconds(self.timing, cell.model, cell.technique) or step_seconds(self.timing, cell.model, BASELINE)
         if step is None:
             return 60.0
-        return step * (self.steps + self.eval_images / (3 * self.batch))
+        return step * (self.steps + self.eval_images / (3 * self.batch)) / max(self.pack_gain.get(cell.model, 1.0), 1.0)
 
     def seconds(self, cell: Cell) -> float:
         factor = statistics.median(self.measured) if self.measured else self.prior
         return self.predicted(cell) * factor
 
-    def observe(self, cell: Cell, elapsed_s: float) -> None:
+    def observe(self, cell: Cell, elapsed_s: float, pack_size: int = 1) -> None:
+        """A finished run took ``elapsed_s`` (its pack's time when it trained in a pack of ``pack_size``)."""
         p = self.predicted(cell)
         if p > 0 and elapsed_s > 0:
-            self.measured.append(elapsed_s / p)
+            self.measured.append(elapsed_s / max(pack_size, 1) / p)
 
 
 def estimate_lines(grid: Grid, est: Estimator, outcomes: Outcomes, jobs: int) -> tuple[float, str]:
@@ -67,6 +79,17 @@ def estimate_lines(grid: Grid, est: Estimator, outcomes: Outcomes, jobs: int) ->
         f"estimated time {fmt_duration(low)} if every technique is decided at the next look, "
         f"at most {fmt_duration(high)}" + (f" (budget {fmt_duration(grid.budget_s)})" if grid.budget_s else "")
     )
+
+
+def timing_device(timing: dict[str, Any] | None) -> str:
+    """The machine an estimate's step times were measured on, in a few words: the card's name
+    ("NVIDIA H100 80GB HBM3") or "this CPU (N threads)"."""
+    dev = timing.get("device") if isinstance(timing, dict) else None
+    if not isinstance(dev, dict) or not dev.get("type"):
+        return "a machine not recorded"
+    if dev["type"] == "cpu":
+        return f"this CPU ({dev.get('threads', '?')} threads)"
+    return str(dev.get("name") or dev["type"])
 
 
 #: estimates above this many seconds on a CPU are announced before training starts

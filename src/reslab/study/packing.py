@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -72,36 +72,69 @@ def check_pack_option(grid: Grid, pack: int | str) -> None:
         raise UsageError(f"--pack {pack}: {why}; or leave --pack out to train every run alone")
 
 
-def resolve_pack(grid: Grid, pack: int | str, device: torch.device, ds: Any) -> tuple[int, str]:
-    """The pack size this process uses, and a line saying why when it is not what was asked
-    ("" otherwise). An explicit size the settings cannot pack is a :class:`UsageError`."""
+class PackChoice(NamedTuple):
+    """What :func:`resolve_pack` settled on."""
+
+    #: runs per packed model
+    size: int
+    #: a line saying why the size is not what was asked ("" when it is)
+    note: str
+    #: per model: throughput of a pack of ``size`` over one run alone, measured by a probe of
+    #: packed steps on a GPU (empty where nothing was measured: the CPU, or packs of 1); the
+    #: time estimate divides a run's time by it
+    gain: dict[str, float]
+
+
+def resolve_pack(grid: Grid, pack: int | str, device: torch.device, ds: Any) -> PackChoice:
+    """The pack size this process uses, why when it is not what was asked, and its measured
+    gain. An explicit size the settings cannot pack is a :class:`UsageError`."""
     at_once = seeds_at_once(grid)
     if pack == 1:
-        return 1, ""
+        return PackChoice(1, "", {})
     if pack == "auto":
         if device.type == "cpu" or at_once == 1:
-            return 1, ""
+            return PackChoice(1, "", {})
         cfg = grid.config(grid.cells()[0])
         if why := refusal(cfg):
-            return 1, f"compare: --pack auto: {why}, so every run trains alone"
-        k = choose_pack(cfg, ds, device, at_once)
-        return k, f"compare: --pack auto chose packs of {k} runs on {device} (a probe of packed steps)"
+            return PackChoice(1, f"compare: --pack auto: {why}, so every run trains alone", {})
+        k, gain = choose_pack(cfg, ds, device, at_once)
+        gains = pack_gains(grid, ds, device, k, {cfg.model: gain})
+        said = ", ".join(f"{m} {g:.1f}x" for m, g in gains.items())
+        return PackChoice(k, f"compare: --pack auto chose packs of {k} runs on {device} (throughput x {said})", gains)
     check_pack_option(grid, pack)
-    k = int(pack)
+    k, note = int(pack), ""
     if k > at_once:
-        return at_once, (
-            f"compare: --pack {k}: a pack holds seeds of one model and technique, and this grid needs at most "
-            f"{at_once} at once, so packs hold {at_once} runs"
+        k, note = (
+            at_once,
+            (
+                f"compare: --pack {k}: a pack holds seeds of one model and technique, and this grid needs at most "
+                f"{at_once} at once, so packs hold {at_once} runs"
+            ),
         )
-    return k, ""
+    # what the estimate divides by, measured on a GPU (on the CPU packing is near 1x)
+    gains = pack_gains(grid, ds, device, k, {}) if k > 1 and device.type == "cuda" else {}
+    return PackChoice(k, note, gains)
 
 
-def choose_pack(cfg: TrainConfig, ds: Any, device: torch.device, max_k: int) -> int:
+def pack_gains(grid: Grid, ds: Any, device: torch.device, k: int, known: dict[str, float]) -> dict[str, float]:
+    """Per model of the grid: the throughput of a pack of ``k`` over one run alone (the
+    probe of :func:`packed_rate`, on baseline's settings), beside the ones ``known``."""
+    gains = dict(known)
+    for cell in grid.cells():
+        if cell.model not in gains:
+            cfg = grid.config(cell)
+            gains[cell.model] = packed_rate(cfg, ds, device, k) / packed_rate(cfg, ds, device, 1)
+    return gains
+
+
+def choose_pack(cfg: TrainConfig, ds: Any, device: torch.device, max_k: int) -> tuple[int, float]:
     """The largest pack size (1, 2, 4, ... and ``max_k``) whose packed training steps on
     ``device`` run at least :data:`AUTO_GAIN` times the throughput of the size before it,
-    stopping at the first size that does not, or that runs out of memory."""
+    stopping at the first size that does not, or that runs out of memory; with its throughput
+    over one run's."""
     sizes = sorted(({1 << i for i in range(1, max_k.bit_length())} | {max_k}) - {1})
-    best_k, best_rate = 1, packed_rate(cfg, ds, device, 1)
+    one = packed_rate(cfg, ds, device, 1)
+    best_k, best_rate = 1, one
     for k in sizes:
         try:
             rate = packed_rate(cfg, ds, device, k)
@@ -113,7 +146,7 @@ def choose_pack(cfg: TrainConfig, ds: Any, device: torch.device, max_k: int) -> 
         if rate < AUTO_GAIN * best_rate:
             break
         best_k, best_rate = k, rate
-    return best_k
+    return best_k, best_rate / one
 
 
 def packed_rate(cfg: TrainConfig, ds: Any, device: torch.device, k: int) -> float:
@@ -160,8 +193,10 @@ def packed_rate(cfg: TrainConfig, ds: Any, device: torch.device, k: int) -> floa
 
 __all__ = [
     "AUTO_GAIN",
+    "PackChoice",
     "check_pack_option",
     "choose_pack",
+    "pack_gains",
     "packed_rate",
     "parse_pack",
     "refusal",

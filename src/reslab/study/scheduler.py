@@ -44,6 +44,8 @@ class CompareResult:
     budget_spent: bool = False
     #: why no report was written by this process (another worker writes it, or wrote it)
     report_note: str | None = None
+    #: with ``estimate_only``: the estimate said, e.g. "estimated time 28m05s on NVIDIA H200"
+    estimate: str | None = None
 
 
 def describe_outcome(cell: Cell, summary: dict[str, Any]) -> str:
@@ -108,7 +110,7 @@ class Scheduler:
             if run is not None and run.finished:
                 self.outcomes.add(c, run.status, run.summary)
                 if run.summary.get("elapsed_s"):
-                    self.est.observe(c, float(run.summary["elapsed_s"]))
+                    self.est.observe(c, float(run.summary["elapsed_s"]), int(run.summary.get("pack_size") or 1))
 
     def status(self) -> str:
         plan = self.grid.plan()
@@ -193,7 +195,7 @@ class Scheduler:
         self.ran.append(cell)
         self.outcomes.add(cell, summary.get("status"), summary)
         if summary.get("elapsed_s"):
-            self.est.observe(cell, float(summary["elapsed_s"]))
+            self.est.observe(cell, float(summary["elapsed_s"]), int(summary.get("pack_size") or 1))
         if summary.get("status") == "diverged":
             self.diverged.append(cell)
         self.prog.line(f"[{len(self.ran) + len(self.failed)}] " + describe_outcome(cell, summary))

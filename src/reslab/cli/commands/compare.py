@@ -144,6 +144,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     for name, kw in _TRAIN_OPTIONS.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, **kw)
+    parser.add_argument(
+        "--estimate",
+        action="store_true",
+        help="measure this machine (the timing pass and, on a GPU, the pack probe, kept in --out for the real "
+        "run), print the estimated training time and stop: nothing is trained",
+    )
     parser.add_argument("--no-report", action="store_true", help="skip the report at the end")
     parser.add_argument(
         "--no-probe", action="store_true", help="skip the gradient-flow probe at initialisation (depths 56 and 110)"
@@ -402,6 +408,8 @@ def run(args: argparse.Namespace) -> int:
     args.pack = parse_pack(args.pack)
     check_pack_option(grid, args.pack)
     launcher = _resources(args)
+    if args.estimate and launcher is not None:
+        raise UsageError("--estimate measures this machine; run it without --launcher (on a machine like the workers')")
     # every usage error before the header: each run's settings, the results folder, and for a
     # launcher its engine (installed, reachable) and the folder as its workers see it
     from reslab.study.grid import check_results
@@ -470,7 +478,11 @@ def _run(
                 progress=progress,
                 report=None if args.no_report else build_report,
                 probe_init=not args.no_probe,
+                estimate_only=args.estimate,
             )
+            if res.estimate is not None:
+                print(f"{'preset ' + grid.preset if grid.preset else 'this grid'}: {res.estimate}")
+                return 0
         else:
             res, workers = session.run(
                 shard=shard,

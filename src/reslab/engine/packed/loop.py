@@ -132,6 +132,7 @@ def train_pack(
         engine, state = build_engine(cfg, ds, d, device, o, ckpt, source)
         source = engine.source  # the members share one copy of the data
         summary = initial_summary(engine, state)
+        summary["pack_size"] = len(configs)  # its elapsed_s is the pack's time, shared by pack_size runs
         cbs = default_callbacks(engine, state, summary, o, ow and not res, False, None)
         members.append(Member(o, engine, state, summary, cbs))
     if members:
