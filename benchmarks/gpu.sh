@@ -1,23 +1,31 @@
 #!/usr/bin/env bash
-# On a CUDA machine: run the CUDA tests, then the GPU benchmarks, and write their figures.
+# On a CUDA machine: run the CUDA tests, then the GPU benchmarks and studies, and write their
+# figures, within BUDGET_S seconds (default 570: one run of at most 10 minutes).
 #
 #   bash benchmarks/gpu.sh                 # figures into benchmarks/results/gpu-<date>/
 #   OUT=/some/folder bash benchmarks/gpu.sh
 #   PYTHON=/path/to/python bash benchmarks/gpu.sh   # an interpreter with reslab and torch
+#   ARCHIVE=/some/figures.tgz bash benchmarks/gpu.sh  # also keep a tar of the figures, renewed
+#                                                    # after every step (machines taken back)
+#   ONLY="cuda-tests pack-speed" bash benchmarks/gpu.sh   # only the steps named
 #
-# Each step's output goes to its own file (and the terminal); summary.txt names the card,
-# the driver and torch. Copy the tables into benchmarks/README.md, "GPU", with the card's
-# name. Exit status: 2 when no CUDA device is visible, else the CUDA tests' status.
+# Each step's output goes to its own file (and the terminal); summary.txt names the card, the
+# driver and torch, and each step's exit status and seconds. Steps run in order of what the
+# project needs most; a step that would end past the budget is cut short (exit 124) and the
+# ones after it are skipped. Copy the tables into benchmarks/README.md, "GPU", with the
+# card's name, and the deep study's report into docs/evidence/. Exit status: 2 when no CUDA
+# device is visible, else the CUDA tests' status.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   echo "gpu.sh: no CUDA device visible to $PYTHON (or no torch); run this on a GPU machine" >&2
   exit 2
 fi
+deadline=$((SECONDS + ${BUDGET_S:-570}))
 out="${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M)}"
 mkdir -p "$out"
 "$PYTHON" - > "$out/summary.txt" <<'PY'
@@ -29,37 +37,70 @@ PY
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >> "$out/summary.txt" 2>/dev/null || true
 cat "$out/summary.txt"
 
-step() {  # step NAME COMMAND...: run, tee to NAME.txt, record the wall time
+archive() {
+  [ -n "${ARCHIVE:-}" ] || return 0
+  local part="$ARCHIVE.$BASHPID.part"  # steps run beside each other archive too
+  # the figures, not the weights and checkpoints of the runs
+  if tar czf "$part" --exclude=checkpoint --exclude='*.safetensors' --exclude='*.pt' -C "$out" . 2>/dev/null; then mv "$part" "$ARCHIVE"; else rm -f "$part"; fi
+}
+
+step() {  # [CAP=S] step NAME COMMAND...: run within what is left of the budget (and at most CAP
+  # seconds), tee to NAME.txt, record
   local name=$1; shift
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
+  local left=$((deadline - SECONDS))
+  if [ -n "${CAP:-}" ] && [ "$CAP" -lt "$left" ]; then left=$CAP; fi
+  if [ "$left" -lt 15 ]; then
+    echo "$name: skipped, the budget is spent" | tee -a "$out/summary.txt"
+    return 124
+  fi
   echo "== $name: $*"
   local t0=$SECONDS
-  "$@" 2>&1 | tee "$out/$name.txt"
+  timeout -k 10 "$left" "$@" 2>&1 | tee "$out/$name.txt"
   local rc=${PIPESTATUS[0]}
   echo "$name: exit $rc, $((SECONDS - t0)) s" | tee -a "$out/summary.txt"
+  archive
   return "$rc"
 }
 
+compare=("$PYTHON" -m reslab compare)
+
+# 1. The CUDA tests, and beside them (they share the card, so nothing here is timed) baseline
+#    resnet56 at 10 and 20 epochs: how far from its plateau each length ends (the paper preset's
+#    epochs, issue 19). Full width, all 55,000 training images, batch 512, 3 seeds packed.
+plateau=(--models resnet56 --techniques baseline --seeds 3 --no-until-decided --width 1 --batch-size 512
+  --device cuda --pack 3 --no-probe --quiet)
+CAP=${PLATEAU_CAP:-240} step plateau-e10 "${compare[@]}" "${plateau[@]}" --epochs 10 --out "$out/plateau-e10" &
+p10=$!
+CAP=${PLATEAU_CAP:-240} step plateau-e20 "${compare[@]}" "${plateau[@]}" --epochs 20 --out "$out/plateau-e20" &
+p20=$!
 step cuda-tests "$PYTHON" -m pytest -q -m cuda tests -p no:cacheprovider
 tests_rc=$?
-step technique-overhead "$PYTHON" benchmarks/technique_overhead.py --device cuda --batch 256 --rounds 11 --steps 10
-step inference-speed "$PYTHON" benchmarks/inference_speed.py --device cuda --batch 1024 --channels-last --rounds 7 --iters 10
-step train-speed "$PYTHON" benchmarks/train_speed.py --device cuda --train-subset 0 --rounds 2 --workers 8
+wait "$p10" "$p20"
+
+# 2. Alone on the card from here: timings.
 # packed runs (reslab.engine.packed) against one run at a time, same card, same call; issue 19
 # asks for at least 5x at 16 resnet56 runs and 10x at 32 resnet20 runs
 step pack-speed "$PYTHON" benchmarks/pack_speed.py --device cuda --width 1 --rounds 3 --steps 3 \
   --configs resnet56:4:512,resnet56:16:512,resnet20:8:128,resnet20:32:128
-# the default comparison on the GPU, one process, timed end to end
-step quick-preset "$PYTHON" -m reslab compare --preset quick --device cuda --jobs 1 --out "$out/quick-preset" --quiet
+# the paper preset's estimated time on this card, from its own timing pass and pack probe
+step paper-estimate "${compare[@]}" --preset paper --device cuda --estimate --out "$out/paper-estimate"
+# the deep study at realistic length: resnet56, full width, all the training images, 5 epochs,
+# 3 seeds, every article technique; its report is the project's evidence (docs/evidence/). A
+# pack that fails leaves its runs failed: the same command with --pack 1 trains them alone.
+deep=(--models resnet56 --techniques scale,norm,fusion --seeds 3 --no-until-decided --width 1 --epochs 5
+  --batch-size 512 --device cuda --quiet --out "$out/deep-study")
+step deep-study "${compare[@]}" "${deep[@]}" --pack auto || step deep-study-alone "${compare[@]}" "${deep[@]}" --pack 1
+mkdir -p "$out/evidence" && cp "$out/deep-study/"{report.md,decisions.json,summary.csv,grid.json} "$out/evidence/" 2>/dev/null
+step technique-overhead "$PYTHON" benchmarks/technique_overhead.py --device cuda --batch 256 --rounds 11 --steps 10
+step train-speed "$PYTHON" benchmarks/train_speed.py --device cuda --train-subset 0 --rounds 2 --workers 8
 # a grid of 16 resnet56 runs (one technique, 16 seeds: one pack) end to end, packed against one
 # run at a time, the same card in the same call (compare --pack; issue 19)
 grid16=(--models resnet56 --techniques baseline --seeds 16 --no-until-decided --width 1 --epochs 1
   --train-subset 8192 --batch-size 512 --device cuda --no-probe --quiet)
-step grid16-alone "$PYTHON" -m reslab compare "${grid16[@]}" --pack 1 --out "$out/grid16-alone"
-step grid16-packed "$PYTHON" -m reslab compare "${grid16[@]}" --pack 16 --out "$out/grid16-packed"
-# the deep study at realistic length: resnet56, full width, all the training images, 5 epochs,
-# 3 seeds, every article technique; its report is the project's evidence (docs/evidence/)
-step deep-study "$PYTHON" -m reslab compare --models resnet56 --techniques scale,norm,fusion --seeds 3 \
-  --no-until-decided --width 1 --epochs 5 --batch-size 512 --device cuda --pack auto --quiet --out "$out/deep-study"
-mkdir -p "$out/evidence" && cp "$out/deep-study/"{report.md,decisions.json,summary.csv,grid.json} "$out/evidence/" 2>/dev/null
+step grid16-packed "${compare[@]}" "${grid16[@]}" --pack 16 --out "$out/grid16-packed"
+step grid16-alone "${compare[@]}" "${grid16[@]}" --pack 1 --out "$out/grid16-alone"
+step inference-speed "$PYTHON" benchmarks/inference_speed.py --device cuda --batch 1024 --channels-last --rounds 7 --iters 10
 echo "figures in $out"
+archive
 exit "$tests_rc"
