@@ -47,7 +47,7 @@ from reslab.study.cells import claim_and_run_pack
 from reslab.study.claims import DEFAULT_LEASE_S, Claims, describe
 from reslab.study.estimate import LONG_RUN_S, Estimator, estimate_lines, fmt_duration, image_counts, timing_device
 from reslab.study.grid import Grid, prepare_results
-from reslab.study.packing import resolve_pack
+from reslab.study.packing import gain_words, resolve_pack
 from reslab.study.prework import check_data, probe_if_needed, timing_if_needed
 from reslab.study.results import (
     CLAIMS_DIR,
@@ -142,11 +142,7 @@ def run_grid(
     words += f" on {timing_device(timing)}"
     if estimate_only:
         prog.close()
-        packs = ""
-        if size > 1:
-            packs = f", packs of up to {size} runs" + (
-                " (throughput x " + ", ".join(f"{m} {g:.1f}x" for m, g in gain.items()) + ")" if gain else ""
-            )
+        packs = f", packs of up to {size} runs" + (f" ({gain_words(gain)})" if gain else "") if size > 1 else ""
         return CompareResult(results, [], sched.skipped, [], [], time.perf_counter() - t0, estimate=f"{words}{packs}")
     prog.line(
         f"compare: {len(sched.cells)} cells at most, {len(sched.skipped)} already finished"
