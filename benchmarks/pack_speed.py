@@ -1,20 +1,22 @@
 """Packed training against one run at a time: how many more images a second K runs train
-when they are one packed model (``reslab.engine.packed.PackedModel``, ``torch.func.vmap``)
-than when their training steps run one after another.
+when they are one packed model (``reslab.engine.packed.PackedModel``) than when their
+training steps run one after another, by each of the pack's two routes.
 
 Per configuration ``MODEL:K:BATCH`` (K runs, BATCH images each per step), each round times
 ``--steps`` training steps (forward, backward, SGD with Nesterov momentum and weight decay)
-of both variants, in a freshly shuffled order, on random Fashion-MNIST-sized data already
+of every variant, in a freshly shuffled order, on random Fashion-MNIST-sized data already
 on the device:
 
 * ``sep``: K models, each with its own optimizer, stepped one after another (what a grid
-  of runs in one process does);
-* ``pack``: the same K models stacked into one PackedModel, one step for all.
+  of runs in one process does), in channels_last on a GPU as the engine trains a run alone;
+* ``vmap``: the same K models stacked into one PackedModel mapped with ``torch.func.vmap``;
+* ``grouped``: the same K models as one PackedModel of grouped layers (channels_last on a
+  GPU), the route ``train_pack`` takes for every built-in technique but Fixup.
 
-Each round gives a ratio of throughputs (``pack / sep``, images per second of all K runs),
-so slow drifts of the machine cancel; the median ratio over rounds is printed with the
-median throughputs. CUDA is synchronised around each timing and uses bf16 autocast (as the
-engine does there); the CPU runs fp32.
+Each round gives ratios of throughputs (``vmap / sep`` and ``grouped / sep``, images per
+second of all K runs), so slow drifts of the machine cancel; the median ratios over rounds
+are printed with the median throughputs. CUDA is synchronised around each timing and uses
+bf16 autocast (as the engine does there); the CPU runs fp32 in NCHW.
 
     python benchmarks/pack_speed.py                                  # CPU, small configurations
     python benchmarks/pack_speed.py --device cuda --width 1 --configs resnet56:16:512,resnet20:32:128
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import random
 import statistics
 import time
@@ -70,47 +73,64 @@ def main() -> None:
     cuda = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; width {args.width:g}; {'bf16' if cuda else 'fp32'}")
-    print("| model | batch per run | K | sep img/s | pack img/s | pack / sep |")
-    print("|---|---|---|---|---|---|")
+    print("| model | batch per run | K | sep img/s | vmap img/s | grouped img/s | vmap / sep | grouped / sep |")
+    print("|---|---|---|---|---|---|---|---|")
     for spec in args.configs.split(","):
         model, k_s, b_s = spec.split(":")
         try:
             measure(model, int(k_s), int(b_s), args, device)
         except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. out of memory: say so, go on
-            print(f"| {model} | {b_s} | {k_s} | {type(e).__name__}: {str(e).splitlines()[0][:80]} | | |", flush=True)
+            print(
+                f"| {model} | {b_s} | {k_s} | {type(e).__name__}: {str(e).splitlines()[0][:80]} | | | | |", flush=True
+            )
         if cuda:
             torch.cuda.empty_cache()
 
 
 def measure(model: str, k: int, b: int, args: argparse.Namespace, device: torch.device) -> None:
-    """One table row: the median throughputs of both variants and of their ratio."""
+    """One table row: the median throughputs of the variants and of their ratios to ``sep``."""
     cuda = device.type == "cuda"
     models, opts = make(model, k, args.width, device)
-    pack = PackedModel(models, opts, 5e-4, 0.9, True, 0.05)
+    if cuda:  # a run alone trains in channels_last on a GPU
+        models = [m.to(memory_format=torch.channels_last) for m in models]
+    packs = {
+        route: PackedModel(
+            copy.deepcopy(models),
+            [torch.optim.SGD(param_groups(m, 5e-4), lr=0.05) for m in models],
+            5e-4,
+            0.9,
+            True,
+            0.05,
+            route=route,
+            channels_last=cuda,
+        )
+        for route in ("vmap", "grouped")
+    }
     x = torch.randn(k, b, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (k, b), device=device)
+    xs = [xi.contiguous(memory_format=torch.channels_last) if cuda else xi for xi in x]
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
 
     def sep() -> None:
         for i, (m, o) in enumerate(zip(models, opts, strict=True)):
             with autocast():
-                loss = F.cross_entropy(m(x[i]).float(), y[i], label_smoothing=0.1)
+                loss = F.cross_entropy(m(xs[i]).float(), y[i], label_smoothing=0.1)
             o.zero_grad(set_to_none=True)
             loss.backward()
             o.step()
 
-    def packed() -> None:
+    def packed(pack: PackedModel) -> None:
         with autocast():
             losses, _ = pack.train_losses(x, y, 0.1)
         pack.optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         pack.step()
 
-    variants = {"sep": sep, "pack": packed}
+    variants = {"sep": sep, **{r: (lambda p=p: packed(p)) for r, p in packs.items()}}
     for fn in variants.values():  # warm-up: allocations, kernel choice
         fn()
     rates: dict[str, list[float]] = {v: [] for v in variants}
-    ratios = []
+    ratios: dict[str, list[float]] = {v: [] for v in packs}
     for _ in range(args.rounds):
         order = list(variants)
         random.shuffle(order)
@@ -123,9 +143,14 @@ def measure(model: str, k: int, b: int, args: argparse.Namespace, device: torch.
             sync(device)
             got[v] = k * b * args.steps / (time.perf_counter() - t0)
             rates[v].append(got[v])
-        ratios.append(got["pack"] / got["sep"])
-    s, pk = statistics.median(rates["sep"]), statistics.median(rates["pack"])
-    print(f"| {model} | {b} | {k} | {s:,.0f} | {pk:,.0f} | {statistics.median(ratios):.2f}x |", flush=True)
+        for v in packs:
+            ratios[v].append(got[v] / got["sep"])
+    med = {v: statistics.median(r) for v, r in rates.items()}
+    print(
+        f"| {model} | {b} | {k} | {med['sep']:,.0f} | {med['vmap']:,.0f} | {med['grouped']:,.0f} | "
+        f"{statistics.median(ratios['vmap']):.2f}x | {statistics.median(ratios['grouped']):.2f}x |",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -79,7 +79,13 @@ def test_packed_runs_equal_runs_alone(reference, tiny_train_config, tmp_path):
         assert abs(sp["test_acc"] - sa["test_acc"]) <= 0.02
         # the config records the pack; a run alone records none
         cfg = yaml.safe_load((packed / "config.yaml").read_text())
-        assert cfg["pack"] == {"size": 3, "index": s, "members": ["s0", "s1", "s2"], "seeds": list(SEEDS)}
+        assert cfg["pack"] == {
+            "size": 3,
+            "index": s,
+            "members": ["s0", "s1", "s2"],
+            "seeds": list(SEEDS),
+            "route": "grouped",
+        }
         assert "pack" not in yaml.safe_load((solo / "config.yaml").read_text())
 
 
@@ -235,7 +241,9 @@ def test_a_plugin_technique_packs(registry, tiny_train_config, tmp_path):
     summaries = train_pack(cs, [tmp_path / "p0", tmp_path / "p1"], progress=False)
     train(cs[0], tmp_path / "a0", progress=False)
     assert [s["status"] for s in summaries] == ["completed", "completed"]
-    assert yaml.safe_load((tmp_path / "p0" / "config.yaml").read_text())["pack"]["size"] == 2
+    pack = yaml.safe_load((tmp_path / "p0" / "config.yaml").read_text())["pack"]
+    # a scalar and a per-channel parameter: the plugin has a grouped form without saying so
+    assert pack["size"] == 2 and pack["route"] == "grouped"
     assert records(tmp_path / "p0")[0]["train_loss"] == pytest.approx(
         records(tmp_path / "a0")[0]["train_loss"], rel=1e-3
     )
@@ -247,12 +255,17 @@ def test_a_plugin_technique_packs(registry, tiny_train_config, tmp_path):
 
 
 class Branchy(reslab.Technique):
-    """A merge that decides on a value of the data in Python, which vmap cannot map."""
+    """A merge that decides on a value of the data in Python, which vmap cannot map, with a
+    parameter of a shape that has no grouped form."""
 
     name = "packtest_branchy"
+    parameter_names = ("pair",)
+
+    def add_parameters(self, block: nn.Module, channels: int) -> None:
+        block.pair = nn.Parameter(torch.ones(2))
 
     def merge(self, block: nn.Module, branch: Tensor, shortcut: Tensor) -> Tensor:
-        return branch + shortcut if float(branch.detach().mean()) < 1e9 else shortcut
+        return branch + shortcut * block.pair[0] if float(branch.detach().mean()) < 1e9 else shortcut
 
     def fold_merge(self, block: nn.Module, channels: int) -> MergeFold:
         return MergeFold()
@@ -267,10 +280,11 @@ def test_a_technique_that_cannot_pack_says_why_and_trains_alone(registry, tiny_t
     assert "pack" not in yaml.safe_load((tmp_path / "p0" / "config.yaml").read_text())
 
 
-def test_each_member_steps_as_it_would_alone(tiny_train_config):
+@pytest.mark.parametrize("route", ["vmap", "grouped"])
+def test_each_member_steps_as_it_would_alone(tiny_train_config, route):
     """Per step, a member's weights, BatchNorm statistics and momentum follow its run alone
     (no-decay groups included: the decay here is large enough to show), and a frozen
-    member stops changing while the others go on."""
+    member stops changing while the others go on, by either route."""
     wd, k, b = 0.05, 2, 8
     alone, opts = [], []
     for s in range(k):
@@ -280,7 +294,7 @@ def test_each_member_steps_as_it_would_alone(tiny_train_config):
         opts.append(torch.optim.SGD(param_groups(m, wd), lr=0.1, momentum=0.9, nesterov=True))
     members = [copy.deepcopy(m) for m in alone]
     member_opts = [torch.optim.SGD(param_groups(m, wd), lr=0.1, momentum=0.9, nesterov=True) for m in members]
-    pack = PackedModel(members, member_opts, wd, 0.9, True, 0.1)
+    pack = PackedModel(members, member_opts, wd, 0.9, True, 0.1, route=route)
     g = torch.Generator().manual_seed(0)
     before = None
     for step in range(4):

@@ -88,9 +88,15 @@ def fused_concat_conv1x1(
     ``W_a + I``: a CxC add instead of a pass over the activations. On a 2-core CPU, with
     channels_last, this ran about 2x faster than cat + conv (forward and backward) and
     faster than the same two products written as GEMMs on the NHWC view.
+
+    ``weight`` may hold ``G`` such layers as one grouped conv (``G*C x 2C x 1 x 1``, ``a`` and
+    ``b`` with ``G*C`` channels, group ``g`` reading its own ``C`` channels of each): the
+    groups are read from the shapes.
     """
-    c = a.shape[1]
+    c = weight.shape[1] // 2  # input channels of one group, of each half
+    groups = a.shape[1] // c  # 1, or K when a pack holds K such layers as one grouped conv
     w_a, w_b = weight[:, :c], weight[:, c:]
     if add_identity:
-        w_a = w_a + torch.eye(c, dtype=weight.dtype, device=weight.device)[:, :, None, None]
-    return F.conv2d(a, w_a, bias).add_(F.conv2d(b, w_b))
+        eye = torch.eye(c, dtype=weight.dtype, device=weight.device).repeat(groups, 1)
+        w_a = w_a + eye[:, :, None, None]
+    return F.conv2d(a, w_a, bias, groups=groups).add_(F.conv2d(b, w_b, groups=groups))

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 import torch
 
 from reslab.engine.config import TrainConfig
+from reslab.engine.packed.check import pack_route
 from reslab.errors import UsageError
 from reslab.study.grid import Grid
 
@@ -127,7 +128,8 @@ def pack_gains(grid: Grid, ds: Any, device: torch.device, k: int, known: dict[st
     for cell in grid.cells():
         if cell.model not in gains:
             cfg = grid.config(cell)
-            gains[cell.model] = packed_rate(cfg, ds, device, k) / packed_rate(cfg, ds, device, 1)
+            route = pack_route(cfg, ds)[0] or "vmap"
+            gains[cell.model] = packed_rate(cfg, ds, device, k, route) / packed_rate(cfg, ds, device, 1, route)
     return gains
 
 
@@ -137,11 +139,12 @@ def choose_pack(cfg: TrainConfig, ds: Any, device: torch.device, max_k: int) -> 
     stopping at the first size that does not, or that runs out of memory; with its throughput
     over one run's."""
     sizes = sorted(({1 << i for i in range(1, max_k.bit_length())} | {max_k}) - {1})
-    one = packed_rate(cfg, ds, device, 1)
+    route = pack_route(cfg, ds)[0] or "vmap"
+    one = packed_rate(cfg, ds, device, 1, route)
     best_k, best_rate = 1, one
     for k in sizes:
         try:
-            rate = packed_rate(cfg, ds, device, k)
+            rate = packed_rate(cfg, ds, device, k, route)
         except torch.OutOfMemoryError:
             break
         finally:
@@ -153,13 +156,17 @@ def choose_pack(cfg: TrainConfig, ds: Any, device: torch.device, max_k: int) -> 
     return best_k, best_rate / one
 
 
-def packed_rate(cfg: TrainConfig, ds: Any, device: torch.device, k: int) -> float:
+def packed_rate(cfg: TrainConfig, ds: Any, device: torch.device, k: int, route: str | None = None) -> float:
     """Images per second of ``k`` runs trained as one pack on ``device`` (random images of the
-    dataset's shape, the grid's batch size and precision), over :data:`PROBE_STEPS` steps."""
+    dataset's shape, the grid's batch size and precision), over :data:`PROBE_STEPS` steps,
+    by ``route`` (default: the one :func:`~reslab.engine.packed.check.pack_route` picks, as
+    ``train_pack`` does)."""
     from reslab.engine.build import autocast_for, build_run_model, resolve_config
     from reslab.engine.packed.stack import PackedModel
 
-    # one process, no channels_last (the packed convolutions take 5-d input), as train_pack does
+    if route is None:
+        route = pack_route(cfg, ds)[0] or "vmap"
+    # one process; the members' own layout does not matter, the pack picks its own, as train_pack does
     cfg = dataclasses.replace(resolve_config(cfg, ds, device), channels_last=False)
     autocast = autocast_for(cfg, device)
     state = torch.random.get_rng_state()
@@ -170,7 +177,9 @@ def packed_rate(cfg: TrainConfig, ds: Any, device: torch.device, k: int) -> floa
             m = m.to(device)
             models.append(m)
             opts.append(torch.optim.SGD(m.parameters(), lr=cfg.lr))
-        pack = PackedModel(models, opts, cfg.weight_decay, cfg.momentum, cfg.nesterov, cfg.lr)
+        pack = PackedModel(
+            models, opts, cfg.weight_decay, cfg.momentum, cfg.nesterov, cfg.lr, route, device.type == "cuda"
+        )
         c, h, w = ds.input_size
         x = torch.randn(k, cfg.batch_size, c, h, w, device=device)
         y = torch.randint(0, ds.num_classes, (k, cfg.batch_size), device=device)

@@ -1,13 +1,17 @@
-"""What may train as one pack: runs that differ only in their seed, with a technique that
-``vmap`` can map (:func:`packable`, tried on the model itself rather than on a list)."""
+"""What may train as one pack: runs that differ only in their seed, with a model that packs
+by one of the two routes (:func:`pack_route`, tried on the model itself rather than on a
+list)."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from reslab.engine.build import build_run_model
 from reslab.engine.config import TrainConfig
@@ -45,30 +49,109 @@ def check_pack(configs: Sequence[TrainConfig], outs: Sequence[Path]) -> None:
         raise UsageError("the gradient-norm probe (probe_every) is not recorded in a pack; train these runs alone")
 
 
-def packable(cfg: TrainConfig, ds: Any) -> str:
-    """Why ``cfg``'s model cannot be mapped over a pack ("" when it can): one training and
-    one evaluation pass of a pack of two on two images, on the CPU, in float32."""
-    from reslab.engine.packed.stack import PackedModel
+#: how close a pack's forward pass and gradients must come to its members' run alone, on
+#: the CPU in float64. Rounding differs between kernels, and a deep net amplifies it: in
+#: float32 a resnet110 with fusion moved its logits by 0.15 of 1.1 between the grouped and
+#: the plain convolutions, in float64 by 6e-9. A wrong layout differs by O(1).
+FORWARD_RTOL = 1e-6
+GRAD_RTOL = 1e-4
+
+
+def pack_route(cfg: TrainConfig, ds: Any) -> tuple[str, str]:
+    """How ``cfg``'s model trains packed: ``("grouped", "")`` where it has a grouped form
+    (:mod:`.grouped`) that computes what its members compute alone, else ``("vmap", "")``
+    where ``vmap`` maps it and computes the same, else ``("", why)``.
+
+    Tried on the model itself, without DropPath (whose draws differ by design): two members
+    with different weights, on the CPU in float64, one training step on four random images
+    each (logits within :data:`FORWARD_RTOL` of the members alone, the gradients within
+    :data:`GRAD_RTOL` in norm) and one evaluation pass. Float32 or bf16 members may still
+    train packed: the check is of the layout, not of the precision."""
+    from reslab.engine.packed.grouped import NotGroupable
 
     state = torch.random.get_rng_state()
+    # DropPath's draws differ between a pack and its members alone by design; both routes
+    # pack it with a module of their own, so the comparison is made without it
+    cfg = dataclasses.replace(cfg, drop_path_rate=0.0)
     try:
-        models, opts = [], []
-        for _ in range(2):
-            m, _note = build_run_model(cfg, ds, load_init_weights=False)
-            models.append(m)
-            opts.append(torch.optim.SGD(m.parameters(), lr=cfg.lr))
-        pack = PackedModel(models, opts, cfg.weight_decay, cfg.momentum, cfg.nesterov, cfg.lr)
+        members = _members(cfg, ds)
         c, h, w = ds.input_size
-        losses, _ = pack.train_losses(torch.zeros(2, 2, c, h, w), torch.zeros(2, 2, dtype=torch.long), 0.0)
-        losses.sum().backward()
-        pack.step()
-        with torch.inference_mode():
-            pack.eval_logits(torch.zeros(2, c, h, w))
-    except Exception as e:  # noqa: BLE001 -- whatever vmap refuses, the runs still train (alone)
-        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        x, y = torch.randn(2, 4, c, h, w, dtype=torch.float64), torch.randint(0, ds.num_classes, (2, 4))
+        want = _alone(members, x, y, cfg.label_smoothing)
+        why = {}
+        for route in ("grouped", "vmap"):
+            try:
+                _check_route(cfg, members, route, x, y, want)
+                return route, ""
+            except NotGroupable as e:
+                why[route] = f"no grouped form: {e}"
+            except Exception as e:  # noqa: BLE001 -- whatever a route refuses, the runs still train (alone)
+                why[route] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return "", why["vmap"]
     finally:
         torch.random.set_rng_state(state)
-    return ""
+
+
+def packable(cfg: TrainConfig, ds: Any) -> str:
+    """Why ``cfg``'s model cannot train packed ("" when it can, by either route)."""
+    return pack_route(cfg, ds)[1]
+
+
+def _members(cfg: TrainConfig, ds: Any) -> list[torch.nn.Module]:
+    """Two members of the pack, their weights moved off their init (whose zeros, as in
+    skipinit or Fixup, would hide a wrong merge)."""
+    models = []
+    for _ in range(2):
+        m, _note = build_run_model(cfg, ds, load_init_weights=False)
+        m = m.double()
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(torch.randn_like(p), alpha=0.05)
+        models.append(m)
+    return models
+
+
+def _alone(
+    members: Sequence[torch.nn.Module], x: torch.Tensor, y: torch.Tensor, smoothing: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The members' training logits (K x B x classes) and their gradients, one flat vector."""
+    logits, grads = [], []
+    for i, m in enumerate(members):
+        m = copy.deepcopy(m).train()
+        out = m(x[i])
+        F.cross_entropy(out, y[i], label_smoothing=smoothing).backward()
+        logits.append(out.detach())
+        grads += [torch.zeros(p.numel(), dtype=p.dtype) if p.grad is None else p.grad.flatten() for p in m.parameters()]
+    return torch.stack(logits), torch.cat(grads)
+
+
+def _check_route(
+    cfg: TrainConfig,
+    members: Sequence[torch.nn.Module],
+    route: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    want: tuple[torch.Tensor, torch.Tensor],
+) -> None:
+    """Raise unless a pack of ``members`` by ``route`` trains and evaluates as they do alone."""
+    from reslab.engine.packed.stack import PackedModel
+
+    models = [copy.deepcopy(m) for m in members]
+    opts = [torch.optim.SGD(m.parameters(), lr=cfg.lr) for m in models]
+    pack = PackedModel(models, opts, cfg.weight_decay, cfg.momentum, cfg.nesterov, cfg.lr, route=route)
+    losses, logits = pack.train_losses(x, y, cfg.label_smoothing)
+    pack.optimizer.zero_grad(set_to_none=False)
+    losses.sum().backward()
+    names = [n for n, _ in members[0].named_parameters()]
+    got = torch.cat([pack.params[n].grad[i].flatten() for i in range(len(models)) for n in names])
+    want_logits, want_grads = want
+    if not torch.allclose(logits.detach(), want_logits, rtol=FORWARD_RTOL, atol=FORWARD_RTOL):
+        raise ValueError(f"the {route} pack's logits differ from its members' alone")
+    if (got - want_grads).norm() > GRAD_RTOL * want_grads.norm():
+        raise ValueError(f"the {route} pack's gradients differ from its members' alone")
+    pack.step()
+    with torch.inference_mode():
+        pack.eval_logits(x[0])
 
 
 def pack_groups(configs: Sequence[TrainConfig], size: int) -> list[list[int]]:

@@ -53,7 +53,7 @@ from reslab.engine.config import TrainConfig
 from reslab.engine.devices import device_name
 from reslab.engine.distributed import resolve_device, setup_distributed
 from reslab.engine.optim import lr_at
-from reslab.engine.packed.check import check_pack, packable
+from reslab.engine.packed.check import check_pack, pack_route
 from reslab.engine.packed.stack import PackedModel
 from reslab.engine.sources import augment_gather, derive_seed, epoch_draws
 from reslab.engine.state import Engine, EpochResult, RunState
@@ -91,9 +91,10 @@ def train_pack(
 
     Every run folder is the one :func:`reslab.engine.train.train` writes, its config
     recording the pack (``pack: {size, index, members, seeds}``). ``resume``/``overwrite``
-    apply to each folder as in ``train`` (one flag for all, or one per run). A technique that
-    cannot be mapped by ``vmap`` (:func:`~reslab.engine.packed.check.packable`) is said so on
-    stderr and its runs train one after another with ``train``. ``progress``: ``False`` = silent, otherwise one line
+    apply to each folder as in ``train`` (one flag for all, or one per run). The pack takes the
+    route :func:`~reslab.engine.packed.check.pack_route` picks (grouped layers, else ``vmap``;
+    the config's ``pack`` records it); a model neither route can pack is said so on stderr and
+    its runs train one after another with ``train``. ``progress``: ``False`` = silent, otherwise one line
     per epoch of the pack.
     """
     from reslab.engine.train import train
@@ -108,7 +109,7 @@ def train_pack(
         raise UsageError("a pack trains in one process; run it without torchrun")
     set_threads(configs[0], d)
     ds = open_run_dataset(configs[0])
-    why = packable(configs[0], ds)
+    route, why = pack_route(configs[0], ds)
     if why:
         say.line(f"technique {configs[0].technique!r} cannot train packed ({why}); training its runs one at a time")
         return [
@@ -125,8 +126,8 @@ def train_pack(
         if res and runs.run_state(o) in ("completed", "diverged"):
             finished[i] = runs.read_summary(o) or {}  # a resumed pack leaves finished members as they are
             continue
-        pack = {"size": len(configs), "index": i, "members": names, "seeds": seeds}
-        # one process, no channels_last (the packed convolutions take 5-d input)
+        pack = {"size": len(configs), "index": i, "members": names, "seeds": seeds, "route": route}
+        # one process; the members' own modules never run a step, so their layout is moot
         cfg = dataclasses.replace(resolve_config(c, ds, device), channels_last=False, pack=pack)
         ckpt = read_checkpoint(o, cfg) if res else None
         engine, state = build_engine(cfg, ds, d, device, o, ckpt, source)
@@ -146,7 +147,7 @@ def train_pack(
                 f"the pack's runs stand at different epochs ({at}); a pack resumes only from one epoch: resume "
                 "each run alone (train(config, out, resume=True)) or pack the runs that stand together"
             )
-        _run(members, say, loss_hook)
+        _run(members, say, loss_hook, route)
     by_out = {m.out: m.summary for m in members}
     return [finished[i] if i in finished else by_out[o] for i, o in enumerate(outs)]
 
@@ -160,7 +161,7 @@ def _per_run(flag: bool | Sequence[bool], n: int, name: str) -> list[bool]:
     return flags
 
 
-def _run(members: list[Member], say: Progress, loss_hook: LossHook | None) -> None:
+def _run(members: list[Member], say: Progress, loss_hook: LossHook | None, route: str) -> None:
     e0 = members[0].engine
     cfg = e0.cfg
     pack = PackedModel(
@@ -170,9 +171,11 @@ def _run(members: list[Member], say: Progress, loss_hook: LossHook | None) -> No
         cfg.momentum,
         cfg.nesterov,
         cfg.lr,
+        route=route,
+        channels_last=e0.device.type == "cuda",  # grouped convolutions are fastest so on a GPU
     )
     say.line(
-        f"training {len(members)} runs of {cfg.model} ({cfg.technique}) packed, seeds "
+        f"training {len(members)} runs of {cfg.model} ({cfg.technique}) packed ({route}), seeds "
         f"{', '.join(str(m.engine.cfg.seed) for m in members)}: {e0.source.n_train} images, "
         f"{e0.steps_per_epoch} steps/epoch, {cfg.epochs} epochs, device {e0.device}"
     )

@@ -1,19 +1,27 @@
-"""K models of one architecture as one packed model, through ``torch.func``.
+"""K models of one architecture as one packed model: their stacked state, and two routes
+for the forward pass.
 
 The members' parameters and buffers are stacked along a new leading dimension
-(``stack_module_state``) and one forward pass of a stateless copy of the architecture is
-mapped over that dimension with ``vmap`` (``functional_call``): a convolution over a
-batch of weights becomes one grouped convolution, a BatchNorm updates each member's own
-slice of the stacked running statistics, and random layers (DropPath) draw per member
-(``randomness="different"``). Nothing here knows a technique: whatever a technique adds
-to a block is a parameter or buffer of the module and is stacked like the rest, so a
-plugin technique packs with no code of its own.
+(``stack_module_state``). The forward pass takes one of two routes (:data:`ROUTES`):
+
+* ``vmap``: one forward pass of a stateless copy of the architecture is mapped over that
+  dimension with ``vmap`` (``functional_call``): a convolution over a batch of weights
+  becomes one grouped convolution, a BatchNorm updates each member's own slice of the
+  stacked running statistics, and random layers (DropPath) draw per member
+  (``randomness="different"``). Nothing here knows a technique: whatever a technique adds
+  to a block is a parameter or buffer of the module and is stacked like the rest, so any
+  plugin technique packs with no code of its own.
+* ``grouped``: one network of grouped layers (:mod:`.grouped`) whose parameters are views
+  of the same stacked tensors; no layout changes between layers, and channels_last on a
+  GPU. It exists where the model has a grouped form, which
+  :func:`~reslab.engine.packed.check.pack_route` checks numerically before using it.
 
 SGD on stacked tensors is elementwise, so a member's slice of the momentum buffer and its
-weight decay are what it would have alone. The members' own modules and optimizers are
-kept beside the pack: :meth:`PackedModel.to_members` copies each member's slices back into
-them, so a member's checkpoint and weights are written by the engine's own functions and
-read back by them (:meth:`PackedModel.from_members`) exactly as a run trained alone.
+weight decay are what it would have alone, by either route. The members' own modules and
+optimizers are kept beside the pack: :meth:`PackedModel.to_members` copies each member's
+slices back into them, so a member's checkpoint and weights are written by the engine's own
+functions and read back by them (:meth:`PackedModel.from_members`) exactly as a run
+trained alone.
 """
 
 from __future__ import annotations
@@ -28,6 +36,11 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from reslab.engine.optim import param_groups
+from reslab.engine.packed.grouped import channels_last_stack, grouped_model
+
+#: how a pack computes its members' forward passes: ``vmap`` over any architecture, or one
+#: model of grouped layers (:mod:`.grouped`) where the architecture has a grouped form
+ROUTES = ("vmap", "grouped")
 
 
 def _norm_in_fp32(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
@@ -49,17 +62,32 @@ class PackedModel:
         momentum: float,
         nesterov: bool,
         lr: float,
+        route: str = "vmap",
+        channels_last: bool = False,
     ) -> None:
+        if route not in ROUTES:
+            raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
         self.members, self.member_opts = list(members), list(optimizers)
         self.k = len(self.members)
+        self.route = route
+        #: the grouped route may run its convolutions in channels_last (the vmap route cannot)
+        self.channels_last = channels_last and route == "grouped"
         params, buffers = stack_module_state(self.members)  # type: ignore[arg-type]
+        if route == "grouped":
+            self.grouped, self.views = grouped_model(self.members[0], self.k)
+            if self.channels_last:  # conv weights (K x 4-d) stored so their grouped view is channels_last
+                params = {
+                    n: channels_last_stack(t.detach()).requires_grad_() if t.dim() == 5 else t
+                    for n, t in params.items()
+                }
+        else:
+            # a stateless copy of the architecture that functional_call fills with each slice
+            self.base = copy.deepcopy(self.members[0]).to("meta")
+            for m in self.base.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.register_forward_pre_hook(_norm_in_fp32)
         self.params: dict[str, Tensor] = params
         self.buffers: dict[str, Tensor] = buffers
-        # a stateless copy of the architecture that functional_call fills with each slice
-        self.base = copy.deepcopy(self.members[0]).to("meta")
-        for m in self.base.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.register_forward_pre_hook(_norm_in_fp32)
         # the same groups, in the same order, as param_groups builds for each member: a
         # member's optimizer state and the stacked one index their parameters alike
         names = {id(p): n for n, p in self.members[0].named_parameters()}
@@ -82,19 +110,41 @@ class PackedModel:
     def _call(self, p: dict[str, Tensor], b: dict[str, Tensor], x: Tensor) -> Tensor:
         return functional_call(self.base, (p, b), (x,))
 
+    def _grouped_call(self, xp: Tensor) -> Tensor:
+        """The grouped model on ``B x K*C x H x W`` input: ``K x B x classes`` logits."""
+        if self.channels_last:
+            xp = xp.contiguous(memory_format=torch.channels_last)
+        state = {n: self.views[n](t) for n, t in (*self.params.items(), *self.buffers.items())}
+        out = functional_call(self.grouped, state, (xp,))
+        return out.view(out.shape[0], self.k, -1).transpose(0, 1)
+
     def train_losses(self, x: Tensor, y: Tensor, label_smoothing: float) -> tuple[Tensor, Tensor]:
         """Each member's mean training loss over its own batch (``x``: K x B x C x H x W,
         ``y``: K x B) and its logits (K x B x classes), in training mode."""
+        if self.route == "grouped":
+            self.grouped.train()
+            k, b = x.shape[:2]
+            logits = self._grouped_call(x.transpose(0, 1).reshape(b, -1, *x.shape[3:]))
+            ce = F.cross_entropy(
+                _full(logits).reshape(k * b, -1), y.reshape(-1), reduction="none", label_smoothing=label_smoothing
+            )
+            return ce.view(k, b).mean(1), logits
         self.base.train()
 
         def one(p: dict[str, Tensor], b: dict[str, Tensor], xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
             logits = self._call(p, b, xb)
-            return F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing), logits
+            return F.cross_entropy(_full(logits), yb, label_smoothing=label_smoothing), logits
 
         return vmap(one, randomness="different")(self.params, self.buffers, x, y)  # type: ignore[no-any-return]
 
     def eval_logits(self, x: Tensor) -> Tensor:
         """Every member's logits (K x B x classes) for the same images ``x``, in eval mode."""
+        if self.route == "grouped":
+            self.grouped.eval()
+            try:
+                return self._grouped_call(x.repeat(1, self.k, 1, 1))
+            finally:
+                self.grouped.train()
         self.base.eval()
         try:
             return vmap(self._call, in_dims=(0, 0, None))(self.params, self.buffers, x)  # type: ignore[no-any-return]
@@ -178,6 +228,11 @@ class PackedModel:
             {**g, "lr": mg["lr"]} for g, mg in zip(sd["param_groups"], states[0]["param_groups"], strict=True)
         ]
         self.optimizer.load_state_dict(sd)
+
+
+def _full(t: Tensor) -> Tensor:
+    """Logits for the loss: float32 from a half precision, as they are from float32/64."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def _slice(v: Any, i: int, k: int) -> Any:
