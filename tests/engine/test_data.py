@@ -18,6 +18,7 @@ import torch
 import torchvision
 from PIL import Image
 
+from cifar_files import write_cifar
 from reslab.engine import data
 from reslab.engine.data import base as data_base
 from reslab.engine.data import load_arrays, load_folder, parse_idx
@@ -181,31 +182,10 @@ def test_data_dir_without_the_dataset_is_an_error_not_a_fallback(isolated, monke
 # CIFAR in torchvision's format
 
 
-def _write_cifar(root: Path, name: str, n_train: int = 20, n_test: int = 10) -> dict[str, np.ndarray]:
-    info = data.CIFAR[name]
-    base = root / info["folder"]
-    base.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    k = info["num_classes"]
-    out: dict[str, list] = {"train_x": [], "train_y": [], "test_x": [], "test_y": []}
-    for split, n in (("train", n_train), ("test", n_test)):
-        for fname, _ in info[split]:
-            x = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-            y = rng.integers(0, k, n).tolist()
-            with open(base / fname, "wb") as f:
-                pickle.dump({"data": x, info["label_key"]: y, "batch_label": fname}, f)
-            out[f"{split}_x"].append(x)
-            out[f"{split}_y"].append(y)
-    meta_name, key, _ = info["meta"]
-    with open(base / meta_name, "wb") as f:
-        pickle.dump({key: [f"class{i}" for i in range(k)]}, f)
-    return {k2: np.concatenate(v) for k2, v in out.items()}
-
-
 @pytest.mark.parametrize("name, tv_class", [("cifar10", "CIFAR10"), ("cifar100", "CIFAR100")])
 def test_cifar_format_matches_torchvision(isolated, monkeypatch, name, tv_class):
     root = isolated / "c"
-    written = _write_cifar(root, name)
+    written = write_cifar(root, name)
     ds = load_arrays(name, root, verify=False)
     cls = getattr(torchvision.datasets, tv_class)
     # the files are ours, so torchvision's md5 check must be bypassed to read them
@@ -220,7 +200,7 @@ def test_cifar_format_matches_torchvision(isolated, monkeypatch, name, tv_class)
 
 def test_cifar_checksums_and_unsafe_pickles(isolated):
     root = isolated / "c"
-    _write_cifar(root, "cifar10")
+    write_cifar(root, "cifar10")
     with pytest.raises(UsageError, match="checksum"):
         load_arrays("cifar10", root)  # hand-made files are not the official ones
     # a pickle that would run code when loaded must be refused, not executed

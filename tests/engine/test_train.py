@@ -63,6 +63,18 @@ def test_onecycle_and_cosine_schedules():
     assert lr_at(70, 100, TrainConfig(lr=0.3, warmup=0.0, schedule="constant")) == 0.3
 
 
+def test_step_schedule_is_he_et_al_s_cifar_schedule():
+    """He et al. 2016: lr 0.1, divided by 10 at 32k and 48k of 64k iterations."""
+    cfg = TrainConfig(lr=0.1, warmup=0.0, schedule="step")
+    total = 64_000
+    assert lr_at(0, total, cfg) == lr_at(31_999, total, cfg) == 0.1
+    assert lr_at(32_000, total, cfg) == pytest.approx(0.01) and lr_at(47_999, total, cfg) == pytest.approx(0.01)
+    assert lr_at(48_000, total, cfg) == pytest.approx(0.001) and lr_at(63_999, total, cfg) == pytest.approx(0.001)
+    warm = TrainConfig(lr=0.1, warmup=0.01, schedule="step")
+    assert lr_at(0, total, warm) == pytest.approx(0.1 / 640) and lr_at(639, total, warm) == pytest.approx(0.1)
+    assert lr_at(640, total, warm) == 0.1 and lr_at(32_000, total, warm) == pytest.approx(0.01)
+
+
 @pytest.mark.parametrize("technique", ["baseline", "scale", "skipinit", "layerscale", "fixup", "norm", "fusion"])
 def test_weight_decay_only_on_conv_and_linear_weights(technique):
     model = build_model("resnet8", technique=technique, in_channels=1, width=0.25)

@@ -17,7 +17,7 @@ import yaml
 
 from reslab.errors import UsageError
 
-SCHEDULES = ("onecycle", "cosine", "constant")
+SCHEDULES = ("onecycle", "cosine", "step", "constant")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 #: fields that may differ between a run and its ``--resume`` (they change where and how
@@ -67,7 +67,9 @@ class TrainConfig:
         5e-4, "weight decay on conv and linear weights (not on BatchNorm, biases or technique gains)"
     )
     label_smoothing: float = _opt(0.1, "label smoothing")
-    schedule: str = _opt("onecycle", "learning-rate schedule: onecycle, cosine or constant")
+    schedule: str = _opt(
+        "onecycle", "learning-rate schedule: onecycle, cosine, step (lr/10 at 50% and 75% of steps) or constant"
+    )
     warmup: float = _opt(0.2, "fraction of all steps spent warming the learning rate up linearly from zero")
     val_size: int | None = _opt(
         None,

@@ -298,7 +298,7 @@ def parse_duration(text: str) -> float:
 def build_grid(args: argparse.Namespace) -> tuple[Any, int, str]:
     """(Grid, jobs, out) from the options: preset or engine defaults < --config < options < --set."""
     from reslab.engine.config import parse_assignments, read_config_file
-    from reslab.study.grid import PRESETS, Grid, resolve_techniques
+    from reslab.study.grid import FREE_FIELDS, PRESETS, Grid, resolve_techniques
     from reslab.study.plan import Plan
 
     explicit_train = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k) is not None}
@@ -320,10 +320,16 @@ def build_grid(args: argparse.Namespace) -> tuple[Any, int, str]:
             "jobs": 1,
         }
     train = dict(base["train"])
+    given: dict[str, Any] = {}
     if args.config:
-        train.update(read_config_file(args.config))
-    train.update(explicit_train)
-    train.update(parse_assignments(args.set, "--set", "lr=0.05"))
+        given.update(read_config_file(args.config))
+    given.update(explicit_train)
+    given.update(parse_assignments(args.set, "--set", "lr=0.05"))
+    # a preset's recipe for the dataset asked for (paper on cifar10) replaces its training settings
+    recipe = base.get("recipes", {}).get(given.get("dataset"))
+    if recipe:
+        train = dict(recipe)
+    train.update(given)
     for k in ("model", "technique", "seed"):
         if k in train:
             raise UsageError(f"{k} is set per run by the grid; use --{k}s instead of setting {k} in the options")
@@ -375,10 +381,15 @@ def build_grid(args: argparse.Namespace) -> tuple[Any, int, str]:
         budget_s=budget,
         error_rate=args.error_rate or "table",
     )
-    if preset_name and (custom or grid.error_rate != "table"):
+    # only the dataset chosen (and where it is read, how many threads): the preset's own recipe for it
+    recipe_only = recipe and set(given) - FREE_FIELDS == {"dataset"} and not grid_given and not args.budget
+    if recipe_only and grid.error_rate == "table":
+        grid.preset = f"{preset_name} ({given['dataset']})"
+    elif preset_name and (custom or grid.error_rate != "table"):
         grid.preset = f"{preset_name} (modified)"
     jobs = args.jobs if args.jobs is not None else base["jobs"]
-    out = args.out or f"results/{preset_name or 'compare'}"
+    default_out = f"{preset_name}-{given['dataset']}" if recipe else preset_name
+    out = args.out or f"results/{default_out or 'compare'}"
     return grid, jobs, out
 
 
