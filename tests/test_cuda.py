@@ -138,6 +138,37 @@ def test_a_pack_on_the_gpu_computes_what_its_members_compute(technique: str, rou
         assert pack.eval_logits(x[0]).shape == (k, 64, 10)
 
 
+def test_the_merge_kernels_gpu_forms_equal_their_cpu_forms_on_the_gpu() -> None:
+    """On a GPU the merges run plain autograd forms (measured faster there); in float64 on the
+    card they give the CPU forms' values and gradients."""
+    from reslab.nn import ops
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def leaves(*shapes):
+        return [torch.randn(s, dtype=torch.float64, device="cuda", generator=gen).requires_grad_() for s in shapes]
+
+    for gain_shape in ((1,), (6, 1, 1)):
+        x, gain, y = leaves((4, 6, 8, 8), gain_shape, (4, 6, 8, 8))
+        gpu = ops.add_scaled(x, gain, y)
+        assert type(gpu.grad_fn).__name__ == "AddcmulBackward0"
+        cpu_form = ops.add_scaled_lean(x, gain, y)
+        g = torch.randn_like(gpu)
+        torch.testing.assert_close(gpu, cpu_form)
+        want = torch.autograd.grad(cpu_form, (x, gain, y), g)
+        for got, ref in zip(torch.autograd.grad(gpu, (x, gain, y), g), want, strict=True):
+            torch.testing.assert_close(got, ref)
+    for groups in (1, 3):
+        a, b, w, bias = leaves((2, 4 * groups, 5, 5), (2, 4 * groups, 5, 5), (4 * groups, 8, 1, 1), (4 * groups,))
+        gpu = ops.fused_concat_conv1x1(a, b, w, bias, add_identity=True)
+        cpu_form = ops.concat_conv1x1_split(a, b, w, bias, add_identity=True)
+        g = torch.randn_like(gpu)
+        torch.testing.assert_close(gpu, cpu_form)
+        want = torch.autograd.grad(cpu_form, (a, b, w, bias), g)
+        for got, ref in zip(torch.autograd.grad(gpu, (a, b, w, bias), g), want, strict=True):
+            torch.testing.assert_close(got, ref)
+
+
 def test_compare_pins_each_worker_to_a_gpu(tmp_path: Path) -> None:
     out = tmp_path / "res"
     args = [sys.executable, "-m", "reslab", "compare", "--models", "resnet8", "--width", "0.25"]

@@ -1,8 +1,21 @@
-"""Fast merge kernels the built-in techniques use.
+"""Merge kernels the built-in techniques use, in the form measured faster on each device.
 
-``add_scaled`` is ``x + gain * y`` with a backward that writes nothing activation-sized,
-and ``fused_concat_conv1x1`` a 1x1 conv on ``cat[a, b]`` computed as two half-width convs
-without materialising the concatenation.
+``add_scaled`` is ``x + gain * y`` and ``fused_concat_conv1x1`` a 1x1 conv on ``cat[a, b]``
+plus ``a``. Each has two forms that compute the same thing:
+
+* the CPU form writes as little activation-sized memory as it can: ``add_scaled``'s
+  backward reduces the gain's gradient without materialising ``g * y``, and the fused conv
+  runs as two half-width convs with no concatenation. On a 2-core CPU both were the faster
+  (benchmarks/README.md, "Technique overhead").
+* the GPU form is plain autograd with the fewest kernels (``addcmul``; concatenation, one
+  full-width conv, an in-place add). On an H200 the CPU forms were the
+  slower ones: resnet20 at batch 256 stepped 1.23x baseline's time with ``scale`` against
+  1.08x for the article's eager ``F + scale * s``, and 1.56x against 1.34x with ``fusion``,
+  where a step is launch-bound and a custom autograd function or a second conv costs more
+  than the memory it saves.
+
+Both forms are tested against the plain formulas on the CPU (``tests/nn/test_merges.py``)
+and against each other on a GPU (``tests/test_cuda.py``).
 """
 
 from __future__ import annotations
@@ -66,7 +79,15 @@ class _AddScaled(torch.autograd.Function):
 
 
 def add_scaled(x: Tensor, gain: Tensor, y: Tensor) -> Tensor:
-    """``x + gain * y``, ``gain`` broadcast (a scalar or ``C x 1 x 1``), with a lean backward.
+    """``x + gain * y``, ``gain`` broadcast (a scalar or ``C x 1 x 1``): :func:`add_scaled_lean`
+    on the CPU, plain ``addcmul`` elsewhere (see the module's notes)."""
+    if x.device.type == "cpu":
+        return add_scaled_lean(x, gain, y)
+    return torch.addcmul(x, gain, y)
+
+
+def add_scaled_lean(x: Tensor, gain: Tensor, y: Tensor) -> Tensor:
+    """``x + gain * y`` with a backward that writes nothing activation-sized.
 
     Autograd's ``addcmul`` backward materialises ``g * y`` to reduce it to the gain's
     shape: on a 2-core CPU that product cost about as much as the rest of the merge. Here
@@ -80,23 +101,51 @@ def add_scaled(x: Tensor, gain: Tensor, y: Tensor) -> Tensor:
 def fused_concat_conv1x1(
     a: Tensor, b: Tensor, weight: Tensor, bias: Tensor | None, add_identity: bool = False
 ) -> Tensor:
-    """``(a if add_identity else 0) + conv1x1(cat[a, b], weight, bias)`` without the cat.
-
-    A 1x1 conv on a concatenation is ``W_a a + W_b b``: two half-width convs, the second
-    accumulated in place into the first's output (conv backward needs its inputs, not its
-    output, so this is safe for autograd). Adding ``a`` itself is folded into the weight as
-    ``W_a + I``: a CxC add instead of a pass over the activations. On a 2-core CPU, with
-    channels_last, this ran about 2x faster than cat + conv (forward and backward) and
-    faster than the same two products written as GEMMs on the NHWC view.
+    """``(a if add_identity else 0) + conv1x1(cat[a, b], weight, bias)``:
+    :func:`concat_conv1x1_split` on the CPU, :func:`concat_conv1x1_cat` elsewhere.
 
     ``weight`` may hold ``G`` such layers as one grouped conv (``G*C x 2C x 1 x 1``, ``a`` and
     ``b`` with ``G*C`` channels, group ``g`` reading its own ``C`` channels of each): the
     groups are read from the shapes.
     """
+    if a.device.type == "cpu":
+        return concat_conv1x1_split(a, b, weight, bias, add_identity)
+    return concat_conv1x1_cat(a, b, weight, bias, add_identity)
+
+
+def _identity_in(w: Tensor, groups: int) -> Tensor:
+    """``w`` (``G*C x C x 1 x 1``, each group's block) plus the identity in every group."""
+    c = w.shape[1]
+    eye = torch.eye(c, dtype=w.dtype, device=w.device).repeat(groups, 1)
+    return w + eye[:, :, None, None]
+
+
+def concat_conv1x1_split(
+    a: Tensor, b: Tensor, weight: Tensor, bias: Tensor | None, add_identity: bool = False
+) -> Tensor:
+    """The fused conv without the concatenation: ``W_a a + W_b b``, two half-width convs, the
+    second accumulated in place into the first's output (conv backward needs its inputs,
+    not its output, so this is safe for autograd); adding ``a`` itself is folded into the
+    weight as ``W_a + I``. On a 2-core CPU, with channels_last, this ran about 2x faster than
+    cat + conv (forward and backward) and faster than the same two products written as GEMMs
+    on the NHWC view."""
     c = weight.shape[1] // 2  # input channels of one group, of each half
     groups = a.shape[1] // c  # 1, or K when a pack holds K such layers as one grouped conv
     w_a, w_b = weight[:, :c], weight[:, c:]
     if add_identity:
-        eye = torch.eye(c, dtype=weight.dtype, device=weight.device).repeat(groups, 1)
-        w_a = w_a + eye[:, :, None, None]
+        w_a = _identity_in(w_a, groups)
     return F.conv2d(a, w_a, bias, groups=groups).add_(F.conv2d(b, w_b, groups=groups))
+
+
+def concat_conv1x1_cat(a: Tensor, b: Tensor, weight: Tensor, bias: Tensor | None, add_identity: bool = False) -> Tensor:
+    """The fused conv as one full-width conv on the concatenation (per group: each group's
+    ``C`` channels of ``a`` then of ``b``), then ``a`` added in place: three kernels, where
+    folding the identity into the weight would launch more, if smaller, ones."""
+    c = weight.shape[1] // 2
+    groups = a.shape[1] // c
+    if groups == 1:
+        ab = torch.cat([a, b], dim=1)
+    else:  # group g reads [a_g, b_g]
+        ab = torch.cat([a.unflatten(1, (groups, c)), b.unflatten(1, (groups, c))], dim=2).flatten(1, 2)
+    out = F.conv2d(ab, weight, bias, groups=groups)
+    return out.add_(a) if add_identity else out
