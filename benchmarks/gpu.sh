@@ -94,6 +94,9 @@ step deep-study "${compare[@]}" "${deep[@]}" --pack auto || step deep-study-alon
 mkdir -p "$out/evidence" && cp "$out/deep-study/"{report.md,decisions.json,summary.csv,grid.json} "$out/evidence/" 2>/dev/null
 step technique-overhead "$PYTHON" benchmarks/technique_overhead.py --device cuda --batch 256 --rounds 11 --steps 10
 step train-speed "$PYTHON" benchmarks/train_speed.py --device cuda --train-subset 0 --rounds 2 --workers 8
+# the same with reslab's step replayed as a CUDA graph (cuda_graphs; issue 19's 1.5x target)
+step train-speed-graphs "$PYTHON" benchmarks/train_speed.py --device cuda --train-subset 0 --rounds 2 --workers 8 \
+  --cuda-graphs
 # a grid of 16 resnet56 runs (one technique, 16 seeds: one pack) end to end, packed against one
 # run at a time, the same card in the same call (compare --pack; issue 19)
 grid16=(--models resnet56 --techniques baseline --seeds 16 --no-until-decided --width 1 --epochs 1

@@ -16,6 +16,7 @@ median ratio is reported with both test accuracies.
     python benchmarks/train_speed.py                      # quick: 10k images, 1 epoch, 3 rounds
     python benchmarks/train_speed.py --train-subset 0 --epochs 10 --rounds 1   # full runs
     python benchmarks/train_speed.py --device cuda --train-subset 0 --workers 8   # on a GPU (benchmarks/gpu.sh)
+    python benchmarks/train_speed.py --device cuda --train-subset 0 --workers 8 --cuda-graphs   # reslab's step replayed
 """
 
 from __future__ import annotations
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the reference (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch threads for both (default: PyTorch's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N], for both")
+    p.add_argument("--cuda-graphs", action="store_true", help="reslab replays its training step as a CUDA graph")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -141,12 +143,14 @@ def main(argv: list[str] | None = None) -> int:
         val_size=5000,
         threads=args.threads,
         device=args.device,
+        cuda_graphs=args.cuda_graphs,
     )
     print(
         f"{args.model} on fashion-mnist, {args.train_subset or 55000} images x {args.epochs} epoch(s), "
         f"batch {cfg.batch_size}, {args.device}"
         + (f" ({torch.cuda.get_device_name(args.device)})" if args.device.startswith("cuda") else "")
-        + f", {torch.get_num_threads()} threads, reference with {args.workers} workers",
+        + f", {torch.get_num_threads()} threads, reference with {args.workers} workers"
+        + (", reslab with CUDA graphs" if args.cuda_graphs else ""),
         flush=True,
     )
     ratios = []
@@ -163,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r + 1:>5} {ref_ips:>16.1f} {res_ips:>13.1f} {ratios[-1]:>6.2f} {ref_acc:>8.4f} {res_acc:>10.4f}",
                 flush=True,
             )
-    print(f"median speed-up of reslab over the reference: {statistics.median(ratios):.2f}x (target >= 1.4x)")
+    target = "1.5x on a GPU" if args.device.startswith("cuda") else "1.4x"
+    print(f"median speed-up of reslab over the reference: {statistics.median(ratios):.2f}x (target >= {target})")
     return 0
 
 

@@ -21,6 +21,7 @@ from reslab.engine.config import TrainConfig, default_threads
 from reslab.engine.data import ArrayDataset, FolderDataset, open_dataset
 from reslab.engine.devices import pick_precision
 from reslab.engine.distributed import Dist
+from reslab.engine.graphed import GraphedStep, graphs_refusal
 from reslab.engine.optim import param_groups
 from reslab.engine.sources import DEFAULT_VAL_SIZE, ArraySource, FolderSource, derive_seed
 from reslab.engine.state import Engine, RunState
@@ -103,10 +104,12 @@ def wrap_for_training(model: nn.Module, cfg: TrainConfig, d: Dist, device: torch
     return model
 
 
-def autocast_for(cfg: TrainConfig, device: torch.device) -> Callable[[], Any]:
+def autocast_for(cfg: TrainConfig, device: torch.device) -> Callable[..., Any]:
+    """A fresh autocast context per call (a null one in fp32); ``cache=False`` turns off its
+    cache of weight casts, as a CUDA graph capture needs."""
     if cfg.precision != "bf16":
-        return nullcontext
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+        return lambda cache=True: nullcontext()
+    return lambda cache=True: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
 
 
 def build_engine(
@@ -137,6 +140,8 @@ def build_engine(
         raise UsageError(
             f"batch_size {cfg.batch_size} is larger than the {source.n_train} training images; pass a smaller one"
         )
+    if cfg.cuda_graphs and (why := graphs_refusal(device, d.enabled, cfg.compile, cfg.probe_every)):
+        raise UsageError(f"cuda_graphs: {why}; or train without cuda_graphs")
     optimizer = torch.optim.SGD(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov
     )
@@ -148,6 +153,8 @@ def build_engine(
         "mean": list(ds.mean),
         "std": list(ds.std),
     }
+    autocast = autocast_for(cfg, device)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     engine = Engine(
         cfg=cfg,
         d=d,
@@ -156,14 +163,15 @@ def build_engine(
         raw_model=model,
         model=wrap_for_training(model, cfg, d, device),
         optimizer=optimizer,
-        criterion=nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing),
+        criterion=criterion,
         norm=Normalize(ds.mean, ds.std, device),
-        autocast=autocast_for(cfg, device),
+        autocast=autocast,
         steps_per_epoch=steps_per_epoch,
         meta=meta,
         params=params,
         flops=flops,
         pretrained_note=note,
+        graphed=GraphedStep(model, criterion, optimizer, autocast) if cfg.cuda_graphs else None,
     )
     return engine, state
 

@@ -23,7 +23,18 @@ PRECISIONS = ("auto", "fp32", "bf16")
 #: fields that may differ between a run and its ``--resume`` (they change where and how
 #: fast it runs, not what it computes).
 RESUMABLE_CHANGES = frozenset(
-    {"device", "threads", "compile", "tensorboard", "workers", "data_dir", "precision", "channels_last", "pack"}
+    {
+        "device",
+        "threads",
+        "compile",
+        "cuda_graphs",
+        "tensorboard",
+        "workers",
+        "data_dir",
+        "precision",
+        "channels_last",
+        "pack",
+    }
 )
 
 
@@ -87,6 +98,11 @@ class TrainConfig:
     seed: int = _opt(0, "random seed")
     device: str = _opt("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
     compile: bool = _opt(False, "torch.compile the model")
+    cuda_graphs: bool = _opt(
+        False,
+        "capture the training step as a CUDA graph after 3 eager steps and replay it (CUDA, one process; not with "
+        "compile or probe_every)",
+    )
     channels_last: bool = _opt(True, "NHWC memory format")
     precision: str = _opt("auto", "auto (bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16")
     width: float = _opt(1.0, "width multiplier")

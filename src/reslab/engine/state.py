@@ -40,6 +40,9 @@ class Engine:
     flops: int
     #: what loading ``init_weights`` did, for the progress output ("" when nothing was loaded)
     pretrained_note: str = ""
+    #: the training step as a replayed CUDA graph (:class:`reslab.engine.graphed.GraphedStep`)
+    #: when ``cuda_graphs`` is on, else None
+    graphed: Any = None
 
     @property
     def total_steps(self) -> int:

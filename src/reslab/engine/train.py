@@ -171,17 +171,26 @@ def train_one_epoch(e: Engine, state: RunState, epoch: int, callbacks: Sequence[
         for group in e.optimizer.param_groups:
             group["lr"] = lr
         x = e.norm.from_uint8(augment_gather(xb, ady, adx, aflip, pad, cfg.channels_last), cfg.channels_last)
-        with e.autocast():
-            logits = e.model(x)
-            loss = e.criterion(logits.float(), yb)
-        e.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        state.step += 1
-        for cb in callbacks:
-            cb.on_backward(state.step, epoch)
-        if ((i + 1) % e.check_every == 0 or i + 1 == e.steps_per_epoch) and not all_finite(d, loss.item()):
-            return None
-        e.optimizer.step()
+        check = (i + 1) % e.check_every == 0 or i + 1 == e.steps_per_epoch
+        if e.graphed is not None:
+            # the whole step, update included, in one replay: a non-finite loss is seen after
+            # its update, and a diverged run's weights are never saved, so the result is the same
+            loss, logits = e.graphed(x, yb, lr)
+            state.step += 1
+            if check and not all_finite(d, loss.item()):
+                return None
+        else:
+            with e.autocast():
+                logits = e.model(x)
+                loss = e.criterion(logits.float(), yb)
+            e.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            state.step += 1
+            for cb in callbacks:
+                cb.on_backward(state.step, epoch)
+            if check and not all_finite(d, loss.item()):
+                return None
+            e.optimizer.step()
         ld = loss.detach()
         loss_sum += ld.double() * len(yb)
         correct += (logits.detach().argmax(1) == yb).sum().double()

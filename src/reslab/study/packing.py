@@ -63,6 +63,8 @@ def refusal(cfg: TrainConfig) -> str:
         return "a pack does not torch.compile its model (drop compile)"
     if cfg.probe_every:
         return "the gradient-norm probe is not recorded in a pack (--probe-every 0, or --set probe_every=0)"
+    if cfg.cuda_graphs:
+        return "a pack does not replay CUDA graphs (drop cuda_graphs)"
     return ""
 
 
