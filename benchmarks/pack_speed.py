@@ -11,7 +11,7 @@ on the device:
   of runs in one process does), in channels_last on a GPU as the engine trains a run alone;
 * ``vmap``: the same K models stacked into one PackedModel mapped with ``torch.func.vmap``;
 * ``grouped``: the same K models as one PackedModel of grouped layers (channels_last on a
-  GPU), the route ``train_pack`` takes for every built-in technique but Fixup.
+  GPU), the route ``train_pack`` takes for every built-in technique.
 
 Each round gives ratios of throughputs (``vmap / sep`` and ``grouped / sep``, images per
 second of all K runs), so slow drifts of the machine cancel; the median ratios over rounds

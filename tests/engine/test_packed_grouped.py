@@ -24,9 +24,9 @@ from reslab.nn.models import build_model
 from reslab.nn.registry import list_techniques
 
 K, B = 3, 6
-#: what has a grouped form among the built-ins: all but Fixup, whose scalar biases sit in
-#: modules of its own that do not know the channels they act on
-GROUPED = [t for t in list_techniques() if t != "fixup"]
+#: what has a grouped form among the built-ins: all of them (Fixup through its modules' own
+#: ``grouped`` methods)
+GROUPED = list_techniques()
 
 
 def members(technique: str, model: str = "resnet8", k: int = K, **options) -> list[nn.Module]:
@@ -182,8 +182,71 @@ def test_a_grouped_form_that_mixes_members_is_caught_and_the_pack_maps_with_vmap
     assert pack_route(cfg, open_run_dataset(cfg)) == ("vmap", "")
 
 
+class Shift(nn.Module):
+    """A learnable scalar shift that does not say what it is in a pack."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shift = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.shift
+
+
+class Shifted(reslab.Technique):
+    """A branch that ends in a module of the technique's own, with no grouped form."""
+
+    name = "packtest_shifted"
+
+    def last_norm(self, channels: int) -> nn.Module:
+        return nn.Sequential(nn.BatchNorm2d(channels), Shift())
+
+
+class GroupedShift(Shift):
+    """The same module, saying what it is in a pack of ``k``: one shift per member."""
+
+    def grouped(self, k: int) -> nn.Module:
+        from reslab.nn.techniques import per_member
+
+        class Grouped(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.shift = nn.Parameter(torch.empty(k, 1, device="meta"))
+
+            def forward(self, x: Tensor) -> Tensor:
+                return (x.unflatten(1, (k, -1)) + per_member(self.shift, k, x.ndim)).flatten(1, 2)
+
+        return Grouped()
+
+
+class ShiftedGrouped(reslab.Technique):
+    name = "packtest_shifted_grouped"
+
+    def last_norm(self, channels: int) -> nn.Module:
+        return nn.Sequential(nn.BatchNorm2d(channels), GroupedShift())
+
+
+def test_a_module_of_a_plugin_packs_grouped_once_it_says_how(registry, tiny_train_config):
+    technique_registry.register(Shifted)
+    technique_registry.register(ShiftedGrouped)
+    with pytest.raises(NotGroupable, match=r"layer1\.0\.bn2\.1 \(.*Shift\) has no grouped form"):
+        grouped_model(build_model("resnet8", technique="packtest_shifted", in_channels=1), 2)
+    cfg = tiny_train_config(technique="packtest_shifted")
+    assert pack_route(cfg, open_run_dataset(cfg)) == ("vmap", "")
+    cfg = tiny_train_config(technique="packtest_shifted_grouped")
+    assert pack_route(cfg, open_run_dataset(cfg)) == ("grouped", "")
+    ms = members("packtest_shifted_grouped")
+    with torch.no_grad():
+        for i, m in enumerate(ms):
+            for mod in m.modules():
+                if isinstance(mod, GroupedShift):
+                    mod.shift.fill_(float(i))  # each member its own shift
+    x, y = batch()
+    _, logits = pack_of(ms, "grouped").train_losses(x, y, 0.0)
+    for i, m in enumerate(ms):
+        torch.testing.assert_close(logits[i], copy.deepcopy(m).train()(x[i]), rtol=1e-9, atol=1e-9)
+
+
 def test_conversion_names_the_part_with_no_grouped_form():
-    with pytest.raises(NotGroupable, match="FixupBias"):
-        grouped_model(build_model("resnet8", technique="fixup", in_channels=1), 2)
     with pytest.raises(NotGroupable, match="not a reslab ResNet"):
         grouped_model(nn.Sequential(nn.Conv2d(1, 2, 3)), 2)

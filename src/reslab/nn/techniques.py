@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reslab.errors import UsageError
@@ -179,6 +180,59 @@ class ZeroInit(Technique):
     zero_init_last = True
 
 
+def per_member(t: Tensor, k: int, ndim: int) -> Tensor:
+    """A pack's stacked scalars (``k x 1``) shaped to broadcast over the ``B x k x C x ...`` view
+    of its activations, each member's over its own channels."""
+    return t.view(1, k, *([1] * (ndim - 1)))
+
+
+class _GroupedFixupBias(nn.Module):
+    """:class:`FixupBias` of ``k`` members of a pack (their biases stacked, ``k x 1``)."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+        self.bias = nn.Parameter(torch.empty(k, 1, device="meta"))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x.unflatten(1, (self.k, -1)) + per_member(self.bias, self.k, x.ndim)).flatten(1, 2)
+
+
+class _GroupedFixupScaleBias(nn.Module):
+    """:class:`FixupScaleBias` of ``k`` members of a pack (scales and biases stacked, ``k x 1``)."""
+
+    def __init__(self, k: int) -> None:
+        super().__init__()
+        self.k = k
+        self.scale = nn.Parameter(torch.empty(k, 1, device="meta"))
+        self.bias = nn.Parameter(torch.empty(k, 1, device="meta"))
+
+    def forward(self, x: Tensor) -> Tensor:
+        k, n = self.k, x.ndim
+        return torch.addcmul(
+            per_member(self.bias, k, n), x.unflatten(1, (k, -1)), per_member(self.scale, k, n)
+        ).flatten(1, 2)
+
+
+class _GroupedBiasedConv2d(nn.Module):
+    """:class:`BiasedConv2d` of ``k`` members of a pack: each member's input shifted by its own
+    scalar, then one convolution with ``k`` times the groups (weights stacked ``k x O x I x h x w``)."""
+
+    def __init__(self, conv: BiasedConv2d, k: int) -> None:
+        super().__init__()
+        self.k = k
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.weight = nn.Parameter(torch.empty(k, *conv.weight.shape, device="meta"))
+        self.bias = nn.Parameter(torch.empty(k, conv.out_channels, device="meta")) if conv.bias is not None else None
+        self.input_bias = nn.Parameter(torch.empty(k, 1, device="meta"))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = (x.unflatten(1, (self.k, -1)) + per_member(self.input_bias, self.k, x.ndim)).flatten(1, 2)
+        bias = self.bias.flatten() if self.bias is not None else None
+        w = self.weight.flatten(0, 1)
+        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups * self.k)
+
+
 class FixupBias(nn.Module):
     """A learnable scalar bias (Fixup's replacement for a BN shift)."""
 
@@ -188,6 +242,10 @@ class FixupBias(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.bias
+
+    def grouped(self, k: int) -> nn.Module:
+        """This layer for ``k`` members of a pack (:mod:`reslab.engine.packed.grouped`)."""
+        return _GroupedFixupBias(k)
 
     def fold_affine(self, channels: int) -> tuple[Tensor, Tensor]:
         """This layer as ``scale * x + shift`` per channel, in float64 (for ``reslab fuse``)."""
@@ -206,6 +264,10 @@ class FixupScaleBias(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return torch.addcmul(self.bias, x, self.scale)
 
+    def grouped(self, k: int) -> nn.Module:
+        """This layer for ``k`` members of a pack (:mod:`reslab.engine.packed.grouped`)."""
+        return _GroupedFixupScaleBias(k)
+
     def fold_affine(self, channels: int) -> tuple[Tensor, Tensor]:
         """This layer as ``scale * x + shift`` per channel, in float64 (for ``reslab fuse``)."""
         return scalar(self.scale).expand(channels), scalar(self.bias).expand(channels)
@@ -220,6 +282,12 @@ class BiasedConv2d(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x + self.input_bias)
+
+    def grouped(self, k: int) -> nn.Module:
+        """This conv for ``k`` members of a pack (:mod:`reslab.engine.packed.grouped`)."""
+        if self.padding_mode != "zeros":
+            raise ValueError(f"a pack's convs pad with zeros, not {self.padding_mode!r}")
+        return _GroupedBiasedConv2d(self, k)
 
     def fold_input_shift(self) -> float:
         """The constant this conv adds to its input first (for ``reslab fuse``)."""

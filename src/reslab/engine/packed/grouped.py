@@ -18,10 +18,14 @@ for both routes; only the forward pass differs.
 Which models take this route: those built from modules with a known grouped form
 (:data:`CHANNEL_FREE`, ``Conv2d``, ``BatchNorm2d``, ``Linear``, ``DropPath``, reslab's
 ResNet and blocks) whose technique adds parameters of shape ``1`` (a scalar, broadcast
-over the block's channels) or ``C x 1 x 1`` (per channel), or modules of a known kind. The
-conversion (:func:`grouped_model`) says why it refuses anything else, and the pack then
-takes the ``vmap`` route; :func:`reslab.engine.packed.check.pack_route` also checks a
-conversion numerically against ``vmap`` before the grouped route is used.
+over the block's channels) or ``C x 1 x 1`` (per channel), or modules of a known kind. A
+technique's own module says what it is in a pack with a method ``grouped(k)`` returning a
+module that takes the stacked parameters as they are (``k x`` the member's shape, same
+names) and a pack's ``B x k*C x ...`` activations: Fixup's scalar biases, multipliers and
+biased convs do (:mod:`reslab.nn.techniques`), and a plugin's may. The conversion
+(:func:`grouped_model`) says why it refuses anything else, and the pack then takes the
+``vmap`` route; :func:`reslab.engine.packed.check.pack_route` also checks a conversion
+numerically against the members alone before the grouped route is used.
 """
 
 from __future__ import annotations
@@ -140,7 +144,16 @@ def grouped_model(member: nn.Module, k: int) -> tuple[nn.Module, dict[str, View]
     views: dict[str, View] = {}
     for name, m in list(model.named_modules()):
         kind = type(m)
-        if kind is nn.Conv2d:
+        if callable(getattr(m, "grouped", None)):
+            # a module of a technique's own that says what it is for a pack: its parameters and
+            # buffers under their names, stacked (k x the member's shape) as they are
+            try:
+                _set_child(model, name, m.grouped(k))
+            except ValueError as e:
+                raise NotGroupable(f"module {name}: {e}") from None
+            for n, _ in (*m.named_parameters(), *m.named_buffers()):
+                views[f"{name}.{n}"] = _same
+        elif kind is nn.Conv2d:
             if m.padding_mode != "zeros":
                 raise NotGroupable(f"conv {name} pads with {m.padding_mode!r}")
             m.in_channels, m.out_channels, m.groups = m.in_channels * k, m.out_channels * k, m.groups * k
