@@ -124,6 +124,19 @@ def test_a_pack_on_the_gpu_computes_what_its_members_compute(technique: str, rou
         torch.testing.assert_close(logits[i], out, rtol=1e-9, atol=1e-9)
         for n, p in m.named_parameters():
             torch.testing.assert_close(pack.params[n].grad[i], p.grad, rtol=1e-7, atol=1e-9, msg=n)
+    # the kernels real runs use: float32 in channels_last (cuDNN runs float64 in NCHW), TF32 off;
+    # forward passes only, which rounding moves little (gradients cross ReLU kinks)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        pack = pack_of(members)
+        _, logits = pack.train_losses(x, y, 0.0)
+        alone = [copy.deepcopy(m).to(memory_format=torch.channels_last) for m in members]
+        for i, m in enumerate(alone):
+            out = m(x[i].contiguous(memory_format=torch.channels_last))
+            assert float((logits[i] - out).abs().max() / out.abs().max()) < 1e-4
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
     pack = pack_of(members)
     first = None
     for _ in range(20):  # bf16 autocast, as the engine trains on a GPU: it runs and the loss falls

@@ -44,7 +44,7 @@ def test_capturable_sgd_is_torch_sgd(settings) -> None:
     ref = torch.optim.SGD(param_groups(a, settings["wd"]), lr=0.1, **kw)
     opt = torch.optim.SGD(param_groups(b, settings["wd"]), lr=0.1, **kw)
     ours = CapturableSGD(opt)
-    lr = torch.zeros((), dtype=torch.float64)
+    lr = {torch.float64: torch.zeros((), dtype=torch.float64)}
     g = torch.Generator().manual_seed(1)
     for step, rate in enumerate((0.1, 0.05, 0.2, 0.01, 0.1)):
         x, y = torch.randn(8, 1, 28, 28, dtype=torch.float64, generator=g), torch.randint(0, 10, (8,), generator=g)
@@ -60,7 +60,7 @@ def test_capturable_sgd_is_torch_sgd(settings) -> None:
             opt.step()  # the eager first step creates the momentum buffers, as GraphedStep's warm-up does
         else:
             assert ours.ready()
-            lr.fill_(rate)
+            lr[torch.float64].fill_(rate)
             ours.step(lr)
     for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-12, atol=1e-14, msg=n)
@@ -78,7 +78,8 @@ def test_graphed_step_trains_as_the_eager_step() -> None:
     opt = torch.optim.SGD(param_groups(b, 5e-4), lr=0.1, momentum=0.9, nesterov=True)
     step = GraphedStep(b, crit, opt, lambda cache=True: nullcontext(), capture=False)
     g = torch.Generator().manual_seed(2)
-    sizes = [8] * (WARMUP_STEPS + 3) + [5] + [8] * 2  # a smaller batch after the capture
+    # a smaller batch at the end of the warm-up (the capture waits for a full one) and after the capture
+    sizes = [8] * (WARMUP_STEPS - 1) + [5] + [8] * 4 + [5] + [8] * 2
     for i, n in enumerate(sizes):
         x, y = torch.randn(n, 1, 28, 28, dtype=torch.float64, generator=g), torch.randint(0, 10, (n,), generator=g)
         rate = 0.1 * (i + 1) / len(sizes)
@@ -91,7 +92,9 @@ def test_graphed_step_trains_as_the_eager_step() -> None:
         loss, logits = step(x, y, rate)
         torch.testing.assert_close(loss, want)
         assert logits.shape == (n, 10)
-    assert step.eager_steps == WARMUP_STEPS + 1 and step.replays == len(sizes) - WARMUP_STEPS - 1
+    # warm-up (3), the full batch after the short one (it waits for a second like it), the short one after
+    assert step.eager_steps == WARMUP_STEPS + 2 and step.replays == len(sizes) - WARMUP_STEPS - 2
+    assert step.key is not None and step.key[0][0] == 8
     for (n, t), u in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(u, t, rtol=1e-9, atol=1e-12, msg=n)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1)  # what the last step's checkpoint records
@@ -105,6 +108,9 @@ def test_cuda_graphs_say_where_they_do_not_apply(tiny_train_config, tmp_path) ->
     assert "torchrun" in graphs_refusal(torch.device("cuda"), True, False, 0)
     assert "compile" in graphs_refusal(torch.device("cuda"), False, True, 0)
     assert "probe_every" in graphs_refusal(torch.device("cuda"), False, False, 10)
+    cumulative = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, momentum=None))
+    assert "BatchNorm 1 averages cumulatively" in graphs_refusal(torch.device("cuda"), False, False, 0, cumulative)
+    assert graphs_refusal(torch.device("cuda"), False, False, 0, nn.Sequential(nn.BatchNorm2d(2))) == ""
     with pytest.raises(UsageError, match="cuda_graphs: CUDA graphs need a CUDA device"):
         train(tiny_train_config(cuda_graphs=True, device="cpu"), tmp_path / "r", progress=False)
     assert not (tmp_path / "r").exists()

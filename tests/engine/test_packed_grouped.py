@@ -116,6 +116,25 @@ def test_channels_last_pack_stores_conv_weights_so_their_grouped_view_is_channel
         assert view.data_ptr() == pack.params[n].data_ptr()  # a view, not a copy
 
 
+def test_a_resumed_channels_last_pack_keeps_its_momentum_in_the_weights_layout():
+    """Stacked from the members' optimizers (a resumed pack), the momentum buffers take their
+    parameters' strides, as the ones SGD creates do: the fused foreach kernels need both alike."""
+    ms = members("baseline")
+    pack = pack_of(ms, "grouped", channels_last=True)
+    x, y = batch()
+    for _ in range(2):
+        losses, _ = pack.train_losses(x, y, 0.0)
+        pack.optimizer.zero_grad()
+        losses.sum().backward()
+        pack.step()
+    pack.to_members()
+    again = PackedModel(pack.members, pack.member_opts, 5e-4, 0.9, True, 0.1, route="grouped", channels_last=True)
+    for (n, p), q in zip(again.params.items(), pack.params.values(), strict=True):
+        buf = again.optimizer.state[p]["momentum_buffer"]
+        assert buf.stride() == p.stride(), n
+        torch.testing.assert_close(buf, pack.optimizer.state[q]["momentum_buffer"], rtol=0, atol=0)
+
+
 def test_pack_route_picks_grouped_where_a_grouped_form_exists(tiny_train_config):
     for t in list_techniques():
         cfg = tiny_train_config(technique=t, drop_path_rate=0.1)

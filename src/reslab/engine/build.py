@@ -140,7 +140,7 @@ def build_engine(
         raise UsageError(
             f"batch_size {cfg.batch_size} is larger than the {source.n_train} training images; pass a smaller one"
         )
-    if cfg.cuda_graphs and (why := graphs_refusal(device, d.enabled, cfg.compile, cfg.probe_every)):
+    if cfg.cuda_graphs and (why := graphs_refusal(device, d.enabled, cfg.compile, cfg.probe_every, model)):
         raise UsageError(f"cuda_graphs: {why}; or train without cuda_graphs")
     optimizer = torch.optim.SGD(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov

@@ -37,8 +37,10 @@ from torch import Tensor, nn
 WARMUP_STEPS = 3
 
 
-def graphs_refusal(device: torch.device, distributed: bool, compile: bool, probe_every: int) -> str:
-    """Why a run with these settings cannot train with CUDA graphs ("" when it can)."""
+def graphs_refusal(
+    device: torch.device, distributed: bool, compile: bool, probe_every: int, model: nn.Module | None = None
+) -> str:
+    """Why a run with these settings (and ``model``) cannot train with CUDA graphs ("" when it can)."""
     if device.type != "cuda":
         return f"CUDA graphs need a CUDA device, not {device.type}"
     if distributed:
@@ -47,6 +49,9 @@ def graphs_refusal(device: torch.device, distributed: bool, compile: bool, probe
         return "compile and CUDA graphs are two ways to the same end; choose one"
     if probe_every:
         return "the gradient-norm probe (probe_every) reads gradients between steps; train without CUDA graphs"
+    for name, m in model.named_modules() if model is not None else ():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.momentum is None:
+            return f"BatchNorm {name} averages cumulatively (momentum None), which reads its count on the host"
     return ""
 
 
@@ -76,7 +81,9 @@ class CapturableSGD:
         return True
 
     @torch.no_grad()
-    def step(self, lr: Tensor) -> None:
+    def step(self, lr: dict[torch.dtype, Tensor]) -> None:
+        """One update; ``lr`` holds the learning rate as a 0-d device tensor per parameter
+        dtype (the fused foreach kernels take a scalar tensor of their lists' own dtype)."""
         for g in self.optimizer.param_groups:
             params = [p for p in g["params"] if p.grad is not None]
             if not params:
@@ -92,7 +99,11 @@ class CapturableSGD:
                     torch._foreach_add_(d, bufs, alpha=momentum)
                 else:
                     d = bufs
-            torch._foreach_sub_(params, torch._foreach_mul(d, lr))
+            by_dtype: dict[torch.dtype, list[int]] = {}
+            for i, p in enumerate(params):
+                by_dtype.setdefault(p.dtype, []).append(i)
+            for dtype, idx in by_dtype.items():
+                torch._foreach_sub_([params[i] for i in idx], torch._foreach_mul([d[i] for i in idx], lr[dtype]))
 
 
 class GraphedStep:
@@ -119,16 +130,20 @@ class GraphedStep:
         self.key: tuple[Any, ...] | None = None
         self.eager_steps = 0
         self.replays = 0
-        self.lr: Tensor | None = None
+        #: the learning rate as a 0-d device tensor per parameter dtype, written before each replay
+        self.lr: dict[torch.dtype, Tensor] = {}
+        #: the batch shape of the last eager step: the capture waits for a batch like it
+        self.last_key: tuple[Any, ...] | None = None
         self.static: dict[str, Tensor] = {}
 
     def __call__(self, x: Tensor, y: Tensor, lr: float) -> tuple[Tensor, Tensor]:
         key = (tuple(x.shape), x.dtype, x.stride(), tuple(y.shape))
         if self.graph is not None and key == self.key:
             return self._replay(x, y, lr)
-        if self.graph is None and self.eager_steps >= WARMUP_STEPS and self.sgd.ready():
+        if self.graph is None and self.eager_steps >= WARMUP_STEPS and key == self.last_key and self.sgd.ready():
             self._capture(x, y, key)
             return self._replay(x, y, lr)
+        self.last_key = key
         return self._eager(x, y, lr)
 
     def _forward_backward(self, x: Tensor, y: Tensor, cache: bool) -> tuple[Tensor, Tensor]:
@@ -147,7 +162,8 @@ class GraphedStep:
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(stream) if stream is not None else _null():
-            self.optimizer.zero_grad(set_to_none=True)
+            # once a graph exists its gradients stay the ones the eager step fills (no second set)
+            self.optimizer.zero_grad(set_to_none=self.graph is None)
             loss, logits = self._forward_backward(x, y, True)
             self.optimizer.step()
         if stream is not None:
@@ -157,7 +173,8 @@ class GraphedStep:
 
     def _capture(self, x: Tensor, y: Tensor, key: tuple[Any, ...]) -> None:
         self.static = {"x": x.clone(), "y": y.clone()}
-        self.lr = torch.zeros((), dtype=torch.float64, device=x.device)  # as exact as a Python float
+        dtypes = {p.dtype for g in self.optimizer.param_groups for p in g["params"]}
+        self.lr = {dt: torch.zeros((), dtype=dt, device=x.device) for dt in dtypes}
         self.optimizer.zero_grad(set_to_none=True)
         if self.capture:
             graph = torch.cuda.CUDAGraph()
@@ -175,12 +192,13 @@ class GraphedStep:
         """What the graph records, run eagerly (``capture=False``)."""
         self.optimizer.zero_grad(set_to_none=True)
         self.static["loss"], self.static["logits"] = self._forward_backward(self.static["x"], self.static["y"], False)
-        self.sgd.step(self.lr)  # type: ignore[arg-type]
+        self.sgd.step(self.lr)
 
     def _replay(self, x: Tensor, y: Tensor, lr: float) -> tuple[Tensor, Tensor]:
         self.static["x"].copy_(x)
         self.static["y"].copy_(y)
-        self.lr.fill_(lr)  # type: ignore[union-attr]
+        for t in self.lr.values():
+            t.fill_(lr)
         for group in self.optimizer.param_groups:  # what a checkpoint of this step records
             group["lr"] = lr
         if self.capture:

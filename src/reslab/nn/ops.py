@@ -145,7 +145,10 @@ def concat_conv1x1_cat(a: Tensor, b: Tensor, weight: Tensor, bias: Tensor | None
     groups = a.shape[1] // c
     if groups == 1:
         ab = torch.cat([a, b], dim=1)
-    else:  # group g reads [a_g, b_g]
+    elif a.is_contiguous(memory_format=torch.channels_last):  # group g reads [a_g, b_g], kept NHWC
+        nhwc = [t.permute(0, 2, 3, 1).unflatten(3, (groups, c)) for t in (a, b)]
+        ab = torch.cat(nhwc, dim=4).flatten(3, 4).permute(0, 3, 1, 2)
+    else:
         ab = torch.cat([a.unflatten(1, (groups, c)), b.unflatten(1, (groups, c))], dim=2).flatten(1, 2)
     out = F.conv2d(ab, weight, bias, groups=groups)
     return out.add_(a) if add_identity else out

@@ -70,9 +70,11 @@ class GroupedLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b = x.shape[0]
         xs = x.reshape(b, self.k, self.in_features).transpose(0, 1)  # K x B x I
-        out = torch.bmm(xs, self.weight.transpose(1, 2))  # K x B x O
-        if self.bias is not None:
-            out = out + self.bias[:, None, :].to(out.dtype)
+        w = self.weight.transpose(1, 2)
+        if self.bias is not None:  # one rounding, as a member's addmm
+            out = torch.baddbmm(self.bias[:, None, :], xs, w)
+        else:
+            out = torch.bmm(xs, w)  # K x B x O
         return out.transpose(0, 1).reshape(b, self.k * self.out_features)
 
 

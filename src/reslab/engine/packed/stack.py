@@ -228,6 +228,14 @@ class PackedModel:
             {**g, "lr": mg["lr"]} for g, mg in zip(sd["param_groups"], states[0]["param_groups"], strict=True)
         ]
         self.optimizer.load_state_dict(sd)
+        # the buffers in the layout of their parameters (channels_last conv stacks): the fused
+        # foreach kernels of SGD need every list alike
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                st = self.optimizer.state.get(p, {})
+                buf = st.get("momentum_buffer")
+                if buf is not None and buf.stride() != p.stride():
+                    st["momentum_buffer"] = torch.empty_like(p).copy_(buf)
 
 
 def _full(t: Tensor) -> Tensor:
