@@ -22,6 +22,9 @@ def test_timing_on_the_cpu_records_the_cpu_and_its_threads() -> None:
     assert dev["torch"] == torch.__version__
     assert timing["settings"]["precision"] == "fp32"
     assert len(timing["steps"]["resnet8/baseline"]) == 1
+    # CUDA graphs are a CUDA feature: asked for on the CPU, the pass times eager steps and says so
+    assert timing["settings"]["cuda_graphs"] is False
+    assert _tiny(threads=1, device="cpu", cuda_graphs=True)["settings"]["cuda_graphs"] is False
 
 
 def test_auto_without_cuda_is_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -64,6 +67,8 @@ def test_timing_on_cuda_records_the_card() -> None:
     assert dev["type"] == "cuda"
     assert dev["name"] == torch.cuda.get_device_name(dev["index"])
     assert timing["settings"]["precision"] == "bf16"
+    graphed = _tiny(device="cuda", cuda_graphs=True, steps=3)
+    assert graphed["settings"]["cuda_graphs"] is True and graphed["steps"]["resnet8/baseline"][0] > 0
 
 
 def test_the_recorded_layout_is_the_one_that_ran() -> None:

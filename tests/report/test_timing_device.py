@@ -56,6 +56,12 @@ def test_gpu_timing_names_the_card(tmp_path: Path) -> None:
     words = "NVIDIA H100 80GB HBM3 (CUDA, compute capability 9.0), bf16, torch 2.11.0"
     assert words in _cost_paragraph(md) and words in _decision_paragraph(md)
     assert "thread" not in words
+    # a grid that replays its steps as CUDA graphs was timed so, and says so
+    graphed = {**timing, "settings": {**timing["settings"], "cuda_graphs": True}}
+    assert (
+        timing_device_words(graphed)
+        == "NVIDIA H100 80GB HBM3 (CUDA, compute capability 9.0), bf16, CUDA graphs, torch 2.11.0"
+    )
 
 
 def test_old_timing_file_without_a_device_still_renders(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from reslab.engine.devices import describe_device, pick_device, pick_precision, synchronize
+from reslab.engine.graphed import WARMUP_STEPS, GraphedStep
 from reslab.nn.models import build_model, fast_memory_format
 
 
@@ -43,6 +44,7 @@ def measure_step_times(
     device: str | torch.device = "cpu",
     precision: str = "auto",
     channels_last: bool = True,
+    cuda_graphs: bool = False,
 ) -> dict[str, Any]:
     """Seconds per training step of every model x technique, ``rounds`` interleaved rounds.
 
@@ -51,21 +53,26 @@ def measure_step_times(
     channels_last where :func:`~reslab.nn.models.channels_last_safe` allows it; the settings'
     ``channels_last`` says whether every variant ran in it). On CUDA the device is
     synchronised before and after each timed block of steps. ``threads`` is the CPU thread
-    count for the pass (the runs').
+    count for the pass (the runs'). ``cuda_graphs`` (the grid's, on CUDA): each variant's
+    step is replayed as a CUDA graph (:class:`~reslab.engine.graphed.GraphedStep`), captured
+    during the warm-up, as the runs train.
 
     Returns ``{"settings": {...}, "device": {...}, "steps": {"MODEL/TECHNIQUE": [seconds per
     step, per round]}}``; ``device`` is :func:`~reslab.engine.devices.describe_device`'s record.
     """
     dev = device if isinstance(device, torch.device) else pick_device(device)
     precision = pick_precision(precision, dev)
-    autocast: Callable[[], Any] = (
-        (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" else nullcontext
+    autocast: Callable[..., Any] = (
+        (lambda cache=True: torch.autocast(dev.type, dtype=torch.bfloat16, cache_enabled=cache))
+        if precision == "bf16"
+        else (lambda cache=True: nullcontext())
     )
+    graphs = cuda_graphs and dev.type == "cuda"
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         c, h, w = input_size
-        variants: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor, torch.Tensor]] = {}
+        variants: dict[str, Callable[[], None]] = {}
         gen = torch.Generator().manual_seed(seed)
         layouts = set()
         for m in models:
@@ -78,8 +85,10 @@ def measure_step_times(
                 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
                 x = torch.randn(batch_size, c, h, w, generator=gen).to(dev).contiguous(memory_format=fmt)
                 y = torch.randint(0, num_classes, (batch_size,), generator=gen).to(dev)
-                variants[f"{m}/{t}"] = (model, opt, x, y)
-                _step(model, opt, x, y, autocast)  # warm-up: first-call allocations and kernel choices
+                variants[f"{m}/{t}"] = step = _stepper(model, opt, x, y, autocast, graphs)
+                # warm-up: first-call allocations and kernel choices (and a graph's capture)
+                for _ in range(WARMUP_STEPS + 1 if graphs else 1):
+                    step()
         synchronize(dev)
         times: dict[str, list[float]] = {k: [] for k in variants}
         order = list(variants)
@@ -87,11 +96,11 @@ def measure_step_times(
         for _ in range(rounds):
             rng.shuffle(order)
             for k in order:
-                model, opt, x, y = variants[k]
+                step = variants[k]
                 synchronize(dev)
                 t0 = time.perf_counter()
                 for _ in range(steps):
-                    _step(model, opt, x, y, autocast)
+                    step()
                 synchronize(dev)
                 times[k].append((time.perf_counter() - t0) / steps)
         return {
@@ -105,6 +114,7 @@ def measure_step_times(
                 "precision": precision,
                 # as run: the CPU falls back to NCHW where channels_last is unsafe
                 "channels_last": layouts == {torch.channels_last},
+                "cuda_graphs": graphs,
                 "torch": torch.__version__,
             },
             "device": describe_device(dev, threads),
@@ -114,18 +124,31 @@ def measure_step_times(
         torch.set_num_threads(previous)
 
 
-def _step(
+def _stepper(
     model: torch.nn.Module,
     opt: torch.optim.Optimizer,
     x: torch.Tensor,
     y: torch.Tensor,
-    autocast: Callable[[], Any] = nullcontext,
-) -> None:
-    with autocast():
-        loss = F.cross_entropy(model(x), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    autocast: Callable[..., Any],
+    graphs: bool,
+) -> Callable[[], None]:
+    """One training step of ``model`` on ``x, y``: eager, or replayed as a CUDA graph."""
+    if graphs:
+        graphed = GraphedStep(model, torch.nn.CrossEntropyLoss(), opt, autocast)
+
+        def replay() -> None:
+            graphed(x, y, 0.01)
+
+        return replay
+
+    def step() -> None:
+        with autocast():
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
 
 
 def step_ratio(timing: dict[str, Any], model: str, technique: str) -> tuple[float, float, float] | None:

@@ -56,6 +56,8 @@ def timing_device_words(timing: dict[str, Any] | None) -> str:
     else:
         words = f"{name} ({dev['type']})"
     extra = [str(settings["precision"])] if settings.get("precision") else []
+    if settings.get("cuda_graphs"):
+        extra.append("CUDA graphs")
     torch_version = dev.get("torch") or settings.get("torch")
     if torch_version:
         extra.append(f"torch {torch_version}")

@@ -167,6 +167,7 @@ def timing_if_needed(
             device=str(grid.train.get("device") or "auto"),
             precision=str(grid.train.get("precision") or "auto"),
             channels_last=bool(grid.train.get("channels_last", True)),
+            cuda_graphs=bool(grid.train.get("cuda_graphs", False)),
         )
         atomic_write_text(results / TIMING_FILE, json.dumps(timing, indent=1) + "\n")
         dev = timing["device"]
