@@ -15,21 +15,18 @@ steps on the grid's own device (and fits in its memory).
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from typing import Any, NamedTuple
 
 import torch
 
 from reslab.engine.config import TrainConfig
-from reslab.engine.packed.check import pack_route
+from reslab.engine.packed import speed
+from reslab.engine.packed.check import pack_routes
 from reslab.errors import UsageError
 from reslab.study.grid import Grid
 
 #: a doubling of the pack must raise throughput by at least this factor to be taken
 AUTO_GAIN = 1.15
-#: timed packed steps per pack size in the probe (after one warm-up step)
-PROBE_STEPS = 3
 
 
 def parse_pack(text: str | int | None) -> int | str:
@@ -130,8 +127,7 @@ def pack_gains(grid: Grid, ds: Any, device: torch.device, k: int, known: dict[st
     for cell in grid.cells():
         if cell.model not in gains:
             cfg = grid.config(cell)
-            route = pack_route(cfg, ds)[0] or "vmap"
-            gains[cell.model] = packed_rate(cfg, ds, device, k, route) / packed_rate(cfg, ds, device, 1, route)
+            gains[cell.model] = packed_rate(cfg, ds, device, k) / packed_rate(cfg, ds, device, 1)
     return gains
 
 
@@ -141,12 +137,11 @@ def choose_pack(cfg: TrainConfig, ds: Any, device: torch.device, max_k: int) -> 
     stopping at the first size that does not, or that runs out of memory; with its throughput
     over one run's."""
     sizes = sorted(({1 << i for i in range(1, max_k.bit_length())} | {max_k}) - {1})
-    route = pack_route(cfg, ds)[0] or "vmap"
-    one = packed_rate(cfg, ds, device, 1, route)
+    one = packed_rate(cfg, ds, device, 1)
     best_k, best_rate = 1, one
     for k in sizes:
         try:
-            rate = packed_rate(cfg, ds, device, k, route)
+            rate = packed_rate(cfg, ds, device, k)
         except torch.OutOfMemoryError:
             break
         finally:
@@ -159,51 +154,14 @@ def choose_pack(cfg: TrainConfig, ds: Any, device: torch.device, max_k: int) -> 
 
 
 def packed_rate(cfg: TrainConfig, ds: Any, device: torch.device, k: int, route: str | None = None) -> float:
-    """Images per second of ``k`` runs trained as one pack on ``device`` (random images of the
-    dataset's shape, the grid's batch size and precision), over :data:`PROBE_STEPS` steps,
-    by ``route`` (default: the one :func:`~reslab.engine.packed.check.pack_route` picks, as
-    ``train_pack`` does)."""
-    from reslab.engine.build import autocast_for, build_run_model, resolve_config
-    from reslab.engine.packed.stack import PackedModel
-
-    if route is None:
-        route = pack_route(cfg, ds)[0] or "vmap"
-    # one process; the members' own layout does not matter, the pack picks its own, as train_pack does
-    cfg = dataclasses.replace(resolve_config(cfg, ds, device), channels_last=False)
-    autocast = autocast_for(cfg, device)
-    state = torch.random.get_rng_state()
-    try:
-        models, opts = [], []
-        for _ in range(k):
-            m, _ = build_run_model(cfg, ds, load_init_weights=False)
-            m = m.to(device)
-            models.append(m)
-            opts.append(torch.optim.SGD(m.parameters(), lr=cfg.lr))
-        pack = PackedModel(
-            models, opts, cfg.weight_decay, cfg.momentum, cfg.nesterov, cfg.lr, route, device.type == "cuda"
-        )
-        c, h, w = ds.input_size
-        x = torch.randn(k, cfg.batch_size, c, h, w, device=device)
-        y = torch.randint(0, ds.num_classes, (k, cfg.batch_size), device=device)
-
-        def step() -> None:
-            with autocast():
-                losses, _ = pack.train_losses(x, y, 0.0)
-            losses.sum().backward()
-            pack.step()
-            pack.optimizer.zero_grad(set_to_none=True)
-
-        step()  # warm-up: kernel selection and allocation
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        for _ in range(PROBE_STEPS):
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return k * cfg.batch_size * PROBE_STEPS / (time.perf_counter() - t0)
-    finally:
-        torch.random.set_rng_state(state)
+    """Images per second of ``k`` runs trained as one pack on ``device``
+    (:func:`reslab.engine.packed.speed.packed_rate`), by ``route``, or by the route
+    ``train_pack`` would take (on a GPU the faster correct one, measured)."""
+    if route is not None:
+        return speed.packed_rate(cfg, ds, device, k, route)
+    routes = pack_routes(cfg, ds, first_only=device.type != "cuda")[0] or ["vmap"]
+    chosen, rates = speed.fastest_route(cfg, ds, device, k, routes)
+    return rates[chosen] if rates else speed.packed_rate(cfg, ds, device, k, chosen)
 
 
 __all__ = [

@@ -69,6 +69,15 @@ def pack_route(cfg: TrainConfig, ds: Any) -> tuple[str, str]:
     each (logits within :data:`FORWARD_RTOL` of the members alone, the gradients within
     :data:`GRAD_RTOL` in norm) and one evaluation pass. Float32 or bf16 members may still
     train packed: the check is of the layout, not of the precision."""
+    routes, why = pack_routes(cfg, ds, first_only=True)
+    return (routes[0], "") if routes else ("", why)
+
+
+def pack_routes(cfg: TrainConfig, ds: Any, first_only: bool = False) -> tuple[list[str], str]:
+    """Every route by which ``cfg``'s model packs correctly, in order of preference (grouped,
+    vmap), checked as :func:`pack_route` says (``first_only``: stop at the first), and why
+    none does ("" when one does): where both do, a GPU chooses between them by measurement
+    (:func:`reslab.engine.packed.speed.pick_route`)."""
     from reslab.engine.packed.grouped import NotGroupable
 
     state = torch.random.get_rng_state()
@@ -80,16 +89,18 @@ def pack_route(cfg: TrainConfig, ds: Any) -> tuple[str, str]:
         c, h, w = ds.input_size
         x, y = torch.randn(2, 4, c, h, w, dtype=torch.float64), torch.randint(0, ds.num_classes, (2, 4))
         want = _alone(members, x, y, cfg.label_smoothing)
-        why = {}
+        why, ok = {}, []
         for route in ("grouped", "vmap"):
             try:
                 _check_route(cfg, members, route, x, y, want)
-                return route, ""
+                ok.append(route)
+                if first_only:
+                    break
             except NotGroupable as e:
                 why[route] = f"no grouped form: {e}"
             except Exception as e:  # noqa: BLE001 -- whatever a route refuses, the runs still train (alone)
                 why[route] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        return "", why["vmap"]
+        return ok, "" if ok else why["vmap"]
     finally:
         torch.random.set_rng_state(state)
 

@@ -53,7 +53,8 @@ from reslab.engine.config import TrainConfig
 from reslab.engine.devices import device_name
 from reslab.engine.distributed import resolve_device, setup_distributed
 from reslab.engine.optim import lr_at
-from reslab.engine.packed.check import check_pack, pack_route
+from reslab.engine.packed.check import check_pack, pack_routes
+from reslab.engine.packed.speed import fastest_route
 from reslab.engine.packed.stack import PackedModel
 from reslab.engine.sources import augment_gather, derive_seed, epoch_draws
 from reslab.engine.state import Engine, EpochResult, RunState
@@ -91,10 +92,12 @@ def train_pack(
 
     Every run folder is the one :func:`reslab.engine.train.train` writes, its config
     recording the pack (``pack: {size, index, members, seeds}``). ``resume``/``overwrite``
-    apply to each folder as in ``train`` (one flag for all, or one per run). The pack takes the
-    route :func:`~reslab.engine.packed.check.pack_route` picks (grouped layers, else ``vmap``;
-    the config's ``pack`` records it); a model neither route can pack is said so on stderr and
-    its runs train one after another with ``train``. ``progress``: ``False`` = silent, otherwise one line
+    apply to each folder as in ``train`` (one flag for all, or one per run). The pack takes a
+    route :func:`~reslab.engine.packed.check.pack_routes` finds correct (grouped layers, else
+    ``vmap``; on a GPU where both are, the faster in a short measurement,
+    :func:`~reslab.engine.packed.speed.fastest_route`; the config's ``pack`` records it); a
+    model neither route can pack is said so on stderr and its runs train one after another
+    with ``train``. ``progress``: ``False`` = silent, otherwise one line
     per epoch of the pack.
     """
     from reslab.engine.train import train
@@ -109,7 +112,9 @@ def train_pack(
         raise UsageError("a pack trains in one process; run it without torchrun")
     set_threads(configs[0], d)
     ds = open_run_dataset(configs[0])
-    route, why = pack_route(configs[0], ds)
+    device = resolve_device(configs[0], d)
+    # on a GPU both correct routes are candidates, the faster taken; elsewhere the first
+    routes, why = pack_routes(configs[0], ds, first_only=device.type != "cuda")
     if why:
         say.line(f"technique {configs[0].technique!r} cannot train packed ({why}); training its runs one at a time")
         return [
@@ -117,7 +122,10 @@ def train_pack(
             for c, o, r, w in zip(configs, outs, resumes, overwrites, strict=True)
         ]
     plans = [runs.plan_run(o, c, r, w) for c, o, r, w in zip(configs, outs, resumes, overwrites, strict=True)]
-    device = resolve_device(configs[0], d)
+    route, rates = fastest_route(configs[0], ds, device, len(configs), routes)
+    if rates:
+        measured = ", ".join(f"{r} {v:,.0f} img/s" for r, v in rates.items())
+        say.line(f"pack route by measurement on {device}: {measured}; {route} taken")
     names, seeds = [o.name for o in outs], [c.seed for c in configs]
     members: list[Member] = []
     finished: dict[int, dict[str, Any]] = {}

@@ -1,0 +1,68 @@
+"""Which route a pack takes where both are correct: the first on the CPU (the grouped route
+measured faster there in every configuration), the faster by measurement on a GPU, measured
+once per process for the same settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reslab.engine.build import open_run_dataset
+from reslab.engine.packed import speed
+from reslab.engine.packed.check import pack_routes
+
+CUDA, CPU = torch.device("cuda"), torch.device("cpu")
+
+
+def test_a_gpu_takes_the_faster_route_and_the_cpu_the_first() -> None:
+    rates = {"grouped": 900.0, "vmap": 1200.0}
+    asked: list[str] = []
+
+    def measure(route: str) -> float:
+        asked.append(route)
+        return rates[route]
+
+    assert speed.pick_route(["grouped", "vmap"], CUDA, 8, measure) == ("vmap", rates)
+    assert asked == ["grouped", "vmap"]
+    rates["grouped"] = 2000.0
+    assert speed.pick_route(["grouped", "vmap"], CUDA, 8, measure)[0] == "grouped"
+    asked.clear()
+    # nothing to choose, or nothing worth measuring: no measurement at all
+    assert speed.pick_route(["grouped", "vmap"], CPU, 8, measure) == ("grouped", {})
+    assert speed.pick_route(["vmap"], CUDA, 8, measure) == ("vmap", {})
+    assert speed.pick_route(["grouped", "vmap"], CUDA, 1, measure) == ("grouped", {})
+    assert asked == []
+    with pytest.raises(ValueError):
+        speed.pick_route([], CUDA, 8, measure)
+
+
+def test_a_process_measures_the_same_settings_once(tiny_train_config, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[int, str]] = []
+
+    def fake_rate(cfg, ds, device, k, route):
+        calls.append((k, route))
+        return {"grouped": 3.0, "vmap": 2.0}[route]
+
+    monkeypatch.setattr(speed, "packed_rate", fake_rate)
+    monkeypatch.setattr(speed, "_MEASURED", {})
+    cfg = tiny_train_config()
+    ds = open_run_dataset(cfg)
+    for seed in (0, 1, 2):  # another seed is the same pack's settings
+        assert speed.fastest_route(tiny_train_config(seed=seed), ds, CUDA, 4, ["grouped", "vmap"])[0] == "grouped"
+    assert calls == [(4, "grouped"), (4, "vmap")]
+    speed.fastest_route(tiny_train_config(lr=0.05), ds, CUDA, 4, ["grouped", "vmap"])
+    speed.fastest_route(cfg, ds, CUDA, 8, ["grouped", "vmap"])
+    assert len(calls) == 6  # other settings, another pack size: measured again
+
+
+def test_both_routes_are_correct_for_the_built_ins(tiny_train_config) -> None:
+    cfg = tiny_train_config(technique="fusion")
+    assert pack_routes(cfg, open_run_dataset(cfg)) == (["grouped", "vmap"], "")
+    assert pack_routes(cfg, open_run_dataset(cfg), first_only=True) == (["grouped"], "")
+
+
+def test_the_rate_of_a_pack_is_measured_by_either_route(tiny_train_config) -> None:
+    cfg = tiny_train_config()
+    ds = open_run_dataset(cfg)
+    for route in ("grouped", "vmap"):
+        assert speed.packed_rate(cfg, ds, CPU, 2, route) > 0
