@@ -9,7 +9,6 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from torch import nn
 from reslab.engine.checkpoint import restore
 from reslab.engine.config import TrainConfig, default_threads
 from reslab.engine.data import ArrayDataset, FolderDataset, open_dataset
-from reslab.engine.devices import pick_precision
+from reslab.engine.devices import autocast_factory, pick_precision
 from reslab.engine.distributed import Dist
 from reslab.engine.graphed import GraphedStep, graphs_refusal
 from reslab.engine.optim import param_groups
@@ -105,11 +104,9 @@ def wrap_for_training(model: nn.Module, cfg: TrainConfig, d: Dist, device: torch
 
 
 def autocast_for(cfg: TrainConfig, device: torch.device) -> Callable[..., Any]:
-    """A fresh autocast context per call (a null one in fp32); ``cache=False`` turns off its
-    cache of weight casts, as a CUDA graph capture needs."""
-    if cfg.precision != "bf16":
-        return lambda cache=True: nullcontext()
-    return lambda cache=True: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)
+    """The run's autocast factory (:func:`~reslab.engine.devices.autocast_factory` for its
+    resolved precision)."""
+    return autocast_factory(cfg.precision, device)
 
 
 def build_engine(

@@ -8,6 +8,8 @@ their files record about that machine.
 from __future__ import annotations
 
 import platform
+from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -87,3 +89,12 @@ def describe_device(device: torch.device, threads: int | None = None) -> dict[st
 
 
 __all__ = ["cpu_name", "describe_device", "device_name", "pick_device", "pick_precision", "synchronize"]
+
+
+def autocast_factory(precision: str, device: torch.device) -> Callable[..., Any]:
+    """A fresh autocast context per call for ``precision`` (bf16 autocast, or a null context
+    in fp32) on ``device``; ``cache=False`` turns off its cache of weight casts, as a CUDA
+    graph capture needs."""
+    if precision != "bf16":
+        return lambda cache=True: nullcontext()
+    return lambda cache=True: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)

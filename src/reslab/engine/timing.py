@@ -17,13 +17,12 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from reslab.engine.devices import describe_device, pick_device, pick_precision, synchronize
+from reslab.engine.devices import autocast_factory, describe_device, pick_device, pick_precision, synchronize
 from reslab.engine.graphed import WARMUP_STEPS, GraphedStep
 from reslab.nn.models import build_model, fast_memory_format
 
@@ -62,11 +61,7 @@ def measure_step_times(
     """
     dev = device if isinstance(device, torch.device) else pick_device(device)
     precision = pick_precision(precision, dev)
-    autocast: Callable[..., Any] = (
-        (lambda cache=True: torch.autocast(dev.type, dtype=torch.bfloat16, cache_enabled=cache))
-        if precision == "bf16"
-        else (lambda cache=True: nullcontext())
-    )
+    autocast = autocast_factory(precision, dev)
     graphs = cuda_graphs and dev.type == "cuda"
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
