@@ -161,7 +161,7 @@ class GraphedStep:
         stream = torch.cuda.Stream(device=x.device) if side else None
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(stream) if stream is not None else _null():
+        with torch.cuda.stream(stream):  # None: a no-op context, here and on a CPU-only build
             # once a graph exists its gradients stay the ones the eager step fills (no second set)
             self.optimizer.zero_grad(set_to_none=self.graph is None)
             loss, logits = self._forward_backward(x, y, True)
@@ -207,11 +207,6 @@ class GraphedStep:
             self.graph()
         self.replays += 1
         return self.static["loss"], self.static["logits"]
-
-
-class _null(AbstractContextManager[None]):
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 __all__ = ["WARMUP_STEPS", "CapturableSGD", "GraphedStep", "graphs_refusal"]

@@ -33,12 +33,19 @@ class DropPath(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask.div_(keep)
+        return drop_path(x, self.p)
 
     def extra_repr(self) -> str:
         return f"p={self.p:g}"
+
+
+def drop_path(x: Tensor, p: float, dims: int = 1) -> Tensor:
+    """``x`` with each slice along its first ``dims`` dimensions (a sample; a sample of one
+    run of a pack for ``dims=2``) kept with probability ``1 - p`` and scaled by
+    ``1 / (1 - p)``, or dropped whole."""
+    keep = 1.0 - p
+    mask = x.new_empty(x.shape[:dims] + (1,) * (x.ndim - dims)).bernoulli_(keep)
+    return x * mask.div_(keep)
 
 
 def _resolve(technique: str | Technique, technique_args: dict[str, Any] | None) -> Technique:
@@ -274,6 +281,7 @@ __all__ = [
     "DropPath",
     "ResidualBlock",
     "block_normalizes_input",
+    "drop_path",
     "projection",
     "residual_blocks",
 ]

@@ -36,7 +36,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from reslab.nn.blocks import DropPath, ResidualBlock
+from reslab.nn.blocks import DropPath, ResidualBlock, drop_path
 from reslab.nn.models import ResNet
 
 #: module types with no parameters whose forward treats every channel alike: they act on
@@ -88,10 +88,7 @@ class GroupedDropPath(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training or self.p == 0.0:
             return x
-        keep = 1.0 - self.p
-        b = x.shape[0]
-        mask = x.new_empty((b, self.k, 1) + (1,) * (x.ndim - 2)).bernoulli_(keep).div_(keep)
-        return (x.unflatten(1, (self.k, -1)) * mask).flatten(1, 2)
+        return drop_path(x.unflatten(1, (self.k, -1)), self.p, dims=2).flatten(1, 2)
 
 
 class NotGroupable(Exception):
