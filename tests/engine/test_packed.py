@@ -25,7 +25,6 @@ from reslab.engine.optim import param_groups
 from reslab.engine.packed import PackedModel, pack_groups, packable, train_pack
 from reslab.engine.train import WALL_CLOCK_FIELDS, train
 from reslab.errors import UsageError
-from reslab.nn import plugins
 from reslab.nn import registry as technique_registry
 from reslab.nn.folding import FOLD_DTYPE, MergeFold
 from reslab.nn.models import build_model
@@ -205,14 +204,6 @@ def test_runs_that_differ_in_more_than_seed_are_refused(tiny_train_config, tmp_p
     with pytest.raises(UsageError, match="run folder each"):
         train_pack([a, b], [tmp_path / "a", tmp_path / "a"])
     assert not (tmp_path / "a").exists()
-
-
-@pytest.fixture
-def registry(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A private copy of the technique registry for one test."""
-    monkeypatch.setattr(technique_registry, "_REGISTRY", dict(technique_registry._REGISTRY))
-    monkeypatch.setattr(plugins, "_LOADED", set())
-    monkeypatch.delenv(plugins.IMPORT_ENV, raising=False)
 
 
 class Gate(reslab.Technique):

@@ -17,7 +17,6 @@ from reslab.engine.optim import param_groups
 from reslab.engine.packed import PackedModel
 from reslab.engine.packed.check import pack_route
 from reslab.engine.packed.grouped import GroupedDropPath, GroupedLinear, NotGroupable, grouped_model
-from reslab.nn import plugins
 from reslab.nn import registry as technique_registry
 from reslab.nn.folding import FOLD_DTYPE, MergeFold
 from reslab.nn.models import build_model
@@ -163,14 +162,6 @@ def test_grouped_drop_path_draws_per_sample_and_member():
     # members draw apart: the same sample is dropped in one member and kept in another
     assert (per[:, 0] != per[:, 1]).float().mean().item() == pytest.approx(0.5, abs=0.05)
     assert torch.equal(GroupedDropPath(p, K).eval()(out), out)
-
-
-@pytest.fixture
-def registry(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A private copy of the technique registry for one test."""
-    monkeypatch.setattr(technique_registry, "_REGISTRY", dict(technique_registry._REGISTRY))
-    monkeypatch.setattr(plugins, "_LOADED", set())
-    monkeypatch.delenv(plugins.IMPORT_ENV, raising=False)
 
 
 class MeanGate(reslab.Technique):
