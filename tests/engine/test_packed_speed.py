@@ -66,3 +66,20 @@ def test_the_rate_of_a_pack_is_measured_by_either_route(tiny_train_config) -> No
     ds = open_run_dataset(cfg)
     for route in ("grouped", "vmap"):
         assert speed.packed_rate(cfg, ds, CPU, 2, route) > 0
+
+
+def test_a_process_checks_the_routes_of_the_same_settings_once(tiny_train_config, monkeypatch) -> None:
+    from reslab.engine.packed import check
+
+    calls = []
+    real = check._check_routes
+    monkeypatch.setattr(check, "_CHECKED", {})
+    monkeypatch.setattr(check, "_check_routes", lambda *a: calls.append(a) or real(*a))
+    cfg = tiny_train_config(technique="scale")
+    ds = open_run_dataset(cfg)
+    for seed in (0, 1, 2):  # the seeds of a pack, a probe and the pack itself: one check
+        assert pack_routes(tiny_train_config(technique="scale", seed=seed), ds) == (["grouped", "vmap"], "")
+    assert len(calls) == 1
+    pack_routes(tiny_train_config(technique="norm"), ds)
+    pack_routes(cfg, ds, first_only=True)
+    assert len(calls) == 3  # another technique, another question: checked

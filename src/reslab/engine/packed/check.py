@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from reslab.engine.build import build_run_model
 from reslab.engine.config import TrainConfig
 from reslab.errors import UsageError
+from reslab.nn.registry import technique_class
 
 #: fields in which the runs of one pack may differ (where they run, not what they compute)
 FREE = frozenset({"seed", "pack", "threads", "tensorboard", "workers"})
@@ -77,13 +79,31 @@ def pack_routes(cfg: TrainConfig, ds: Any, first_only: bool = False) -> tuple[li
     """Every route by which ``cfg``'s model packs correctly, in order of preference (grouped,
     vmap), checked as :func:`pack_route` says (``first_only``: stop at the first), and why
     none does ("" when one does): where both do, a GPU chooses between them by measurement
-    (:func:`reslab.engine.packed.speed.pick_route`)."""
-    from reslab.engine.packed.grouped import NotGroupable
-
-    state = torch.random.get_rng_state()
+    (:func:`reslab.engine.packed.speed.pick_route`). Checked once per process for the same
+    settings and technique class: a grid's probes and packs ask again and again."""
     # DropPath's draws differ between a pack and its members alone by design; both routes
     # pack it with a module of their own, so the comparison is made without it
     cfg = dataclasses.replace(cfg, drop_path_rate=0.0)
+    settings = {n: v for n, v in cfg.to_dict().items() if n not in ("seed", "pack")}
+    key = json.dumps(
+        [settings, id(technique_class(cfg.technique)), list(ds.input_size), ds.num_classes, first_only],
+        sort_keys=True,
+        default=str,
+    )
+    if key not in _CHECKED:
+        _CHECKED[key] = _check_routes(cfg, ds, first_only)
+    routes, why = _CHECKED[key]
+    return list(routes), why
+
+
+_CHECKED: dict[str, tuple[list[str], str]] = {}
+
+
+def _check_routes(cfg: TrainConfig, ds: Any, first_only: bool) -> tuple[list[str], str]:
+    """:func:`pack_routes`'s check itself."""
+    from reslab.engine.packed.grouped import NotGroupable
+
+    state = torch.random.get_rng_state()
     try:
         members = _members(cfg, ds)
         c, h, w = ds.input_size
