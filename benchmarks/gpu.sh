@@ -8,6 +8,8 @@
 #   ARCHIVE=/some/figures.tgz bash benchmarks/gpu.sh  # also keep a tar of the figures, renewed
 #                                                    # after every step (machines taken back)
 #   ONLY="cuda-tests pack-speed" bash benchmarks/gpu.sh   # only the steps named
+#   LIST=/some/file bash benchmarks/gpu.sh   # run nothing: write each step's command there
+#                                            # (tests/test_gpu_script.py parses them on the CPU)
 #
 # Each step's output goes to its own file (and the terminal); summary.txt names the card, the
 # driver and torch, and each step's exit status and seconds. Steps run in order of what the
@@ -21,21 +23,24 @@ if [ -z "${PYTHON:-}" ]; then
   if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+if [ -z "${LIST:-}" ] && ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   echo "gpu.sh: no CUDA device visible to $PYTHON (or no torch); run this on a GPU machine" >&2
   exit 2
 fi
 deadline=$((SECONDS + ${BUDGET_S:-570}))
 out="${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M)}"
+if [ -n "${LIST:-}" ]; then out=$(mktemp -d); trap 'rm -rf "$out"' EXIT; : > "$LIST"; fi
 mkdir -p "$out"
-"$PYTHON" - > "$out/summary.txt" <<'PY'
+if [ -z "${LIST:-}" ]; then
+  "$PYTHON" - > "$out/summary.txt" <<'PY'
 import platform, torch
 print("card:", ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())))
 print("torch:", torch.__version__, "cuda:", torch.version.cuda, "cudnn:", torch.backends.cudnn.version())
 print("python:", platform.python_version())
 PY
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >> "$out/summary.txt" 2>/dev/null || true
-cat "$out/summary.txt"
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv >> "$out/summary.txt" 2>/dev/null || true
+  cat "$out/summary.txt"
+fi
 
 archive() {
   [ -n "${ARCHIVE:-}" ] || return 0
@@ -53,6 +58,10 @@ step() {  # [CAP=S] step NAME COMMAND...: run within what is left of the budget 
   if [ "$left" -lt 15 ]; then
     echo "$name: skipped, the budget is spent" | tee -a "$out/summary.txt"
     return 124
+  fi
+  if [ -n "${LIST:-}" ]; then  # one line per step: its name, then its arguments, NUL-separated
+    printf '%s\0' "$name" "$@" >> "$LIST"; printf '\n' >> "$LIST"
+    return 0
   fi
   echo "== $name: $*"
   local t0=$SECONDS
@@ -105,6 +114,6 @@ deep=(--models resnet56 --techniques scale,norm,fusion --seeds 3 --no-until-deci
   --batch-size 512 --device cuda --quiet --out "$out/deep-study")
 step deep-study "${compare[@]}" "${deep[@]}" --pack auto || step deep-study-alone "${compare[@]}" "${deep[@]}" --pack 1
 mkdir -p "$out/evidence" && cp "$out/deep-study/"{report.md,decisions.json,summary.csv,grid.json} "$out/evidence/" 2>/dev/null
-echo "figures in $out"
+[ -n "${LIST:-}" ] || echo "figures in $out"
 archive
 exit "$tests_rc"

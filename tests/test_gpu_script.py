@@ -1,0 +1,80 @@
+"""``benchmarks/gpu.sh`` stays ready for the next GPU machine.
+
+A GPU is lent only now and then, for minutes, and the script runs once in one call: an option
+renamed since it was last run would waste that call. ``LIST=FILE`` makes the script write each
+step's command instead of running it; here every command is parsed by the parser of the
+program it calls, as on the GPU, and compare's grids are built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "gpu.sh"
+
+
+def _steps(tmp_path: Path) -> dict[str, list[str]]:
+    listing = tmp_path / "steps"
+    env = {**os.environ, "LIST": str(listing), "PYTHON": sys.executable}
+    subprocess.run(["bash", str(SCRIPT)], env=env, check=True, capture_output=True, timeout=60, cwd=tmp_path)
+    steps = {}
+    for line in listing.read_bytes().split(b"\n"):
+        if line:
+            name, *argv = line.decode().rstrip("\0").split("\0")
+            steps[name] = argv
+    return steps
+
+
+class _Parsed(Exception):
+    pass
+
+
+def _parse_benchmark(path: Path, args: list[str]) -> argparse.Namespace:
+    """The namespace the benchmark's own ``main()`` parses from ``args``; nothing runs after it."""
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, argv=None, namespace=None):
+        raise _Parsed(real(self, args, namespace))
+
+    module = runpy.run_path(str(path), run_name="gpu_sh_check")
+    with mock.patch.object(argparse.ArgumentParser, "parse_args", parse_then_stop), pytest.raises(_Parsed) as e:
+        with mock.patch.object(sys, "argv", [str(path), *args]):
+            module["main"]()
+    return e.value.args[0]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_every_step_of_gpu_sh_is_accepted_by_its_program(tmp_path):
+    from reslab.cli import build_parser
+    from reslab.cli.commands.compare import build_grid
+
+    steps = _steps(tmp_path)
+    # the steps the issue's acceptance needs, each present
+    for name in ("cuda-tests", "pack-speed", "train-speed-graphs", "technique-overhead", "paper-estimate", "deep-study"):
+        assert name in steps, f"gpu.sh no longer runs {name}"
+    for name, argv in steps.items():
+        assert argv[0] == sys.executable, name
+        if argv[1:3] == ["-m", "pytest"]:
+            assert argv[argv.index("-m", 2) + 1] == "cuda", name
+            continue
+        if argv[1:3] == ["-m", "reslab"]:
+            args = build_parser(argv[3:]).parse_args(argv[3:])
+            assert args.command == "compare", name
+            grid, _, _ = build_grid(args)
+            config = grid.config(grid.cells()[0])  # the training settings are valid
+            assert config.device == "cuda", f"{name} would not train on the GPU"
+            continue
+        path = ROOT / argv[1]
+        assert path.parent.name == "benchmarks" and path.is_file(), name
+        ns = _parse_benchmark(path, argv[2:])
+        assert ns.device == "cuda", f"{name} would not measure the GPU"
