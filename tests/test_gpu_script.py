@@ -60,7 +60,8 @@ def test_every_step_of_gpu_sh_is_accepted_by_its_program(tmp_path):
 
     steps = _steps(tmp_path)
     # the steps the acceptance needs, each present
-    for name in ("cuda-tests", "pack-speed", "train-speed-graphs", "technique-overhead", "paper-estimate", "deep-study"):
+    needed = ("cuda-tests", "pack-speed", "train-speed-graphs", "technique-overhead", "paper-estimate", "deep-study")
+    for name in needed:
         assert name in steps, f"gpu.sh no longer runs {name}"
     for name, argv in steps.items():
         assert argv[0] == sys.executable, name
