@@ -36,6 +36,21 @@ def test_a_gpu_takes_the_faster_route_and_the_cpu_the_first() -> None:
         speed.pick_route([], CUDA, 8, measure)
 
 
+def test_a_route_that_runs_out_of_memory_is_left_out() -> None:
+    def measure(route: str) -> float:
+        if route in fits:
+            return fits[route]
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    fits = {"grouped": 900.0}  # e.g. a large pack by vmap, which keeps more activations for backward
+    assert speed.pick_route(["grouped", "vmap"], CUDA, 16, measure) == ("grouped", {"grouped": 900.0})
+    fits = {"vmap": 500.0}
+    assert speed.pick_route(["grouped", "vmap"], CUDA, 16, measure) == ("vmap", {"vmap": 500.0})
+    fits = {}  # fits by no route: the pack's caller sees the error (auto packing then stops growing)
+    with pytest.raises(torch.OutOfMemoryError):
+        speed.pick_route(["grouped", "vmap"], CUDA, 16, measure)
+
+
 def test_a_process_measures_the_same_settings_once(tiny_train_config, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[int, str]] = []
 

@@ -167,7 +167,11 @@ class GraphedStep:
             loss, logits = self._forward_backward(x, y, True)
             self.optimizer.step()
         if stream is not None:
-            torch.cuda.current_stream(x.device).wait_stream(stream)
+            main = torch.cuda.current_stream(x.device)
+            main.wait_stream(stream)
+            # made on the side stream, read on the main one: their memory is not reused before that
+            loss.record_stream(main)
+            logits.record_stream(main)
         self.eager_steps += 1
         return loss, logits
 

@@ -124,7 +124,7 @@ def train_pack(
     plans = [runs.plan_run(o, c, r, w) for c, o, r, w in zip(configs, outs, resumes, overwrites, strict=True)]
     route, rates = fastest_route(configs[0], ds, device, len(configs), routes)
     if rates:
-        measured = ", ".join(f"{r} {v:,.0f} img/s" for r, v in rates.items())
+        measured = ", ".join(f"{r} {rates[r]:,.0f} img/s" if r in rates else f"{r} out of memory" for r in routes)
         say.line(f"pack route by measurement on {device}: {measured}; {route} taken")
     names, seeds = [o.name for o in outs], [c.seed for c in configs]
     members: list[Member] = []

@@ -76,12 +76,23 @@ def pick_route(
 ) -> tuple[str, dict[str, float]]:
     """The route a pack of ``k`` takes among the correct ``routes`` (in order of preference),
     and the throughputs measured to choose it (empty when nothing was measured): the only
-    one; the first on the CPU or for a pack of one; on a GPU the faster by ``measure``."""
+    one; the first on the CPU or for a pack of one; on a GPU the faster by ``measure``.
+
+    A route whose measurement runs out of memory is left out (it has no rate), so a pack
+    that fits by one route is not lost to the other; when none fits, the error is raised."""
     if not routes:
         raise ValueError("no route to choose from")
     if len(routes) == 1 or device.type != "cuda" or k < 2:
         return routes[0], {}
-    rates = {r: measure(r) for r in routes}
+    rates: dict[str, float] = {}
+    for r in routes:
+        try:
+            rates[r] = measure(r)
+        except torch.OutOfMemoryError:
+            if r == routes[-1] and not rates:
+                raise
+        finally:
+            torch.cuda.empty_cache()  # what a route held is not in the next one's way
     return max(rates, key=lambda r: rates[r]), rates
 
 
