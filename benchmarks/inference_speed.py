@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 import reslab
+from reslab.engine.devices import pick_device
 
 
 def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -68,7 +69,7 @@ def main() -> None:
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="wall or process CPU time")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = pick_device(args.device)  # as the engine: on a GPU, cuDNN times its algorithms
     # CUDA kernels run asynchronously: wait for them, or the clock times the launches only
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     c, h, w = (int(v) for v in args.input_size.split("x"))

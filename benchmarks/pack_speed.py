@@ -34,6 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from reslab.engine.devices import pick_device
 from reslab.engine.optim import param_groups
 from reslab.engine.packed import PackedModel
 from reslab.nn.models import build_model
@@ -69,7 +70,7 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = pick_device(args.device)  # as the engine: on a GPU, cuDNN times its algorithms
     cuda = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; width {args.width:g}; {'bf16' if cuda else 'fp32'}")

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import reslab
+from reslab.engine.devices import pick_device
 from reslab.nn.describe import forward_flops
 from reslab.nn.techniques import FeatureFusion, ResidualNormalization, ResidualScaling
 
@@ -78,7 +79,7 @@ def main() -> None:
     )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = pick_device(args.device)  # as the engine: on a GPU, cuDNN times its algorithms
     # CUDA kernels run asynchronously: wait for them, or the clock times the launches only
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     c, h, w = (int(v) for v in args.input_size.split("x"))

@@ -3,7 +3,8 @@
 Reference: torchvision ``FashionMNIST`` + ``transforms`` (RandomCrop with the same padding,
 RandomHorizontalFlip, ToTensor, Normalize) + ``DataLoader`` (shuffle, ``--workers``
 workers) + the same reslab model in NCHW fp32 eager, the same SGD/Nesterov optimizer,
-one-cycle schedule and label smoothing, on the same training images.
+one-cycle schedule and label smoothing, on the same training images (on a GPU, both with
+cuDNN timing its convolution algorithms, as reslab's engine does).
 
 reslab: ``reslab.engine.train.train`` with the same hyper-parameters (data resident as uint8,
 batched on-tensor augmentation, channels_last).
@@ -36,6 +37,7 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 
 from reslab.engine.data import load_arrays, search_dirs
+from reslab.engine.devices import pick_device
 from reslab.engine.optim import lr_at, param_groups
 from reslab.engine.sources import SPLIT_SEED, derive_seed
 from reslab.engine.train import TrainConfig, train
@@ -136,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # On a GPU reslab's engine lets cuDNN time its algorithms (pick_device); the reference gets
+    # the same from the first round, not only after reslab's first run has switched it on.
+    pick_device(args.device)
     cfg = TrainConfig(
         model=args.model,
         epochs=args.epochs,

@@ -62,6 +62,19 @@ def test_training_on_the_gpu_is_training_on_the_cpu_and_resumes(tmp_path: Path, 
     assert [r["epoch"] for r in rows] == [1, 2, 3]
 
 
+def test_choosing_the_gpu_lets_cudnn_time_its_algorithms() -> None:
+    from reslab.engine.devices import pick_device
+
+    saved = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        pick_device("cpu")
+        assert not torch.backends.cudnn.benchmark
+        assert pick_device("cuda").type == "cuda" and torch.backends.cudnn.benchmark
+    finally:
+        torch.backends.cudnn.benchmark = saved
+
+
 @pytest.mark.parametrize("technique", list_techniques())
 def test_fused_models_match_on_the_gpu(technique: str, strict_fp32) -> None:
     """Folding is exact algebra: in full fp32 the fused model's logits are the model's to 1e-4."""

@@ -29,10 +29,18 @@ def device_name(name: str | None) -> str:
 def pick_device(name: str) -> torch.device:
     """``auto`` (CUDA when a GPU is visible, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
 
-    ``cuda`` is the first GPU this process sees, so a ``CUDA_VISIBLE_DEVICES`` pin is kept."""
+    ``cuda`` is the first GPU this process sees, so a ``CUDA_VISIBLE_DEVICES`` pin is kept.
+
+    Choosing a GPU also lets cuDNN time its convolution algorithms for each new shape
+    (``torch.backends.cudnn.benchmark``) instead of guessing: a run's shapes repeat every
+    step, and the guess is worst for the grouped convolutions that packed runs train with.
+    cuDNN's kernels are not bitwise reproducible on a GPU either way (no deterministic mode
+    is set), so nothing reslab promises depends on the choice."""
     name = device_name(name)
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"device {name} was asked for but no CUDA GPU is available; use --device cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {name} was asked for but no CUDA GPU is available; use --device cpu")
+        torch.backends.cudnn.benchmark = True
     return torch.device(name)
 
 
