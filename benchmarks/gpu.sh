@@ -105,7 +105,10 @@ step paper-estimate "${compare[@]}" --preset paper --device cuda --estimate --ou
 # one run with its step replayed as a CUDA graph (cuda_graphs) against the hand loop: 1.5x wanted
 step train-speed-graphs "$PYTHON" benchmarks/train_speed.py --device cuda --train-subset 0 --rounds 2 --workers 8 \
   --cuda-graphs
+# each technique's step time over baseline's, in the engine's bf16, eager and replayed as a graph
 step technique-overhead "$PYTHON" benchmarks/technique_overhead.py --device cuda --batch 256 --rounds 11 --steps 10
+step technique-overhead-graphs "$PYTHON" benchmarks/technique_overhead.py --device cuda --batch 256 --rounds 11 \
+  --steps 10 --cuda-graphs --no-eager
 step train-speed "$PYTHON" benchmarks/train_speed.py --device cuda --train-subset 0 --rounds 2 --workers 8
 # a grid of 16 resnet56 runs (one technique, 16 seeds: one pack) end to end, packed against one
 # run at a time, the same card in the same call (compare --pack; issue 19)

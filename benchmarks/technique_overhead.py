@@ -3,6 +3,7 @@
     python benchmarks/technique_overhead.py                 # resnet20, batch 128, NHWC
     python benchmarks/technique_overhead.py --rounds 15 --steps 5 --threads 2
     python benchmarks/technique_overhead.py --device cuda --batch 256   # on a GPU (benchmarks/gpu.sh)
+    python benchmarks/technique_overhead.py --device cuda --batch 256 --cuda-graphs   # steps replayed
 
 Each round times ``--steps`` SGD steps (forward, backward, update) of every variant, in a
 shuffled order, and divides each by the ``baseline`` time of the same round, so that
@@ -10,7 +11,8 @@ drifts of a shared machine hit both sides of a ratio alike. The table gives the 
 ratio over rounds and its spread (interquartile range). ``article-eager:*`` rows are the
 source article's merges transcribed literally (``out + scale * s``, ``out +
 residual_norm(out - s)``, ``out + feature_fusion(cat[out, s])``), for comparison with
-reslab's fused forms.
+reslab's fused forms. Steps run in the engine's precision (bf16 autocast on a GPU, fp32 on the
+CPU) unless ``--precision`` says otherwise.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import reslab
-from reslab.engine.devices import pick_device
+from reslab.engine.devices import autocast_factory, pick_device, pick_precision
+from reslab.engine.graphed import WARMUP_STEPS, GraphedStep
 from reslab.nn.describe import forward_flops
 from reslab.nn.techniques import FeatureFusion, ResidualNormalization, ResidualScaling
 
@@ -48,12 +51,19 @@ class EagerFusion(FeatureFusion):
 EAGER = {"article-eager:scale": EagerScale(), "article-eager:norm": EagerNorm(), "article-eager:fusion": EagerFusion()}
 
 
-def make_step(model: torch.nn.Module, x: Tensor, y: Tensor):
+def make_step(model: torch.nn.Module, x: Tensor, y: Tensor, autocast, graphs: bool):
+    """One SGD step (forward under ``autocast``, backward, update), or, with ``graphs``, the
+    engine's graphed step (:class:`reslab.engine.graphed.GraphedStep`), as ``cuda_graphs`` trains."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
+    if graphs:
+        graphed = GraphedStep(model, torch.nn.CrossEntropyLoss(), opt, autocast)
+        return lambda: graphed(x, y, 0.01)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        with autocast():
+            logits = model(x)
+        F.cross_entropy(logits.float(), y).backward()
         opt.step()
 
     return step
@@ -71,6 +81,15 @@ def main() -> None:
     p.add_argument("--techniques", default="all")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (CUDA is synchronised around each timing)")
     p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="as the engine's: auto is bf16 autocast on a GPU, fp32 on the CPU",
+    )
+    p.add_argument(
+        "--cuda-graphs", action="store_true", help="time the engine's step replayed as a CUDA graph (GPU only)"
+    )
+    p.add_argument(
         "--clock",
         choices=["wall", "cpu"],
         default="wall",
@@ -80,6 +99,10 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)  # as the engine: on a GPU, cuDNN times its algorithms
+    if args.cuda_graphs and device.type != "cuda":
+        p.error("--cuda-graphs needs --device cuda")
+    precision = pick_precision(args.precision, device)
+    autocast = autocast_factory(precision, device)
     # CUDA kernels run asynchronously: wait for them, or the clock times the launches only
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     c, h, w = (int(v) for v in args.input_size.split("x"))
@@ -96,8 +119,9 @@ def main() -> None:
         model = reslab.build_model(args.model, technique=tech, in_channels=c)
         flops[name] = forward_flops(model, (c, h, w))
         model = model.to(device, memory_format=torch.channels_last)
-        steps[name] = make_step(model.train(), x, y)
-        for _ in range(2):  # warm-up: allocator, kernels, optimizer state
+        steps[name] = make_step(model.train(), x, y, autocast, args.cuda_graphs)
+        # warm-up: allocator, kernel choice, optimizer state (and a graph's eager steps and capture)
+        for _ in range(WARMUP_STEPS + 2 if args.cuda_graphs else 2):
             steps[name]()
     ratios: dict[str, list[float]] = {n: [] for n in variants}
     base_times: list[float] = []
@@ -120,7 +144,8 @@ def main() -> None:
         print(f"round {r + 1}/{args.rounds}: baseline {times['baseline'] * 1e3:.1f} ms/step", flush=True)
 
     print(
-        f"\n{args.model}, batch {args.batch}, input {args.input_size}, channels_last, "
+        f"\n{args.model}, batch {args.batch}, input {args.input_size}, channels_last, {precision}, "
+        f"{'CUDA graphs' if args.cuda_graphs else 'eager'}, "
         f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else f'{args.threads} threads'}, "
         f"{args.clock} clock, torch {torch.__version__}; "
         f"baseline median {statistics.median(base_times) * 1e3:.1f} ms/step"
