@@ -109,6 +109,10 @@ step train-speed-graphs "$PYTHON" benchmarks/train_speed.py --device cuda --trai
 step technique-overhead "$PYTHON" benchmarks/technique_overhead.py --device cuda --batch 256 --rounds 11 --steps 10
 step technique-overhead-graphs "$PYTHON" benchmarks/technique_overhead.py --device cuda --batch 256 --rounds 11 \
   --steps 10 --cuda-graphs --no-eager
+# and in a pack (8 resnet20 runs of one technique): each row's packed img/s over baseline's row
+tpack=resnet20:8:128
+for t in scale skipinit layerscale norm fusion; do tpack+=",resnet20:8:128:$t"; done
+step pack-overhead "$PYTHON" benchmarks/pack_speed.py --device cuda --width 1 --rounds 3 --steps 3 --configs "$tpack"
 step train-speed "$PYTHON" benchmarks/train_speed.py --device cuda --train-subset 0 --rounds 2 --workers 8
 # a grid of 16 resnet56 runs (one technique, 16 seeds: one pack) end to end, packed against one
 # run at a time, the same card in the same call (compare --pack; issue 19)

@@ -2,7 +2,8 @@
 when they are one packed model (``reslab.engine.packed.PackedModel``) than when their
 training steps run one after another, by each of the pack's two routes.
 
-Per configuration ``MODEL:K:BATCH`` (K runs, BATCH images each per step), each round times
+Per configuration ``MODEL:K:BATCH[:TECHNIQUE]`` (K runs of one technique, baseline unless
+named, BATCH images each per step), each round times
 ``--steps`` training steps (forward, backward, SGD with Nesterov momentum and weight decay)
 of every variant, in a freshly shuffled order, on random Fashion-MNIST-sized data already
 on the device:
@@ -20,6 +21,7 @@ bf16 autocast (as the engine does there); the CPU runs fp32 in NCHW.
 
     python benchmarks/pack_speed.py                                  # CPU, small configurations
     python benchmarks/pack_speed.py --device cuda --width 1 --configs resnet56:16:512,resnet20:32:128
+    python benchmarks/pack_speed.py --configs resnet20:8:128,resnet20:8:128:scale   # a technique's cost in a pack
 """
 
 from __future__ import annotations
@@ -40,11 +42,11 @@ from reslab.engine.packed import PackedModel
 from reslab.nn.models import build_model
 
 
-def make(model: str, k: int, width: float, device: torch.device) -> tuple[list, list]:
+def make(model: str, technique: str, k: int, width: float, device: torch.device) -> tuple[list, list]:
     models, opts = [], []
     for i in range(k):
         torch.manual_seed(i)
-        m = build_model(model, num_classes=10, in_channels=1, width=width).to(device)
+        m = build_model(model, technique=technique, num_classes=10, in_channels=1, width=width).to(device)
         models.append(m)
         opts.append(torch.optim.SGD(param_groups(m, 5e-4), lr=0.05, momentum=0.9, nesterov=True))
     return models, opts
@@ -61,7 +63,7 @@ def main() -> None:
     p.add_argument(
         "--configs",
         default="resnet8:4:64,resnet20:4:64,resnet20:8:32",
-        help="comma-separated MODEL:K:BATCH (K runs of BATCH images each per step)",
+        help="comma-separated MODEL:K:BATCH[:TECHNIQUE] (K runs of BATCH images each per step; baseline unless named)",
     )
     p.add_argument("--width", type=float, default=0.25, help="width multiplier of every model")
     p.add_argument("--steps", type=int, default=3, help="training steps per variant per round")
@@ -74,24 +76,27 @@ def main() -> None:
     cuda = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}; width {args.width:g}; {'bf16' if cuda else 'fp32'}")
-    print("| model | batch per run | K | sep img/s | vmap img/s | grouped img/s | vmap / sep | grouped / sep |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(
+        "| model | technique | batch per run | K | sep img/s | vmap img/s | grouped img/s"
+        " | vmap / sep | grouped / sep |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for spec in args.configs.split(","):
-        model, k_s, b_s = spec.split(":")
+        model, k_s, b_s, *named = spec.split(":")
+        technique = named[0] if named else "baseline"
         try:
-            measure(model, int(k_s), int(b_s), args, device)
+            measure(model, technique, int(k_s), int(b_s), args, device)
         except (RuntimeError, torch.OutOfMemoryError) as e:  # e.g. out of memory: say so, go on
-            print(
-                f"| {model} | {b_s} | {k_s} | {type(e).__name__}: {str(e).splitlines()[0][:80]} | | | | |", flush=True
-            )
+            what = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+            print(f"| {model} | {technique} | {b_s} | {k_s} | {what} | | | | |", flush=True)
         if cuda:
             torch.cuda.empty_cache()
 
 
-def measure(model: str, k: int, b: int, args: argparse.Namespace, device: torch.device) -> None:
+def measure(model: str, technique: str, k: int, b: int, args: argparse.Namespace, device: torch.device) -> None:
     """One table row: the median throughputs of the variants and of their ratios to ``sep``."""
     cuda = device.type == "cuda"
-    models, opts = make(model, k, args.width, device)
+    models, opts = make(model, technique, k, args.width, device)
     if cuda:  # a run alone trains in channels_last on a GPU
         models = [m.to(memory_format=torch.channels_last) for m in models]
     packs = {
@@ -162,7 +167,7 @@ def measure(model: str, k: int, b: int, args: argparse.Namespace, device: torch.
         return f"{statistics.median(ratios[v]):.2f}x" if v in ratios else ""
 
     print(
-        f"| {model} | {b} | {k} | {rate('sep')} | {rate('vmap')} | {rate('grouped')} | "
+        f"| {model} | {technique} | {b} | {k} | {rate('sep')} | {rate('vmap')} | {rate('grouped')} | "
         f"{ratio('vmap')} | {ratio('grouped')} |",
         flush=True,
     )
