@@ -36,7 +36,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from reslab.engine.devices import pick_device
+from reslab.engine.devices import pick_device, synchronize
 from reslab.engine.optim import param_groups
 from reslab.engine.packed import PackedModel
 from reslab.nn.models import build_model
@@ -50,11 +50,6 @@ def make(model: str, technique: str, k: int, width: float, device: torch.device)
         models.append(m)
         opts.append(torch.optim.SGD(param_groups(m, 5e-4), lr=0.05, momentum=0.9, nesterov=True))
     return models, opts
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
@@ -150,11 +145,11 @@ def measure(model: str, technique: str, k: int, b: int, args: argparse.Namespace
         random.shuffle(order)
         got = {}
         for v in order:
-            sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 variants[v]()
-            sync(device)
+            synchronize(device)
             got[v] = k * b * args.steps / (time.perf_counter() - t0)
             rates[v].append(got[v])
         for v in ratios:

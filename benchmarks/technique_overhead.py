@@ -23,12 +23,12 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 import reslab
-from reslab.engine.devices import autocast_factory, pick_device, pick_precision
-from reslab.engine.graphed import WARMUP_STEPS, GraphedStep
+from reslab.engine.devices import autocast_factory, pick_device, pick_precision, synchronize
+from reslab.engine.graphed import WARMUP_STEPS
+from reslab.engine.timing import training_step
 from reslab.nn.describe import forward_flops
 from reslab.nn.techniques import FeatureFusion, ResidualNormalization, ResidualScaling
 
@@ -52,21 +52,11 @@ EAGER = {"article-eager:scale": EagerScale(), "article-eager:norm": EagerNorm(),
 
 
 def make_step(model: torch.nn.Module, x: Tensor, y: Tensor, autocast, graphs: bool):
-    """One SGD step (forward under ``autocast``, backward, update), or, with ``graphs``, the
-    engine's graphed step (:class:`reslab.engine.graphed.GraphedStep`), as ``cuda_graphs`` trains."""
+    """The engine's timing-pass step (:func:`reslab.engine.timing.training_step`): SGD with
+    Nesterov momentum, forward under ``autocast``; with ``graphs`` replayed as a CUDA graph,
+    as ``cuda_graphs`` trains."""
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    if graphs:
-        graphed = GraphedStep(model, torch.nn.CrossEntropyLoss(), opt, autocast)
-        return lambda: graphed(x, y, 0.01)
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with autocast():
-            logits = model(x)
-        F.cross_entropy(logits.float(), y).backward()
-        opt.step()
-
-    return step
+    return training_step(model, opt, x, y, autocast, graphs)
 
 
 def main() -> None:
@@ -103,8 +93,6 @@ def main() -> None:
         p.error("--cuda-graphs needs --device cuda")
     precision = pick_precision(args.precision, device)
     autocast = autocast_factory(precision, device)
-    # CUDA kernels run asynchronously: wait for them, or the clock times the launches only
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     c, h, w = (int(v) for v in args.input_size.split("x"))
     techniques = reslab.list_techniques() if args.techniques == "all" else args.techniques.split(",")
     variants: dict[str, reslab.Technique | str] = {t: t for t in techniques}
@@ -132,11 +120,11 @@ def main() -> None:
         rng.shuffle(order)
         times = {}
         for name in order:
-            sync()
+            synchronize(device)  # CUDA runs asynchronously: time the kernels, not their launches
             t0 = clock()
             for _ in range(args.steps):
                 steps[name]()
-            sync()
+            synchronize(device)
             times[name] = (clock() - t0) / args.steps
         base_times.append(times["baseline"])
         for name in variants:

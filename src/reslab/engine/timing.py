@@ -80,7 +80,7 @@ def measure_step_times(
                 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True)
                 x = torch.randn(batch_size, c, h, w, generator=gen).to(dev).contiguous(memory_format=fmt)
                 y = torch.randint(0, num_classes, (batch_size,), generator=gen).to(dev)
-                variants[f"{m}/{t}"] = step = _stepper(model, opt, x, y, autocast, graphs)
+                variants[f"{m}/{t}"] = step = training_step(model, opt, x, y, autocast, graphs)
                 # warm-up: first-call allocations and kernel choices (and a graph's capture)
                 for _ in range(WARMUP_STEPS + 1 if graphs else 1):
                     step()
@@ -119,7 +119,7 @@ def measure_step_times(
         torch.set_num_threads(previous)
 
 
-def _stepper(
+def training_step(
     model: torch.nn.Module,
     opt: torch.optim.Optimizer,
     x: torch.Tensor,
@@ -166,4 +166,4 @@ def step_seconds(timing: dict[str, Any], model: str, technique: str) -> float | 
     return statistics.median(v) if v else None
 
 
-__all__ = ["measure_step_times", "step_ratio", "step_seconds"]
+__all__ = ["measure_step_times", "step_ratio", "step_seconds", "training_step"]

@@ -36,8 +36,8 @@ from reslab.study.results import (
 #: ``paper`` is the article's study at a realistic length, for a GPU: ResNet-20, -56 and -110 at
 #: full width on all 55,000 training images, batch 512, with the article's three techniques,
 #: for :data:`PAPER_EPOCHS` epochs. Each look adds one pack of 3 seeds per technique (looks
-#: at 3, 6 and 9 seeds), so a GPU trains every look as packed models; the gradient-norm probe during training is off
-#: (a pack does not record it), the probe at initialisation stays.
+#: at 3, 6 and 9 seeds), so a GPU trains every look as packed models; the gradient-norm probe
+#: during training is off (a pack does not record it), the probe at initialisation stays.
 #: the paper preset's epochs. Not yet where baseline nears its plateau: 20 epochs gained 1.1-1.3 pp
 #: of test accuracy over 10 for resnet20 and resnet56 (benchmarks/README.md, "GPU"); kept at 10
 #: until a GPU measures whether 20 fit the 45-minute estimate issue 19 asks for

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from reslab.engine.config import TrainConfig
+from reslab.engine.devices import synchronize
 
 #: timed packed steps per measurement (after one warm-up step)
 PROBE_STEPS = 3
@@ -59,13 +60,11 @@ def packed_rate(cfg: TrainConfig, ds: Any, device: torch.device, k: int, route: 
             pack.optimizer.zero_grad(set_to_none=True)
 
         step()  # warm-up: kernel selection and allocation
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         t0 = time.perf_counter()
         for _ in range(PROBE_STEPS):
             step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         return k * cfg.batch_size * PROBE_STEPS / (time.perf_counter() - t0)
     finally:
         torch.random.set_rng_state(state)
@@ -85,14 +84,16 @@ def pick_route(
     if len(routes) == 1 or device.type != "cuda" or k < 2:
         return routes[0], {}
     rates: dict[str, float] = {}
+    out_of_memory: torch.OutOfMemoryError | None = None
     for r in routes:
         try:
             rates[r] = measure(r)
-        except torch.OutOfMemoryError:
-            if r == routes[-1] and not rates:
-                raise
+        except torch.OutOfMemoryError as e:
+            out_of_memory = e
         finally:
             torch.cuda.empty_cache()  # what a route held is not in the next one's way
+    if not rates and out_of_memory is not None:
+        raise out_of_memory
     return max(rates, key=lambda r: rates[r]), rates
 
 
