@@ -214,11 +214,14 @@ def test_a_run_with_cuda_graphs_trains_as_the_eager_run(tmp_path: Path, tiny_tra
     assert losses(graphed)[0] == pytest.approx(losses(eager)[0], rel=1e-3)
     assert losses(graphed)[1] == pytest.approx(losses(eager)[1], rel=1e-2)
     bf16 = tmp_path / "bf16"
-    cfg = tiny_train_config(cuda_graphs=True, train_subset=4096, batch_size=128, device="cuda")
+    # a constant learning rate without warm-up, so the completed run may be extended by an epoch
+    # (a one-cycle run's rate has reached zero: reslab refuses to extend it)
+    extendable = {"schedule": "constant", "warmup": 0, "train_subset": 4096, "batch_size": 128, "device": "cuda"}
+    cfg = tiny_train_config(cuda_graphs=True, **extendable)
     assert train(cfg, bf16, progress=False)["status"] == "completed"
     assert losses(bf16)[1] < losses(bf16)[0]
     more = train(
-        tiny_train_config(cuda_graphs=True, train_subset=4096, batch_size=128, device="cuda", epochs=3),
+        tiny_train_config(cuda_graphs=True, epochs=3, **extendable),
         bf16,
         resume=True,
         progress=False,
