@@ -92,8 +92,9 @@ def measure(model: str, technique: str, k: int, b: int, args: argparse.Namespace
     """One table row: the median throughputs of the variants and of their ratios to ``sep``."""
     cuda = device.type == "cuda"
     models, opts = make(model, technique, k, args.width, device)
-    if cuda:  # a run alone trains in channels_last on a GPU
-        models = [m.to(memory_format=torch.channels_last) for m in models]
+    # the packs stack the members as built (NCHW), as train_pack does: vmap cannot map
+    # channels_last weights (torch: "NYI: querying is_contiguous inside of vmap"), and the
+    # grouped route lays out its own stacks
     packs = {
         route: PackedModel(
             copy.deepcopy(models),
@@ -107,6 +108,8 @@ def measure(model: str, technique: str, k: int, b: int, args: argparse.Namespace
         )
         for route in ("vmap", "grouped")
     }
+    if cuda:  # a run alone trains in channels_last on a GPU
+        models = [m.to(memory_format=torch.channels_last) for m in models]
     x = torch.randn(k, b, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (k, b), device=device)
     xs = [xi.contiguous(memory_format=torch.channels_last) if cuda else xi for xi in x]
@@ -133,8 +136,9 @@ def measure(model: str, technique: str, k: int, b: int, args: argparse.Namespace
     for v, fn in list(variants.items()):  # warm-up: allocations, kernel choice
         try:
             fn()
-        except torch.OutOfMemoryError:  # this variant does not fit: the others are still measured
-            failed[v] = "out of memory"
+        except RuntimeError as e:  # this variant does not fit or fails: the others are still measured
+            oom = isinstance(e, torch.OutOfMemoryError)
+            failed[v] = "out of memory" if oom else f"{type(e).__name__}: {str(e).splitlines()[0][:60]}"
             del variants[v]
             if cuda:
                 torch.cuda.empty_cache()
