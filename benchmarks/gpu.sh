@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# On a CUDA machine: run the CUDA tests, then the GPU benchmarks and studies, and write their
-# figures, within BUDGET_S seconds (default 540: one call of at most 10 minutes, with room to start and stop).
+# On a CUDA machine: time packing, the paper estimate, single-run speed and the technique
+# overheads, then run the deep study with the CUDA tests beside it, then extras, and write
+# their figures, within BUDGET_S seconds (default 540: one call of at most 10 minutes, with
+# room to start and stop).
 #
 #   bash benchmarks/gpu.sh                 # figures into benchmarks/results/gpu-<date>/
 #   OUT=/some/folder bash benchmarks/gpu.sh
@@ -81,54 +83,69 @@ step() {  # [CAP=S] step NAME COMMAND...: run within what is left of the budget 
 
 compare=("$PYTHON" -m reslab compare)
 
-# 1. The CUDA tests, and beside them (they share the card, so nothing here is timed) baseline
-#    resnet56 at 10 and 20 epochs: how far from its plateau each length ends (the paper preset's
-#    epochs, issue 19). Full width, all 55,000 training images, batch 512, 3 seeds packed.
-plateau=(--models resnet56 --techniques baseline --seeds 3 --no-until-decided --width 1 --batch-size 512
-  --device cuda --pack 3 --no-probe --quiet)
-CAP=${PLATEAU_CAP:-240} step plateau-e10 "${compare[@]}" "${plateau[@]}" --epochs 10 --out "$out/plateau-e10" &
-p10=$!
-CAP=${PLATEAU_CAP:-240} step plateau-e20 "${compare[@]}" "${plateau[@]}" --epochs 20 --out "$out/plateau-e20" &
-p20=$!
-# (a test that hangs is stopped after 240 s, not at the budget's end)
-step cuda-tests "$PYTHON" -m pytest -q -m cuda tests -p no:cacheprovider -o timeout=240
-tests_rc=$?
-wait "$p10" "$p20"
+# Measured on an H100 (benchmarks/README.md, "GPU"): the timed steps 1-4 take about 3.5
+# minutes, the CUDA tests and the deep study about 4 minutes each, so these fit one call of
+# 10 minutes only with the tests beside the study; the extras after them run with what is left.
 
-# 2. Alone on the card from here: timings, what the issue still lacks first.
-# packed runs (reslab.engine.packed, both routes) against one run at a time, same card, same
-# call; issue 19 asks for at least 5x at 16 resnet56 runs and 10x at 32 resnet20 runs
+# 1. Timings, alone on the card, what issue 19 asks first: packed runs (reslab.engine.packed,
+#    both routes) against one run at a time, same card, same call; at least 5x at 16 resnet56
+#    runs and 10x at 32 resnet20 runs
 step pack-speed "$PYTHON" benchmarks/pack_speed.py --device cuda --width 1 --rounds 3 --steps 3 \
-  --configs resnet56:4:512,resnet56:16:512,resnet20:8:128,resnet20:32:128
-# the paper preset's (issue 19: at most 45 minutes on one H100) estimated time on this card, from its own timing pass and pack probe
+  --configs resnet56:16:512,resnet20:32:128
+# 2. the paper preset's estimated time on this card (at most 45 minutes on one H100), from its
+#    own timing pass and pack probe
 step paper-estimate "${compare[@]}" --preset paper --device cuda --estimate --out "$out/paper-estimate"
-# one run with its step replayed as a CUDA graph (cuda_graphs) against the hand loop: 1.5x wanted
+# 3. one run with its step replayed as a CUDA graph (cuda_graphs) against the hand loop: 1.5x wanted
 step train-speed-graphs "$PYTHON" benchmarks/train_speed.py --device cuda --train-subset 0 --rounds 2 --workers 8 \
   --cuda-graphs
-# each technique's step time over baseline's, in the engine's bf16, eager and replayed as a graph
+# 4. each technique's step time over baseline's, in the engine's bf16, eager and replayed as a graph
 step technique-overhead "$PYTHON" benchmarks/technique_overhead.py --device cuda --batch 256 --rounds 11 --steps 10
 step technique-overhead-graphs "$PYTHON" benchmarks/technique_overhead.py --device cuda --batch 256 --rounds 11 \
   --steps 10 --cuda-graphs --no-eager
-# and in a pack (8 resnet20 runs of one technique): each row's packed img/s over baseline's row
+
+# 5. The deep study at realistic length: resnet56, full width, all the training images, 5
+#    epochs, 3 seeds (one pack each), every article technique; its report is the project's
+#    evidence (docs/evidence/). A pack that fails leaves its runs failed: the same command
+#    with --pack 1 trains them alone. The CUDA tests time nothing, so they run beside it, once
+#    its timing pass (the report's step-time ratios) has run alone; each test is stopped
+#    after 240 s.
+deep=(--models resnet56 --techniques scale,norm,fusion --seeds 3 --no-until-decided --width 1 --epochs 5
+  --batch-size 512 --device cuda --quiet --out "$out/deep-study")
+{ step deep-study "${compare[@]}" "${deep[@]}" --pack 3 || step deep-study-alone "${compare[@]}" "${deep[@]}" --pack 1; } &
+deep_pid=$!
+if [ -n "${LIST:-}" ]; then wait "$deep_pid"; fi  # one writer of the list at a time
+for _ in $(seq 120); do
+  if [ -e "$out/deep-study/timing.json" ] || ! kill -0 "$deep_pid" 2>/dev/null; then break; fi
+  sleep 1
+done
+step cuda-tests "$PYTHON" -m pytest -q -m cuda tests -p no:cacheprovider -o timeout=240 --durations=15
+tests_rc=$?
+wait "$deep_pid"
+mkdir -p "$out/evidence" && cp "$out/deep-study/"{report.md,decisions.json,summary.csv,grid.json} "$out/evidence/" 2>/dev/null
+
+# 6. Extras, alone again, with what is left of the budget (ONLY="..." runs them in a call of their own):
+# the overheads in a pack (8 resnet20 runs of one technique): each row's packed img/s over baseline's row
 tpack=resnet20:8:128
 for t in scale skipinit layerscale norm fusion; do tpack+=",resnet20:8:128:$t"; done
 step pack-overhead "$PYTHON" benchmarks/pack_speed.py --device cuda --width 1 --rounds 3 --steps 3 --configs "$tpack"
 step train-speed "$PYTHON" benchmarks/train_speed.py --device cuda --train-subset 0 --rounds 2 --workers 8
 # a grid of 16 resnet56 runs (one technique, 16 seeds: one pack) end to end, packed against one
-# run at a time, the same card in the same call (compare --pack; issue 19)
+# run at a time (compare --pack; start-up included)
 grid16=(--models resnet56 --techniques baseline --seeds 16 --no-until-decided --width 1 --epochs 1
   --train-subset 8192 --batch-size 512 --device cuda --no-probe --quiet)
 step grid16-packed "${compare[@]}" "${grid16[@]}" --pack 16 --out "$out/grid16-packed"
 step grid16-alone "${compare[@]}" "${grid16[@]}" --pack 1 --out "$out/grid16-alone"
 step inference-speed "$PYTHON" benchmarks/inference_speed.py --device cuda --batch 1024 --channels-last --rounds 7 --iters 10
-# the deep study at realistic length (about 4 minutes alone on an H200): resnet56, full width,
-# all the training images, 5 epochs, 3 seeds, every article technique; its report is the
-# project's evidence (docs/evidence/), refreshed with what is left of the budget. A pack that
-# fails leaves its runs failed: the same command with --pack 1 trains them alone.
-deep=(--models resnet56 --techniques scale,norm,fusion --seeds 3 --no-until-decided --width 1 --epochs 5
-  --batch-size 512 --device cuda --quiet --out "$out/deep-study")
-step deep-study "${compare[@]}" "${deep[@]}" --pack auto || step deep-study-alone "${compare[@]}" "${deep[@]}" --pack 1
-mkdir -p "$out/evidence" && cp "$out/deep-study/"{report.md,decisions.json,summary.csv,grid.json} "$out/evidence/" 2>/dev/null
+# baseline resnet56 at 10 and 20 epochs, beside each other (nothing timed): how far from its
+# plateau the paper preset's 10 epochs end. Full width, all 55,000 training images, batch 512,
+# 3 seeds packed.
+plateau=(--models resnet56 --techniques baseline --seeds 3 --no-until-decided --width 1 --batch-size 512
+  --device cuda --pack 3 --no-probe --quiet)
+CAP=${PLATEAU_CAP:-400} step plateau-e10 "${compare[@]}" "${plateau[@]}" --epochs 10 --out "$out/plateau-e10" &
+p10=$!
+if [ -n "${LIST:-}" ]; then wait "$p10"; fi
+CAP=${PLATEAU_CAP:-400} step plateau-e20 "${compare[@]}" "${plateau[@]}" --epochs 20 --out "$out/plateau-e20"
+wait "$p10"
 [ -n "${LIST:-}" ] || echo "figures in $out"
 archive
 exit "$tests_rc"

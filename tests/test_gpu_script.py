@@ -63,6 +63,11 @@ def test_every_step_of_gpu_sh_is_accepted_by_its_program(tmp_path):
     needed = ("cuda-tests", "pack-speed", "train-speed-graphs", "technique-overhead", "paper-estimate", "deep-study")
     for name in needed:
         assert name in steps, f"gpu.sh no longer runs {name}"
+    deep = steps["deep-study"]  # the evidence: resnet56, full width, all images, >= 5 epochs, >= 3 seeds
+    grid, _, _ = build_grid(build_parser(deep[3:]).parse_args(deep[3:]))
+    config = grid.config(grid.cells()[0])
+    assert (config.model, config.width, config.train_subset) == ("resnet56", 1.0, None)
+    assert config.epochs >= 5 and len({c.seed for c in grid.cells()}) >= 3
     for name, argv in steps.items():
         assert argv[0] == sys.executable, name
         if argv[1:3] == ["-m", "pytest"]:
@@ -79,3 +84,5 @@ def test_every_step_of_gpu_sh_is_accepted_by_its_program(tmp_path):
         assert path.parent.name == "benchmarks" and path.is_file(), name
         ns = _parse_benchmark(path, argv[2:])
         assert ns.device == "cuda", f"{name} would not measure the GPU"
+        if name == "pack-speed":  # the sizes the targets are about
+            assert {"resnet56:16:512", "resnet20:32:128"} <= set(ns.configs.split(",")), ns.configs
