@@ -11,7 +11,9 @@ drifts of a shared machine hit both sides of a ratio alike. The table gives the 
 ratio over rounds and its spread (interquartile range). ``article-eager:*`` rows are the
 source article's merges transcribed literally (``out + scale * s``, ``out +
 residual_norm(out - s)``, ``out + feature_fusion(cat[out, s])``), for comparison with
-reslab's fused forms. Steps run in the engine's precision (bf16 autocast on a GPU, fp32 on the
+reslab's fused forms; ``unfolded:*`` rows are ``skipinit`` and ``layerscale`` with their gain
+applied by the merge (``s + g * F(x)``) instead of inside the branch's last BatchNorm, as
+reslab trains them. Steps run in the engine's precision (bf16 autocast on a GPU, fp32 on the
 CPU) unless ``--precision`` says otherwise.
 """
 
@@ -30,7 +32,7 @@ from reslab.engine.devices import autocast_factory, pick_device, pick_precision,
 from reslab.engine.graphed import WARMUP_STEPS
 from reslab.engine.timing import training_step
 from reslab.nn.describe import forward_flops
-from reslab.nn.techniques import FeatureFusion, ResidualNormalization, ResidualScaling
+from reslab.nn.techniques import FeatureFusion, LayerScale, ResidualNormalization, ResidualScaling, SkipInit
 
 
 class EagerScale(ResidualScaling):
@@ -48,7 +50,23 @@ class EagerFusion(FeatureFusion):
         return branch + block.feature_fusion(torch.cat([branch, shortcut], dim=1))
 
 
-EAGER = {"article-eager:scale": EagerScale(), "article-eager:norm": EagerNorm(), "article-eager:fusion": EagerFusion()}
+class UnfoldedSkipInit(SkipInit):
+    def branch_gain(self, block) -> None:  # the block then calls merge: s + alpha * F(x)
+        return None
+
+
+class UnfoldedLayerScale(LayerScale):
+    def branch_gain(self, block) -> None:
+        return None
+
+
+EAGER = {
+    "article-eager:scale": EagerScale(),
+    "article-eager:norm": EagerNorm(),
+    "article-eager:fusion": EagerFusion(),
+    "unfolded:skipinit": UnfoldedSkipInit(),
+    "unfolded:layerscale": UnfoldedLayerScale(),
+}
 
 
 def make_step(model: torch.nn.Module, x: Tensor, y: Tensor, autocast, graphs: bool):
@@ -67,7 +85,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=11)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--no-eager", action="store_true", help="skip the article-eager reference rows")
+    p.add_argument("--no-eager", action="store_true", help="skip the reference rows (article-eager, unfolded)")
     p.add_argument("--techniques", default="all")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (CUDA is synchronised around each timing)")
     p.add_argument(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -82,3 +84,65 @@ def test_the_cpu_takes_the_lean_forms() -> None:
     w = torch.randn(3, 6, 1, 1, requires_grad=True)
     assert type(fused_concat_conv1x1(x, y, w, None, True).grad_fn).__name__ == "AddBackward0"
     assert type(concat_conv1x1_cat(x, y, w, None, False).grad_fn).__name__ == "ConvolutionBackward0"
+
+
+def _branch_gain_techniques() -> list[str]:
+    from reslab.nn.blocks import BasicBlock
+    from reslab.nn.techniques import get_technique, list_techniques
+
+    names = []
+    for name in list_techniques():
+        tech = get_technique(name)
+        if not tech.preact and tech.normalized and tech.branch_gain(BasicBlock(4, 4, technique=name)) is not None:
+            names.append(name)
+    return names
+
+
+def test_the_built_in_branch_gains_are_skipinit_and_layerscale() -> None:
+    assert set(_branch_gain_techniques()) >= {"skipinit", "layerscale"}
+
+
+@pytest.mark.parametrize("technique", ["skipinit", "layerscale"])
+@pytest.mark.parametrize("kind", ["basic", "bottleneck", "basic-projection"])
+def test_a_branch_gain_in_the_last_batchnorm_is_the_merge_s_plus_g_times_f(technique: str, kind: str) -> None:
+    """A block folds ``s + g * F(x)`` into its last BatchNorm's affine (``norm_gain``): against
+    the formula written out with the block's own layers, in float64, in training (output, every
+    gradient, the running statistics after the step) and in evaluation."""
+    from reslab.nn.blocks import BasicBlock, Bottleneck
+
+    torch.manual_seed(0)
+    if kind == "bottleneck":
+        block = Bottleneck(16, 4, technique=technique).double()
+    elif kind == "basic-projection":
+        block = BasicBlock(8, 16, stride=2, technique=technique).double()
+    else:
+        block = BasicBlock(8, 8, technique=technique).double()
+    gain = block.technique.branch_gain(block)
+    with torch.no_grad():  # off their init (zero for skipinit), different per channel
+        gain.copy_(torch.rand(gain.shape, dtype=torch.float64) + 0.5)
+        for p in block.parameters():
+            p.add_(torch.randn_like(p), alpha=0.1)
+    assert block.norm_gain() is gain
+    reference = copy.deepcopy(block)
+
+    def by_formula(b: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        convs = b.branch_convs()
+        out = x
+        for i, conv in enumerate(convs):  # conv, BatchNorm, ReLU but after the last
+            out = getattr(b, f"bn{i + 1}")(conv(out))
+            out = F.relu(out) if i < len(convs) - 1 else out
+        shortcut = x if b.downsample is None else b.downsample(x)
+        return F.relu(shortcut + b.technique.branch_gain(b) * out)
+
+    x = torch.randn(3, block.conv1.in_channels, 6, 6, dtype=torch.float64)
+    out, want = block(x), by_formula(reference, x)
+    torch.testing.assert_close(out, want)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    want.backward(grad)
+    for (name, p), q in zip(block.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+    for (name, b), c in zip(block.named_buffers(), reference.buffers(), strict=True):
+        torch.testing.assert_close(b, c, msg=name)
+    block.eval(), reference.eval()
+    torch.testing.assert_close(block(x), by_formula(reference, x))

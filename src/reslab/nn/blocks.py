@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from reslab.nn.techniques import Technique, get_technique
 
@@ -150,10 +151,38 @@ class ResidualBlock(nn.Module):
             branch = self.drop_path(self._preact_branch(pre))
             return self.technique.merge(self, branch, shortcut)
         shortcut = x if self.downsample is None else self.downsample(x)
-        branch = self.drop_path(self._branch(x))
+        gain = self.norm_gain()
+        branch = self.drop_path(self._branch(x, gain))
+        if gain is not None:  # the branch is already g * F(x): the merge s + g * F(x) is an add
+            return self.relu(branch + shortcut)
         return self.relu(self.technique.merge(self, branch, shortcut))
 
-    def _branch(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+    def norm_gain(self) -> Tensor | None:
+        """The technique's branch gain (:meth:`~reslab.nn.technique.Technique.branch_gain`)
+        where this block computes it in the affine of its branch's last BatchNorm, else None.
+
+        A merge ``s + g * F(x)`` costs an activation-sized multiply forward and two passes
+        backward (the scaled gradient, the gain's reduction); scaling the BatchNorm's weight
+        and bias by ``g`` instead costs a few hundred numbers, and autograd carries ``g``'s
+        gradient through them. DropPath is linear, so it may come after."""
+        if self.technique.preact:
+            return None
+        gain = self.technique.branch_gain(self)
+        last = self.last_norm_layer()
+        if gain is None or type(last) is not nn.BatchNorm2d or last.weight is None:
+            return None
+        return gain
+
+    def _last_norm(self, x: Tensor, gain: Tensor | None) -> Tensor:
+        """The branch's last BatchNorm of ``x``, times ``gain`` (a scalar or per channel) when given."""
+        bn = self.last_norm_layer()
+        if gain is None:
+            return bn(x)
+        g = gain.reshape(-1)
+        # the module's own forward (running statistics, momentum, hooks) with a scaled affine
+        return functional_call(bn, {"weight": bn.weight * g, "bias": bn.bias * g}, (x,))
+
+    def _branch(self, x: Tensor, gain: Tensor | None = None) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _preact_branch(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
@@ -205,9 +234,9 @@ class BasicBlock(ResidualBlock):
         self._setup(in_channels, out_channels, stride, downsample, tech, drop_path_rate, zero_init_last)
         self.init_weights(num_blocks)
 
-    def _branch(self, x: Tensor) -> Tensor:
+    def _branch(self, x: Tensor, gain: Tensor | None = None) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        return self.bn2(self.conv2(out))
+        return self._last_norm(self.conv2(out), gain)
 
     def _preact_branch(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn2(self.conv1(x)))
@@ -250,10 +279,10 @@ class Bottleneck(ResidualBlock):
         self._setup(in_channels, out_channels, stride, downsample, tech, drop_path_rate, zero_init_last)
         self.init_weights(num_blocks)
 
-    def _branch(self, x: Tensor) -> Tensor:
+    def _branch(self, x: Tensor, gain: Tensor | None = None) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        return self.bn3(self.conv3(out))
+        return self._last_norm(self.conv3(out), gain)
 
     def _preact_branch(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn2(self.conv1(x)))

@@ -48,6 +48,19 @@ class Technique:
         """Combine branch output and shortcut, before the block's final activation."""
         return branch + shortcut
 
+    def branch_gain(self, block: nn.Module) -> Tensor | None:
+        """The gain ``g`` when :meth:`merge` is ``s + g * F(x)`` with ``g`` a scalar or
+        ``C x 1 x 1`` parameter of ``block``, else None (the default).
+
+        A block whose branch ends with a BatchNorm then computes ``g * F(x)`` inside that
+        BatchNorm (its affine scaled by ``g``, a few hundred numbers) and merges with a plain
+        add, instead of calling :meth:`merge`: the same function, without an activation-sized
+        multiply in the forward pass and two more passes in the backward. Elsewhere (a
+        pre-activation branch ends with a conv) the block calls :meth:`merge`, which must
+        compute the same thing.
+        """
+        return None
+
     def fold_merge(self, block: nn.Module, channels: int) -> MergeFold:
         """The eval-mode :meth:`merge` of ``block`` as ``gain * F + coef * s + shift``, in float64.
 

@@ -135,6 +135,9 @@ class SkipInit(Technique):
     def merge(self, block: nn.Module, branch: Tensor, shortcut: Tensor) -> Tensor:
         return add_scaled(shortcut, block.alpha, branch)
 
+    def branch_gain(self, block: nn.Module) -> Tensor:
+        return block.alpha
+
     def fold_merge(self, block: nn.Module, channels: int) -> MergeFold:
         return MergeFold(gain=scalar(block.alpha))
 
@@ -160,6 +163,9 @@ class LayerScale(Technique):
 
     def merge(self, block: nn.Module, branch: Tensor, shortcut: Tensor) -> Tensor:
         return add_scaled(shortcut, block.gamma, branch)
+
+    def branch_gain(self, block: nn.Module) -> Tensor:
+        return block.gamma
 
     def fold_merge(self, block: nn.Module, channels: int) -> MergeFold:
         return MergeFold(gain=block.gamma.detach().to(FOLD_DTYPE).reshape(-1))
