@@ -146,3 +146,24 @@ def test_a_branch_gain_in_the_last_batchnorm_is_the_merge_s_plus_g_times_f(techn
         torch.testing.assert_close(b, c, msg=name)
     block.eval(), reference.eval()
     torch.testing.assert_close(block(x), by_formula(reference, x))
+
+
+def test_a_subclass_that_changes_the_merge_but_inherits_the_gain_keeps_its_merge() -> None:
+    """``s + 2 * alpha * F(x)`` in a subclass of skipinit: the inherited ``branch_gain`` no
+    longer describes the merge, so the block calls the merge (as ``fuse`` refuses an
+    inherited ``fold_merge``)."""
+    from reslab.nn.blocks import BasicBlock
+    from reslab.nn.techniques import SkipInit
+
+    class Doubled(SkipInit):
+        def merge(self, block, branch, shortcut):
+            return shortcut + 2 * block.alpha * branch
+
+    torch.manual_seed(0)
+    block = BasicBlock(4, 4, technique=Doubled()).eval()
+    with torch.no_grad():
+        block.alpha.fill_(0.7)
+    assert block.norm_gain() is None
+    x = torch.randn(2, 4, 5, 5)
+    branch = block.bn2(block.conv2(F.relu(block.bn1(block.conv1(x)))))
+    torch.testing.assert_close(block(x), F.relu(x + 1.4 * branch))

@@ -15,6 +15,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from reslab.nn.folding import fold_is_current
 from reslab.nn.techniques import Technique, get_technique
 
 
@@ -47,6 +48,19 @@ def drop_path(x: Tensor, p: float, dims: int = 1) -> Tensor:
     keep = 1.0 - p
     mask = x.new_empty(x.shape[:dims] + (1,) * (x.ndim - dims)).bernoulli_(keep)
     return x * mask.div_(keep)
+
+
+_GAIN_DESCRIBES_MERGE: dict[type, bool] = {}
+
+
+def _gain_describes_merge(technique: Technique) -> bool:
+    """Whether the technique's ``branch_gain`` was written with (or after) its ``merge``: a
+    subclass that changes the merge but inherits the gain would otherwise have its merge
+    skipped. Once per technique class."""
+    cls = type(technique)
+    if cls not in _GAIN_DESCRIBES_MERGE:
+        _GAIN_DESCRIBES_MERGE[cls] = fold_is_current(technique, "merge", "branch_gain")
+    return _GAIN_DESCRIBES_MERGE[cls]
 
 
 def _resolve(technique: str | Technique, technique_args: dict[str, Any] | None) -> Technique:
@@ -165,7 +179,7 @@ class ResidualBlock(nn.Module):
         backward (the scaled gradient, the gain's reduction); scaling the BatchNorm's weight
         and bias by ``g`` instead costs a few hundred numbers, and autograd carries ``g``'s
         gradient through them. DropPath is linear, so it may come after."""
-        if self.technique.preact:
+        if self.technique.preact or not _gain_describes_merge(self.technique):
             return None
         gain = self.technique.branch_gain(self)
         last = self.last_norm_layer()

@@ -57,7 +57,8 @@ class Technique:
         add, instead of calling :meth:`merge`: the same function, without an activation-sized
         multiply in the forward pass and two more passes in the backward. Elsewhere (a
         pre-activation branch ends with a conv) the block calls :meth:`merge`, which must
-        compute the same thing.
+        compute the same thing. A subclass that overrides :meth:`merge` but inherits this
+        method keeps its merge: the block folds only a gain written with (or after) the merge.
         """
         return None
 
