@@ -13,8 +13,9 @@ source article's merges transcribed literally (``out + scale * s``, ``out +
 residual_norm(out - s)``, ``out + feature_fusion(cat[out, s])``), for comparison with
 reslab's fused forms; ``unfolded:*`` rows are ``skipinit`` and ``layerscale`` with their gain
 applied by the merge (``s + g * F(x)``) instead of inside the branch's last BatchNorm, as
-reslab trains them. Steps run in the engine's precision (bf16 autocast on a GPU, fp32 on the
-CPU) unless ``--precision`` says otherwise.
+reslab trains them (under bf16 autocast the unfolded merge also promotes the block's output
+to float32, so on a GPU those rows differ in precision too). Steps run in the engine's
+precision (bf16 autocast on a GPU, fp32 on the CPU) unless ``--precision`` says otherwise.
 """
 
 from __future__ import annotations

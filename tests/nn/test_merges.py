@@ -102,12 +102,15 @@ def test_the_built_in_branch_gains_are_skipinit_and_layerscale() -> None:
     assert set(_branch_gain_techniques()) >= {"skipinit", "layerscale"}
 
 
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
 @pytest.mark.parametrize("technique", ["skipinit", "layerscale"])
 @pytest.mark.parametrize("kind", ["basic", "bottleneck", "basic-projection"])
-def test_a_branch_gain_in_the_last_batchnorm_is_the_merge_s_plus_g_times_f(technique: str, kind: str) -> None:
+def test_a_branch_gain_in_the_last_batchnorm_is_the_merge_s_plus_g_times_f(
+    technique: str, kind: str, momentum: float | None
+) -> None:
     """A block folds ``s + g * F(x)`` into its last BatchNorm's affine (``norm_gain``): against
     the formula written out with the block's own layers, in float64, in training (output, every
-    gradient, the running statistics after the step) and in evaluation."""
+    gradient, the running statistics and counter after two steps) and in evaluation."""
     from reslab.nn.blocks import BasicBlock, Bottleneck
 
     torch.manual_seed(0)
@@ -123,6 +126,7 @@ def test_a_branch_gain_in_the_last_batchnorm_is_the_merge_s_plus_g_times_f(techn
         for p in block.parameters():
             p.add_(torch.randn_like(p), alpha=0.1)
     assert block.norm_gain() is gain
+    block.last_norm_layer().momentum = momentum
     reference = copy.deepcopy(block)
 
     def by_formula(b: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -135,6 +139,7 @@ def test_a_branch_gain_in_the_last_batchnorm_is_the_merge_s_plus_g_times_f(techn
         return F.relu(shortcut + b.technique.branch_gain(b) * out)
 
     x = torch.randn(3, block.conv1.in_channels, 6, 6, dtype=torch.float64)
+    block(x + 1), by_formula(reference, x + 1)  # a first step: the statistics move off their init
     out, want = block(x), by_formula(reference, x)
     torch.testing.assert_close(out, want)
     grad = torch.randn_like(out)
@@ -167,3 +172,19 @@ def test_a_subclass_that_changes_the_merge_but_inherits_the_gain_keeps_its_merge
     x = torch.randn(2, 4, 5, 5)
     branch = block.bn2(block.conv2(F.relu(block.bn1(block.conv1(x)))))
     torch.testing.assert_close(block(x), F.relu(x + 1.4 * branch))
+
+
+@pytest.mark.parametrize("technique", ["skipinit", "layerscale"])
+def test_a_folded_gain_traces_to_torchscript_and_leaves_the_model_as_it_was(technique: str) -> None:
+    """``reslab export --no-fuse --format torchscript`` traces the unfused model: the fold reads
+    the BatchNorm's parameters and never swaps them (which tracing refuses, and which threads
+    sharing one model would see half done)."""
+    from reslab.nn.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet8", technique=technique, num_classes=10, in_channels=1, width=0.25).eval()
+    before = {n: (type(p), p.data_ptr()) for n, p in model.named_parameters()}
+    x = torch.randn(2, 1, 28, 28)
+    traced = torch.jit.trace(model, x)
+    torch.testing.assert_close(traced(x), model(x))
+    assert {n: (type(p), p.data_ptr()) for n, p in model.named_parameters()} == before

@@ -137,6 +137,16 @@ def test_fuse_names_the_method_a_technique_must_implement(registry) -> None:
     with pytest.raises(UsageError, match=r"HalfShortcut\.fold_merge\(block, channels\)"):
         reslab.fuse(block)
 
+    class ClampedGain(techniques.SkipInit):  # changes the branch gain a block folds, not fold_merge
+        name = "contract_clamped"
+
+        def branch_gain(self, block):  # type: ignore[no-untyped-def]
+            return block.alpha.clamp(max=0.25)
+
+    block = reslab.BasicBlock(4, 4, technique=ClampedGain()).eval()
+    with pytest.raises(UsageError, match=r"overrides branch_gain\(\) but not fold_merge"):
+        reslab.fuse(block)
+
     class MyBaseline(techniques.Baseline):  # a subclass that computes the same merge folds
         name = "contract_mybaseline"
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from reslab.nn.folding import fold_is_current
+from reslab.nn.ops import scaled_batch_norm
 from reslab.nn.techniques import Technique, get_technique
 
 
@@ -178,7 +178,9 @@ class ResidualBlock(nn.Module):
         A merge ``s + g * F(x)`` costs an activation-sized multiply forward and two passes
         backward (the scaled gradient, the gain's reduction); scaling the BatchNorm's weight
         and bias by ``g`` instead costs a few hundred numbers, and autograd carries ``g``'s
-        gradient through them. DropPath is linear, so it may come after."""
+        gradient through them. DropPath is linear, so it may come after. Under autocast the
+        block's output keeps the branch's precision, as baseline's does (the merge's float32
+        gain had promoted it to float32)."""
         if self.technique.preact or not _gain_describes_merge(self.technique):
             return None
         gain = self.technique.branch_gain(self)
@@ -192,9 +194,7 @@ class ResidualBlock(nn.Module):
         bn = self.last_norm_layer()
         if gain is None:
             return bn(x)
-        g = gain.reshape(-1)
-        # the module's own forward (running statistics, momentum, hooks) with a scaled affine
-        return functional_call(bn, {"weight": bn.weight * g, "bias": bn.bias * g}, (x,))
+        return scaled_batch_norm(bn, x, gain.reshape(-1))
 
     def _branch(self, x: Tensor, gain: Tensor | None = None) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError

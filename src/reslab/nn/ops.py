@@ -152,3 +152,37 @@ def concat_conv1x1_cat(a: Tensor, b: Tensor, weight: Tensor, bias: Tensor | None
         ab = torch.cat([a.unflatten(1, (groups, c)), b.unflatten(1, (groups, c))], dim=2).flatten(1, 2)
     out = F.conv2d(ab, weight, bias, groups=groups)
     return out.add_(a) if add_identity else out
+
+
+def scaled_batch_norm(bn: torch.nn.BatchNorm2d, x: Tensor, gain: Tensor) -> Tensor:
+    """``gain * bn(x)`` as one batch norm whose weight and bias are scaled by ``gain`` (a
+    scalar or one value per channel, flat): the same running statistics, momentum and
+    counter as ``bn`` itself updates, and the gain's gradient comes through the affine's
+    few numbers instead of an activation-sized product.
+
+    ``bn``'s parameters are read, never swapped, so one model may run in several threads
+    and be traced by ``torch.jit.trace``. ``bn``'s forward pre-hooks (a pack's cast to
+    float32, :mod:`reslab.engine.packed.stack`) run first; its forward hooks do not."""
+    for hook in bn._forward_pre_hooks.values():
+        changed = hook(bn, (x,))
+        if changed is not None:
+            x = changed[0] if isinstance(changed, tuple) else changed
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # a cumulative average
+            momentum = 1.0 / float(bn.num_batches_tracked)
+    # batch statistics in training, or where there are no running ones to use
+    batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    # the running statistics are read in evaluation, updated in training when tracked
+    keep = not bn.training or bn.track_running_stats
+    return F.batch_norm(
+        x,
+        bn.running_mean if keep else None,
+        bn.running_var if keep else None,
+        bn.weight * gain,
+        bn.bias * gain,
+        batch_stats,
+        momentum,
+        bn.eps,
+    )

@@ -128,18 +128,20 @@ class Technique:
 
 
 def check_foldable(technique: Technique) -> None:
-    """Raise a :class:`~reslab.errors.UsageError` if ``fold_merge`` does not describe ``merge``.
+    """Raise a :class:`~reslab.errors.UsageError` if ``fold_merge`` does not describe ``merge``
+    (nor ``branch_gain``, which a block may use in its place).
 
     A subclass that overrides ``merge`` but inherits ``fold_merge`` would be folded as its
     parent's merge: that is an error naming the method to write, not a silently wrong model.
     """
     cls = type(technique)
-    if not fold_is_current(technique, "merge", "fold_merge"):
-        raise UsageError(
-            f"cannot fuse technique {technique.name!r} ({cls.__name__}): it overrides merge() but not "
-            f"fold_merge(); define {cls.__name__}.fold_merge(block, channels) returning a "
-            "reslab.nn.folding.MergeFold(gain, coef, shift) equal to its eval-mode merge"
-        )
+    for computes in ("merge", "branch_gain"):  # a block's merge is either
+        if not fold_is_current(technique, computes, "fold_merge"):
+            raise UsageError(
+                f"cannot fuse technique {technique.name!r} ({cls.__name__}): it overrides {computes}() but not "
+                f"fold_merge(); define {cls.__name__}.fold_merge(block, channels) returning a "
+                "reslab.nn.folding.MergeFold(gain, coef, shift) equal to its eval-mode merge"
+            )
 
 
 def merge_fold(technique: Technique, block: nn.Module, channels: int) -> MergeFold:
