@@ -139,7 +139,10 @@ def run_grid(
     est = Estimator(grid, timing, n_train, n_eval, jobs, pack_gain=gain)
     sched = Scheduler(grid, results, claims, est, jobs, shard, prog, t0)
     total_s, words = estimate_lines(grid, est, sched.outcomes, jobs)
-    words += f" on {timing_device(timing)}"
+    # what the timing pass can see: the steps and evaluations, not a worker's start-up (loading
+    # the data; on a GPU, checking and timing the pack routes with cuDNN's autotuner, which
+    # took minutes on an H100 shared with other work, benchmarks/README.md "GPU")
+    words += f" on {timing_device(timing)} (training and evaluation; start-up not counted)"
     if estimate_only:
         prog.close()
         packs = f", packs of up to {size} runs" + (f" ({gain_words(gain)})" if gain else "") if size > 1 else ""
