@@ -184,17 +184,15 @@ class ResidualBlock(nn.Module):
         if self.technique.preact or not _gain_describes_merge(self.technique):
             return None
         gain = self.technique.branch_gain(self)
-        last = self.last_norm_layer()
-        if gain is None or type(last) is not nn.BatchNorm2d or last.weight is None:
-            return None
-        return gain
-
-    def _last_norm(self, x: Tensor, gain: Tensor | None) -> Tensor:
-        """The branch's last BatchNorm of ``x``, times ``gain`` (a scalar or per channel) when given."""
-        bn = self.last_norm_layer()
         if gain is None:
-            return bn(x)
-        return scaled_batch_norm(bn, x, gain.reshape(-1))
+            return None
+        last = self.last_norm_layer()
+        return gain if type(last) is nn.BatchNorm2d and last.weight is not None else None
+
+    @staticmethod
+    def _last_norm(bn: nn.Module, x: Tensor, gain: Tensor | None) -> Tensor:
+        """``bn(x)``, the branch's last BatchNorm, times ``gain`` (a scalar or per channel) when given."""
+        return bn(x) if gain is None else scaled_batch_norm(bn, x, gain.reshape(-1))
 
     def _branch(self, x: Tensor, gain: Tensor | None = None) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -250,7 +248,7 @@ class BasicBlock(ResidualBlock):
 
     def _branch(self, x: Tensor, gain: Tensor | None = None) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        return self._last_norm(self.conv2(out), gain)
+        return self._last_norm(self.bn2, self.conv2(out), gain)
 
     def _preact_branch(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn2(self.conv1(x)))
@@ -296,7 +294,7 @@ class Bottleneck(ResidualBlock):
     def _branch(self, x: Tensor, gain: Tensor | None = None) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        return self._last_norm(self.conv3(out), gain)
+        return self._last_norm(self.bn3, self.conv3(out), gain)
 
     def _preact_branch(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn2(self.conv1(x)))
