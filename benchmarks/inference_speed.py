@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 import reslab
-from reslab.engine.devices import pick_device
+from reslab.engine.devices import pick_device, synchronize
 
 
 def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
@@ -70,8 +70,6 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)  # as the engine: on a GPU, cuDNN times its algorithms
-    # CUDA kernels run asynchronously: wait for them, or the clock times the launches only
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     c, h, w = (int(v) for v in args.input_size.split("x"))
     techniques = reslab.list_techniques() if args.techniques == "all" else args.techniques.split(",")
     if "baseline" not in techniques:
@@ -100,11 +98,11 @@ def main() -> None:
     clock = timer(args.clock)
 
     def run(model: nn.Module, x: Tensor, n: int) -> float:
-        sync()
+        synchronize(device)  # CUDA runs asynchronously: time the kernels, not their launches
         t0 = clock()
         for _ in range(n):
             model(x)
-        sync()
+        synchronize(device)
         return (clock() - t0) / n
 
     names = list(variants)
