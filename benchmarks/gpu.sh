@@ -83,9 +83,10 @@ step() {  # [CAP=S] step NAME COMMAND...: run within what is left of the budget 
 
 compare=("$PYTHON" -m reslab compare)
 
-# Measured on an H100 (benchmarks/README.md, "GPU"): the timed steps 1-4 take about 3.5
-# minutes, the CUDA tests and the deep study about 4 minutes each, so these fit one call of
-# 10 minutes only with the tests beside the study; the extras after them run with what is left.
+# Measured (benchmarks/README.md, "GPU"): on an H100 the timed steps 1-4 take about 3.5 minutes
+# and the CUDA tests about 4 (beside two training grids); the deep study took about 4 on an
+# H200. They fit one call of 10 minutes only with the tests beside the study; the extras after
+# them run with what is left.
 
 # 1. Timings, alone on the card, what issue 19 asks first: packed runs (reslab.engine.packed,
 #    both routes) against one run at a time, same card, same call; at least 5x at 16 resnet56
