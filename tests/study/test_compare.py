@@ -330,7 +330,7 @@ def test_sequential_options_are_checked(tmp_path: Path) -> None:
 def test_quick_preset_includes_a_deep_model_and_decides_sequentially() -> None:
     from reslab.nn.blocks import residual_blocks
     from reslab.nn.models import build_model
-    from reslab.study.grid import PRESETS
+    from reslab.study.presets import PRESETS
 
     quick = PRESETS["quick"]
     depths = [2 * len(residual_blocks(build_model(m))) + 2 for m in quick["models"]]

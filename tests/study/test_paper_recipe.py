@@ -16,8 +16,8 @@ from reslab.cli.commands.compare import build_grid
 from reslab.engine import data
 from reslab.engine.config import TrainConfig
 from reslab.engine.optim import lr_at
-from reslab.study.grid import CIFAR10_RECIPE
 from reslab.study.packing import refusal, seeds_at_once
+from reslab.study.presets import CIFAR10_RECIPE
 
 parse = build_parser().parse_args
 

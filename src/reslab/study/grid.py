@@ -1,5 +1,6 @@
-"""What a comparison trains: the presets, the :class:`Grid` of model x technique x seed
-cells, its shards, and its results folder's ``grid.json``.
+"""What a comparison trains: the :class:`Grid` of model x technique x seed cells, its shards,
+and its results folder's ``grid.json`` (the presets and the rules that turn options into a
+grid: :mod:`reslab.study.presets`).
 
 ``shard=(i, n)`` restricts a process to the i-th of n parts of the grid, balanced by each
 cell's estimated time; ``reslab report`` reads the whole folder at any time.
@@ -8,7 +9,6 @@ cell's estimated time; ``reslab report`` reads the whole folder at any time.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,91 +18,11 @@ from typing import Any
 from reslab.engine.config import RESUMABLE_CHANGES, TrainConfig
 from reslab.errors import UsageError
 from reslab.files import atomic_write_text
-from reslab.study.plan import PAPER, QUICK, Plan
+from reslab.study.plan import Plan
 from reslab.study.results import (
     GRID_FILE,
     Cell,
 )
-
-#: Presets, sized by measurement (benchmarks/README.md, "The quick preset").
-#:
-#: ``quick`` (what ``reslab compare`` runs with no options) asks the article's question where
-#: it can be answered on a 2-core CPU within 6 minutes (4 min 6 s to 4 min 55 s measured): a shallow ResNet-8 and a deep
-#: ResNet-56, both at quarter width (4/8/16 channels), on a fixed 2,000-image Fashion-MNIST
-#: subset for 2 epochs, validated twice per epoch on 500 held-out images, tested on a fixed
-#: 2,000 test images. Seeds are added until each technique is decided (4 to 6 seeds: at 3 the
-#: t quantile of a 2-degree-of-freedom interval is too wide for these noisy short runs) within
-#: a 5-minute budget.
-#: ``paper`` is the article's study at a realistic length, for a GPU: ResNet-20, -56 and -110 at
-#: full width on all 55,000 training images, batch 512, with the article's three techniques,
-#: for :data:`PAPER_EPOCHS` epochs. Each look adds one pack of 3 seeds per technique (looks
-#: at 3, 6 and 9 seeds), so a GPU trains every look as packed models; the gradient-norm probe
-#: during training is off (a pack does not record it), the probe at initialisation stays.
-#: The paper preset's epochs, set by issue 19's bound of 45 minutes on one GPU, not by where
-#: baseline levels off. On one H100 the preset at 10 epochs is estimated at most 27m30s; 20
-#: epochs would be about 55 minutes (15, about 41, were not measured), and 20 gained 1.1-1.3 pp
-#: of test accuracy over 10 for resnet20 and resnet56 (benchmarks/README.md, "GPU"), so the
-#: report calls these rows early training.
-PAPER_EPOCHS = 10
-
-#: ``--preset paper --dataset cifar10``: the setting the literature reports (He et al. 2016,
-#: section 4.2, whose CIFAR-10 ResNets ReZero and Fixup also train), in reslab's options.
-#: 64k iterations of batch 128 on 45,000 training images (5,000 held out, the split He et
-#: al. chose the schedule on) are 182 epochs; lr 0.1 divided by 10 at half and three
-#: quarters of training; momentum 0.9; weight decay 1e-4; no label smoothing; 4-pixel
-#: padded random crops and horizontal flips. Where it differs from the paper, and the
-#: published figures beside it: docs/cifar10-recipe.md.
-CIFAR10_RECIPE: dict[str, Any] = {
-    "dataset": "cifar10",
-    "epochs": 182,
-    "batch_size": 128,
-    "lr": 0.1,
-    "momentum": 0.9,
-    "nesterov": False,
-    "weight_decay": 1e-4,
-    "label_smoothing": 0.0,
-    "schedule": "step",
-    "warmup": 0.01,
-    "flip": True,
-    "crop_padding": 4,
-    "val_size": 5000,
-    "evals_per_epoch": 1,
-}
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {
-        "models": ["resnet8", "resnet56"],
-        "techniques": ["baseline", "scale", "norm", "fusion"],
-        "seeds": [0, 1, 2, 3, 4, 5],
-        "sequential": dataclasses.asdict(QUICK),
-        "budget_s": 300.0,
-        "target_acc": "auto",
-        "train": {
-            "dataset": "fashion-mnist",
-            "epochs": 2,
-            "width": 0.25,
-            "train_subset": 2000,
-            "val_size": 500,
-            "test_subset": 2000,
-            "batch_size": 64,
-            "evals_per_epoch": 2,
-        },
-        "jobs": 2,
-    },
-    "paper": {
-        "models": ["resnet20", "resnet56", "resnet110"],
-        "techniques": ["baseline", "scale", "norm", "fusion"],
-        "seeds": list(range(PAPER.max_seeds)),
-        "sequential": dataclasses.asdict(PAPER),
-        "budget_s": None,
-        "target_acc": "auto",
-        "train": {"dataset": "fashion-mnist", "epochs": PAPER_EPOCHS, "batch_size": 512, "evals_per_epoch": 2},
-        # the training settings that replace "train" when the grid's dataset is named here
-        "recipes": {"cifar10": CIFAR10_RECIPE},
-        "jobs": 1,
-    },
-}
-
 
 #: TrainConfig fields that identify a cell (set per cell, not shared by the grid)
 CELL_FIELDS = ("model", "technique", "seed")

@@ -73,11 +73,10 @@ _TRAIN_OPTIONS: dict[str, dict[str, Any]] = cli_options(
     ),
     default_words=" without --preset",
 )
-_GRID_OPTIONS = ("models", "techniques", "seeds", "target_acc", "until_decided", "max_seeds", "margin", "alpha")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from reslab.study.grid import PRESETS
+    from reslab.study.presets import PRESETS
 
     parser.add_argument(
         "--preset",
@@ -262,149 +261,30 @@ def _resources(args: argparse.Namespace) -> Any:
     return res
 
 
-def _split(text: str) -> list[str]:
-    return [p.strip() for p in text.split(",") if p.strip()]
-
-
-def parse_seeds(text: str) -> list[int]:
-    try:
-        if "," in text:
-            seeds = [int(p) for p in _split(text)]
-        else:
-            seeds = list(range(int(text)))
-    except ValueError:
-        seeds = []
-    if not seeds or min(seeds) < 0:
-        raise UsageError(f"--seeds takes N >= 1 (seeds 0..N-1) or a list like 0,1,2, got {text!r}")
-    if len(set(seeds)) != len(seeds):
-        raise UsageError(f"--seeds lists a seed twice: {text!r}")
-    return seeds
-
-
-def parse_duration(text: str) -> float:
-    """'90', '90s', '15m', '2h', '1h30m' -> seconds."""
-    import re
-
-    m = re.fullmatch(r"\s*(?:(\d+(?:\.\d+)?)h)?\s*(?:(\d+(?:\.\d+)?)m)?\s*(?:(\d+(?:\.\d+)?)s?)?\s*", text)
-    if not text.strip() or m is None or not any(m.groups()):
-        raise UsageError(f"--budget takes a duration like 90s, 15m, 2h or 1h30m, got {text!r}")
-    h, mi, sec = (float(g) if g else 0.0 for g in m.groups())
-    total = 3600 * h + 60 * mi + sec
-    if total <= 0:
-        raise UsageError(f"--budget must be positive, got {text!r}")
-    return total
-
-
 def build_grid(args: argparse.Namespace) -> tuple[Any, int, str]:
-    """(Grid, jobs, out) from the options: preset or engine defaults < --config < options < --set."""
-    from reslab.engine.config import parse_assignments, read_config_file
-    from reslab.study.grid import FREE_FIELDS, PRESETS, Grid, resolve_techniques
-    from reslab.study.plan import Plan
+    """(Grid, jobs, out) from the options, by the rules of :func:`reslab.study.presets.grid_from_options`."""
+    from reslab.study.presets import grid_from_options
 
-    explicit_train = {k: getattr(args, k) for k in _TRAIN_OPTIONS if getattr(args, k) is not None}
-    grid_given = any(getattr(args, k) is not None for k in _GRID_OPTIONS)
-    custom = bool(explicit_train or args.config or args.set or grid_given or args.budget)
-    preset_name = args.preset or (None if custom else "quick")
-    if preset_name:
-        p = PRESETS[preset_name]
-        base: dict[str, Any] = {**p, "train": dict(p["train"])}
-    else:
-        base = {
-            "models": ["resnet20"],
-            "techniques": ["baseline", "scale", "norm", "fusion"],
-            "seeds": [0, 1, 2],
-            "sequential": None,
-            "budget_s": None,
-            "target_acc": "auto",
-            "train": {},
-            "jobs": 1,
-        }
-    train = dict(base["train"])
-    given: dict[str, Any] = {}
-    if args.config:
-        given.update(read_config_file(args.config))
-    given.update(explicit_train)
-    given.update(parse_assignments(args.set, "--set", "lr=0.05"))
-    # a preset's recipe for the dataset asked for (paper on cifar10) replaces its training settings
-    recipe = base.get("recipes", {}).get(given.get("dataset"))
-    if recipe:
-        train = dict(recipe)
-    train.update(given)
-    for k in ("model", "technique", "seed"):
-        if k in train:
-            raise UsageError(f"{k} is set per run by the grid; use --{k}s instead of setting {k} in the options")
-    models = _split(args.models) if args.models else base["models"]
-    if not models:
-        raise UsageError("--models is empty; give e.g. --models resnet20")
-    techniques = resolve_techniques(_split(args.techniques) if args.techniques else base["techniques"])
-    target = _target(args.target_acc, base["target_acc"])
-
-    # sequential plan: the preset's, switched on or off and adjusted by the options
-    seq = dict(base["sequential"]) if base["sequential"] else None
-    until = args.until_decided if args.until_decided is not None else seq is not None
-    if until:
-        seq = seq or {"min_seeds": 3, "max_seeds": 6, "step": 1, "alpha": 0.05, "margin": 0.005}
-        if args.seeds:
-            first = parse_seeds(args.seeds)
-            if first != list(range(len(first))):
-                raise UsageError(
-                    "with --until-decided, --seeds is the number of seeds of the first look, e.g. --seeds 3"
-                )
-            seq["min_seeds"] = len(first)
-        if args.max_seeds is not None:
-            seq["max_seeds"] = args.max_seeds
-        if args.margin is not None:
-            seq["margin"] = args.margin / 100
-        if args.alpha is not None:
-            seq["alpha"] = args.alpha
-        seq["max_seeds"] = max(seq["max_seeds"], seq["min_seeds"])
-        try:
-            plan = Plan(**seq)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        seeds = list(range(plan.max_seeds))
-    else:
-        if args.max_seeds is not None or args.margin is not None or args.alpha is not None:
-            raise UsageError("--max-seeds, --margin and --alpha belong to --until-decided; add it, or drop them")
-        seq = None
-        seeds = parse_seeds(args.seeds) if args.seeds else list(base["seeds"])[: 3 if preset_name else None]
-    budget = parse_duration(args.budget) if args.budget else base.get("budget_s")
-    grid = Grid(
-        models,
-        techniques,
-        seeds,
-        train,
-        target,
-        args.interval,
-        preset_name if not custom else None,
-        sequential=seq,
-        budget_s=budget,
-        error_rate=args.error_rate or "table",
+    setup = grid_from_options(
+        preset=args.preset,
+        models=args.models,
+        techniques=args.techniques,
+        seeds=args.seeds,
+        train={k: getattr(args, k) for k in _TRAIN_OPTIONS},
+        config_file=args.config,
+        assignments=args.set,
+        target_acc=args.target_acc,
+        until_decided=args.until_decided,
+        max_seeds=args.max_seeds,
+        margin_pp=args.margin,
+        alpha=args.alpha,
+        error_rate=args.error_rate,
+        budget=args.budget,
+        interval=args.interval,
+        jobs=args.jobs,
+        out=args.out,
     )
-    # only the dataset chosen (and where it is read, how many threads): the preset's own recipe for it
-    recipe_only = recipe and set(given) - FREE_FIELDS == {"dataset"} and not grid_given and not args.budget
-    if recipe_only and grid.error_rate == "table":
-        grid.preset = f"{preset_name} ({given['dataset']})"
-    elif preset_name and (custom or grid.error_rate != "table"):
-        grid.preset = f"{preset_name} (modified)"
-    jobs = args.jobs if args.jobs is not None else base["jobs"]
-    default_out = f"{preset_name}-{given['dataset']}" if recipe else preset_name
-    out = args.out or f"results/{default_out or 'compare'}"
-    return grid, jobs, out
-
-
-def _target(text: str | None, default: float | str) -> float | str:
-    if text is None:
-        return default
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        target = float(text)
-    except ValueError:
-        target = -1.0
-    if not 0.0 < target <= 1.0:
-        raise UsageError(f"--target-acc is a fraction in (0, 1], e.g. 0.9, or 'auto', got {text!r}")
-    return target
+    return setup.grid, setup.jobs, setup.out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -427,8 +307,6 @@ def run(args: argparse.Namespace) -> int:
 
     for cell in grid.cells():
         grid.config(cell)
-    if jobs is not None and jobs < 1:
-        raise UsageError(f"--jobs must be at least 1, got {jobs}")
     if launcher is None:
         # the device must exist here (a launcher's workers run elsewhere, on their own devices)
         from reslab.engine.devices import pick_device
