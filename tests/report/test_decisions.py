@@ -11,7 +11,7 @@ import pytest
 
 from reslab.cli import main
 from reslab.errors import UsageError
-from reslab.study.plan import QUICK, table_levels
+from reslab.study.plan import Plan
 from reslab.study.planning import detectable_difference
 from synthetic import write_run, write_sequential_grid
 
@@ -156,7 +156,8 @@ def test_planning_figures_exceed_the_seeds_spent(tmp_path: Path, capsys: pytest.
     import numpy as np
 
     sd = float(np.std(np.array(diffs), ddof=1))
-    want = detectable_difference(sd, 6, QUICK, table_levels(1, QUICK))
+    plan = Plan(4, 6, 1, 0.05, 0.005)  # quick_grid's plan; one row, so the whole alpha
+    want = detectable_difference(sd, 6, plan, plan.alpha)
     assert d["detectable_diff"] == pytest.approx(want, rel=1e-3)
 
 

@@ -237,7 +237,7 @@ def test_presets_and_custom_grids() -> None:
     grid, jobs, out = build_grid(parse(["compare"]))
     assert grid.preset == "quick" and out == "results/quick" and jobs == 2
     assert grid.models == ["resnet8", "resnet56"] and grid.techniques == ["baseline", "scale", "norm", "fusion"]
-    assert grid.plan() is not None and grid.plan().looks == (4, 5, 6) and len(grid.cells()) == 2 * 4 * 6
+    assert grid.plan() is not None and grid.plan().looks == (6,) and len(grid.cells()) == 2 * 4 * 6
     grid, _, out = build_grid(parse(["compare", "--preset", "paper"]))
     assert grid.models == ["resnet20", "resnet56", "resnet110"]
     assert grid.techniques == ["baseline", "scale", "norm", "fusion"]  # the article's three
@@ -252,7 +252,7 @@ def test_presets_and_custom_grids() -> None:
     assert grid.plan() is None and grid.seeds == [0, 1, 2]  # fixed seeds unless --until-decided
     # a preset with one setting changed keeps the rest of the preset
     grid, _, _ = build_grid(parse(["compare", "--preset", "quick", "--epochs", "6", "--set", "lr=0.05"]))
-    assert grid.train["epochs"] == 6 and grid.train["lr"] == 0.05 and grid.train["train_subset"] == 2000
+    assert grid.train["epochs"] == 6 and grid.train["lr"] == 0.05 and grid.train["train_subset"] == 4000
     assert grid.preset == "quick (modified)"
     # seed-major order: a grid stopped early still has complete paired seeds
     assert [c.seed for c in grid.cells()[:4]] == [0, 0, 0, 0]

@@ -14,7 +14,6 @@ from reslab.study.stats import (
     bootstrap_interval,
     censored_median,
     curve_auc,
-    holm,
     paired_test,
     ratio_interval,
     summarize,
@@ -148,14 +147,6 @@ def test_undefined_interval_never_claims_a_difference() -> None:
     assert Interval(0.1, float("nan"), float("nan")).contains(0.0)
     r = paired_test([0.9], [0.8])
     assert r.n == 1 and not r.significant
-
-
-def test_holm_adjustment_hand_computed() -> None:
-    # sorted 0.01, 0.03, 0.04 -> x3, x2, x1 = 0.03, 0.06, 0.04 -> running max 0.03, 0.06, 0.06
-    adj = holm([0.01, 0.04, float("nan"), 0.03])
-    assert adj[0] == pytest.approx(0.03) and adj[1] == pytest.approx(0.06) and adj[3] == pytest.approx(0.06)
-    assert math.isnan(adj[2])
-    assert holm([0.5, 0.9]) == [1.0, 1.0]  # capped at 1
 
 
 def test_prob_improvement_is_an_exact_binomial_interval() -> None:

@@ -16,7 +16,7 @@ import numpy as np
 from reslab.errors import UsageError
 from reslab.study import stats
 from reslab.study.curve import epochs_to_target, seconds_at
-from reslab.study.decisions import auto_target, chance_of, error_rate_of, open_cells, row_level
+from reslab.study.decisions import auto_target, chance_of, error_rate_of, open_cells, table_outcomes
 from reslab.study.plan import Plan
 from reslab.study.results import BASELINE, FINISHED, Cell, RunData, run_value
 
@@ -410,11 +410,10 @@ def expected_cells(grid: dict[str, Any] | None, cells: Sequence[Cell], runs: dic
     values = {c: v for c, r in runs.items() if r.status == "completed" and (v := run_value(r)) is not None}
     status = {c: r.status for c, r in runs.items()}
     plan = Plan(**seq)
-    level = row_level(plan, error_rate_of(grid), len(grid["models"]), len(grid["techniques"]))
+    chances = {m: chance_of([r.summary for c, r in runs.items() if c.model == m]) for m in grid["models"]}
     need = set(runs)
-    for m in grid["models"]:
-        chance = chance_of([r.summary for c, r in runs.items() if c.model == m])
-        need |= open_cells(plan, seeds, status, values, m, grid["techniques"], level, chance)
+    outs = table_outcomes(plan, error_rate_of(grid), seeds, status, values, grid["models"], grid["techniques"], chances)
+    need |= open_cells(outs, seeds)
     return sorted(need)
 
 

@@ -78,7 +78,8 @@ def error_rate_words(decisions: Sequence[Decision]) -> str:
         )
     return (
         f"Error rate in force: table-wide. The chance that any of these {rows} rows is wrong is at most "
-        f"{d0.alpha:g}: each row is decided at {d0.level:.2g} (alpha split over the rows, Bonferroni)."
+        f"{d0.alpha:g}: the rows share it, each starting at {d0.alpha / rows:.2g}, and a row whose interval "
+        f"clears the whole margin hands its share on to the rows still open (a step-down; docs/decision-rule.md)."
     )
 
 
@@ -171,9 +172,9 @@ def decision_section(
     nominal = ", ".join(sorted({f"{d.nominal:.2g}" for d in decisions if math.isfinite(d.nominal)})) or "n/a"
     plan_words = (
         f"seeds were added one round at a time ({d0.max_seeds} at most) and a technique stopped as soon as it was "
-        f"decided; every look's interval is built at the same two-sided level ({nominal}), calibrated by "
+        f"decided; every look's interval is built at the same two-sided level (here {nominal}), calibrated by "
         "simulation so that all looks together err with at most the row's share of the error rate when the "
-        "differences are normal or skewed up to skewness 1 (a repeated confidence interval)"
+        "differences are normal or skewed up to skewness 2 (a repeated confidence interval)"
         if d0.sequential
         else f"every seed was trained (no sequential stopping), so there is one look, at a two-sided level of {nominal}"
     )
@@ -182,7 +183,8 @@ def decision_section(
         "training (the regime above says whether that was a plateau), paired by seed "
         "(seed k sees the same data order and augmentation in every technique), over the seeds where both runs "
         f"finished and learned; {plan_words}. Decisions: better / worse when the whole interval lies above / "
-        f"below 0, equivalent when it lies within +-{100 * d0.margin:.2g} pp (the margin), otherwise undecided. "
+        f"below 0, equivalent when both one-sided bounds lie within +-{100 * d0.margin:.2g} pp (the margin, "
+        "two one-sided tests), otherwise undecided. "
         "A run that diverged (non-finite loss) or ended within 1 pp of chance level failed: it gives no accuracy "
         "difference, and a technique that failed where baseline did not is never equivalent or better; it is "
         "worse when an exact sequential test of the imbalance of failures decides (20% of the row's error rate). "

@@ -157,8 +157,8 @@ def run_grid(
     if total_s > LONG_RUN_S and not str(settings.get("device", "cpu")).startswith("cuda") and not _has_cuda():
         prog.line(
             f"compare: note: this grid is estimated at {fmt_duration(total_s)} on this CPU (over 30 minutes); "
-            "Ctrl-C stops it at any time and the same command resumes it; '--preset quick' asks the same "
-            "question in 2 to 5 minutes"
+            "Ctrl-C stops it at any time and the same command resumes it; '--preset quick' asks the "
+            "question at 125 steps in about 5 minutes"
         )
     try:
         if jobs == 1:

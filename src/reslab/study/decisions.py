@@ -19,11 +19,11 @@ from reslab.engine.timing import step_ratio
 from reslab.errors import UsageError
 from reslab.study import stats
 from reslab.study.curve import epochs_to_target
-from reslab.study.plan import ERROR_RATES, Plan, rows_of, table_levels
+from reslab.study.plan import ERROR_RATES, Plan
 from reslab.study.planning import detectable_difference, seeds_to_decide
 from reslab.study.regime import Regime
 from reslab.study.results import BASELINE, Cell, RunData
-from reslab.study.rule import CHANCE_TOL, Outcome, Pair, decide_comparison
+from reslab.study.rule import CHANCE_TOL, Outcome, Pair, decide_table
 
 #: default plan for a grid run with fixed seeds: one look at whatever seeds it has
 FIXED_ALPHA = 0.05
@@ -49,7 +49,7 @@ class Decision:
     nominal: float  # two-sided level of each look's accuracy interval
     margin: float
     alpha: float
-    level: float  # the error rate this row is run at (alpha / rows under table-wide control)
+    level: float  # the share of alpha this row was judged at (a table's rows share alpha by the step-down)
     error_rate: str  # "table" or "row"
     sequential: bool
     diverged: int  # seeds where the technique failed and baseline did not (all that exist)
@@ -113,39 +113,43 @@ def error_rate_of(grid: dict[str, Any] | None) -> str:
     return str(er)
 
 
-def row_level(plan: Plan, error_rate: str, models: int, techniques: int) -> float:
-    """The error rate each comparison of a models x techniques table is run at."""
-    return table_levels(rows_of(models, techniques), plan, error_rate)
-
-
 def chance_of(summaries: Sequence[dict[str, Any]]) -> float | None:
     """The model's chance accuracy as its runs recorded it (None when none did)."""
     vals = [float(v) for s in summaries if isinstance(v := s.get("chance_acc"), (int, float)) and math.isfinite(v)]
     return float(np.median(vals)) if vals else None
 
 
-def open_cells(
+def table_outcomes(
     plan: Plan,
+    error_rate: str,
     seeds: Sequence[int],
     status: dict[Cell, str],
     values: dict[Cell, float],
-    model: str,
+    models: Sequence[str],
     techniques: Sequence[str],
-    level: float,
-    chance: float | None,
-) -> set[Cell]:
-    """The cells the next look of every still-open comparison on ``model`` needs: its seeds up to
-    that look, and baseline's. Decided comparisons (and those undecided after the last look, or
-    where nothing was learned) need nothing more. Used by compare (what to train) and report
-    (what is missing), with the level the report decides at."""
+    chances: dict[str, float | None],
+) -> dict[tuple[str, str], Outcome]:
+    """Where every comparison of a table stands, decided together (:func:`reslab.study.rule.decide_table`:
+    the rows share alpha by the step-down when ``error_rate`` is "table")."""
+    rows = {
+        (m, t): (seed_pairs(status, values, m, t, seeds), chances.get(m))
+        for m in models
+        for t in techniques
+        if t != BASELINE
+    }
+    return decide_table(rows, plan, error_rate)  # type: ignore[return-value]
+
+
+def open_cells(outs: dict[tuple[str, str], Outcome], seeds: Sequence[int]) -> set[Cell]:
+    """The cells the next look of every still-open comparison of :func:`table_outcomes` needs: its
+    seeds up to that look, and baseline's. Decided comparisons (and those undecided after the last
+    look, or where nothing was learned) need nothing more. Used by compare (what to train) and
+    report (what is missing)."""
     need: set[Cell] = set()
-    for t in techniques:
-        if t == BASELINE:
-            continue
-        out = decide_comparison(seed_pairs(status, values, model, t, seeds), plan, chance, level)
+    for (m, t), out in outs.items():
         if out.next_look is None:
             continue
-        need |= {Cell(model, tt, s) for s in seeds[: out.next_look] for tt in (t, BASELINE)}
+        need |= {Cell(m, tt, s) for s in seeds[: out.next_look] for tt in (t, BASELINE)}
     return need
 
 
@@ -207,7 +211,7 @@ def decide(
     regimes: dict[str, Regime] | None = None,
 ) -> list[Decision]:
     """A decision for every model x technique (baseline excluded) found in ``grid``/``runs``, each at
-    the error rate the grid asks for (table-wide by default: alpha split over the rows). With
+    the error rate the grid asks for (table-wide by default: the rows share alpha by the step-down). With
     ``regimes`` (:func:`reslab.study.regime.regimes`), each row and its recommendation say how far
     training went."""
     models = list(dict.fromkeys([*((grid or {}).get("models") or []), *(c.model for c in runs)]))
@@ -216,16 +220,17 @@ def decide(
     values = {c: v for c, r in runs.items() if r.status == "completed" and (v := _test_acc(r)) is not None}
     status = {c: r.status for c, r in runs.items()}
     error_rate = error_rate_of(grid)
-    n_rows = rows_of(len(models), len([t for t in techs if t != BASELINE]) + 1)
+    chances = {m: chance_of([r.summary for c, r in runs.items() if c.model == m]) for m in models}
+    pairs = {(m, t): seed_pairs(status, values, m, t, seeds) for m in models for t in techs if t != BASELINE}
+    plan, sequential = _plan(grid, max([_available(p) for p in pairs.values()] + [0]))
+    outs = table_outcomes(plan, error_rate, seeds, status, values, models, techs, chances) if plan else {}
     out = []
-    for m in models:
-        chance = chance_of([r.summary for c, r in runs.items() if c.model == m])
-        for t in techs:
-            if t == BASELINE:
-                continue
-            pairs = seed_pairs(status, values, m, t, seeds)
-            target, regime = targets.get(m, math.nan), (regimes or {}).get(m)
-            out.append(_decide_one(grid, runs, timing, pairs, chance, error_rate, n_rows, seeds, m, t, target, regime))
+    for (m, t), ps in pairs.items():
+        target, regime = targets.get(m, math.nan), (regimes or {}).get(m)
+        row = (m, t, target, regime)
+        out.append(
+            _decide_one(runs, timing, ps, chances[m], error_rate, plan, sequential, outs.get((m, t)), seeds, row)
+        )
     return out
 
 
@@ -238,23 +243,21 @@ def _test_acc(run: RunData) -> float | None:
 
 
 def _decide_one(
-    grid: dict[str, Any] | None,
     runs: dict[Cell, RunData],
     timing: dict[str, Any],
     pairs: list[Pair],
     chance: float | None,
     error_rate: str,
-    n_rows: int,
+    plan: Plan | None,
+    sequential: bool,
+    out: Outcome | None,
     seeds: list[int],
-    model: str,
-    tech: str,
-    target: float,
-    regime: Regime | None,
+    row: tuple[str, str, float, Regime | None],
 ) -> Decision:
+    """The :class:`Decision` of one row from its :class:`Outcome` (decided with the whole table)."""
+    model, tech, target, regime = row
     avail = _available(pairs)
-    plan, sequential = _plan(grid, avail)
-    level = table_levels(n_rows, plan, error_rate) if plan else math.nan
-    out = decide_comparison(pairs, plan, chance, level) if plan else None
+    level = out.level if out else math.nan
     if out is not None and out.reason.startswith("nothing was learned"):
         decision, why = "undecided", "nothing learned"
     elif out is None or (out.decision == "undecided" and out.n_used == 0):
@@ -478,6 +481,6 @@ __all__ = [
     "margin_of",
     "open_cells",
     "recommend",
-    "row_level",
     "seed_pairs",
+    "table_outcomes",
 ]

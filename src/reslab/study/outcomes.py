@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from reslab.study.decisions import chance_of, error_rate_of, open_cells, row_level, seed_pairs
+from reslab.study.decisions import chance_of, error_rate_of, open_cells, table_outcomes
 from reslab.study.grid import Grid
 from reslab.study.results import (
     BASELINE,
@@ -15,7 +15,7 @@ from reslab.study.results import (
     RunData,
     summary_value,
 )
-from reslab.study.rule import Outcome, decide_comparison
+from reslab.study.rule import Outcome
 
 
 @dataclass
@@ -49,19 +49,20 @@ class Outcomes:
         return chance_of([{"chance_acc": c} for c in self.chance.get(model, [])])
 
 
-def grid_level(grid: Grid) -> float:
-    """The error rate each comparison of a sequential grid is run at (as the report decides it)."""
+def grid_outcomes(grid: Grid, outcomes: Outcomes) -> dict[tuple[str, str], Outcome]:
+    """Where every comparison of a sequential grid stands now, by the rule the report decides with."""
     plan = grid.plan()
     assert plan is not None
-    return row_level(plan, error_rate_of({"error_rate": grid.error_rate}), len(grid.models), len(grid.techniques))
+    chances = {m: outcomes.chance_of(m) for m in grid.models}
+    error_rate = error_rate_of({"error_rate": grid.error_rate})
+    return table_outcomes(
+        plan, error_rate, grid.seeds, outcomes.status, outcomes.values, grid.models, grid.techniques, chances
+    )
 
 
 def comparison_outcome(grid: Grid, outcomes: Outcomes, model: str, technique: str) -> Outcome:
-    """Where a sequential comparison stands now, by the rule the report decides with."""
-    plan = grid.plan()
-    assert plan is not None
-    pairs = seed_pairs(outcomes.status, outcomes.values, model, technique, grid.seeds)
-    return decide_comparison(pairs, plan, outcomes.chance_of(model), grid_level(grid))
+    """Where one sequential comparison stands now (decided with the rest of its table)."""
+    return grid_outcomes(grid, outcomes)[(model, technique)]
 
 
 def needed_cells(grid: Grid, outcomes: Outcomes) -> list[Cell]:
@@ -70,12 +71,7 @@ def needed_cells(grid: Grid, outcomes: Outcomes) -> list[Cell]:
     plan = grid.plan()
     if plan is None:
         return [c for c in grid.cells() if not outcomes.finished(c)]
-    need: set[Cell] = set()
-    level = grid_level(grid)
-    for m in grid.models:
-        need |= open_cells(
-            plan, grid.seeds, outcomes.status, outcomes.values, m, grid.techniques, level, outcomes.chance_of(m)
-        )
+    need = open_cells(grid_outcomes(grid, outcomes), grid.seeds)
     order = {c: i for i, c in enumerate(grid.cells())}
     return sorted((c for c in need if not outcomes.finished(c)), key=order.__getitem__)
 

@@ -8,13 +8,16 @@ API
   :class:`reslab.study.plan.Plan` over the pairs in seed order and returns the first decision, or
   ``undecided`` (``next_look`` says which look comes next, ``None`` when the plan is spent).
   :func:`decide_differences` is the same for bare differences (no divergence, no chance level).
-* :func:`decide_table` applies :func:`reslab.study.plan.table_levels` to a whole table.
-* :func:`decide_paths`: the same rule on many comparisons at once, vectorised
-  (:mod:`reslab.study.simulation` uses it to measure the rule's error rates).
+* :func:`decide_table` decides every row of a table together, sharing alpha by the step-down of
+  :mod:`reslab.study.stepdown` (table-wide), or each row at alpha (``error_rate="row"``).
+* :func:`decide_paths`: one comparison's rule on many simulated comparisons at once, vectorised;
+  :func:`reslab.study.stepdown.decide_table_paths` is the same for whole tables
+  (:mod:`reslab.study.simulation` uses both to measure the rule's error rates).
 
-The parts live beside it: the plan and the table's error rate (:mod:`reslab.study.plan`), the
-calibrated per-look level (:mod:`reslab.study.calibration`), the divergence test
-(:mod:`reslab.study.divergence`) and the planning figures (:mod:`reslab.study.planning`).
+The parts live beside it: the plan (:mod:`reslab.study.plan`), the table's step-down
+(:mod:`reslab.study.stepdown`), the calibrated per-look levels (:mod:`reslab.study.calibration`),
+the divergence test (:mod:`reslab.study.divergence`) and the planning figures
+(:mod:`reslab.study.planning`).
 
 Method (docs/decision-rule.md has the measurements)
 ---------------------------------------------------
@@ -23,11 +26,13 @@ while the model can learn) gives no accuracy difference. On the seeds where both
 differences ``d = tech - base`` give at every look a repeated confidence interval
 ``mean +- t_{1 - a/2, n - 1} sd / sqrt(n)`` with one nominal level ``a`` for all looks (Pocock's
 constant level on the t scale). ``a`` is calibrated by simulation so that the smallest two-sided
-p-value over the looks falls below ``a`` with probability at most ``alpha`` under BOTH normal
-differences and differences with skewness 1 (a standardised gamma, the least favourable shape we
-measured); heavy symmetric tails (t(3)) and unequal spreads only make the t interval conservative.
+p-value over the looks falls below ``a`` with probability at most the row's share of alpha under
+normal differences and differences with skewness 1 and 2 (standardised gammas, the least favourable
+shapes measured); heavy symmetric tails (t(3)) and unequal spreads only make the t interval
+conservative. Equivalence reads two one-sided bounds, calibrated the same way on each tail.
 
-* ``equivalent``: interval inside ``(-margin, +margin)``; ``better``: above 0; ``worse``: below 0.
+* ``better``: interval above 0; ``worse``: below 0; ``equivalent``: both one-sided bounds inside
+  ``(-margin, +margin)`` (the rows of a table share alpha as :mod:`reslab.study.stepdown` says).
 * A technique that failed on a seed where baseline did not (on any seed that exists, also beyond
   the deciding look) is never ``equivalent`` or ``better``. It is ``worse`` when the imbalance of
   failures (seeds where only it failed minus seeds where only baseline failed) crosses an exact
@@ -49,18 +54,11 @@ from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats as sps
 
-from reslab.study.calibration import accuracy_nominal
-from reslab.study.divergence import divergence_bounds, imbalance_p
-from reslab.study.plan import DECISIONS, DIVERGENCE_SHARE, PAPER, QUICK, Plan, table_levels
+from reslab.study.divergence import imbalance_p
+from reslab.study.plan import DECISIONS, DIVERGENCE_SHARE, PAPER, QUICK, Plan
+from reslab.study.stepdown import CHANCE_TOL, MIN_PAIRS, decide_table_paths
 
-#: fewest finished pairs an interval is formed from
-MIN_PAIRS = 3
-#: a run within this of chance accuracy has learned nothing (accuracy as a fraction)
-CHANCE_TOL = 0.01
-#: a spread below this (accuracy fraction) is zero: ties decide nothing
-ZERO_SPREAD = 1e-9
 #: decide_paths' codes
 CODES = {0: "undecided", 1: "equivalent", 2: "better", 3: "worse"}
 
@@ -89,25 +87,9 @@ class Outcome:
     reason: str
     look: int  # 1-based index of that look in plan.looks (0: no look taken)
     next_look: int | None  # the look an undecided comparison needs next (None: plan spent, or decided)
-    nominal: float  # two-sided level of every look's interval
-    level: float  # error rate this row is controlled at
+    nominal: float  # two-sided level of the interval read
+    level: float  # the share of alpha this row was judged at
     basis: str = "accuracy"  # "accuracy" (finished pairs) or "divergence" (the imbalance of failures)
-
-
-def _crit_table(n_max: int, nominal: float) -> np.ndarray:
-    """t quantile ``1 - a/2`` for n = 0..n_max pairs (nan below 2)."""
-    out = np.full(n_max + 1, np.nan)
-    out[2:] = sps.t.ppf(1 - nominal / 2, np.arange(1, n_max))
-    return out
-
-
-def _mean_sd(d: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Count, mean and sample sd of the entries of each row of ``d`` where ``w`` holds."""
-    k = w.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(w, d, 0.0).sum(axis=1) / k
-        var = np.where(w, (d - mean[:, None]) ** 2, 0.0).sum(axis=1) / (k - 1)
-    return k, mean, np.sqrt(var)
 
 
 def decide_paths(
@@ -120,81 +102,19 @@ def decide_paths(
     level: float | None = None,
     chance_tol: float = CHANCE_TOL,
 ) -> dict[str, np.ndarray]:
-    """The rule on ``S`` comparisons at once: arrays ``(S, N)`` of accuracies and divergence flags
-    for the ``N`` seeds that exist (in seed order). Returns arrays of length ``S``: ``code``
-    (0 undecided, 1 equivalent, 2 better, 3 worse), ``n`` (seeds of the deciding/last look),
-    ``estimate``, ``low``, ``high`` (of the finished pairs), ``basis`` (1: decided by the failures),
-    ``fail_tech``, ``fail_base``
-    (failures of one side only, over all N seeds), ``nothing`` (no baseline run learned),
-    ``zero`` (the last look taken had zero spread)."""
-    base, tech = np.asarray(base, dtype=float), np.asarray(tech, dtype=float)
-    s, n_avail = base.shape
-    fb = np.asarray(base_div, bool) | ~np.isfinite(base)
-    ft = np.asarray(tech_div, bool) | ~np.isfinite(tech)
-    if chance is not None:
-        with np.errstate(invalid="ignore"):
-            fb |= base <= chance + chance_tol
-            ft |= tech <= chance + chance_tol
-    ok = ~fb & ~ft
-    only_t, only_b = ft & ~fb, fb & ~ft
-    fail_t, fail_b = only_t.sum(axis=1), only_b.sum(axis=1)
-    nothing = fb.all(axis=1) & (n_avail > 0)
-    level = plan.alpha if level is None else level
-    nominal = accuracy_nominal(plan, level)
-    bounds = dict(zip(plan.looks, divergence_bounds(plan.looks, DIVERGENCE_SHARE * level), strict=True))
-    crit = _crit_table(max(n_avail, 2), nominal)
-    d = np.where(ok, tech - base, 0.0)
-    code, basis = np.zeros(s, int), np.zeros(s, int)
-    n_at = np.zeros(s, int)
-    est, low, high = np.full(s, np.nan), np.full(s, np.nan), np.full(s, np.nan)
-    zero = np.zeros(s, bool)
-    m = plan.margin
-    for n in (k for k in plan.looks if k <= n_avail):
-        open_ = (code == 0) & ~nothing
-        k, mean, sd = _mean_sd(d[:, :n], ok[:, :n])
-        half = crit[k] * sd / np.sqrt(np.maximum(k, 1))
-        valid = (k >= MIN_PAIRS) & (sd > ZERO_SPREAD)
-        lo, hi = mean - half, mean + half
-        clean = fail_t == 0
-        with np.errstate(invalid="ignore"):
-            hits = [
-                (1, 0, valid & clean & (lo > -m) & (hi < m)),
-                (2, 0, valid & clean & (lo > 0)),
-                (3, 0, valid & (hi < 0)),
-            ]
-        b_n = bounds[n]
-        if b_n is not None:
-            hits.append((3, 1, (only_t[:, :n].sum(axis=1) - only_b[:, :n].sum(axis=1)) >= b_n))
-        # the state of the look: accuracy interval where it exists
-        n_at[open_] = n
-        est[open_], low[open_], high[open_] = (
-            mean[open_],
-            np.where(valid, lo, np.nan)[open_],
-            np.where(valid, hi, np.nan)[open_],
-        )
-        zero[open_] = (k >= 2)[open_] & (sd <= ZERO_SPREAD)[open_]
-        for c, b, hit in hits:
-            take = open_ & hit
-            code[take], basis[take] = c, b
-            open_ &= ~hit
-    rows, last = np.arange(s), np.maximum(n_at - 1, 0)
-    cut_t = np.where(n_at > 0, np.cumsum(only_t, axis=1)[rows, last] if n_avail else 0, 0)
-    cut_b = np.where(n_at > 0, np.cumsum(only_b, axis=1)[rows, last] if n_avail else 0, 0)
-    return {
-        "code": code,
-        "n": n_at,
-        "fail_tech_look": cut_t,
-        "fail_base_look": cut_b,
-        "estimate": est,
-        "low": low,
-        "high": high,
-        "basis": basis,
-        "fail_tech": fail_t,
-        "fail_base": fail_b,
-        "nothing": nothing,
-        "zero": zero,
-        "nominal": np.full(s, nominal),
-    }
+    """The rule on ``S`` single comparisons at once, each at error rate ``level`` (default
+    ``plan.alpha``): arrays ``(S, N)`` of accuracies and divergence flags for the ``N`` seeds that
+    exist (in seed order). Returns arrays of length ``S`` with the keys of
+    :func:`reslab.study.stepdown.decide_table_paths`."""
+
+    def rows(a: np.ndarray) -> np.ndarray:
+        a = np.asarray(a)
+        return a.reshape(a.shape[0], 1, a.shape[1])
+
+    out = decide_table_paths(
+        rows(base), rows(tech), rows(base_div), rows(tech_div), plan, chance, level, "table", None, chance_tol
+    )
+    return {k: v[:, 0] for k, v in out.items()}
 
 
 # --- one comparison ------------------------------------------------------------------------------
@@ -202,6 +122,30 @@ def decide_paths(
 
 def _pp(x: float) -> str:
     return f"{100 * x:+.2f}"
+
+
+def _prefix(pairs: Sequence[Pair]) -> list[Pair]:
+    """The pairs up to the first seed with a run that neither exists nor diverged."""
+    used: list[Pair] = []
+    for p in pairs:
+        if (p.base is None and not p.base_diverged) or (p.tech is None and not p.tech_diverged):
+            break
+        used.append(p)
+    return used
+
+
+def _arrays(tables: Sequence[Sequence[Pair]]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One table of rows of pairs as ``(1, R, N)`` arrays (nan-padded) and the seeds per row."""
+    n = max([len(t) for t in tables] + [1])
+    shape = (1, len(tables), n)
+    base, tech = np.full(shape, np.nan), np.full(shape, np.nan)
+    bdiv, tdiv = np.zeros(shape, bool), np.zeros(shape, bool)
+    for i, pairs in enumerate(tables):
+        for j, p in enumerate(pairs):
+            base[0, i, j] = np.nan if p.base is None else p.base
+            tech[0, i, j] = np.nan if p.tech is None else p.tech
+            bdiv[0, i, j], tdiv[0, i, j] = p.base_diverged, p.tech_diverged
+    return base, tech, bdiv, tdiv, np.array([[len(t) for t in tables]])
 
 
 def decide_comparison(
@@ -214,23 +158,16 @@ def decide_comparison(
     """Decide one comparison from its pairs in seed order (only the prefix up to the first pair with
     a run that neither exists nor diverged is used). ``chance``: the model's chance accuracy
     (1/classes), or None when unknown (then only diverged or non-finite runs count as failed).
-    ``level``: this row's error rate (from :func:`table_levels`; default ``plan.alpha``)."""
-    level = plan.alpha if level is None else level
-    used: list[Pair] = []
-    for p in pairs:
-        if (p.base is None and not p.base_diverged) or (p.tech is None and not p.tech_diverged):
-            break
-        used.append(p)
+    ``level``: this row's error rate (default ``plan.alpha``)."""
+    used = _prefix(pairs)
+    r = decide_table_paths(*_arrays([used])[:4], plan, chance, level, "table", _arrays([used])[4], chance_tol)
+    return _outcome({k: v[0, 0] for k, v in r.items()}, used, plan, chance)
+
+
+def _outcome(r: Mapping[str, np.generic], used: Sequence[Pair], plan: Plan, chance: float | None) -> Outcome:
+    """The :class:`Outcome` of one row of :func:`reslab.study.stepdown.decide_table_paths`, in words."""
     n_avail = len(used)
-
-    def arr(get: str) -> np.ndarray:
-        return np.array([[getattr(p, get) if getattr(p, get) is not None else np.nan for p in used]], dtype=float)
-
-    base, tech = arr("base").reshape(1, n_avail), arr("tech").reshape(1, n_avail)
-    bdiv = np.array([[p.base_diverged for p in used]], bool).reshape(1, n_avail)
-    tdiv = np.array([[p.tech_diverged for p in used]], bool).reshape(1, n_avail)
-    r = {k: v[0] for k, v in decide_paths(base, tech, bdiv, tdiv, plan, chance, level, chance_tol).items()}
-    code, n, nominal = int(r["code"]), int(r["n"]), float(r["nominal"])
+    code, n, nominal, level = int(r["code"]), int(r["n"]), float(r["nominal"]), float(r["level"])
     fail_t, fail_b = int(r["fail_tech"]), int(r["fail_base"])
     decision = CODES[code]
     est = None if not math.isfinite(r["estimate"]) else float(r["estimate"])
@@ -238,8 +175,7 @@ def decide_comparison(
     look = plan.looks.index(n) + 1 if n in plan.looks else 0
     next_look = None
     if decision == "undecided" and not r["nothing"]:
-        nl = plan.next_look(n) if n else plan.looks[0]
-        next_look = nl
+        next_look = plan.next_look(n) if n else plan.looks[0]
     true_div = sum(p.tech_diverged and not p.base_diverged for p in used)
     failed = "diverged" if true_div == fail_t else "diverged or stayed at chance level"
     notes = [f"baseline failed in {fail_b} of {n_avail} seeds where the technique did not"] if fail_b else []
@@ -253,7 +189,7 @@ def decide_comparison(
         reason = (
             f"worse {where}: {failed} in {bt} of {n} seeds where baseline did not (baseline in {bb} where the "
             f"technique did not); when both fail equally often an imbalance this large has probability at most "
-            f"{p_imb:.2g} (exact test, {DIVERGENCE_SHARE:.0%} of the row error rate {level:.2g})"
+            f"{p_imb:.2g} (exact test, {DIVERGENCE_SHARE:.0%} of the row's share)"
         )
         if n_avail > n:
             notes.insert(0, f"{failed} in {fail_t} of all {n_avail} seeds")
@@ -264,9 +200,10 @@ def decide_comparison(
         if fail_t:
             notes.insert(0, f"{failed} in {fail_t} of {n_avail} seeds where baseline did not")
         assert iv is not None and est is not None
+        what = "bounds" if decision == "equivalent" else "interval"
         reason = (
-            f"{decision} {where}: difference {_pp(est)} pp, interval [{_pp(iv[0])}, {_pp(iv[1])}] pp "
-            f"(each look at level {nominal:.2g}, row error rate {level:.2g})"
+            f"{decision} {where}: difference {_pp(est)} pp, {what} [{_pp(iv[0])}, {_pp(iv[1])}] pp "
+            f"(two-sided level {nominal:.2g}, judged at {level:.2g} of the error rate)"
         )
         reason = "; ".join([reason, *notes])
     else:
@@ -297,10 +234,17 @@ def decide_differences(diffs: Sequence[float], plan: Plan, level: float | None =
 def decide_table(
     rows: Mapping[Hashable, tuple[Sequence[Pair], float | None]], plan: Plan, error_rate: str = "table"
 ) -> dict[Hashable, Outcome]:
-    """Every comparison of a table (``key -> (pairs, chance)``) at the level that keeps the chance
-    of any wrong row at most ``plan.alpha`` (``"table"``), or each row's at most alpha (``"row"``)."""
-    level = table_levels(len(rows), plan, error_rate)
-    return {key: decide_comparison(pairs, plan, chance, level) for key, (pairs, chance) in rows.items()}
+    """Every comparison of a table (``key -> (pairs, chance)``), deciding the rows together so that
+    the chance of any wrong row is at most ``plan.alpha`` (``"table"``, the step-down of
+    :mod:`reslab.study.stepdown`), or each row's at most alpha (``"row"``)."""
+    if not rows:
+        return {}
+    keys = list(rows)
+    used = [_prefix(rows[k][0]) for k in keys]
+    chances = [rows[k][1] for k in keys]
+    base, tech, bdiv, tdiv, avail = _arrays(used)
+    r = decide_table_paths(base, tech, bdiv, tdiv, plan, chances, None, error_rate, avail)
+    return {k: _outcome({n: v[0, i] for n, v in r.items()}, used[i], plan, chances[i]) for i, k in enumerate(keys)}
 
 
 __all__ = [

@@ -13,7 +13,7 @@ from reslab.study.cells import CellRun, error_line, record_failure
 from reslab.study.claims import Claims, describe
 from reslab.study.estimate import Estimator, estimate_lines, fmt_duration
 from reslab.study.grid import Grid, shard_cells
-from reslab.study.outcomes import Outcomes, comparison_outcome, needed_cells
+from reslab.study.outcomes import Outcomes, grid_outcomes, needed_cells
 from reslab.study.results import (
     BASELINE,
     FAILED_DIR,
@@ -117,12 +117,7 @@ class Scheduler:
         n = len(self.ran) + len(self.failed)
         if plan is None:
             return f"{n} runs done"
-        states = [
-            comparison_outcome(self.grid, self.outcomes, m, t)
-            for m in self.grid.models
-            for t in self.grid.techniques
-            if t != BASELINE
-        ]
+        states = list(grid_outcomes(self.grid, self.outcomes).values())
         decided = sum(1 for o in states if o.decision != "undecided")
         return f"{n} runs done, {decided}/{len(states)} comparisons decided"
 

@@ -4,12 +4,15 @@ rates and power (docs/decision-rule.md)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from reslab.study.calibration import standard_noise
-from reslab.study.plan import Plan, table_levels
+from reslab.study.plan import Plan
 from reslab.study.rule import CODES, decide_paths
+from reslab.study.stepdown import decide_table_paths
 
 
 def simulate(
@@ -47,39 +50,73 @@ def simulate(
     return out
 
 
+def wrong_calls(code: np.ndarray, diffs: np.ndarray, margin: float, tech_fails_more: np.ndarray) -> np.ndarray:
+    """Which decisions are wrong for true differences ``diffs`` (per row, broadcast): better when the
+    difference is at most 0, worse when at least 0, equivalent when at least the margin away. Where
+    the technique fails more often than baseline, worse is right and better is wrong; an equivalent
+    stays a statement about the finished runs' accuracy (it cannot exclude a failure rate its seeds
+    never showed, so it is wrong there only by its accuracy)."""
+    better, worse, equiv = code == 2, code == 3, code == 1
+    far = np.abs(diffs) >= margin
+    by_acc = (better & (diffs <= 0)) | (worse & (diffs >= 0)) | (equiv & far)
+    return np.where(tech_fails_more, better | (equiv & far), by_acc)
+
+
 def simulate_table(
     plan: Plan,
-    models: int,
-    techniques: int,
+    diffs: Sequence[float],
     sims: int,
     seed: int,
+    sd: float | Sequence[float] = 0.004,
+    rows_per_model: int | None = None,
+    base_sd: float = 0.004,
     noise: str = "normal",
     skew: float = 1.0,
     error_rate: str = "table",
-    shared_baseline: bool = True,
-    sd: float = 0.004,
-) -> dict[str, float]:
-    """P(some row of a ``models x techniques`` table is wrong) when no technique has any effect
-    (every ``better`` or ``worse`` is then wrong).
-    ``shared_baseline``: each model's techniques are compared with the same baseline runs (every run
-    has spread ``sd``; the rows of a model are then correlated); otherwise every row's differences
-    are independent draws of spread ``sd`` and shape ``noise``. Keys: ``any_wrong``, ``row_wrong``,
-    ``level`` (each row's error rate)."""
+    p_div: float | Sequence[float] = 0.0,
+    p_div_base: float = 0.0,
+    ties: Sequence[bool] = (),
+    chance: float = 0.1,
+    alpha: float | None = None,
+) -> dict[str, Any]:
+    """Rates of the rule on ``sims`` simulated tables, one row per entry of ``diffs`` (true
+    differences technique - baseline, accuracy fractions). Per seed, baseline is ``0.9 + base_sd *
+    noise``, shared by the ``rows_per_model`` rows of a model (default: all rows share one baseline);
+    each technique is ``0.9 + diff + sd * noise`` (so the rows of a model are correlated through
+    baseline). A row marked in ``ties`` has no spread (every seed's difference equal). Runs diverge
+    independently (the technique with ``p_div``, per row or one for all; baseline with
+    ``p_div_base``). ``alpha``: the table's error rate (default the plan's). Keys: ``any_wrong``
+    (some row wrong), ``row_wrong``, ``decided`` (rows decided, mean per table), ``rates`` (per row:
+    fractions equivalent, better, worse), ``mean_seeds``."""
     rng = np.random.default_rng(seed)
-    m, n = models * techniques, plan.max_seeds
-    level = table_levels(m, plan, error_rate)
-    if shared_baseline:
-        base = 0.9 + sd * standard_noise(noise, rng, (sims, models, 1, n), skew)
-        tech = 0.9 + sd * standard_noise(noise, rng, (sims, models, techniques, n), skew)
-        base = np.broadcast_to(base, tech.shape)
-    else:
-        base = 0.9 + np.zeros((sims, models, techniques, n))
-        tech = base + sd * standard_noise(noise, rng, base.shape, skew)
-    flat = (sims * m, n)
-    no = np.zeros(flat, bool)
-    r = decide_paths(base.reshape(flat), tech.reshape(flat), no, no, plan, 0.1, level)
-    wrong = ((r["code"] == 2) | (r["code"] == 3)).reshape(sims, m)
-    return {"any_wrong": float(wrong.any(axis=1).mean()), "row_wrong": float(wrong.mean()), "level": level}
+    r, n = len(diffs), plan.max_seeds
+    per = rows_per_model or r
+    models = -(-r // per)
+    sds = np.broadcast_to(np.asarray(sd, float), (r,))
+    dv = np.asarray(diffs, float)
+    base_m = 0.9 + base_sd * standard_noise(noise, rng, (sims, models, n), skew)
+    base = np.repeat(base_m, per, axis=1)[:, :r, :]
+    eps = standard_noise(noise, rng, (sims, r, n), skew)
+    tie = np.zeros(r, bool)
+    tie[: len(ties)] = np.asarray(ties, bool)
+    eps[:, tie, :] = 0.0
+    tech = np.where(tie[None, :, None], base + dv[None, :, None], 0.9 + dv[None, :, None] + sds[None, :, None] * eps)
+    pdiv = np.broadcast_to(np.asarray(p_div, float), (r,))
+    tdiv = rng.random((sims, r, n)) < pdiv[None, :, None]
+    bdiv = np.repeat(rng.random((sims, models, n)) < p_div_base, per, axis=1)[:, :r, :]
+    out = decide_table_paths(
+        np.where(bdiv, np.nan, base), np.where(tdiv, np.nan, tech), bdiv, tdiv, plan, chance, alpha, error_rate
+    )
+    code = out["code"]
+    wrong = wrong_calls(code, dv[None, :], plan.margin, (pdiv > p_div_base)[None, :])
+    return {
+        "any_wrong": float(wrong.any(axis=1).mean()),
+        "row_wrong": float(wrong.mean()),
+        "decided": float((code > 0).sum(axis=1).mean()),
+        "rates": {k: (code == c).mean(axis=0) for c, k in ((1, "equivalent"), (2, "better"), (3, "worse"))},
+        "mean_seeds": float(np.where(code > 0, out["n"], n).mean()),
+        "sims": sims,
+    }
 
 
-__all__ = ["simulate", "simulate_table"]
+__all__ = ["simulate", "simulate_table", "wrong_calls"]

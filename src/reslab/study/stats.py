@@ -265,24 +265,6 @@ def fmt_interval(iv: Interval, scale: float = 1.0, digits: int = 2, unit: str = 
     return f"[{iv.low * scale:.{digits}f}, {iv.high * scale:.{digits}f}]{unit}"
 
 
-def holm(p_values: Sequence[float]) -> list[float]:
-    """Holm-Bonferroni adjusted p-values (nan entries are left out and stay nan).
-
-    Comparing several techniques with baseline at once makes a "p < 0.05" by chance likely
-    (with 3 comparisons, about 14%); the adjusted values keep the family-wise error at the
-    stated level: sort the m p-values, multiply the i-th smallest by (m - i), take running maxima.
-    """
-    idx = [i for i, p in enumerate(p_values) if p is not None and math.isfinite(p)]
-    order = sorted(idx, key=lambda i: p_values[i])
-    m = len(order)
-    out = [NAN] * len(p_values)
-    running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * float(p_values[i])))
-        out[i] = running
-    return out
-
-
 def prob_improvement(diffs: Sequence[float], level: float = 0.95) -> Interval:
     """P(technique beats baseline in a seed): the share of paired seeds with a positive
     difference (a tie counts half), with an exact Clopper-Pearson interval (conservative at

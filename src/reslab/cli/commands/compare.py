@@ -2,11 +2,13 @@
 worse or equivalent (within a margin), with intervals that stay honest at a few seeds.
 
 With no options it runs the 'quick' preset: baseline, scale, norm and fusion on a shallow
-ResNet-8 and a deep ResNet-56 (quarter width, a Fashion-MNIST subset, 2 epochs), adding seeds
-(4 to 6) until each technique is decided, in 2 to 5 minutes on a 2-core CPU. '--preset
-paper' runs resnet20/56/110 with every technique on full data (for a GPU). Any grid or
-training option without --preset starts a custom grid from the training engine's defaults
-(resnet20, full data, fixed seeds); '--preset quick --epochs 3' changes one setting of a
+ResNet-8 and a deep ResNet-56 (quarter width, a 4,000-image Fashion-MNIST subset, one epoch of
+125 steps), 6 seeds read once, in about 5 minutes on a 2-core CPU: early training, and at 6 seeds
+most rows stay undecided ('--max-seeds 24 --budget 15m' reads them at 6, 12, 18 and 24 seeds and
+decides about 4 of 6; benchmarks/README.md, "The quick preset"). '--preset paper' runs
+resnet20/56/110 with every technique on full data (for a GPU). Any grid or training option
+without --preset starts a custom grid from the training engine's defaults (resnet20, full
+data, fixed seeds); '--preset quick --epochs 3' changes one setting of a
 preset. The header states the preset, the grid and an estimated time before training.
 
 Sequential seeds (--until-decided, the presets' default): seeds are added one round at a
@@ -113,7 +115,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("table", "row"),
         default=None,
         help="table (default): the chance that ANY row of the decision table is wrong is at most --alpha (alpha "
-        "is split over the comparisons); row: each comparison on its own (more power, more wrong rows in a big table)",
+        "is shared by the comparisons, a step-down); row: each comparison on its own (more power, more wrong rows "
+        "in a big table)",
     )
     parser.add_argument(
         "--budget", help="wall-time budget for training, e.g. 30m or 2h; then undecided techniques stop"
