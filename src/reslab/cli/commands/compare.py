@@ -346,10 +346,16 @@ def _run(
     progress = not args.quiet
     if progress:
         plan = grid.plan()
+        scope = "for the whole decision table" if grid.error_rate == "table" else "per comparison"
+        looks = (
+            f"{plan.min_seeds} seeds, read once"
+            if plan and plan.looks == (plan.max_seeds,)
+            else f"seeds added until decided ({', '.join(map(str, plan.looks))})"
+            if plan
+            else ""
+        )
         seeds = (
-            f"seeds added until decided ({plan.min_seeds} to {plan.max_seeds}, alpha {plan.alpha:g} "
-            f"{'for the whole decision table' if grid.error_rate == 'table' else 'per comparison'}, "
-            f"margin +-{100 * plan.margin:g} pp)"
+            f"{looks} (alpha {plan.alpha:g} {scope}, margin +-{100 * plan.margin:g} pp)"
             if plan
             else f"seeds {', '.join(map(str, grid.seeds))}"
         )
