@@ -170,14 +170,22 @@ def decision_section(
     )
     d0 = decisions[0]
     nominal = ", ".join(sorted({f"{d.nominal:.2g}" for d in decisions if math.isfinite(d.nominal)})) or "n/a"
-    plan_words = (
-        f"seeds were added one round at a time ({d0.max_seeds} at most) and a technique stopped as soon as it was "
-        f"decided; every look's interval is built at the same two-sided level (here {nominal}), calibrated by "
-        "simulation so that all looks together err with at most the row's share of the error rate when the "
-        "differences are normal or skewed up to skewness 2 (a repeated confidence interval)"
-        if d0.sequential
-        else f"every seed was trained (no sequential stopping), so there is one look, at a two-sided level of {nominal}"
+    calibrated = (
+        "calibrated by simulation so that the row errs with at most its share of the error rate when the "
+        "differences are normal or skewed up to skewness 2"
     )
+    if d0.sequential and d0.looks > 1:
+        plan_words = (
+            f"seeds were added one round at a time ({d0.max_seeds} at most) and a technique stopped as soon as it "
+            f"was decided; every look's interval is built at the same two-sided level (here {nominal}), "
+            f"{calibrated}, over all looks together (a repeated confidence interval)"
+        )
+    elif d0.sequential:
+        plan_words = f"the {d0.max_seeds} seeds were read once, at a two-sided level of {nominal}, {calibrated}"
+    else:
+        plan_words = (
+            f"every seed was trained (no sequential stopping), so there is one look, at a two-sided level of {nominal}"
+        )
     doc.p(
         "How to read this: the difference is technique minus baseline in test accuracy at the end of each run's "
         "training (the regime above says whether that was a plateau), paired by seed "

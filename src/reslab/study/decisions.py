@@ -71,6 +71,8 @@ class Decision:
     failure_word: str = "diverged"
     #: how far the model's training went (None when the report measured no regime)
     regime: Regime | None = None
+    #: the looks of the plan (1: the seeds are read once)
+    looks: int = 1
 
     @property
     def reason(self) -> str:
@@ -305,6 +307,7 @@ def _decide_one(
         flops_ratio=_ratio(mine, base, "flops"),
         step=step_ratio(timing, model, tech),
         regime=regime,
+        looks=len(plan.looks) if plan else 1,
     )
     true_div = sum(p.tech_diverged and not p.base_diverged for p in pairs[:avail])
     d.failure_word = "diverged" if true_div == d.diverged else "diverged or stayed at chance level"
