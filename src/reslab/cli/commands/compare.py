@@ -264,28 +264,34 @@ def _resources(args: argparse.Namespace) -> Any:
     return res
 
 
+#: options passed to grid_from_options under their own names
+_SAME_NAMES = (
+    "preset",
+    "models",
+    "techniques",
+    "seeds",
+    "target_acc",
+    "until_decided",
+    "max_seeds",
+    "alpha",
+    "error_rate",
+    "budget",
+    "interval",
+    "jobs",
+    "out",
+)
+
+
 def build_grid(args: argparse.Namespace) -> tuple[Any, int, str]:
     """(Grid, jobs, out) from the options, by the rules of :func:`reslab.study.presets.grid_from_options`."""
     from reslab.study.presets import grid_from_options
 
     setup = grid_from_options(
-        preset=args.preset,
-        models=args.models,
-        techniques=args.techniques,
-        seeds=args.seeds,
+        **{k: getattr(args, k) for k in _SAME_NAMES},
         train={k: getattr(args, k) for k in _TRAIN_OPTIONS},
         config_file=args.config,
         assignments=args.set,
-        target_acc=args.target_acc,
-        until_decided=args.until_decided,
-        max_seeds=args.max_seeds,
         margin_pp=args.margin,
-        alpha=args.alpha,
-        error_rate=args.error_rate,
-        budget=args.budget,
-        interval=args.interval,
-        jobs=args.jobs,
-        out=args.out,
     )
     return setup.grid, setup.jobs, setup.out
 
