@@ -28,7 +28,7 @@ from reslab.study.plan import PAPER, QUICK, Plan
 #: held-out images, tested on a fixed 2,000 test images; one look at 6 seeds, a margin of 1 pp,
 #: the table's error rate 0.05. That is early training: its verdicts are about how fast each
 #: technique learns, and the report says so. Why these settings, what they decide, and what a
-#: longer budget buys (``--max-seeds 24 --budget 20m``): benchmarks/README.md, "The quick preset".
+#: longer budget buys (``--preset quick --max-seeds 24 --budget 15m``): benchmarks/README.md, "The quick preset".
 #: ``paper`` is the article's study at a realistic length, for a GPU: ResNet-20, -56 and -110 at
 #: full width on all 55,000 training images, batch 512, with the article's three techniques,
 #: for :data:`PAPER_EPOCHS` epochs. Each look adds one pack of 3 seeds per technique (looks

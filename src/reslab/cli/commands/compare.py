@@ -4,7 +4,7 @@ worse or equivalent (within a margin), with intervals that stay honest at a few 
 With no options it runs the 'quick' preset: baseline, scale, norm and fusion on a shallow
 ResNet-8 and a deep ResNet-56 (quarter width, a 4,000-image Fashion-MNIST subset, one epoch of
 125 steps), 6 seeds read once, in about 5 minutes on a 2-core CPU: early training, and at 6 seeds
-most rows stay undecided ('--max-seeds 24 --budget 15m' reads them at 6, 12, 18 and 24 seeds and
+most rows stay undecided ('--preset quick --max-seeds 24 --budget 15m' reads them at 6, 12, 18 and 24 seeds and
 decides about 4 of 6; benchmarks/README.md, "The quick preset"). '--preset paper' runs
 resnet20/56/110 with every technique on full data (for a GPU). Any grid or training option
 without --preset starts a custom grid from the training engine's defaults (resnet20, full
@@ -100,9 +100,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="add seeds until each technique is decided (default in the presets; --seeds is then the first look)",
     )
-    parser.add_argument("--max-seeds", type=int, help="most seeds a sequential comparison may use (default 6)")
     parser.add_argument(
-        "--margin", type=float, help="equivalence margin in percentage points of test accuracy (default 0.5)"
+        "--max-seeds",
+        type=int,
+        help="most seeds a sequential comparison may use (default 6; with the quick preset, "
+        "--preset quick --max-seeds 24 reads the seeds at 6, 12, 18 and 24)",
+    )
+    parser.add_argument(
+        "--margin",
+        type=float,
+        help="equivalence margin in percentage points of test accuracy (default: quick 1, paper and custom grids 0.5)",
     )
     parser.add_argument(
         "--alpha",
