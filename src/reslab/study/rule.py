@@ -160,7 +160,8 @@ def decide_comparison(
     (1/classes), or None when unknown (then only diverged or non-finite runs count as failed).
     ``level``: this row's error rate (default ``plan.alpha``)."""
     used = _prefix(pairs)
-    r = decide_table_paths(*_arrays([used])[:4], plan, chance, level, "table", _arrays([used])[4], chance_tol)
+    base, tech, bdiv, tdiv, avail = _arrays([used])
+    r = decide_table_paths(base, tech, bdiv, tdiv, plan, chance, level, "table", avail, chance_tol)
     return _outcome({k: v[0, 0] for k, v in r.items()}, used, plan, chance)
 
 
