@@ -18,6 +18,7 @@ from reslab.study import stats
 from reslab.study.curve import epochs_to_target, seconds_at
 from reslab.study.decisions import auto_target, chance_of, error_rate_of, open_cells, table_outcomes
 from reslab.study.plan import Plan
+from reslab.study.presets import parse_target
 from reslab.study.results import BASELINE, FINISHED, Cell, RunData, run_value
 
 
@@ -370,13 +371,7 @@ def targets_for(
     if is_auto_target(target_acc, grid):
         return {m: auto_target(runs, m) for m in models}
     raw = target_acc if target_acc is not None else (grid or {}).get("target_acc", 0.9)
-    try:
-        target = float(raw)
-    except (TypeError, ValueError):
-        target = -1.0
-    if not 0.0 < target <= 1.0:
-        raise UsageError(f"--target-acc must be a fraction in (0, 1], e.g. 0.9, or 'auto', got {raw!r}")
-    return dict.fromkeys(models, target)
+    return dict.fromkeys(models, float(parse_target(raw, 0.9)))
 
 
 def is_auto_target(target_acc: float | str | None, grid: dict[str, Any] | None) -> bool:
