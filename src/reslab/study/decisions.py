@@ -24,10 +24,13 @@ from reslab.study.planning import detectable_difference, seeds_to_decide
 from reslab.study.regime import Regime
 from reslab.study.results import BASELINE, Cell, RunData
 from reslab.study.rule import CHANCE_TOL, Outcome, Pair, decide_table
+from reslab.study.stepdown import LEARNED_MIN, seeds_for_failure_bound
 
 #: default plan for a grid run with fixed seeds: one look at whatever seeds it has
 FIXED_ALPHA = 0.05
 FIXED_MARGIN = 0.005
+#: the failure-rate bound a report names the seeds for ("29 seeds bring it to 10%")
+FAILURE_TARGET = 0.10
 #: "auto" target: this fraction of baseline's mean final validation accuracy, per model (low
 #: enough that baseline reaches it before its last evaluation in most seeds)
 AUTO_TARGET_FRACTION = 0.95
@@ -73,6 +76,29 @@ class Decision:
     regime: Regime | None = None
     #: the looks of the plan (1: the seeds are read once)
     looks: int = 1
+    #: the technique's failed runs (diverged or at chance) of the `trained` seeds, and the one-sided
+    #: 95% Clopper-Pearson bound on its failure rate from them (what "equivalent" does not exclude)
+    tech_failed: int = 0
+    fail_bound: float = math.nan
+    #: baseline's mean accuracy over its finished runs of the look, and the model's chance accuracy
+    base_acc: float = math.nan
+    chance: float | None = None
+
+    @property
+    def failure_words(self) -> str:
+        """'0 of 6 failed; failure rate <= 39% (95%)': the failures, and for a row that claims the
+        technique is as good (equivalent or better) the failure rate its seeds do not exclude."""
+        text = f"{self.tech_failed} of {self.trained} failed"
+        if self.decision in ("equivalent", "better") and math.isfinite(self.fail_bound):
+            text += f"; failure rate <= {100 * self.fail_bound:.0f}% (95%)"
+        return text
+
+    @property
+    def seeds_for_bound(self) -> int | None:
+        """Seeds that bring the failure-rate bound to 10% if no further run fails (None when it is there)."""
+        if not math.isfinite(self.fail_bound) or self.fail_bound <= FAILURE_TARGET or not self.trained:
+            return None
+        return seeds_for_failure_bound(self.tech_failed, self.trained, FAILURE_TARGET)
 
     @property
     def reason(self) -> str:
@@ -308,6 +334,10 @@ def _decide_one(
         step=step_ratio(timing, model, tech),
         regime=regime,
         looks=len(plan.looks) if plan else 1,
+        tech_failed=out.tech_failed if out else 0,
+        fail_bound=out.fail_bound if out else math.nan,
+        base_acc=out.base_mean if out and out.base_mean is not None else math.nan,
+        chance=chance,
     )
     true_div = sum(p.tech_diverged and not p.base_diverged for p in pairs[:avail])
     d.failure_word = "diverged" if true_div == d.diverged else "diverged or stayed at chance level"
@@ -387,7 +417,7 @@ def recommend(d: Decision) -> str:
     bounded = math.isfinite(d.low) and -1.0 <= d.low and d.high <= 1.0
     span = f"lies between {pp(d.low)} and {pp(d.high)} pp" if bounded else "is not bounded yet"
     if d.why_open == "nothing learned":
-        return "Nothing to compare: baseline learned nothing (every run diverged or stayed at chance level)."
+        return nothing_learned_words(d) + "; train longer or with a working learning rate before comparing."
     if d.decision == "worse" and d.outcome and d.outcome.basis == "divergence":
         return f"Avoid at this depth: it {div}."
     r = d.regime
@@ -441,6 +471,17 @@ def recommend(d: Decision) -> str:
     return f"{lead}No answer at {d.trained} seeds: the difference {span}{more}."
 
 
+def nothing_learned_words(d: Decision) -> str:
+    """Why a model's rows are not decided when its baseline did not clearly learn."""
+    if not math.isfinite(d.base_acc):
+        return "Nothing learned: every baseline run diverged or stayed at chance level"
+    chance = f"chance {100 * d.chance:.1f}%" if d.chance is not None else "chance level"
+    return (
+        f"Nothing learned: baseline ended at {100 * d.base_acc:.1f}% against {chance}, within "
+        f"{100 * LEARNED_MIN:.0f} pp of it, so no row of this model is decided"
+    )
+
+
 # -- gradient health at depth ------------------------------------------------------------
 
 
@@ -482,6 +523,7 @@ __all__ = [
     "interval_pp",
     "interval_ratio",
     "margin_of",
+    "nothing_learned_words",
     "open_cells",
     "recommend",
     "seed_pairs",

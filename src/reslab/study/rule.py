@@ -39,8 +39,13 @@ conservative. Equivalence reads two one-sided bounds, calibrated the same way on
   sequential bound (:func:`reslab.study.divergence.divergence_bounds`), which gets :data:`DIVERGENCE_SHARE` of the row's
   error rate; the accuracy interval gets the rest.
 * Zero spread (all differences equal, e.g. all runs predict one class) decides nothing, and so do
-  fewer than :data:`MIN_PAIRS` finished pairs. If no baseline run learned anything (all at chance
-  level or diverged), nothing is decided: "nothing was learned".
+  fewer than :data:`MIN_PAIRS` finished pairs.
+* Nothing learned, nothing decided: when baseline's mean accuracy over its finished runs of a look
+  ends within :data:`reslab.study.stepdown.LEARNED_MIN` (5 pp) of chance, or every baseline run
+  failed, the row is not decided, at that look or later: "nothing was learned".
+* Every row carries the exact one-sided 95% Clopper-Pearson bound on the technique's failure rate
+  (``fail_bound``): an ``equivalent`` row with 0 failures in 6 seeds still allows a failure rate up
+  to 39%, and says so.
 
 A wrong accuracy decision needs an interval that misses the truth at some look, and a wrong
 ``worse`` from the divergence test needs its bound crossed under its null, so a row errs with
@@ -57,7 +62,7 @@ import numpy as np
 
 from reslab.study.divergence import imbalance_p
 from reslab.study.plan import DECISIONS, DIVERGENCE_SHARE, PAPER, QUICK, Plan
-from reslab.study.stepdown import CHANCE_TOL, MIN_PAIRS, decide_table_paths
+from reslab.study.stepdown import CHANCE_TOL, LEARNED_MIN, MIN_PAIRS, decide_table_paths
 
 #: decide_paths' codes
 CODES = {0: "undecided", 1: "equivalent", 2: "better", 3: "worse"}
@@ -90,6 +95,9 @@ class Outcome:
     nominal: float  # two-sided level of the interval read
     level: float  # the share of alpha this row was judged at
     basis: str = "accuracy"  # "accuracy" (finished pairs) or "divergence" (the imbalance of failures)
+    tech_failed: int = 0  # the technique's failed runs (diverged or at chance), of all `seeds`
+    fail_bound: float = math.nan  # one-sided 95% Clopper-Pearson bound on its failure rate from them
+    base_mean: float | None = None  # baseline's mean accuracy over its finished runs of the look
 
 
 def decide_paths(
@@ -181,9 +189,15 @@ def _outcome(r: Mapping[str, np.generic], used: Sequence[Pair], plan: Plan, chan
     failed = "diverged" if true_div == fail_t else "diverged or stayed at chance level"
     notes = [f"baseline failed in {fail_b} of {n_avail} seeds where the technique did not"] if fail_b else []
     where = f"at {n} seeds" if n else f"with {n_avail} seeds"
-    if r["nothing"]:
+    base_mean = None if not math.isfinite(r["base_mean"]) else float(r["base_mean"])
+    if r["nothing"] and base_mean is None:
         what = "diverged" if chance is None else "diverged or stayed at chance level"
         reason = f"nothing was learned: every baseline run {what}; no decision"
+    elif r["nothing"]:
+        reason = (
+            f"nothing was learned: baseline's mean accuracy {100 * base_mean:.1f}% at {n} seeds ended within "
+            f"{100 * LEARNED_MIN:.0f} pp of chance ({100 * (chance or 0):.1f}%), so no row of this model is decided"
+        )
     elif r["basis"]:
         bt, bb = int(r["fail_tech_look"]), int(r["fail_base_look"])
         p_imb = imbalance_p(bt - bb, n)
@@ -224,7 +238,24 @@ def _outcome(r: Mapping[str, np.generic], used: Sequence[Pair], plan: Plan, chan
         parts += [why, *notes, f"next look at {next_look} seeds" if next_look else "the plan is spent"]
         reason = parts[0] + ": " + "; ".join(parts[1:])
     basis = "divergence" if r["basis"] else "accuracy"
-    return Outcome(decision, n, est, iv, fail_t, fail_b, n_avail, reason, look, next_look, nominal, level, basis)
+    return Outcome(
+        decision,
+        n,
+        est,
+        iv,
+        fail_t,
+        fail_b,
+        n_avail,
+        reason,
+        look,
+        next_look,
+        nominal,
+        level,
+        basis,
+        tech_failed=int(r["tech_failed"]),
+        fail_bound=float(r["fail_bound"]),
+        base_mean=base_mean,
+    )
 
 
 def decide_differences(diffs: Sequence[float], plan: Plan, level: float | None = None) -> Outcome:

@@ -57,6 +57,12 @@ from reslab.study.plan import DIVERGENCE_SHARE, ERROR_RATES, Plan
 MIN_PAIRS = 3
 #: a run within this of chance accuracy has learned nothing (accuracy as a fraction)
 CHANCE_TOL = 0.01
+#: a model whose baseline's mean accuracy ends within this of chance has not clearly learned, and
+#: none of its rows is decided: a 1 pp margin against at most 5 pp of learning would call a
+#: technique "equivalent" to nothing (docs/decision-rule.md, "Nothing learned, nothing decided")
+LEARNED_MIN = 0.05
+#: confidence of the one-sided Clopper-Pearson bound on a technique's failure rate
+FAILURE_CONFIDENCE = 0.95
 #: a spread below this (accuracy fraction) is zero: ties decide nothing
 ZERO_SPREAD = 1e-9
 #: share of each row's part of alpha kept for its equivalence bounds (the parts beyond the margin)
@@ -99,11 +105,12 @@ def decide_table_paths(
     base_div: np.ndarray,
     tech_div: np.ndarray,
     plan: Plan,
-    chance: float | Sequence[float | None] | None,
+    chance: float | Sequence[float | None] | np.ndarray | None,
     alpha: float | None = None,
     error_rate: str = "table",
     avail: np.ndarray | None = None,
     chance_tol: float = CHANCE_TOL,
+    learned_min: float = LEARNED_MIN,
 ) -> dict[str, np.ndarray]:
     """The rule on ``S`` tables of ``R`` rows at once: arrays ``(S, R, N)`` of accuracies and
     divergence flags for the ``N`` seeds (in seed order); ``avail`` ``(S, R)`` or ``(R,)``: the
@@ -112,15 +119,27 @@ def decide_table_paths(
     deciding or last look), ``estimate``, ``low``, ``high`` (the interval the decision reads),
     ``nominal`` (its two-sided level), ``level`` (the share of alpha it was judged at), ``basis`` (1:
     decided by the failures), ``fail_tech``, ``fail_base`` (one side's failures over all existing
-    seeds), ``fail_tech_look``, ``fail_base_look`` (up to the look), ``nothing`` (no baseline run
-    learned), ``zero`` (no spread at the last look)."""
+    seeds), ``fail_tech_look``, ``fail_base_look`` (up to the look), ``nothing`` (baseline did not
+    clearly learn: every run failed, or its mean accuracy at a look ended within ``learned_min`` of
+    chance), ``base_mean`` (baseline's mean accuracy over its finished runs of that look, or of all
+    seeds before the first look), ``zero`` (no spread at the last look), ``tech_failed`` (the
+    technique's failed runs, all existing seeds), ``fail_bound`` (the exact one-sided
+    Clopper-Pearson bound at :data:`FAILURE_CONFIDENCE` on its failure rate from them: what an
+    equivalent or better row does not exclude)."""
     if error_rate not in ERROR_RATES:
         raise ValueError(f"error_rate is 'table' or 'row', got {error_rate!r}")
     base, tech = np.asarray(base, dtype=float), np.asarray(tech, dtype=float)
     s, r, n_avail = base.shape
     if error_rate == "row" and r > 1:
-        fb, ft, fbd, ftd, av = _flatten_rows(base, tech, base_div, tech_div, chance, avail, chance_tol)
-        out = decide_table_paths(fb, ft, fbd, ftd, plan, None, alpha, "table", av, chance_tol)
+
+        def one(a: np.ndarray) -> np.ndarray:  # each row a table of its own
+            return np.asarray(a).reshape(s * r, 1, n_avail)
+
+        ch = np.broadcast_to(_chance_rows(chance, s, r), (s, r)).reshape(s * r, 1)
+        av = np.broadcast_to(np.asarray(n_avail if avail is None else avail), (s, r)).reshape(s * r, 1)
+        out = decide_table_paths(
+            one(base), one(tech), one(base_div), one(tech_div), plan, ch, alpha, "table", av, chance_tol, learned_min
+        )
         return {k: v.reshape(s, r) for k, v in out.items()}
     alpha = plan.alpha if alpha is None else alpha
     avail_a = np.broadcast_to(np.asarray(n_avail if avail is None else avail), (s, r))
@@ -128,14 +147,17 @@ def decide_table_paths(
     exists = seed_idx[None, None, :] < avail_a[:, :, None]
     fb = (np.asarray(base_div, bool) | ~np.isfinite(base)) & exists
     ft = (np.asarray(tech_div, bool) | ~np.isfinite(tech)) & exists
-    ch = _chance_rows(chance, r)
+    ch = _chance_rows(chance, s, r)
+    # baseline's finished accuracies (at chance level included): whether the model learned at all
+    b_fin = np.isfinite(base) & ~np.asarray(base_div, bool) & exists
     with np.errstate(invalid="ignore"):
-        fb |= (base <= ch[None, :, None] + chance_tol) & exists
-        ft |= (tech <= ch[None, :, None] + chance_tol) & exists
+        fb |= (base <= ch[:, :, None] + chance_tol) & exists
+        ft |= (tech <= ch[:, :, None] + chance_tol) & exists
     ok = ~fb & ~ft & exists
     only_t, only_b = ft & ~fb, fb & ~ft
     fail_t, fail_b = only_t.sum(axis=2), only_b.sum(axis=2)
     nothing = (fb | ~exists).all(axis=2) & (avail_a > 0)
+    base_mean = _masked_mean(base, b_fin)
     d = np.where(ok, tech - base, 0.0)
 
     acc_alpha = (1 - DIVERGENCE_SHARE) * alpha
@@ -161,6 +183,12 @@ def decide_table_paths(
         here = (code == 0) & ~nothing & (avail_a >= n)
         if not here.any():
             continue
+        # a model whose baseline did not clearly learn by this look decides nothing, now or later
+        bm = _masked_mean(base[:, :, :n], b_fin[:, :, :n])
+        with np.errstate(invalid="ignore"):
+            unlearned = here & ~(bm > ch + learned_min)
+        base_mean[here], n_at[unlearned], nothing[unlearned] = bm[here], n, True
+        here &= ~unlearned
         k = ok[:, :, :n].sum(axis=2)
         with np.errstate(invalid="ignore", divide="ignore"):
             mu = np.where(ok[:, :, :n], d[:, :, :n], 0.0).sum(axis=2) / k
@@ -224,6 +252,7 @@ def decide_table_paths(
         bind_in[here] = np.minimum(first_in, r - 1)[here]
         bind_out[here] = np.where(some_partial, 0, 1)[here]
 
+    tech_failed = (ft & exists).sum(axis=2)
     eq = code == 1
     kk = np.minimum(k_at, max(n_avail, 2))
     with np.errstate(invalid="ignore"):  # rows with no interval: inf quantile times nan spread
@@ -246,54 +275,67 @@ def decide_table_paths(
         "fail_tech_look": cut_t,
         "fail_base_look": cut_b,
         "nothing": nothing,
+        "base_mean": base_mean,
         "zero": zero,
+        "tech_failed": tech_failed,
+        "fail_bound": failure_bound(tech_failed, avail_a),
     }
 
 
-def _chance_rows(chance: float | Sequence[float | None] | None, r: int) -> np.ndarray:
-    """Per row, the chance accuracy (-inf where unknown: then only non-finite runs fail)."""
+def failure_bound(
+    failed: np.ndarray | int, seeds: np.ndarray | int, confidence: float = FAILURE_CONFIDENCE
+) -> np.ndarray:
+    """The exact one-sided Clopper-Pearson upper bound on a failure rate from ``failed`` of ``seeds``
+    (1 when every seed failed, nan without seeds): 0 of 6 gives 39.3% at 95%."""
+    k, n = np.asarray(failed, float), np.asarray(seeds, float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        b = sps.beta.ppf(confidence, k + 1, np.maximum(n - k, 1e-300))
+    return np.where(n <= 0, np.nan, np.where(k >= n, 1.0, b))
+
+
+def seeds_for_failure_bound(
+    failed: int, seeds: int, bound: float = 0.10, confidence: float = FAILURE_CONFIDENCE
+) -> int:
+    """The fewest seeds (at least ``seeds``) whose bound, with no failure beyond the ``failed`` seen,
+    is at most ``bound``: 29 for none failed at 10% and 95%."""
+    n = max(int(seeds), 1)
+    while float(failure_bound(failed, n, confidence)) > bound:
+        n += 1
+    return n
+
+
+def _masked_mean(a: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean over the last axis where ``mask`` holds (nan where it never does)."""
+    k = mask.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(mask, a, 0.0).sum(axis=-1) / np.where(k > 0, k, np.nan)
+
+
+def _chance_rows(chance: float | Sequence[float | None] | np.ndarray | None, s: int, r: int) -> np.ndarray:
+    """The chance accuracy as ``(S, R)`` (-inf where unknown: then only non-finite runs fail): one
+    for all, one per row, or an ``(S, R)`` array."""
     if chance is None or isinstance(chance, (int, float)):
-        vals = [chance] * r
+        return np.full((s, r), -np.inf if chance is None else float(chance))
+    arr = np.asarray(chance)
+    if arr.dtype.kind == "f":  # already numbers (nan or -inf: unknown)
+        vals = np.where(np.isnan(arr), -np.inf, arr)
     else:
-        vals = list(chance)
-        if len(vals) != r:
-            raise ValueError(f"chance has {len(vals)} values for {r} rows")
-    return np.array([-np.inf if v is None else float(v) for v in vals])
-
-
-def _flatten_rows(
-    base: np.ndarray,
-    tech: np.ndarray,
-    base_div: np.ndarray,
-    tech_div: np.ndarray,
-    chance: float | Sequence[float | None] | None,
-    avail: np.ndarray | None,
-    chance_tol: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """``(S, R, N)`` tables as ``(S * R, 1, N)`` tables of one row (each row its own error rate);
-    the per-row chance levels are folded into the accuracies' failure flags."""
-    s, r, n = base.shape
-    ch = _chance_rows(chance, r)
-    with np.errstate(invalid="ignore"):
-        fb = np.asarray(base_div, bool) | (base <= ch[None, :, None] + chance_tol)
-        ft = np.asarray(tech_div, bool) | (tech <= ch[None, :, None] + chance_tol)
-    av = np.broadcast_to(np.asarray(n if avail is None else avail), (s, r)).reshape(s * r, 1)
-    shape = (s * r, 1, n)
-    return (
-        np.where(fb, np.nan, base).reshape(shape),
-        np.where(ft, np.nan, tech).reshape(shape),
-        fb.reshape(shape),
-        ft.reshape(shape),
-        av,
-    )
+        vals = np.array([[-np.inf if v is None else float(v) for v in row] for row in np.atleast_2d(arr)])
+    if vals.shape[-1] != r:
+        raise ValueError(f"chance has {vals.shape[-1]} values for {r} rows")
+    return np.broadcast_to(vals, (s, r))
 
 
 __all__ = [
     "CHANCE_TOL",
     "EQUIVALENCE_SHARE",
+    "FAILURE_CONFIDENCE",
+    "LEARNED_MIN",
     "MIN_PAIRS",
     "ZERO_SPREAD",
     "decide_table_paths",
+    "failure_bound",
     "inner_weights",
     "outer_weights",
+    "seeds_for_failure_bound",
 ]
