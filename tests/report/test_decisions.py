@@ -41,7 +41,13 @@ def report(root: Path, capsys: pytest.CaptureFixture[str]) -> tuple[str, dict[st
 
 
 def table_row(md: str, technique: str) -> str:
+    """The technique's row of the verdict table."""
     return next(line for line in md.splitlines() if line.startswith(f"| resnet8 | {technique} |"))
+
+
+def advice_line(md: str, technique: str) -> str:
+    """The technique's line of advice in the details."""
+    return next(line for line in md.splitlines() if line.startswith(f"- {technique}: "))
 
 
 @pytest.mark.parametrize("failed", [(4, 5), (0, 2), (1, 4, 5)])
@@ -62,11 +68,10 @@ def test_a_technique_diverging_in_2_or_3_of_6_seeds_is_never_equivalent_or_bette
     assert d["decision"] not in ("equivalent", "better"), d
     assert (d["diverged"], d["baseline_diverged"], d["trained"]) == (k, 0, 6)
     row = table_row(md, "boom")
-    assert f"diverged in {k} of 6 seeds where baseline did not" in row
-    assert f"| {k} / 0 of 6 |" in row
-    assert "Adopt" not in row and "Either" not in row
-    # the verdict below tells the same story
-    assert f"diverged in {k} of 6 seeds where baseline did not" in md.split("## Verdict", 1)[1]
+    assert f"| {k} of 6 |" in row and "rate ≤" not in row  # failures, and no claim that bounds them
+    assert f"diverged in {k} of 6 seeds where baseline did not" in d["reason"]
+    advice = advice_line(md, "boom")
+    assert "fails where baseline does not" in advice and "adopt" not in advice and "either" not in advice
 
 
 def test_diverging_in_every_seed_is_worse_by_the_exact_test(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -74,7 +79,8 @@ def test_diverging_in_every_seed_is_worse_by_the_exact_test(tmp_path: Path, caps
     quick_grid(root, {"boom": [None] * 6})
     md, dec = report(root, capsys)
     assert (dec["boom"]["decision"], dec["boom"]["basis"]) == ("worse", "divergence")
-    assert "Avoid at this depth: it diverged in 6 of 6 seeds" in table_row(md, "boom")
+    assert "**worse** (failures)" in table_row(md, "boom") and "| 6 of 6 |" in table_row(md, "boom")
+    assert "avoid at this depth: it fails where baseline does not" in advice_line(md, "boom")
 
 
 def test_accuracy_is_compared_on_the_seeds_where_both_finished(
@@ -104,13 +110,14 @@ def test_all_tied_runs_decide_nothing(tmp_path: Path, capsys: pytest.CaptureFixt
             write_run(root, tech, s, [0.1, 0.1], test_acc=0.1, chance=0.1)
     md, dec = report(root, capsys)
     assert (dec["norm"]["decision"], dec["norm"]["open_because"]) == ("undecided", "nothing learned")
-    assert "nothing was learned" in dec["norm"]["reason"] and "Nothing to compare" in table_row(md, "norm")
+    assert "nothing was learned" in dec["norm"]["reason"] and "(nothing learned)" in table_row(md, "norm")
+    assert "Nothing learned: baseline ended at 10.0% against chance 10.0%" in md
 
     root = tmp_path / "ties"
     quick_grid(root, {"scale": [b + 0.006 for b in BASE6]})
     md, dec = report(root, capsys)
     assert dec["scale"]["decision"] == "undecided" and dec["scale"]["diff_low"] is None
-    assert "ties decide nothing" in table_row(md, "scale")
+    assert "(ties)" in table_row(md, "scale") and "ties decide nothing" in advice_line(md, "scale")
 
 
 @pytest.mark.parametrize("error_rate", [None, "table", "row"])
@@ -121,12 +128,13 @@ def test_the_error_rate_in_force_is_stated_first(
     techs = {t: [b + 0.001 * (i + 1) * (-1) ** i for i, b in enumerate(BASE6)] for t in ("scale", "norm", "fusion")}
     quick_grid(root, techs, error_rate)
     md, dec = report(root, capsys)
-    first = "\n".join(md.splitlines()[:8])
+    # stated in the answer, right below the verdict table
+    first = md.split("## Answer", 1)[1].split("## Details", 1)[0]
     if error_rate == "row":
-        assert "Error rate in force: per row" in first
+        assert "Error rate: each row is wrong with probability at most 0.05 (per row" in first
         assert all(d["row_level"] == 0.05 and d["error_rate"] == "row" for d in dec.values())
     else:  # the default, also for grids written before the option existed
-        assert "Error rate in force: table-wide" in first and "any of these 3 rows is wrong is at most 0.05" in first
+        assert "any of the 3 rows is wrong is at most 0.05 (table-wide" in first
         assert all(d["row_level"] == pytest.approx(0.05 / 3) for d in dec.values())
     assert "Holm" not in md
 
@@ -152,7 +160,7 @@ def test_planning_figures_exceed_the_seeds_spent(tmp_path: Path, capsys: pytest.
     d = dec["noisy"]
     assert (d["decision"], d["open_because"]) == ("undecided", "max seeds")
     assert d["seeds_needed"] is not None and d["seeds_needed"] > d["trained"] == 6
-    assert f"about {d['seeds_needed']} seeds would settle it" in table_row(md, "noisy")
+    assert f"about {d['seeds_needed']} seeds would settle it" in advice_line(md, "noisy")
     import numpy as np
 
     sd = float(np.std(np.array(diffs), ddof=1))

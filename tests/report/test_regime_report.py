@@ -43,9 +43,12 @@ def test_rising_runs_are_early_training_and_speak_of_convergence(tmp_path: Path)
     assert "says nothing yet about full training" in dec["same"]["recommendation"]
     md = (root / "report.md").read_text()
     assert "final accuracy" not in md and "final test accuracy" not in md
-    assert "**better**; early training (4 epochs)" in md and "**worse**; early training (4 epochs)" in md
-    assert "Early training: baseline was more than the 0.5 pp margin from its plateau" in md
-    assert "Reference: test accuracy after 4 epochs (early training)" in md
+    # the answer's regime sentence says which question the verdicts answer, before the table
+    answer = md.split("## Answer", 1)[1].split("| model |", 1)[0]
+    assert "resnet8: 4 epochs; baseline ended at" in answer and "still rising" in answer
+    assert "about accuracy this early (convergence speed), not after full training" in answer
+    assert "| **better** |" in md and "| **worse** |" in md
+    assert "confirm with longer training" in md.split("## Details", 1)[1]
 
 
 def test_flat_runs_are_called_flat_and_their_decisions_speak_of_accuracy(tmp_path: Path) -> None:
@@ -58,7 +61,7 @@ def test_flat_runs_are_called_flat_and_their_decisions_speak_of_accuracy(tmp_pat
     assert "after 4 epochs (flat by then)" in dec["down"]["recommendation"]
     md = (root / "report.md").read_text()
     assert "early training" not in md.split("How to read this")[0].split("|---|")[1]
-    assert "Flat at the end: within the 0.5 pp margin" in md
+    assert "flat by then (" in md and "within the 0.5 pp margin)" in md and "still rising" not in md
 
 
 def test_a_reference_run_makes_a_flat_looking_grid_early_training(tmp_path: Path, capsys) -> None:
@@ -71,7 +74,7 @@ def test_a_reference_run_makes_a_flat_looking_grid_early_training(tmp_path: Path
     assert dec["up"]["regime"]["early_training"]
     assert dec["up"]["regime"]["gap_to_reference"] == pytest.approx(0.906 - sum(BASE) / 5)
     assert dec["up"]["regime"]["reference"] == str(ref)
-    assert "the reference run resnet8-baseline-s0 (8 epochs) ended at 90.6%" in (root / "report.md").read_text()
+    assert "short of the reference run resnet8-baseline-s0 (8 epochs, 90.6%)" in (root / "report.md").read_text()
     # a folder that is no run: one line, exit 2, the report untouched
     before = (root / "report.md").read_text()
     assert main(["report", str(root), "--reference", str(tmp_path)]) == 2

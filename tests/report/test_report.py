@@ -17,7 +17,6 @@ from scipy import stats as sps
 from reslab.cli import main
 from reslab.errors import UsageError
 from reslab.report.build import build_report
-from reslab.report.verdicts import verdict
 from reslab.study import stats
 from reslab.study.results import collect
 from synthetic import SEEDS, read_summary, write_grid, write_run, write_sequential_grid
@@ -89,13 +88,15 @@ def test_report_files_and_verdict_words(grid_dir: Path) -> None:
     md = files.report_md.read_text()
     html = files.report_html.read_text()
     assert "Complete grid" in md
-    assert "scale: " in md and "ties decide nothing" in md
+    assert "- scale: " in md and "ties decide nothing" in md
     # speed-up interval is wide with 3 seeds and contains 1 -> no claim
     assert "no difference shown" in md and "faster" not in md
-    for fig in ("curves-epoch.png", "curves-time.png", "time-to-target.png"):
+    for fig in ("decisions.png", "curves-epoch.png", "curves-time.png", "time-to-target.png"):
         assert (grid_dir / "figures" / fig).stat().st_size > 5000
         assert f"figures/{fig}" in md
-    assert html.count("data:image/png;base64,") == 3 and "<table>" in html
+    # the decision plot comes first, before the verdict table
+    assert md.index("figures/decisions.png") < md.index("| model | technique | verdict |") < md.index("## Details")
+    assert html.count("data:image/png;base64,") == 4 and "<table>" in html
     assert "Not measured" in md  # no gradients.jsonl
 
 
@@ -110,8 +111,10 @@ def test_no_significant_difference_when_interval_contains_zero(tmp_path: Path) -
     assert row["decision"] == "undecided (max seeds)"
     assert float(row["test_acc_diff_ci_low"]) < 0 < float(row["test_acc_diff_ci_high"])
     md = (root / "report.md").read_text()
-    assert "clears neither 0 nor the margin" in md
-    assert "no seed reached 99.0%" in md
+    (d,) = json.loads((root / "decisions.json").read_text())
+    assert "clears neither 0 nor the margin" in d["reason"]
+    assert "| resnet8 | norm | undecided (max seeds) |" in md and "no answer" in md
+    assert "| norm | 0/3 | not reached | not reached | too few seeds reached the target |" in md
 
 
 def test_incomplete_grid_names_what_is_missing(tmp_path: Path) -> None:
@@ -130,7 +133,7 @@ def test_incomplete_grid_names_what_is_missing(tmp_path: Path) -> None:
     rows = read_summary(root)
     assert "fusion" not in rows  # nothing to summarise, but listed as missing
     assert rows["scale"]["completed"] == "1" and rows["scale"]["unfinished"] == "2"
-    assert "too few paired seeds" in md
+    assert "| resnet8 | scale | undecided (too few seeds) |" in md and "too few finished seeds" in md
 
 
 def test_diverged_run_is_reported_and_excluded_from_accuracy(tmp_path: Path) -> None:
@@ -147,7 +150,9 @@ def test_diverged_run_is_reported_and_excluded_from_accuracy(tmp_path: Path) -> 
     assert float(row["test_acc_mean"]) == pytest.approx(0.875)
     assert row["reached"] == "2" and row["reached_of"] == "3"
     md = (root / "report.md").read_text()
-    assert "Diverged (non-finite loss) in 1 of 3 finished seeds" in md
+    # verdict table: 2 finished pairs are too few for an interval; the failure is counted
+    assert "| resnet8 | fusion | undecided (max seeds) | +1.50 (no interval) | 3 | 1 of 3 |" in md
+    assert "| fusion | 2/1/0 | 87.50 ± " in md  # its own accuracy, over the 2 that finished
 
 
 def test_gradients_are_plotted_when_present(tmp_path: Path) -> None:
@@ -198,25 +203,19 @@ def test_merging_two_shard_folders(tmp_path: Path) -> None:
     assert len(runs) == 4
 
 
-def test_verdict_never_claims_with_undefined_interval() -> None:
-    row = {
-        "technique": "scale",
-        "completed": 1,
-        "diverged": 0,
-        "unfinished": 0,
-        "seeds_planned": 1,
-        "test_acc_diff_pairs": 1,
-        "reached": 1,
-        "reached_of": 1,
-        "speedup_pairs": 1,
-        "target_acc": 0.9,
-        "params_ratio": math.nan,
-        "flops_ratio": math.nan,
-        "throughput_ratio": math.nan,
-        "interval_method": "t",
-    }
-    words = " ".join(verdict(row))
-    assert "no claim" in words and "faster" not in words and "higher" not in words
+def test_a_technique_with_too_few_seeds_makes_no_claim(tmp_path: Path) -> None:
+    """One paired seed: no interval, so the row is undecided and neither its advice nor its plot label
+    claims anything about accuracy."""
+    root = tmp_path / "g"
+    write_grid(root, ["baseline", "scale"], seeds=[0])
+    write_run(root, "baseline", 0, [0.5, 0.8])
+    write_run(root, "scale", 0, [0.5, 0.9])
+    build_report(root)
+    md = (root / "report.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| resnet8 | scale |"))
+    assert "undecided (too few seeds)" in row
+    advice = next(line for line in md.splitlines() if line.startswith("- scale:"))
+    assert "too few finished seeds" in advice and "faster" not in advice and "better" not in advice
 
 
 def test_cli_report_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -256,7 +255,7 @@ def test_lower_sections_tell_the_decision_tables_story(tmp_path: Path) -> None:
     assert "Holm" not in md and "p (Holm)" not in md
     for d in json.loads((root / "decisions.json").read_text()):
         iv = f"[{100 * d['diff_low']:+.2f}, {100 * d['diff_high']:+.2f}]"
-        assert md.count(iv) >= 3, (d["technique"], iv)  # decision table, verdict, summary table
+        assert md.count(iv) == 1, (d["technique"], iv)  # the verdict table's, stated once
         assert rows[d["technique"]]["decision"].startswith(d["decision"])
         assert d["error_rate"] == "table" and d["row_level"] == pytest.approx(0.05 / 3)
 
@@ -271,12 +270,10 @@ def test_init_probe_file_is_reported(grid_dir: Path) -> None:
     rows = read_summary(grid_dir)
     assert float(rows["scale"]["init_grad_ratio"]) == 2.0e6 and rows["scale"]["init_grad_verdict"] == "exploding"
     md = files.report_md.read_text()
-    # a results folder of reslab 0.1 (probe entries without depth) still reads; the verdict names its depth
-    assert (
-        "Gradient flow at initialisation, at this model's depth (resnet8): exploding "
-        "(max/min block-output gradient ratio 2e+06)" in md
-    )
-    assert "| scale | 2e+06 | exploding |" in md
+    # a results folder of reslab 0.1 (probe entries without depth) still reads: the verdict table has
+    # the word at this depth, the details the ratio
+    assert md.split("| model | technique |", 1)[1].split("\n")[2].endswith("| exploding |")
+    assert "| resnet8 | scale | exploding (2e+06) |" in md
 
 
 def test_report_without_run_folders_never_overwrites_stored_results(grid_dir: Path) -> None:
@@ -310,7 +307,8 @@ def test_several_models_get_their_own_sections_and_figures(tmp_path: Path) -> No
         ("resnet14", "norm"),
     ]
     md = files.report_md.read_text()
-    assert "## Verdict (resnet8)" in md and "## Verdict (resnet14)" in md
+    assert "## Details: resnet8" in md and "## Details: resnet14" in md
+    assert (root / "figures" / "decisions.png").exists()  # one decision plot, both models in it
     for model in ("resnet8", "resnet14"):
         assert (root / "figures" / f"curves-epoch-{model}.png").exists()
         assert (root / "figures" / f"time-to-target-{model}.png").exists()
@@ -353,8 +351,8 @@ def test_decision_table_gives_every_label_from_stored_runs(tmp_path: Path) -> No
     # P(beats baseline in a seed): 3 of 3 wins, exact Clopper-Pearson lower bound 0.025^(1/3)
     assert dec["up"]["p_better"] == 1.0 and dec["up"]["p_better_low"] == pytest.approx(0.025 ** (1 / 3))
     md = (root / "report.md").read_text()
-    # the report opens with the decision table
-    assert md.index("## Decision") < md.index("## Settings") < md.index("## Verdict")
+    # the report opens with the answer
+    assert md.index("## Answer") < md.index("## Details") < md.index("## Settings") < md.index("## How to read")
     assert "**better**" in md and "**worse**" in md and "**equivalent**" in md and "undecided (max seeds)" in md
 
 
@@ -376,4 +374,7 @@ def test_diverged_runs_are_failures_not_chance_level_accuracies(tmp_path: Path) 
     assert (d["decision"], d["seeds"], d["diverged"], d["baseline_diverged"]) == ("undecided", 3, 3, 0)
     assert d["diff_mean"] is None  # no seed where both finished
     md = (root / "report.md").read_text()
-    assert "diverged in 3 of 3 seeds where baseline did not" in md
+    assert "diverged in 3 of 3 seeds where baseline did not" in d["reason"]
+    assert "| resnet8 | boom | undecided (open: re-run to continue) | n/a | 3 of 5 | 3 of 3 |" in md
+    assert "| boom | 0/3/1 | n/a |" in md
+    assert "fails where baseline does not, so it is never equivalent or better" in md

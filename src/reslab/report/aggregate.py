@@ -1,6 +1,6 @@
 """The numbers of a report: per-run records (results.jsonl) and per-technique statistics
 (summary.csv: means, intervals, IQM, paired differences, speed-ups), from the runs that
-:func:`reslab.study.results.collect` read. No text and no files: :mod:`reslab.report.verdicts` words
+:func:`reslab.study.results.collect` read. No text and no files: :mod:`reslab.report.sections` words
 these numbers and :mod:`reslab.report` lays them out.
 """
 

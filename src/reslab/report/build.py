@@ -1,7 +1,8 @@
 """The report of a technique x seed grid: :func:`build_report` reads the stored runs
 (:mod:`reslab.study.results`), has the numbers computed (:mod:`reslab.report.aggregate`) and
 the decisions taken (:mod:`reslab.study.decisions`), then lays out report.md, report.html
-and figures (:mod:`reslab.report.sections`, :mod:`reslab.report.decision_table`), beside the
+and figures, the answer first (:mod:`reslab.report.decision_table`: regime, decision plot,
+verdict table), then the details per model (:mod:`reslab.report.sections`), beside the
 derived results.jsonl, summary.csv and decisions.json (:mod:`reslab.report.derived`).
 
 It never trains, so a report regenerates at any time, from an incomplete grid, or from the
@@ -27,21 +28,22 @@ from reslab.report.aggregate import (
     summarize_all,
     targets_for,
 )
-from reslab.report.decision_table import decision_section
+from reslab.report.decision_table import answer_section, methods_section, provenance_words
 from reslab.report.derived import write_derived_files
 from reslab.report.document import Doc
 from reslab.report.sections import (
     ModelView,
+    accuracy_section,
     convergence_section,
     cost_section,
     curves_section,
     describe_missing,
+    details_heading,
     files_section,
-    gradient_section,
+    init_gradient_section,
     report_title,
     settings_section,
-    summary_section,
-    verdict_section,
+    training_gradient_section,
 )
 from reslab.study.decisions import decide, margin_of
 from reslab.study.regime import read_reference
@@ -115,9 +117,26 @@ def build_report(
 
     fig_dir = out / FIGURES_DIR
     fig_dir.mkdir(parents=True, exist_ok=True)
+    probe_entries = read_probe_entries(dirs)
     doc, title = Doc(), report_title(grid, models)
     doc.h(1, title)
-    decision_section(doc, decisions, grid, read_probe_entries(dirs), timing, regimes)
+    doc.p(provenance_words(grid))
+    # the answer first: regime, decision plot, verdict table; then the details that back it
+    figures = answer_section(doc, decisions, regimes, init_probe, timing, fig_dir, plots)
+    shown = list(dict.fromkeys(r["model"] for r in rows))
+    for model in shown:
+        mine = {d.technique: d for d in decisions if d.model == model}
+        view = ModelView(
+            model, [r for r in rows if r["model"] == model], len(shown) > 1, targets, level, mine, regimes.get(model)
+        )
+        details_heading(doc, view)
+        accuracy_section(doc, view)
+        convergence_section(doc, view)
+        by_tech = runs_by_technique(runs, model)
+        figures += curves_section(doc, view, by_tech, fig_dir, plots)
+        cost_section(doc, view, timing)
+        figures += training_gradient_section(doc, view, by_tech, fig_dir, plots)
+    init_gradient_section(doc, rows, probe_entries)
     settings_section(
         doc,
         grid,
@@ -130,20 +149,7 @@ def build_report(
         missing,
         auto_target=is_auto_target(target_acc, grid),
     )
-    figures: list[Path] = []
-    shown = list(dict.fromkeys(r["model"] for r in rows))
-    for model in shown:
-        mine = {d.technique: d for d in decisions if d.model == model}
-        view = ModelView(
-            model, [r for r in rows if r["model"] == model], len(shown) > 1, targets, level, mine, regimes.get(model)
-        )
-        verdict_section(doc, view)
-        summary_section(doc, view)
-        convergence_section(doc, view)
-        by_tech = runs_by_technique(runs, model)
-        figures += curves_section(doc, view, by_tech, fig_dir, plots)
-        cost_section(doc, view, timing)
-        figures += gradient_section(doc, view, by_tech, init_probe, fig_dir, plots)
+    methods_section(doc, decisions)
     files_section(doc, out)
     report_md, report_html = out / "report.md", out / "report.html"
     atomic_write_text(report_md, doc.markdown())

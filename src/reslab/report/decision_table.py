@@ -1,4 +1,7 @@
-"""The report's first section: the decision table, one row per model and technique."""
+"""The report's first section, the answer: a sentence per model on how far it trained, the
+decision plot and the verdict table; and its last, how to read it. The cells are short by design:
+the figures behind them (probe ratios at other depths, advice, convergence) are in the per-model
+details (:mod:`reslab.report.sections`)."""
 
 from __future__ import annotations
 
@@ -11,8 +14,10 @@ from reslab.report.aggregate import (
     as_float,
 )
 from reslab.report.document import Doc
-from reslab.study.decisions import Decision, gradient_verdict, interval_pp, interval_ratio, pp
+from reslab.study.decisions import Decision, interval_pp, nothing_learned_words, pp
 from reslab.study.regime import Regime
+from reslab.study.results import FIGURES_DIR
+from reslab.study.stepdown import CHANCE_TOL, LEARNED_MIN
 from reslab.version import __version__
 
 
@@ -65,193 +70,206 @@ def timing_device_words(timing: dict[str, Any] | None) -> str:
 
 
 _LABEL = {"better": "**better**", "worse": "**worse**", "equivalent": "**equivalent**", "undecided": "undecided"}
+_OPEN = {
+    "max seeds": "max seeds",
+    "budget or interrupted": "open: re-run to continue",
+    "too few seeds": "too few seeds",
+    "nothing learned": "nothing learned",
+}
 
 
-def error_rate_words(decisions: Sequence[Decision]) -> str:
-    """The report's statement of the error rate in force (its first lines)."""
-    d0 = decisions[0]
-    rows = len(decisions)
-    if d0.error_rate == "row":
-        return (
-            f"Error rate in force: per row. Each row on its own is wrong with probability at most {d0.alpha:g}; "
-            f"with {rows} rows, some row may well be wrong (compare --error-rate table bounds the whole table)."
-        )
-    return (
-        f"Error rate in force: table-wide. The chance that any of these {rows} rows is wrong is at most "
-        f"{d0.alpha:g}: the rows share it, each starting at {d0.alpha / rows:.2g}, and a row whose interval "
-        f"clears the whole margin hands its share on to the rows still open (a step-down; docs/decision-rule.md)."
-    )
-
-
-def decision_words(d: Decision) -> str:
-    """The decision cell: the label, why it is open, and the divergence it must not hide."""
-    text = _LABEL[d.decision] + (f" ({d.why_open})" if d.why_open else "")
-    if d.diverged:
-        text += f"; {d.divergence_words}"
-    if d.decision == "undecided" and d.outcome and "ties decide nothing" in d.outcome.reason:
-        text += "; ties decide nothing"
-    if d.regime is not None and d.regime.early:
-        text += f"; early training ({d.regime.length})"
-    return text
+def verdict_words(d: Decision) -> str:
+    """The verdict cell: the label and, for an open row, the one reason it is open."""
+    text = _LABEL[d.decision]
+    if d.decision == "worse" and d.outcome is not None and d.outcome.basis == "divergence":
+        return text + " (failures)"
+    if d.decision != "undecided":
+        return text
+    if d.outcome is not None and "ties decide nothing" in d.outcome.reason:
+        return text + " (ties)"
+    return text + (f" ({_OPEN.get(d.why_open, d.why_open)})" if d.why_open else "")
 
 
 def difference_words(d: Decision) -> str:
-    return f"{pp(d.estimate)} {interval_pp(d.low, d.high)}" if math.isfinite(d.estimate) else "n/a"
+    """'+0.46 [-2.86, +3.77]' in pp; an interval past +-100 pp says it bounds nothing yet."""
+    if not math.isfinite(d.estimate):
+        return "n/a"
+    if not (math.isfinite(d.low) and math.isfinite(d.high)):
+        return f"{pp(d.estimate)} (no interval)"
+    if d.low < -1.0 or d.high > 1.0:
+        return f"{pp(d.estimate)} [unbounded yet]"
+    return f"{pp(d.estimate)} {interval_pp(d.low, d.high)}"
 
 
 def seeds_words(d: Decision) -> str:
-    text = f"{d.seeds}" + (f" of {d.max_seeds}" if d.sequential else "")
+    text = f"{d.seeds}" + (f" of {d.max_seeds}" if d.sequential and d.max_seeds != d.seeds else "")
     if d.trained > d.seeds:
         text += f" ({d.trained} trained)"
     return text
 
 
-def decision_section(
+def failures_cell(d: Decision) -> str:
+    """The technique's failed runs, baseline's beside them, and for an equivalent or better row the
+    failure rate its seeds do not exclude."""
+    text = f"{d.tech_failed} of {d.trained}"
+    if d.decision in ("equivalent", "better") and math.isfinite(d.fail_bound):
+        text += f"; rate ≤ {100 * d.fail_bound:.0f}%"
+    return text + (f" (baseline {d.base_diverged})" if d.base_diverged else "")
+
+
+def gradient_word(init_probe: dict[tuple[str, str], dict[str, Any]], model: str, technique: str) -> str:
+    """reslab.probe's verdict at this model's own depth and width, in one word."""
+    e = init_probe.get((model, technique))
+    return str(e.get("verdict") or "n/a") if e else "not measured"
+
+
+def step_cell(d: Decision) -> str:
+    return f"{d.step[0]:.2f}x" if d.step else "n/a"
+
+
+def plot_label(d: Decision) -> str:
+    """The words beside a row of the decision plot: the verdict, and what an equivalent or better
+    row does not exclude."""
+    text = verdict_words(d).replace("**", "")
+    if d.decision in ("equivalent", "better") and math.isfinite(d.fail_bound):
+        text += f"; failure rate ≤ {100 * d.fail_bound:.0f}%"
+    return text
+
+
+def error_rate_words(decisions: Sequence[Decision]) -> str:
+    """One sentence on the error rate in force and the plan that read the seeds."""
+    d0, rows = decisions[0], len(decisions)
+    if d0.error_rate == "row":
+        rate = f"each row is wrong with probability at most {d0.alpha:g} (per row: with {rows} rows, some may be)"
+    else:
+        what = f"any of the {rows} rows is" if rows > 1 else "the row is"
+        rate = f"the chance that {what} wrong is at most {d0.alpha:g} (table-wide, a step-down)"
+    if d0.sequential and d0.looks > 1:
+        plan = f"seeds added a round at a time up to {d0.max_seeds}, each row stopping once decided"
+    else:
+        plan = f"{d0.max_seeds} seed{'s' if d0.max_seeds != 1 else ''} read once"
+    return f"Error rate: {rate}; {plan}; equivalence margin +-{100 * d0.margin:.2g} pp."
+
+
+def answer_section(
     doc: Doc,
     decisions: Sequence[Decision],
-    grid: dict[str, Any] | None,
-    probe_entries: Sequence[dict[str, Any]],
+    regimes: dict[str, Regime] | None,
+    init_probe: dict[tuple[str, str], dict[str, Any]],
     timing: dict[str, Any],
-    regimes: dict[str, Regime] | None = None,
-) -> None:
-    """The report's first section: what to do, per model and technique, and how sure it is, and
-    how far training went (``regimes``, per model)."""
-    commit = git_commit()
+    fig_dir: Path,
+    plots: Any,
+) -> list[Path]:
+    """The report's first section, the answer: how far each model trained (one sentence each), the
+    decision plot, and the verdict table (8 columns). Details and methods follow further down."""
+    doc.h(2, "Answer")
+    if not decisions:
+        doc.p("No technique has paired runs with baseline yet, so nothing is decided.")
+        return []
+    if regimes:
+        doc.ul([r.sentence() for r in regimes.values()])
+    path = fig_dir / "decisions.png"
+    plots.plot_decisions(
+        [
+            {
+                "model": d.model,
+                "technique": d.technique,
+                "verdict": d.decision,
+                "label": plot_label(d),
+                "estimate": d.estimate,
+                "low": d.low,
+                "high": d.high,
+            }
+            for d in decisions
+        ],
+        path,
+        margin=decisions[0].margin,
+        title="Test accuracy against baseline",
+    )
+    alt = "decision plot: each technique's difference from baseline and its interval"
+    doc.img(path, f"{FIGURES_DIR}/{path.name}", alt, anchor="decision-plot")
+    doc.table(
+        ["model", "technique", "verdict", "difference, pp [interval]", "seeds", "failures", "time/step", "gradients"],
+        [
+            [
+                d.model,
+                d.technique,
+                verdict_words(d),
+                difference_words(d),
+                seeds_words(d),
+                failures_cell(d),
+                step_cell(d),
+                gradient_word(init_probe, d.model, d.technique),
+            ]
+            for d in decisions
+        ],
+        anchor="verdict-table",
+    )
+    notes = [error_rate_words(decisions)]
+    claims = [d for d in decisions if d.decision in ("equivalent", "better")]
+    if claims:
+        need = max((d.seeds_for_bound or 0) for d in claims)
+        notes.append(
+            "Equivalent and better bound the accuracy of the runs that finished, not how often the technique "
+            "fails: 'rate ≤ 39%' is the failure rate (diverged or stuck at chance) its seeds do not exclude "
+            "(exact one-sided Clopper-Pearson, 95%)"
+            + (
+                f"; {need} seeds without a failure bring it to 10% (--seeds {need} --max-seeds {need})."
+                if need
+                else "."
+            )
+        )
+    nothing = [d for d in decisions if d.why_open == "nothing learned"]
+    for model in dict.fromkeys(d.model for d in nothing):
+        notes.append(nothing_learned_words(next(d for d in nothing if d.model == model)) + f" ({model}).")
+    notes.append(
+        f"Time/step: ratio to baseline in a dedicated timing pass on {timing_device_words(timing)}; gradients: "
+        "reslab.probe's verdict at initialisation at the model's own depth. Details per model follow; the method "
+        "is at the end."
+    )
+    doc.p(" ".join(notes))
+    return [path]
+
+
+def methods_section(doc: Doc, decisions: Sequence[Decision]) -> None:
+    """How to read the report, at its end: what the difference is, how the rows are decided, and
+    where the rule and its measured error rates are written down."""
+    doc.h(2, "How to read this")
+    if not decisions:
+        return
+    d0 = decisions[0]
+    levels = ", ".join(sorted({f"{d.nominal:.2g}" for d in decisions if math.isfinite(d.nominal)})) or "n/a"
     doc.p(
+        "The difference is technique minus baseline in test accuracy at the end of training, paired by seed "
+        "(seed k sees the same data and augmentation in every technique), over the seeds where both runs "
+        f"finished and learned. Its interval is read at the two-sided level the step-down gave the row ({levels}), "
+        "calibrated by simulation for differences skewed up to skewness 2. Better / worse: the interval "
+        f"excludes 0; equivalent: both one-sided bounds within +-{100 * d0.margin:.2g} pp (TOST). A run failed "
+        f"when it diverged or ended within {100 * CHANCE_TOL:.0f} pp of chance: a technique that failed where "
+        "baseline did not is never equivalent or better, and is worse when the imbalance of failures decides. "
+        f"A model whose baseline ended within {100 * LEARNED_MIN:.0f} pp of chance decides nothing; ties decide "
+        "nothing. The rule, what 'equivalent' does and does not mean, and the simulated error rates: "
+        "docs/decision-rule.md."
+    )
+    doc.p(
+        "Convergence: epochs to target are read off the validation evaluations, interpolated between the two "
+        "around the crossing; a median counts a seed that never got there as slowest; the speed-up is paired "
+        "by seed at the row's level, and in time it is divided by the step-time ratio. Seconds are the grid's "
+        "own, which shared the machine. Cost: FLOPs count convolutions and matrix products (a multiply-add is "
+        "2); step times come from a timing pass with every technique's steps interleaved and nothing else "
+        "running (ratio range over rounds)."
+    )
+
+
+def provenance_words(grid: dict[str, Any] | None) -> str:
+    """Which reslab wrote the report (and its git commit) and which trained the grid."""
+    commit = git_commit()
+    return (
         f"Written by reslab {__version__}"
         + (f" (git {commit})" if commit else "")
         + (f"; grid trained by reslab {grid.get('reslab')}" if grid and grid.get("reslab") else "")
         + "."
     )
-    doc.h(2, "Decision")
-    if not decisions:
-        doc.p("No technique has paired runs with baseline yet, so nothing is decided.")
-        return
-    doc.p(error_rate_words(decisions))
-    if regimes:
-        doc.p("How far training went, per model (a decision about runs still rising is about early training):")
-        doc.ul([r.words() for r in regimes.values()])
-    doc.table(
-        [
-            "model",
-            "technique",
-            "decision",
-            "test acc. difference, pp [interval]",
-            "seeds",
-            "diverged (technique only / baseline only)",
-            "P(beats baseline in a seed)",
-            "detectable diff., pp",
-            "params / FLOPs",
-            "time per step",
-            "gradients at init",
-            "recommendation",
-        ],
-        [
-            [
-                d.model,
-                d.technique,
-                decision_words(d),
-                difference_words(d),
-                seeds_words(d),
-                f"{d.diverged} / {d.base_diverged} of {d.trained}",
-                (
-                    f"{d.p_better.estimate:.2f} [{d.p_better.low:.2f}, {d.p_better.high:.2f}]"
-                    if d.p_better and d.p_better.defined
-                    else "n/a"
-                ),
-                pp(d.detectable, sign=False),
-                f"{fmt_value(d.params_ratio, '.3f')}x / {fmt_value(d.flops_ratio, '.3f')}x",
-                (f"{d.step[0]:.2f}x [{d.step[1]:.2f}, {d.step[2]:.2f}]" if d.step else "n/a"),
-                gradient_verdict(probe_entries, d.technique),
-                d.recommendation,
-            ]
-            for d in decisions
-        ],
-    )
-    d0 = decisions[0]
-    nominal = ", ".join(sorted({f"{d.nominal:.2g}" for d in decisions if math.isfinite(d.nominal)})) or "n/a"
-    calibrated = (
-        "calibrated by simulation so that the row errs with at most its share of the error rate when the "
-        "differences are normal or skewed up to skewness 2"
-    )
-    if d0.sequential and d0.looks > 1:
-        plan_words = (
-            f"seeds were added one round at a time ({d0.max_seeds} at most) and a technique stopped as soon as it "
-            f"was decided; every look's interval is built at the same two-sided level (here {nominal}), "
-            f"{calibrated}, over all looks together (a repeated confidence interval)"
-        )
-    elif d0.sequential:
-        plan_words = f"the {d0.max_seeds} seeds were read once, at a two-sided level of {nominal}, {calibrated}"
-    else:
-        plan_words = (
-            f"every seed was trained (no sequential stopping), so there is one look, at a two-sided level of {nominal}"
-        )
-    doc.p(
-        "How to read this: the difference is technique minus baseline in test accuracy at the end of each run's "
-        "training (the regime above says whether that was a plateau), paired by seed "
-        "(seed k sees the same data order and augmentation in every technique), over the seeds where both runs "
-        f"finished and learned; {plan_words}. Decisions: better / worse when the whole interval lies above / "
-        f"below 0, equivalent when both one-sided bounds lie within +-{100 * d0.margin:.2g} pp (the margin, "
-        "two one-sided tests), otherwise undecided. "
-        "A run that diverged (non-finite loss) or ended within 1 pp of chance level failed: it gives no accuracy "
-        "difference, and a technique that failed where baseline did not is never equivalent or better; it is "
-        "worse when an exact sequential test of the imbalance of failures decides (20% of the row's error rate). "
-        "Ties (no spread between seeds) decide nothing, and a model whose baseline never learned says so. "
-        "'Seeds' counts the seeds of the look that decided; runs trained beyond it are listed and their "
-        "divergences counted. 'Detectable diff.' is the smallest true difference one look at these seeds "
-        "detects with 80% power at the observed spread and the per-look level in force (exact noncentral t). "
-        "P(beats baseline in a seed) is the share of paired seeds the technique won, with an exact "
-        "Clopper-Pearson 95% interval. Params / FLOPs are ratios to baseline; time per step is the median ratio "
-        "to baseline in a dedicated interleaved timing pass (reslab.engine.timing; range over rounds), not the "
-        f"grid's own runs, which shared the machine; measured on {timing_device_words(timing)}. "
-        "Gradients at init: reslab.probe's verdict and max/min block-output gradient ratio at each depth "
-        "measured (the grid's models and 56 and 110 layers, at the grid's width). The rule and its measured "
-        "error rates: docs/decision-rule.md."
-    )
-    conv = [d for d in decisions if d.convergence]
-    if conv:
-        doc.h(3, "Convergence")
-        doc.table(
-            [
-                "model",
-                "technique",
-                "target (val acc)",
-                "reached (technique / baseline)",
-                "median epochs to target (technique / baseline)",
-                "speed-up in epochs [interval]",
-                "speed-up in time",
-            ],
-            [
-                [
-                    d.model,
-                    d.technique,
-                    f"{100 * d.convergence['target']:.1f}%" if math.isfinite(d.convergence["target"]) else "n/a",
-                    f"{d.convergence['reached']}/{d.convergence['of']} / {d.convergence['base_reached']}/"
-                    f"{d.convergence['of']}",
-                    f"{fmt_value(d.convergence['epochs_median'])} / {fmt_value(d.convergence['base_epochs_median'])}",
-                    (
-                        f"{d.convergence['speedup']:.2f}x "
-                        f"{interval_ratio(d.convergence['low'], d.convergence['high'])}: "
-                        f"{d.convergence['label']}"
-                        if math.isfinite(d.convergence["speedup"])
-                        else d.convergence["label"]
-                    ),
-                    (
-                        f"{d.convergence['speedup'] / d.step[0]:.2f}x"
-                        if d.step and math.isfinite(d.convergence["speedup"])
-                        else "n/a"
-                    ),
-                ]
-                for d in conv
-            ],
-        )
-        doc.p(
-            "Epochs to target are read off the validation evaluations (several per epoch when the grid sets "
-            "evals_per_epoch), interpolated linearly between the two around the crossing (from chance level at epoch "
-            "0), so they are not multiples of the evaluation interval. The speed-up is baseline's epochs over the "
-            "technique's, a geometric mean over the seeds where both reached the target, with an interval at the "
-            "same per-look level as the decision; 'speed-up in time' divides it by the step-time ratio."
-        )
 
 
 def git_commit() -> str | None:

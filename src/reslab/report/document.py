@@ -27,11 +27,13 @@ class Doc:
         if items:
             self.blocks.append(("ul", items))
 
-    def table(self, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-        self.blocks.append(("table", (list(header), [list(r) for r in rows])))
+    def table(self, header: Sequence[str], rows: Sequence[Sequence[str]], anchor: str | None = None) -> None:
+        """A table; ``anchor``: its HTML id (a reader's link, and what the browser test finds)."""
+        self.blocks.append(("table", (list(header), [list(r) for r in rows], anchor)))
 
-    def img(self, path: Path, rel: str, alt: str) -> None:
-        self.blocks.append(("img", (path, rel, alt)))
+    def img(self, path: Path, rel: str, alt: str, anchor: str | None = None) -> None:
+        """A figure stored at ``path``, linked as ``rel`` from the Markdown and embedded in the HTML."""
+        self.blocks.append(("img", (path, rel, alt, anchor)))
 
     def markdown(self) -> str:
         out: list[str] = []
@@ -43,7 +45,7 @@ class Doc:
             elif kind == "ul":
                 out.append("\n".join(f"- {i}" for i in v))
             elif kind == "table":
-                header, rows = v
+                header, rows, _ = v
                 lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
                 lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
                 out.append("\n".join(lines))
@@ -64,13 +66,15 @@ class Doc:
             elif kind == "ul":
                 body.append("<ul>" + "".join(f"<li>{e(i)}</li>" for i in v) + "</ul>")
             elif kind == "table":
-                header, rows = v
+                header, rows, anchor = v
                 head = "".join(f"<th>{e(c)}</th>" for c in header)
                 trs = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows)
-                body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>")
+                body.append(f"<table{_id(anchor)}><thead><tr>{head}</tr></thead><tbody>{trs}</tbody></table>")
             elif kind == "img":
                 data = base64.b64encode(Path(v[0]).read_bytes()).decode("ascii")
-                body.append(f'<figure><img alt="{html.escape(v[2])}" src="data:image/png;base64,{data}"></figure>')
+                body.append(
+                    f'<figure{_id(v[3])}><img alt="{html.escape(v[2])}" src="data:image/png;base64,{data}"></figure>'
+                )
         style = (
             "body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}"
             "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
@@ -82,3 +86,7 @@ class Doc:
             f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
         )
+
+
+def _id(anchor: str | None) -> str:
+    return f' id="{html.escape(anchor)}"' if anchor else ""

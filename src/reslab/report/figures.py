@@ -165,3 +165,67 @@ def plot_gradients(
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     save_figure(fig, path)
+
+
+#: colour of each verdict in the decision plot
+VERDICT_COLORS = {"better": "#1a9850", "worse": "#d73027", "equivalent": "#2166ac", "undecided": "0.45"}
+
+
+def plot_decisions(rows: Sequence[Mapping[str, object]], path: Path, *, margin: float, title: str) -> None:
+    """The decision plot: one line per comparison, grouped by model, top to bottom in table order.
+
+    Each row has ``model``, ``technique``, ``verdict`` (better, worse, equivalent, undecided),
+    ``label`` (the words printed at its right), ``estimate``, ``low`` and ``high`` (the decision's
+    difference and interval, accuracy fractions; nan when there is none). Drawn in pp: the
+    point estimate, the interval as a bar, the zero line and the equivalence band (+-margin)
+    shaded. An interval past the axis is cut at the edge with an arrow, so a row that says
+    nothing yet cannot squeeze the others into a dot.
+    """
+    models = list(dict.fromkeys(str(r["model"]) for r in rows))
+    # y positions: a header line per model (only when several), then its rows
+    ys: list[float] = []
+    headers: list[tuple[float, str]] = []
+    y = 0.0
+    for m in models:
+        if len(models) > 1:
+            headers.append((y, m))
+            y += 0.8
+        for r in rows:
+            if r["model"] == m:
+                ys.append(y)
+                y += 1.0
+        y += 0.3
+    order = [r for m in models for r in rows if r["model"] == m]
+    bounds = [abs(100 * float(v)) for r in order for v in (r["low"], r["high"]) if math.isfinite(float(v))]  # type: ignore[arg-type]
+    points = [abs(100 * float(r["estimate"])) for r in order if math.isfinite(float(r["estimate"]))]  # type: ignore[arg-type]
+    # wide enough for every estimate and the band, and for the intervals up to 25 pp
+    lim = max([3 * 100 * margin, *points, *(b for b in bounds if b <= 25.0)]) * 1.08
+    fig, ax = plt.subplots(figsize=(11, 0.9 + 0.3 * (y + 0.2)))
+    ax.axvspan(-100 * margin, 100 * margin, color="#2166ac", alpha=0.12, lw=0)
+    ax.axvline(0.0, color="0.2", lw=0.9)
+    for yy, r in zip(ys, order, strict=True):
+        color = VERDICT_COLORS.get(str(r["verdict"]), "0.45")
+        est, low, high = (100 * float(r[k]) for k in ("estimate", "low", "high"))  # type: ignore[arg-type]
+        if math.isfinite(low) and math.isfinite(high):
+            lo, hi = max(low, -lim), min(high, lim)
+            ax.plot([lo, hi], [yy, yy], color=color, lw=2.4, solid_capstyle="butt")
+            for edge, cut, marker in ((lo, low < -lim, "<"), (hi, high > lim, ">")):
+                ax.plot([edge], [yy], marker=marker if cut else "|", color=color, ms=8 if cut else 10, mew=2)
+        if math.isfinite(est):
+            ax.plot([min(max(est, -lim), lim)], [yy], "o", color=color, ms=6, mec="white", mew=0.8)
+        ax.text(1.01, yy, str(r["label"]), transform=ax.get_yaxis_transform(), va="center", fontsize=9, color=color)
+    for yy, m in headers:
+        ax.text(0.0, yy, m, transform=ax.get_yaxis_transform(), va="center", fontsize=9.5, fontweight="bold")
+    ax.set_yticks(ys, [f"{r['technique']}" + ("  " if headers else "") for r in order], fontsize=9)
+    ax.set_ylim(y - 0.1, -0.9)
+    ax.set_xlim(-lim, lim)
+    ax.set_xlabel(
+        "test accuracy, technique minus baseline (pp): point = mean over paired seeds, bar = decision interval"
+    )
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(f"{title}  (shaded: equivalence band +-{100 * margin:.2g} pp)", fontsize=10, loc="left")
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    fig.tight_layout()
+    fig.subplots_adjust(right=0.78)
+    save_figure(fig, path, tight=False, quantize=True)

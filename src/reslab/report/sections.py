@@ -1,5 +1,5 @@
 """The report's sections below the decision table: the settings, then per model the
-verdicts, statistics, convergence, curves, costs and gradients, and the list of files."""
+accuracy and advice, convergence, curves, costs and gradients, and the list of files."""
 
 from __future__ import annotations
 
@@ -14,11 +14,10 @@ from reslab.report.aggregate import (
     curves,
     gradient_series,
 )
-from reslab.report.decision_table import fmt_value, step_ms, step_ratio_text, timing_device_words
+from reslab.report.decision_table import fmt_value, step_ms, step_ratio_text
 from reslab.report.document import Doc
-from reslab.report.verdicts import fmt_acc_interval, verdict
 from reslab.study import stats
-from reslab.study.decisions import AUTO_TARGET_FRACTION, Decision, interval_pp, interval_ratio, pp
+from reslab.study.decisions import AUTO_TARGET_FRACTION, Decision, interval_ratio
 from reslab.study.regime import Regime
 from reslab.study.results import (
     BASELINE,
@@ -26,6 +25,21 @@ from reslab.study.results import (
     Cell,
     RunData,
 )
+
+
+def fmt_acc_interval(low: float, high: float, digits: int = 2, unit: str = "") -> str:
+    """An interval of an accuracy (fractions, printed in %), never with impossible bounds: one
+    spanning the whole 0-100% range or more says that it says nothing; one with a single bound
+    past 0% or 100% is clipped there, with a note."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "n/a"
+    if high - low >= 1.0:
+        return "too few seeds for an interval (it would be wider than 0-100%)"
+    lo, hi = max(low, 0.0), min(high, 1.0)
+    text = f"[{100 * lo:.{digits}f}, {100 * hi:.{digits}f}]{unit}"
+    if lo != low or hi != high:
+        text += f" (clipped at {'0%' if lo != low else '100%'}: too few seeds for a tighter interval)"
+    return text
 
 
 def describe_missing(cells: Sequence[Cell], runs: dict[Cell, RunData]) -> list[str]:
@@ -144,11 +158,8 @@ def settings_section(
         else "paired percentile bootstrap over seeds (10,000 resamples, fixed seed)"
     )
     doc.p(
-        f"Descriptive intervals (a technique's own accuracy, AUC, throughput) are {round(100 * level)}% confidence "
-        f"intervals from the {method_words}. Every difference from baseline in accuracy, and every speed-up in "
-        "epochs to target, is the decision table's: the same interval at the same per-look level, paired by seed "
-        "(seed k sees the same data order and augmentation in every technique), so no section below can "
-        "disagree with it. " + target_line(targets, auto_target)
+        f"A technique's own accuracy carries a {round(100 * level)}% interval from the {method_words}; every "
+        "difference from baseline is the verdict table's. " + target_line(targets, auto_target)
     )
     n_done = sum(1 for c in expected if c in runs and runs[c].finished)
     if (grid or {}).get("sequential"):
@@ -200,57 +211,101 @@ class ModelView:
         return [r["technique"] for r in self.rows]
 
 
-def verdict_section(doc: Doc, v: ModelView) -> None:
-    doc.h(2, f"Verdict{v.suffix}")
+def details_heading(doc: Doc, v: ModelView) -> None:
+    """The heading of one model's details (the answer section holds its verdicts)."""
+    doc.h(2, f"Details: {v.model}" if v.several_models else "Details")
+
+
+def accuracy_section(doc: Doc, v: ModelView) -> None:
+    """Each technique's own accuracy (its difference from baseline is the verdict table's), then
+    one line of advice per technique: what to do, without restating the table's figures."""
+    doc.h(3, "Accuracy and advice")
     if not any(r["technique"] == BASELINE for r in v.rows):
         doc.p("No baseline runs found, so no technique is compared against baseline.")
-    for r in v.rows:
-        words = verdict(r, v.level, v.decisions.get(r["technique"]), v.regime)
-        doc.p(f"{r['technique']}: " + " ".join(words or ["no finished runs yet."]))
-
-
-def summary_section(doc: Doc, v: ModelView) -> None:
-    doc.h(2, f"Summary{v.suffix}")
     doc.table(
         [
             "technique",
-            "runs (ok/div/open)",
-            "test acc % (mean ± sd)",
-            f"{v.lvl} CI",
+            "runs (ok/failed/open)",
+            f"test acc. % (mean ± sd) [{v.lvl} CI]",
             "IQM %",
-            "best val acc %",
-            "AUC val acc %",
-            "decision (the decision table's)",
-            "diff vs baseline, pp [decision's interval]",
+            "best val acc. %",
+            "AUC val acc. %",
         ],
         [
             [
                 r["technique"],
                 f"{r['completed']}/{r['diverged']}/{r['unfinished']}",
-                f"{fmt_value(as_float(r['test_acc_mean']) * 100)} ± {fmt_value(as_float(r['test_acc_std']) * 100)}",
-                fmt_acc_interval(as_float(r["test_acc_ci_low"]), as_float(r["test_acc_ci_high"])),
-                fmt_value(as_float(r["test_acc_iqm"]) * 100)
-                if math.isfinite(as_float(r["test_acc_iqm"]))
-                else "n/a (n < 4)",
+                _accuracy_words(r),
+                fmt_value(as_float(r["test_acc_iqm"]) * 100) if math.isfinite(as_float(r["test_acc_iqm"])) else "n/a",
                 fmt_value(as_float(r["best_val_acc_mean"]) * 100),
                 fmt_value(as_float(r["auc_mean"]) * 100),
-                "-" if r["technique"] == BASELINE else (r.get("decision") or "none"),
-                "-" if r["technique"] == BASELINE else _decision_diff(v.decisions.get(r["technique"])),
             ]
             for r in v.rows
         ],
     )
+    doc.ul(f"{t}: {advice(d)}" for t, d in v.decisions.items())
+
+
+def _accuracy_words(r: dict[str, Any]) -> str:
+    """'80.75 ± 0.56 [80.16, 81.34]': mean ± sd over the completed seeds and the interval."""
+    mean, sd = as_float(r["test_acc_mean"]), as_float(r["test_acc_std"])
+    if not math.isfinite(mean):
+        return "n/a"
+    text = f"{100 * mean:.2f}" + (f" ± {100 * sd:.2f}" if math.isfinite(sd) else "")
+    iv = fmt_acc_interval(as_float(r["test_acc_ci_low"]), as_float(r["test_acc_ci_high"]))
+    return text + ("" if iv == "n/a" else f" {iv}")
+
+
+def advice(d: Decision) -> str:
+    """What to do about one row, in words that add to the verdict table rather than repeat it."""
+    early = d.regime is not None and d.regime.early
+    if d.why_open == "nothing learned":
+        return "nothing to compare: train longer, or with a learning rate that learns, before comparing."
+    if d.decision == "worse" and d.outcome is not None and d.outcome.basis == "divergence":
+        return "avoid at this depth: it fails where baseline does not."
+    if d.decision == "better":
+        if early:
+            return (
+                "faster to learn at this depth; confirm with longer training before adopting, "
+                "and weigh its time per step."
+            )
+        return "adopt at this depth if its time per step is worth the gain."
+    if d.decision == "worse":
+        return (
+            "slower to learn at this depth (convergence speed, not accuracy after full training)."
+            if early
+            else "avoid at this depth: it ends less accurate."
+        )
+    if d.decision == "equivalent":
+        keep = "keep baseline, which is cheaper per step" if d.step and d.step[0] > 1.02 else "either will do"
+        return f"{keep}; the failure rate it does not exclude is in the table" + (
+            ", and longer training may still separate them." if early else "."
+        )
+    lead = "it fails where baseline does not, so it is never equivalent or better; " if d.diverged else ""
+    if d.why_open == "too few seeds":
+        return lead + "too few finished seeds for a first look."
+    if d.why_open == "budget or interrupted":
+        return lead + f"re-run the same command to continue up to {d.max_seeds} seeds."
+    if d.outcome is not None and "ties decide nothing" in d.outcome.reason:
+        return lead + "every seed gave the same difference, and ties decide nothing."
+    if d.seeds_needed:
+        n = d.seeds_needed
+        return lead + f"no answer yet: at this spread about {n} seeds would settle it (--seeds {n} --max-seeds {n})."
+    return lead + "no answer, and its spread is too large to settle with a practical number of seeds."
 
 
 def convergence_section(doc: Doc, v: ModelView) -> None:
-    doc.h(2, f"Convergence{v.suffix}")
+    """Epochs to the target per technique, and the paired speed-up against baseline (read at each
+    row's decision level, so it cannot disagree with the verdict table)."""
+    doc.h(3, "Convergence")
     doc.table(
         [
             "technique",
             f"reached {100 * v.target:.1f}%",
             "median epochs",
             "median seconds",
-            "speed-up in epochs [interval] (the decision's)",
+            "speed-up in epochs [interval]",
+            "speed-up in time",
         ],
         [
             [
@@ -263,26 +318,11 @@ def convergence_section(doc: Doc, v: ModelView) -> None:
                 if math.isfinite(as_float(r["seconds_to_target_median"]))
                 else "not reached",
                 "-" if r["technique"] == BASELINE else _speedup_words(v.decisions.get(r["technique"])),
+                "-" if r["technique"] == BASELINE else _speedup_in_time(v.decisions.get(r["technique"])),
             ]
             for r in v.rows
         ],
     )
-    doc.p(
-        "Epochs to target are the decision table's: read off the validation evaluations, interpolated linearly "
-        "between the two around the crossing. Medians count a seed that never reached the target (or diverged) "
-        "as slower than every other seed; 'not reached' means fewer than half of the seeds reached it. Seconds "
-        "are the run's cumulative training time at that epoch (interpolated within the epoch) as measured while "
-        "the grid ran, so they include any sharing of the machine between parallel runs. The speed-up is the "
-        "decision table's (paired by seed, at the decision's per-look level); a speed-up in time is the decision "
-        "table's too (divided by the step-time ratio of the timing pass), since the grid's own seconds shared "
-        "the machine."
-    )
-
-
-def _decision_diff(d: Decision | None) -> str:
-    if d is None or not math.isfinite(d.estimate):
-        return "n/a"
-    return f"{pp(d.estimate)} {interval_pp(d.low, d.high)}"
 
 
 def _speedup_words(d: Decision | None) -> str:
@@ -292,6 +332,13 @@ def _speedup_words(d: Decision | None) -> str:
     if not math.isfinite(c["speedup"]):
         return str(c["label"])
     return f"{c['speedup']:.2f}x {interval_ratio(c['low'], c['high'])}: {c['label']}"
+
+
+def _speedup_in_time(d: Decision | None) -> str:
+    c = d.convergence if d else {}
+    if not c or not math.isfinite(c["speedup"]) or not (d and d.step):
+        return "n/a"
+    return f"{c['speedup'] / d.step[0]:.2f}x"
 
 
 def curves_section(doc: Doc, v: ModelView, by_tech: dict[str, list[RunData]], fig_dir: Path, plots: Any) -> list[Path]:
@@ -304,7 +351,7 @@ def curves_section(doc: Doc, v: ModelView, by_tech: dict[str, list[RunData]], fi
     plots.plot_curves(series, p1, x_axis="epoch", title=f"{model}: against epoch")
     p2 = fig_dir / f"curves-time{v.tag}.png"
     plots.plot_curves(series, p2, x_axis="time", title=f"{model}: against training time")
-    doc.h(2, f"Curves{v.suffix}")
+    doc.h(3, "Curves")
     doc.img(p1, f"{FIGURES_DIR}/{p1.name}", f"{model}: validation accuracy and training loss against epoch")
     doc.img(p2, f"{FIGURES_DIR}/{p2.name}", f"{model}: validation accuracy and training loss against time")
 
@@ -328,97 +375,104 @@ def curves_section(doc: Doc, v: ModelView, by_tech: dict[str, list[RunData]], fi
 
 
 def cost_section(doc: Doc, v: ModelView, timing: dict[str, Any]) -> None:
-    doc.h(2, f"Cost{v.suffix}")
+    """Parameters, FLOPs and time per step (the verdict table has the step-time ratio; here are the
+    absolute figures and its range)."""
+    doc.h(3, "Cost")
     doc.table(
-        [
-            "technique",
-            "parameters",
-            "vs baseline",
-            "FLOPs / image",
-            "vs baseline",
-            "time per training step (timing pass)",
-            "vs baseline [range over rounds]",
-        ],
+        ["technique", "parameters (vs baseline)", "FLOPs / image (vs baseline)", "time per step", "ratio range"],
         [
             [
                 r["technique"],
-                f"{int(r['params']):,}" if r["params"] else "n/a",
-                "-" if r["technique"] == BASELINE else fmt_value(r["params_ratio"], ".3f") + "x",
-                f"{int(r['flops']):,}" if r["flops"] else "n/a",
-                "-" if r["technique"] == BASELINE else fmt_value(r["flops_ratio"], ".3f") + "x",
+                _count_and_ratio(r, "params"),
+                _count_and_ratio(r, "flops"),
                 step_ms(timing, v.model, r["technique"]),
-                "-" if r["technique"] == BASELINE else step_ratio_text(timing, v.model, r["technique"]),
+                "-" if r["technique"] == BASELINE else _ratio_range(step_ratio_text(timing, v.model, r["technique"])),
             ]
             for r in v.rows
         ],
     )
+
+
+def _count_and_ratio(r: dict[str, Any], key: str) -> str:
+    if not r[key]:
+        return "n/a"
+    text = f"{int(r[key]):,}"
+    return text if r["technique"] == BASELINE else f"{text} ({fmt_value(r[f'{key}_ratio'], '.3f')}x)"
+
+
+def _ratio_range(text: str) -> str:
+    """'[1.00, 1.08]' from '1.07x [1.00, 1.08]' (the ratio itself is the verdict table's)."""
+    return text[text.index("[") :] if "[" in text else text
+
+
+def training_gradient_section(
+    doc: Doc, v: ModelView, by_tech: dict[str, list[RunData]], fig_dir: Path, plots: Any
+) -> list[Path]:
+    """Gradient flow during training (gradients.jsonl, recorded with --probe-every K), when any run has it."""
+    grad_series = gradient_series(by_tech, v.order)
+    if not grad_series:
+        return []
+    doc.h(3, "Gradients in training")
+    doc.table(
+        ["technique", "worst max/min block parameter-gradient norm"],
+        [[r["technique"], fmt_value(r["worst_grad_ratio"], ".3g")] for r in v.rows],
+    )
+    path = fig_dir / f"gradients{v.tag}.png"
+    plots.plot_gradients(grad_series, path, v.model)
+    doc.img(path, f"{FIGURES_DIR}/{path.name}", f"{v.model}: gradient-norm spread across blocks during training")
+    return [path]
+
+
+def init_gradient_section(
+    doc: Doc,
+    rows: Sequence[dict[str, Any]],
+    probe_entries: Sequence[dict[str, Any]],
+) -> None:
+    """Gradient flow at initialisation, once for the report: per technique, reslab.probe's verdict and
+    max/min block-output gradient ratio at every depth probed (the grid's models and deeper ones)."""
+    doc.h(2, "Gradient health at initialisation")
+    if probe_entries:
+        techs = list(dict.fromkeys(str(e["technique"]) for e in probe_entries))
+        depths = sorted({int(e["depth"]) for e in probe_entries})
+        widths = {float(e.get("width", 1.0)) for e in probe_entries}
+        at = {(str(e["technique"]), int(e["depth"])): e for e in probe_entries}
+        doc.table(
+            ["technique", *(f"{d} layers" for d in depths)],
+            [[t, *(_probe_cell(at.get((t, d))) for d in depths)] for t in techs],
+        )
+        width = f" at width {next(iter(widths)):g}" if len(widths) == 1 and widths != {1.0} else ""
+        doc.p(
+            f"reslab.probe{width}, on training batches: the largest over the smallest RMS gradient of a block "
+            "output across the network, healthy up to max(L^2, 10) for L blocks."
+        )
+        return
+    old = [r for r in rows if r.get("init_grad_verdict")]
+    if old:  # a results folder of reslab 0.1: one entry per model, no depths
+        doc.table(
+            ["model", "technique", "verdict (max/min)"],
+            [
+                [r["model"], r["technique"], f"{r['init_grad_verdict']} ({fmt_value(r['init_grad_ratio'], '.3g')})"]
+                for r in old
+            ],
+        )
+        return
     doc.p(
-        "FLOPs count convolutions and matrix products for one image (a multiply-add is 2). Step times come from "
-        "the dedicated timing pass (reslab.engine.timing: every technique's training steps interleaved, nothing else "
-        "running, on the grid's device with its precision and, on the CPU, the workers' thread count), measured on "
-        f"{timing_device_words(timing)}; the grid's own runs shared the machine, so their throughput "
-        "(summary.csv, images_per_s) is not a cost figure."
+        "Not measured: no probe-init.json (written by 'reslab compare'); 'reslab probe' measures gradient flow at "
+        "initialisation across depths."
     )
 
 
-def gradient_section(
-    doc: Doc,
-    v: ModelView,
-    by_tech: dict[str, list[RunData]],
-    init_probe: dict[tuple[str, str], dict[str, Any]],
-    fig_dir: Path,
-    plots: Any,
-) -> list[Path]:
-    """Gradient flow at initialisation (probe-init.json) and during training (gradients.jsonl)."""
-    model = v.model
-    grad_series = gradient_series(by_tech, v.order)
-    doc.h(2, f"Gradient health{v.suffix}")
-    have_init = any(math.isfinite(as_float(r["init_grad_ratio"])) or r["init_grad_verdict"] for r in v.rows)
-    if have_init or grad_series:
-        blocks = next((e["blocks"] for (m, _), e in init_probe.items() if m == model and "blocks" in e), None)
-        doc.table(
-            [
-                "technique",
-                "at init: max/min block-output gradient" + (f" ({blocks} blocks)" if blocks else ""),
-                "at init: verdict",
-                "during training: worst max/min block parameter-gradient norm",
-            ],
-            [
-                [
-                    r["technique"],
-                    fmt_value(r["init_grad_ratio"], ".3g"),
-                    str(r["init_grad_verdict"] or "n/a"),
-                    fmt_value(r["worst_grad_ratio"], ".3g"),
-                ]
-                for r in v.rows
-            ],
-        )
-        doc.p(
-            "At init: reslab.probe on real training batches (train-mode BatchNorm, cross-entropy): the ratio of "
-            "the largest to the smallest root-mean-square gradient of a block output across the network, and the "
-            "probe's verdict (healthy up to max(L^2, 10) for L blocks). During training: the per-block norm of "
-            "the parameter gradients recorded every K steps (--probe-every K), the worst ratio over the run. "
-            "A shallow model cannot show an explosion with depth; 'reslab probe --depths 20,56,110,218' does."
-        )
-    figures = []
-    if grad_series:
-        p4 = fig_dir / f"gradients{v.tag}.png"
-        plots.plot_gradients(grad_series, p4, model)
-        doc.img(p4, f"{FIGURES_DIR}/{p4.name}", f"{model}: gradient-norm spread across blocks during training")
-        figures.append(p4)
-    elif not have_init:
-        doc.p(
-            "Not measured: no probe-init.json (written by 'reslab compare') and no gradients.jsonl in the runs "
-            "(train with --probe-every K to record per-block gradient norms); 'reslab probe' measures gradient "
-            "flow at initialisation across depths."
-        )
-    return figures
+def _probe_cell(e: dict[str, Any] | None) -> str:
+    if not e:
+        return "-"
+    r = as_float(e.get("grad_ratio")) if e.get("grad_ratio") not in ("inf", None) else math.inf
+    return f"{e.get('verdict')} ({r:.3g})"
 
 
 def files_section(doc: Doc, out: Path) -> None:
     doc.h(2, "Files")
     doc.p(
-        "results.jsonl holds one record per run, summary.csv one row per technique with every figure above "
-        "(and more); each run folder under runs/ holds its config.yaml, metrics.jsonl and summary.json. "
-        "Regenerate this report with: reslab report " + str(out)
+        "results.jsonl: one record per run; summary.csv: one row per technique; decisions.json: the verdict "
+        "table with every figure behind it; runs/: each run's config.yaml, metrics.jsonl and summary.json. "
+        "Regenerate with: reslab report " + str(out)
     )

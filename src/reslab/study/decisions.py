@@ -24,7 +24,7 @@ from reslab.study.planning import detectable_difference, seeds_to_decide
 from reslab.study.regime import Regime
 from reslab.study.results import BASELINE, Cell, RunData
 from reslab.study.rule import CHANCE_TOL, Outcome, Pair, decide_table
-from reslab.study.stepdown import LEARNED_MIN, seeds_for_failure_bound
+from reslab.study.stepdown import LEARNED_MIN, failure_bound, seeds_for_failure_bound
 
 #: default plan for a grid run with fixed seeds: one look at whatever seeds it has
 FIXED_ALPHA = 0.05
@@ -86,11 +86,11 @@ class Decision:
 
     @property
     def failure_words(self) -> str:
-        """'0 of 6 failed; failure rate <= 39% (95%)': the failures, and for a row that claims the
+        """'0 of 6 failed; failure rate ≤ 39% (95%)': the failures, and for a row that claims the
         technique is as good (equivalent or better) the failure rate its seeds do not exclude."""
         text = f"{self.tech_failed} of {self.trained} failed"
         if self.decision in ("equivalent", "better") and math.isfinite(self.fail_bound):
-            text += f"; failure rate <= {100 * self.fail_bound:.0f}% (95%)"
+            text += f"; failure rate ≤ {100 * self.fail_bound:.0f}% (95%)"
         return text
 
     @property
@@ -217,17 +217,18 @@ def _available(pairs: Sequence[Pair]) -> int:
     return n
 
 
+def _failed(acc: float | None, diverged: bool, chance: float | None) -> bool:
+    """A run that diverged, has no finite accuracy, or ended within CHANCE_TOL of chance."""
+    return diverged or acc is None or not math.isfinite(acc) or (chance is not None and acc <= chance + CHANCE_TOL)
+
+
 def finished_diffs(pairs: Sequence[Pair], chance: float | None) -> list[float]:
     """Differences technique - baseline on the seeds where both runs finished and learned (the
     seeds the rule's accuracy interval is built from)."""
-
-    def failed(acc: float | None, div: bool) -> bool:
-        return div or acc is None or not math.isfinite(acc) or (chance is not None and acc <= chance + CHANCE_TOL)
-
     return [
         float(p.tech) - float(p.base)  # type: ignore[arg-type]
         for p in pairs
-        if not failed(p.base, p.base_diverged) and not failed(p.tech, p.tech_diverged)
+        if not _failed(p.base, p.base_diverged, chance) and not _failed(p.tech, p.tech_diverged, chance)
     ]
 
 
@@ -298,6 +299,7 @@ def _decide_one(
         decision, why = "undecided", "max seeds"
     n = out.n_used if out and out.n_used else avail
     diffs = finished_diffs(pairs[:n], chance)
+    tech_failed = sum(_failed(p.tech, p.tech_diverged, chance) for p in pairs[:avail])
     sd = float(np.std(diffs, ddof=1)) if len(diffs) >= 2 else math.nan
     low, high = out.interval if out and out.interval else (math.nan, math.nan)
     estimate = out.estimate if out and out.estimate is not None else (float(np.mean(diffs)) if diffs else math.nan)
@@ -334,8 +336,8 @@ def _decide_one(
         step=step_ratio(timing, model, tech),
         regime=regime,
         looks=len(plan.looks) if plan else 1,
-        tech_failed=out.tech_failed if out else 0,
-        fail_bound=out.fail_bound if out else math.nan,
+        tech_failed=tech_failed,
+        fail_bound=float(failure_bound(tech_failed, avail)),
         base_acc=out.base_mean if out and out.base_mean is not None else math.nan,
         chance=chance,
     )
@@ -482,35 +484,6 @@ def nothing_learned_words(d: Decision) -> str:
     )
 
 
-# -- gradient health at depth ------------------------------------------------------------
-
-
-def gradient_verdict(entries: Sequence[dict[str, Any]], technique: str) -> str:
-    """Depth-qualified words from probe entries (``depth``, ``width``, ``verdict``, ``grad_ratio``):
-    never 'healthy' without the depths it holds for."""
-    mine = sorted(
-        (e for e in entries if e.get("technique") == technique),
-        key=lambda e: (int(e.get("depth", 0)), float(e.get("width", 1.0))),
-    )
-    if not mine:
-        return "not measured"
-    groups: dict[str, list[str]] = {}
-    for e in mine:
-        w = float(e.get("width", 1.0))
-        where = f"{int(e['depth'])} layers" + (f" at width {w:g}" if w != 1.0 else "")
-        groups.setdefault(str(e.get("verdict")), []).append(f"{where} ({_ratio_text(e.get('grad_ratio'))})")
-    return "; ".join(f"{label} at {', '.join(v)}" for label, v in groups.items())
-
-
-def _ratio_text(v: Any) -> str:
-    if v in ("inf", None):
-        return "ratio inf" if v == "inf" else "ratio n/a"
-    try:
-        return f"ratio {float(v):.3g}"
-    except (TypeError, ValueError):
-        return "ratio n/a"
-
-
 __all__ = [
     "Decision",
     "auto_target",
@@ -519,7 +492,6 @@ __all__ = [
     "decide",
     "error_rate_of",
     "finished_diffs",
-    "gradient_verdict",
     "interval_pp",
     "interval_ratio",
     "margin_of",

@@ -89,6 +89,32 @@ class Regime:
             return "early training"
         return "flat at the end"
 
+    def sentence(self) -> str:
+        """The regime in one short sentence: length, where baseline ended, distance to the plateau,
+        and so which question the model's verdicts answer."""
+        if not self.measured:
+            return f"{self.model}: {self.length}; baseline has no completed curve, so how far it got is unknown."
+        iv = (
+            f" [{100 * self.rise_low:+.1f}, {100 * self.rise_high:+.1f}]"
+            if math.isfinite(self.rise_low) and math.isfinite(self.rise_high)
+            else ""
+        )
+        where = f"{self.model}: {self.length}; baseline ended at {100 * self.end_acc:.1f}% validation accuracy"
+        rise = f"{100 * self.rise:+.1f} pp{iv} over the last quarter"
+        ref = ""
+        if self.reference is not None:
+            r = self.reference
+            ref = (
+                f", {100 * self.gap:.1f} pp short of the reference run {r.path.name} "
+                f"({r.epochs:g} epochs, {100 * r.val_acc:.1f}%)"
+            )
+        if self.early:
+            return (
+                f"{where}, still rising ({rise}){ref}: its verdicts are about accuracy this early "
+                "(convergence speed), not after full training."
+            )
+        return f"{where}, flat by then ({rise}, within the {100 * self.margin:.2g} pp margin){ref}."
+
     def words(self) -> str:
         """One sentence on the regime, with its figures."""
         if not self.measured:

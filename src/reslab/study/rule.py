@@ -195,7 +195,7 @@ def _outcome(r: Mapping[str, np.generic], used: Sequence[Pair], plan: Plan, chan
         reason = f"nothing was learned: every baseline run {what}; no decision"
     elif r["nothing"]:
         reason = (
-            f"nothing was learned: baseline's mean accuracy {100 * base_mean:.1f}% at {n} seeds ended within "
+            f"nothing was learned: baseline's mean accuracy {100 * base_mean:.1f}% ended within "
             f"{100 * LEARNED_MIN:.0f} pp of chance ({100 * (chance or 0):.1f}%), so no row of this model is decided"
         )
     elif r["basis"]:
