@@ -9,10 +9,12 @@ unreadable folder is. Layout: see ``docs/architecture.md``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +111,12 @@ def recorded_status(out: Path) -> str | None:
     return status_of(read_summary(out)) if has_run(out) else None
 
 
+def has_checkpoint(out: Path) -> bool:
+    """Whether ``out`` lists a checkpoint to resume from (intact or not: resuming checks)."""
+    ck = out / "checkpoint"
+    return (ck / "latest.json").is_file() or any(ck.glob("epoch-*.json"))
+
+
 def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -150,6 +158,100 @@ def extendable(saved: dict[str, Any]) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
+# Who may write a run folder: an OS lock held for the whole run
+
+#: the lock file of a run folder (never removed: a process may hold it open)
+LOCK_FILE = ".reslab.lock"
+
+
+class RunLock:
+    """An exclusive ``fcntl.flock`` on ``out/.reslab.lock``, held from before a training call looks
+    at the folder until it returns, and released by the kernel when the process dies (so a killed
+    run never leaves a lock behind).
+
+    Local file systems honour flock between processes of one machine; NFS and other network file
+    systems may not. Across machines the grid's cell claims (:mod:`reslab.study.claims`, leases
+    renewed while a run trains and taken over when they go stale) are what keep two workers off one
+    cell; this lock is the guard for the common case, two commands on one machine (docs/architecture.md).
+    """
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self._fd: int | None = None
+        self.created = False
+
+    def acquire(self) -> RunLock:
+        """Take the lock, or a :class:`UsageError` naming the process that holds it. Creates
+        ``out`` when it does not exist (``created`` then says so), writes nothing else."""
+        import fcntl
+
+        self.created = not self.out.exists()
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise UsageError(f"cannot use {self.out} as a run folder: {e.strerror}; pass another --out") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise UsageError(
+                f"{self.out} is being trained right now by {holder}; wait for it to finish, stop it, or pass "
+                "another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # the kernel drops the lock with the last descriptor
+            self._fd = None
+
+    def forget_if_empty(self) -> None:
+        """Remove the folder this lock created when nothing but the lock file is in it (a call
+        refused before it wrote anything)."""
+        if self.created and [p.name for p in self.out.iterdir()] == [LOCK_FILE]:
+            (self.out / LOCK_FILE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.out.rmdir()
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@contextlib.contextmanager
+def locked(outs: Sequence[Path]) -> Iterator[None]:
+    """Hold the :class:`RunLock` of every folder in ``outs`` (in a fixed order, so two packs that
+    share a folder cannot deadlock: the second is refused). A call refused with a
+    :class:`UsageError` before it wrote anything leaves no folder it created behind."""
+    with contextlib.ExitStack() as stack:
+        locks = [stack.enter_context(RunLock(o)) for o in sorted(set(outs), key=str)]
+        try:
+            yield
+        except UsageError:
+            for lock in locks:
+                lock.release()
+                lock.forget_if_empty()
+            raise
+
+
+def _lock_holder(fd: int) -> str:
+    """'process 123 on host' from a held lock file (what its holder wrote there)."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        info = json.loads(os.read(fd, 4096).decode() or "{}")
+        return f"process {int(info['pid'])} on {info['host']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (it has not written its pid yet)"
+
+
+# ---------------------------------------------------------------------------------------
 # Deciding what a new training call does with a folder
 
 
@@ -161,11 +263,11 @@ def plan_run(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> tupl
     keeping, so a plain call and ``resume`` both start it again (its files are replaced).
     """
     state = run_state(out)
-    latest = out / "checkpoint" / "latest.json"
-    restartable = state in ("stale", "interrupted", "failed", UNKNOWN) and not latest.is_file()
+    checkpointed = has_checkpoint(out)
+    restartable = state in ("stale", "interrupted", "failed", UNKNOWN) and not checkpointed
     if state == "running" and not overwrite:
         elsewhere = (read_summary(out) or {}).get("host") != socket.gethostname()
-        if not (resume and elsewhere and latest.is_file()):
+        if not (resume and elsewhere and checkpointed):
             gone = "if it is gone, pass --resume to continue" if elsewhere else "or pass --overwrite to replace it"
             raise UsageError(
                 f"{out} is being trained right now by {owner(out)}; wait for it to finish or stop it first ({gone})"
@@ -173,7 +275,7 @@ def plan_run(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> tupl
     if resume and not overwrite:
         if restartable or state is None:
             return False, True  # --resume of a run with no checkpoint starts it
-        if not latest.is_file():
+        if not checkpointed:
             raise UsageError(
                 f"nothing to resume in {out}: its {state} run has no checkpoint; pass --overwrite to replace it"
             )

@@ -20,6 +20,7 @@ same global batch; only rank 0 writes files.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -91,7 +92,9 @@ def train(
     out = Path(out_dir)
     d = setup_distributed(device_name(config.device))
     try:
-        return _train(config, out, d, resume, overwrite, progress, on_epoch)
+        # rank 0 holds the folder's lock for the whole run: a second call on it is refused, never raced
+        with runs.locked([out] if d.main else []):
+            return _train(config, out, d, resume, overwrite, progress, on_epoch)
     finally:
         d.close()
 
@@ -139,11 +142,16 @@ def _train(
         d.barrier()
         return summary
     except KeyboardInterrupt:
-        run_end(callbacks, summary, status="interrupted", interrupted_epoch=epoch)
+        with contextlib.suppress(UsageError):  # a full disk must not hide the interrupt
+            run_end(callbacks, summary, status="interrupted", interrupted_epoch=epoch)
         raise
     except Exception as e:
-        # out of memory or any other stop: say so, so that the next run knows what it finds
-        run_end(callbacks, summary, status="failed", failed_epoch=epoch, error=f"{type(e).__name__}: {str(e)[:300]}")
+        # out of memory, a failed write or any other stop: say so, so that the next run knows what
+        # it finds (where the disk lets it), and raise the first error, not the record's
+        with contextlib.suppress(UsageError):
+            run_end(
+                callbacks, summary, status="failed", failed_epoch=epoch, error=f"{type(e).__name__}: {str(e)[:300]}"
+            )
         raise
     finally:
         for cb in callbacks:

@@ -121,6 +121,23 @@ def train_pack(
             train(c, o, resume=r, overwrite=w, progress=False)
             for c, o, r, w in zip(configs, outs, resumes, overwrites, strict=True)
         ]
+    with runs.locked(outs):  # every member's folder, for the whole pack
+        return _train_pack(configs, outs, resumes, overwrites, ds, device, d, routes, say, loss_hook)
+
+
+def _train_pack(
+    configs: list[TrainConfig],
+    outs: list[Path],
+    resumes: list[bool],
+    overwrites: list[bool],
+    ds: Any,
+    device: torch.device,
+    d: Any,
+    routes: Sequence[str],
+    say: Progress,
+    loss_hook: LossHook | None,
+) -> list[dict[str, Any]]:
+    """:func:`train_pack` once its folders are locked: plan, build the members, train them."""
     plans = [runs.plan_run(o, c, r, w) for c, o, r, w in zip(configs, outs, resumes, overwrites, strict=True)]
     route, rates = fastest_route(configs[0], ds, device, len(configs), routes)
     if rates:
