@@ -128,3 +128,50 @@ def test_ctrl_c_marks_the_run_interrupted(tmp_path):
     assert summary["status"] == "interrupted" and summary["epochs_completed"] >= 1
     latest = json.loads((out / "checkpoint" / "latest.json").read_text())
     assert latest["epoch"] == summary["epochs_completed"]
+
+
+def _stop_after(epoch: int):
+    """An on_epoch hook that interrupts the run once ``epoch`` is recorded (its checkpoint written)."""
+
+    def hook(row: dict) -> None:
+        if row["epoch"] >= epoch:
+            raise KeyboardInterrupt
+
+    return hook
+
+
+def test_a_truncated_newest_checkpoint_resumes_from_the_one_before(tmp_path, tiny_train_config, capsys):
+    """The last two checkpoints are kept, each with its checksums: with the newest truncated, the
+    run resumes from the one before (saying so) and ends identical to an uninterrupted run."""
+    cfg = tiny_train_config(epochs=3, drop_path_rate=0.1)
+    straight = tmp_path / "straight"
+    train(cfg, straight, progress=False)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out, progress=False, on_epoch=_stop_after(2))
+    ck = out / "checkpoint"
+    assert sorted(p.name for p in ck.glob("epoch-*.json")) == ["epoch-0001.json", "epoch-0002.json"]
+    newest = ck / "epoch-0002.safetensors"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    capsys.readouterr()
+    train(cfg, out, resume=True, progress=False)
+    err = capsys.readouterr().err
+    assert "checkpoint of epoch 2" in err and "damaged" in err and "resuming from the checkpoint of epoch 1" in err
+    assert _strip(_rows(out / "metrics.jsonl")) == _strip(_rows(straight / "metrics.jsonl"))
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_with_both_checkpoints_damaged_the_run_offers_the_real_fix(tmp_path, tiny_train_config):
+    from reslab.errors import UsageError
+
+    cfg = tiny_train_config(epochs=3)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, out, progress=False, on_epoch=_stop_after(2))
+    for p in (out / "checkpoint").glob("epoch-*.pt"):
+        p.write_bytes(b"\0" * 10)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(UsageError, match=r"checkpoint of epoch 2 .* damaged .*epoch 1 .* damaged.*--overwrite"):
+        train(cfg, out, resume=True, progress=False)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -1,10 +1,15 @@
 """A run's checkpoints: one per epoch (weights as safetensors, optimizer state and records
-through ``torch.save`` of plain containers, read back with ``weights_only=True``), switched
-atomically through ``checkpoint/latest.json``, and resuming from them."""
+through ``torch.save`` of plain containers, read back with ``weights_only=True``), each pair with
+its own record of SHA-256 checksums (``epoch-N.json``), the last two kept; resuming from the
+newest intact one. ``checkpoint/latest.json`` names the newest for readers of reslab 0.2."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +50,62 @@ def check_resume_config(saved: dict[str, Any], cfg: TrainConfig, out: Path) -> N
 
 
 def read_checkpoint(out: Path, cfg: TrainConfig) -> dict[str, Any]:
-    """``checkpoint/latest.json`` of the run to resume, once its config and weights are
-    known to be the ones ``cfg`` continues; else a :class:`UsageError`."""
-    latest = out / "checkpoint" / "latest.json"
+    """The newest intact checkpoint of the run to resume (its files present, their checksums
+    matching, both readable), once its config and weights are known to be the ones ``cfg``
+    continues; else a :class:`UsageError`. A damaged newest checkpoint falls back to the one
+    before it, with a line on stderr saying so."""
+    damaged: list[str] = []
+    for info in _candidates(out):
+        why = _damage(out / "checkpoint", info)
+        if why is None:
+            if damaged:
+                print(
+                    f"reslab: {'; '.join(damaged)}; resuming from the checkpoint of epoch {info['epoch']}",
+                    file=sys.stderr,
+                )
+            return _check_compatible(out, cfg, info)
+        damaged.append(f"checkpoint of epoch {info.get('epoch', '?')} in {out / 'checkpoint'} is damaged ({why})")
+    what = "; ".join(damaged) if damaged else f"no checkpoint is listed in {out / 'checkpoint'}"
+    raise UsageError(f"cannot resume {out}: {what}; pass --overwrite to restart this run from its first epoch")
+
+
+def _candidates(out: Path) -> list[dict[str, Any]]:
+    """The checkpoints a run folder lists, newest first: each pair's own record (epoch-N.json,
+    with checksums), else latest.json alone (runs of reslab 0.2, without checksums)."""
+    ck = out / "checkpoint"
+    found: dict[int, dict[str, Any]] = {}
+    for p in ck.glob("epoch-*.json") if ck.is_dir() else []:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            info = json.loads(p.read_text())
+            found[int(info["epoch"])] = info
+    if not found:
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            info = json.loads((ck / "latest.json").read_text())
+            found[int(info["epoch"])] = info
+    return [found[e] for e in sorted(found, reverse=True)]
+
+
+def _damage(ck: Path, info: dict[str, Any]) -> str | None:
+    """Why a checkpoint cannot be resumed from (None when it is intact)."""
+    if not isinstance(info.get("weights"), str) or not isinstance(info.get("state"), str):
+        return "its record names no files"
+    sums = info.get("sha256") or {}
+    for key in ("weights", "state"):
+        path = ck / info[key]
+        if not path.is_file():
+            return f"{path.name} is missing"
+        if key in sums and file_sha256(path) != sums[key]:
+            return f"{path.name} does not match its checksum"
     try:
-        info = json.loads(latest.read_text())
-        if not {"state", "weights"} <= set(info):
-            raise KeyError("state")
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UsageError(f"{latest} is unreadable; the checkpoint is damaged, start a new run") from None
+        read_metadata(ck / info["weights"])
+        torch_load_safe(ck / info["state"])
+    except Exception as e:  # noqa: BLE001 - any failure to read it back is damage here; nothing is unpickled
+        return str(e).split(";")[0][:200]
+    return None
+
+
+def _check_compatible(out: Path, cfg: TrainConfig, info: dict[str, Any]) -> dict[str, Any]:
+    """``info`` once its saved config and weights are the run ``cfg`` continues."""
     saved_cfg = torch_load_safe(out / "checkpoint" / info["state"])["config"]
     check_resume_config(saved_cfg, cfg, out)
     meta = read_metadata(out / "checkpoint" / info["weights"])
@@ -64,6 +116,14 @@ def read_checkpoint(out: Path, cfg: TrainConfig) -> dict[str, Any]:
             f"not {cfg.model} with {cfg.technique}"
         )
     return info
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def restore(
@@ -88,12 +148,10 @@ def restore(
 
 
 def checkpoint_epoch(out: Path) -> int:
-    """The epoch ``out``'s latest checkpoint stands at, from ``checkpoint/latest.json`` (0 when
-    there is none or it is unreadable: such a run starts again)."""
-    try:
-        return int(json.loads((out / "checkpoint" / "latest.json").read_text())["epoch"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return 0
+    """The epoch ``out``'s newest listed checkpoint stands at (0 when there is none: such a run
+    starts again)."""
+    listed = _candidates(out)
+    return int(listed[0]["epoch"]) if listed else 0
 
 
 def save_checkpoint(out: Path, e: Engine, state: RunState, epoch: int) -> None:
@@ -114,8 +172,30 @@ def save_checkpoint(out: Path, e: Engine, state: RunState, epoch: int) -> None:
         "evals": state.evals,
         "config": e.cfg.to_dict(),
     }
-    atomic_write(ck / st, lambda p: torch.save(payload, str(p)))
-    runs.write_json(ck / "latest.json", {"epoch": epoch, "weights": weights, "state": st})
+    buf = io.BytesIO()  # libtorch's file writer aborts on a failed write; Python's raises
+    torch.save(payload, buf)
+    atomic_write(ck / st, lambda p: p.write_bytes(buf.getvalue()))
+    info = {
+        "epoch": epoch,
+        "weights": weights,
+        "state": st,
+        "sha256": {"weights": file_sha256(ck / weights), "state": file_sha256(ck / st)},
+    }
+    runs.write_json(ck / f"epoch-{epoch:04d}.json", info)  # the pair's own record, written last
+    runs.write_json(ck / "latest.json", info)
+    # keep this checkpoint and the one before it: a damaged newest one still leaves a way back
+    keep = {f"epoch-{k:04d}{ext}" for k in (epoch, _previous(ck, epoch)) for ext in (".safetensors", ".pt", ".json")}
     for p in ck.iterdir():
-        if p.name.startswith("epoch-") and p.name not in (weights, st):
+        if p.name.startswith("epoch-") and p.name not in keep:
             p.unlink(missing_ok=True)
+
+
+def _previous(ck: Path, epoch: int) -> int:
+    """The newest epoch below ``epoch`` with a complete record (-1 when there is none)."""
+    below = []
+    for p in ck.glob("epoch-*.json"):
+        with contextlib.suppress(ValueError):
+            k = int(p.stem.split("-")[1])
+            if k < epoch:
+                below.append(k)
+    return max(below, default=-1)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reslab.engine.runs import read_summary
+from reslab.engine.runs import has_checkpoint, read_summary
 from reslab.files import atomic_write_text
 from reslab.study.claims import DEFAULT_LEASE_S, Claims
 from reslab.study.grid import Grid
@@ -51,7 +51,7 @@ def _start_flags(run_dir: Path) -> tuple[bool, bool]:
     state = run_state(run_dir)
     if state in FINISHED:
         raise RuntimeError(f"refusing to retrain finished run {run_dir}")
-    resume = (run_dir / "checkpoint" / "latest.json").is_file()
+    resume = has_checkpoint(run_dir)
     return resume, not resume and state is not None
 
 
@@ -153,7 +153,7 @@ def claim_and_run(
         with lease.renewed(_stop_when_lost(lost)):
             if run_state(run_dir) in FINISHED:
                 return CellRun("finished", read_summary(run_dir))
-            append_start(run_dir, (run_dir / "checkpoint" / "latest.json").is_file())
+            append_start(run_dir, has_checkpoint(run_dir))
             return CellRun("trained", run_cell(grid, cell, results, threads, on_epoch))
     except KeyboardInterrupt:
         if lost.is_set():
@@ -201,7 +201,7 @@ def claim_and_run_pack(
             for group in by_epoch.values():
                 for c in group:
                     run_dir = results / RUNS_DIR / c.name
-                    append_start(run_dir, (run_dir / "checkpoint" / "latest.json").is_file())
+                    append_start(run_dir, has_checkpoint(run_dir))
                 try:
                     if len(group) == 1:
                         summaries = [run_cell(grid, group[0], results, threads, on_epoch)]
