@@ -8,6 +8,7 @@ and plain containers (``torch.load(weights_only=True)``).
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import re
@@ -37,9 +38,61 @@ def _umask() -> int:
     return mask
 
 
+#: what to do about a write that failed, by errno
+_WRITE_FIXES = {
+    errno.ENOSPC: "free some disk space there and re-run the same command",
+    errno.EDQUOT: "free some of your disk quota there and re-run the same command",
+    errno.EFBIG: "raise the file-size limit (ulimit -f) or write to a file system that allows larger files, "
+    "then re-run the same command",
+    errno.EROFS: "the file system is read-only: choose a writable folder (--out)",
+    errno.EACCES: "you may not write there: choose a writable folder (--out) or fix its permissions",
+    errno.EPERM: "you may not write there: choose a writable folder (--out) or fix its permissions",
+}
+
+
+class WriteError(UsageError):
+    """A file reslab writes could not be written (disk full, a size limit, a read-only or foreign
+    folder): one line naming the file, the cause and the fix; nothing is left under its name."""
+
+
+def write_error(path: Path, exc: BaseException) -> WriteError | None:
+    """The :class:`WriteError` a failed write of ``path`` means, or None when ``exc`` is not a
+    failure to write (a bug, an interrupt). Writers report errno differently: ``OSError`` has it,
+    safetensors puts "(os error N)" in its message, torch.save says it "failed writing"."""
+    code: int | None = None
+    if isinstance(exc, OSError) and exc.errno is not None:
+        code = exc.errno
+    elif m := re.search(r"\(os error (\d+)\)", str(exc)):
+        code = int(m.group(1))
+    elif "failed writing" in str(exc) or "file write failed" in str(exc):
+        return WriteError(
+            f"could not write {path}: the write failed (a full disk or a file-size limit?); free space or raise the "
+            "limit and re-run the same command"
+        )
+    if code is None:
+        return None
+    cause = os.strerror(code)
+    fix = _WRITE_FIXES.get(code, "check the folder and re-run the same command")
+    return WriteError(f"could not write {path}: {cause} ({errno.errorcode.get(code, code)}); {fix}")
+
+
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp_path)``, fsync the result, then rename it to ``path``."""
+    """Call ``write(tmp_path)``, fsync the result, then rename it to ``path``. A write that fails
+    for want of space, size or permission is a :class:`WriteError` naming ``path``; the
+    temporary file is removed and whatever was at ``path`` before stays as it was."""
     path = Path(path)
+    try:
+        _atomic_write(path, write)
+    except Exception as e:  # classified below; anything else is raised as it was
+        if isinstance(e, UsageError):
+            raise
+        err = write_error(path, e)
+        if err is None:
+            raise
+        raise err from None
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -76,9 +76,13 @@ def export(
                 traced = torch.jit.trace(model, example, check_trace=False)
 
             def write(p: Path) -> None:
+                # into memory first: libtorch's file writer aborts the process when a write fails
+                # (a full disk, a size limit) where Python's raises an error that can be reported
+                buf = io.BytesIO()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", FutureWarning)
-                    torch.jit.save(traced, str(p), _extra_files={META_NAME: text})
+                    torch.jit.save(traced, buf, _extra_files={META_NAME: text})
+                p.write_bytes(buf.getvalue())
 
         elif fmt == "exported":
             ep = _torch_export(model, example)
