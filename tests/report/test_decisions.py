@@ -146,7 +146,7 @@ def test_a_grid_with_an_unknown_error_rate_is_a_one_line_error(
     quick_grid(root, {"scale": list(BASE6)}, error_rate="family")
     assert main(["report", str(root)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "error_rate 'family'" in err[0]
+    assert len(err) == 1 and "error_rate is 'family'; it must be one of table, row" in err[0]
 
 
 def test_planning_figures_exceed_the_seeds_spent(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -191,7 +191,7 @@ def test_results_folder_with_other_settings_is_refused(tmp_path: Path) -> None:
     merged = prepare_results(tmp_path / "r", Grid(["resnet8"], ["baseline", "scale"], [0, 1], g.train))
     assert merged.techniques == ["baseline", "scale"] and merged.seeds == [0, 1]
     (tmp_path / "r" / "grid.json").write_text('{"models": 1}')
-    with pytest.raises(UsageError, match="not a reslab grid"):
+    with pytest.raises(UsageError, match=r"grid.json: models is 1; it must be a non-empty list of names"):
         prepare_results(tmp_path / "r", g)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")

@@ -17,7 +17,7 @@ from typing import Any
 
 from reslab.engine.config import RESUMABLE_CHANGES, TrainConfig
 from reslab.errors import UsageError
-from reslab.files import atomic_write_text
+from reslab.study.gridfile import read_grid_file, write_grid_file
 from reslab.study.plan import Plan
 from reslab.study.results import (
     GRID_FILE,
@@ -150,7 +150,7 @@ def prepare_results(out: Path, grid: Grid) -> Grid:
     """Create or check ``out`` for ``grid``; returns the grid to record (old cells kept)."""
     merged = check_results(out, grid)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / GRID_FILE, json.dumps(merged.to_json(), indent=2) + "\n")
+    write_grid_file(out, merged.to_json())
     return merged
 
 
@@ -163,14 +163,9 @@ def check_results(out: Path, grid: Grid) -> Grid:
     path = out / GRID_FILE
     new = grid.to_json()
     if path.exists():
-        try:
-            old = json.loads(path.read_text(encoding="utf-8"))
-            if not all(isinstance(old.get(k), list) for k in ("models", "techniques", "seeds")):
-                raise ValueError("missing the grid's lists")
-            if not isinstance(old.get("train"), dict):
-                raise ValueError("missing the training settings")
-        except (OSError, ValueError, AttributeError):
-            raise UsageError(f"{path} is unreadable or not a reslab grid; restore it, or use a new --out") from None
+        old = read_grid_file(path)  # every stored value checked before anything is written
+        if not isinstance(old.get("train"), dict):
+            raise UsageError(f"{path}: train is missing; restore the file, or use a new --out")
         diffs = [
             f"{k}={new['train'].get(k)!r} (stored: {old['train'].get(k)!r})"
             for k in sorted(set(old["train"]) | set(new["train"]))

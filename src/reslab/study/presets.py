@@ -235,7 +235,7 @@ def grid_from_options(
     values are left out), ``assignments`` ``KEY=VALUE`` strings; ``margin_pp`` is in percentage
     points. With no option at all this is the ``quick`` preset. Every value is checked here, and a
     bad one is a :class:`reslab.errors.UsageError` naming it."""
-    from reslab.engine.config import parse_assignments, read_config_file
+    from reslab.engine.config import TrainConfig, parse_assignments, read_config_file
 
     if preset is not None and preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r}; the presets are {', '.join(sorted(PRESETS))}")
@@ -249,7 +249,9 @@ def grid_from_options(
     train_values = dict(base["train"])
     given: dict[str, Any] = {}
     if config_file:
-        given.update(read_config_file(config_file))
+        from_file = read_config_file(config_file)
+        TrainConfig.from_dict(from_file, source=f"config file {config_file}")  # its own errors name the file
+        given.update(from_file)
     given.update(explicit_train)
     given.update(parse_assignments(list(assignments), "--set", "lr=0.05"))
     # a preset's recipe for the dataset asked for (paper on cifar10) replaces its training settings

@@ -26,8 +26,8 @@ import yaml
 
 from reslab.engine.runs import SUMMARY_FILE, UNKNOWN, read_summary, status_of
 from reslab.errors import UsageError
+from reslab.study.gridfile import GRID_FILE, read_grid_file
 
-GRID_FILE = "grid.json"
 RUNS_DIR = "runs"
 FAILED_DIR = "failed"
 FIGURES_DIR = "figures"
@@ -176,13 +176,9 @@ def check_summary_file(file: Path) -> None:
 
 
 def read_grid(results_dir: Path) -> dict[str, Any] | None:
+    """The folder's grid.json, checked (:func:`reslab.study.gridfile.read_grid_file`); None without one."""
     path = results_dir / GRID_FILE
-    if not path.exists():
-        return None
-    grid = _read_json(path)
-    if not grid:
-        raise UsageError(f"{path} is not valid JSON; restore it or delete it to report only the run folders found")
-    return grid
+    return read_grid_file(path) if path.exists() else None
 
 
 def grid_cells(grid: dict[str, Any]) -> list[Cell]:

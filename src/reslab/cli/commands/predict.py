@@ -50,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             x, n = read_image_file(path, size)
         except UsageError as e:
+            if len(args.images) == 1:
+                raise  # the one input: its problem is the error, in one line
             print(f"reslab predict: skipped {path}: {e}", file=sys.stderr)
             skipped += 1
             continue
