@@ -222,3 +222,21 @@ def test_fuse_weights_without_run_metadata(tmp_path: Path) -> None:
     )
     assert code == 0
     assert read_archive_metadata(tmp_path / "f.pt2")["input_size"] == [3, 32, 32]
+
+
+def test_torchscript_of_an_unfused_model_goes_through_export(run_dir: Path, tmp_path: Path) -> None:
+    """``torch.jit.script`` cannot compile a reslab block (it holds a technique object, a Python
+    class TorchScript cannot type): the documented way is ``reslab export --format torchscript``,
+    which traces, fused or (``--no-fuse``) not, and reproduces the model's outputs."""
+    from reslab.deploy.sources import load_source
+
+    model, _ = load_source(run_dir)
+    with pytest.raises(Exception, match=r"Technique|Module|script"):
+        torch.jit.script(model)
+    x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = model.eval()(x)
+    for extra, name in (([], "fused.pt"), (["--no-fuse"], "plain.pt")):
+        assert main(["export", str(run_dir), "--format", "torchscript", "--out", str(tmp_path / name), *extra]) == 0
+        got = load_predictor(tmp_path / name, trust=True).logits(x)
+        assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())

@@ -191,3 +191,64 @@ def test_a_plugin_technique_without_from_plain_loads_and_says_the_function_chang
     assert any("test_channel_gain_unsaid" in n and "from_plain" in n for n in report.notes)
     with torch.no_grad():
         assert not _close(model(x), tv18(x))  # its random gains were left as they were
+
+
+@pytest.mark.parametrize("technique", ["baseline", "scale"])
+def test_an_rgb_backbone_loads_into_a_grey_model(tv18, technique):
+    """A 1-channel model from an RGB backbone: the stem's filters are summed over the colours, so a
+    grey image gives what torchvision's own model gives for its grey RGB copy (x, x, x)."""
+    grey = torch.randn(2, 1, 64, 64, generator=torch.Generator().manual_seed(2))
+    model = build_model("resnet18", technique=technique, num_classes=1000, in_channels=1, weights=tv18.state_dict())
+    with torch.no_grad():
+        assert _close(model.eval()(grey), tv18(grey.expand(-1, 3, -1, -1)))
+        assert torch.equal(model.conv1.weight, tv18.conv1.weight.sum(dim=1, keepdim=True))
+    assert any("3 input channels adapted to the model's 1" in n for n in model.pretrained_report.notes)
+    # other counts (4: not a multiple of 3; 6: two RGB copies): equal channels keep the response
+    for channels in (4, 6):
+        other = build_model(
+            "resnet18", technique=technique, num_classes=1000, in_channels=channels, weights=tv18.state_dict()
+        )
+        with torch.no_grad():
+            assert _close(other.eval()(grey.expand(-1, channels, -1, -1)), tv18(grey.expand(-1, 3, -1, -1)))
+
+
+def test_hub_names_resolve_through_the_cache_or_say_what_to_pass(tmp_path, monkeypatch, tv18, capsys):
+    """A torchvision weights name is not a missing file: it is found in torch's hub cache, or
+    downloaded there; offline, one line says what to pass instead. timm names likewise."""
+    from urllib.error import URLError
+
+    from reslab.cli import main
+    from reslab.nn.pretrained import hub_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(url, dst, progress=True):
+        raise URLError("no network")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(
+        UsageError, match=r"could not download torchvision's ResNet18_Weights.IMAGENET1K_V1 .*no network"
+    ):
+        build_model("resnet18", num_classes=1000, weights="IMAGENET1K_V1")
+    assert hub_weights("my-weights.pth", "resnet18") is None  # an ordinary (missing) file stays one
+    with pytest.raises(UsageError, match="not one of torchvision's weights for resnet18"):
+        build_model("resnet18", num_classes=1000, weights="IMAGENET9K_V7")
+    # the file torchvision would download, already in the cache: used as it is
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    cached = tmp_path / "torch" / "hub" / "checkpoints" / url.rsplit("/", 1)[1]
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(tv18.state_dict(), cached)
+    for name in ("IMAGENET1K_V1", "ResNet18_Weights.IMAGENET1K_V1"):
+        model = build_model("resnet18", num_classes=1000, weights=name).eval()
+        assert torch.equal(model.conv1.weight, tv18.conv1.weight)
+    # through the CLI, offline and uncached: one line, exit 2
+    cached.unlink()
+    argv = ["train", "--model", "resnet18", "--init-weights", "IMAGENET1K_V1", "--out", str(tmp_path / "r"), "-q"]
+    assert main([*argv, "--epochs", "1", "--train-subset", "64", "--val-size", "64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "could not download torchvision's" in err[0] and not (tmp_path / "r").exists()
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        with pytest.raises(UsageError, match="timm is not installed; pip install timm, or pass the weights file"):
+            build_model("resnet18", num_classes=1000, weights="timm/resnet18.a1_in1k")

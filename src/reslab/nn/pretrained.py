@@ -25,6 +25,9 @@ parameter names as torchvision's; checkpoints wrapped as ``{"state_dict": ...}``
 from __future__ import annotations
 
 import copy
+import re
+import urllib.error
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,14 +72,17 @@ class PretrainedReport:
         return "\n".join(lines)
 
 
-def read_state_dict(source: str | Path | Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A plain ``name -> tensor`` dict from a file or a (possibly wrapped) mapping."""
+def read_state_dict(source: str | Path | Mapping[str, Tensor], arch: str | None = None) -> dict[str, Tensor]:
+    """A plain ``name -> tensor`` dict from a file, a (possibly wrapped) mapping, or a hub name
+    (:func:`hub_weights`; ``arch``: the model's name, for torchvision's bare weight names)."""
     if isinstance(source, Mapping):
         obj: object = source
         where = "the given state dict"
     else:
         path = Path(source)
         where = str(path)
+        if not path.exists() and (hub := hub_weights(str(source), arch)) is not None:
+            return read_state_dict(hub)
         if not path.is_file():
             raise UsageError(f"pretrained weights {path} do not exist" + (" (it is a folder)" if path.is_dir() else ""))
         if path.suffix == ".safetensors":
@@ -101,6 +107,96 @@ def read_state_dict(source: str | Path | Mapping[str, Tensor]) -> dict[str, Tens
     return state
 
 
+_TORCHVISION_NAME = re.compile(r"^(?:(?P<enum>[A-Za-z0-9]+_Weights)\.)?(?P<name>[A-Z][A-Z0-9_]*_V\d+|DEFAULT)$")
+
+
+def hub_weights(name: str, arch: str | None) -> Path | None:
+    """The local file of weights named the way torchvision (``IMAGENET1K_V1``,
+    ``ResNet50_Weights.IMAGENET1K_V2``) or timm (``timm/resnet18.a1_in1k``) name them, downloading
+    it into torch's hub cache when it is not there yet; None when ``name`` is neither. Anything
+    that prevents it (no torchvision or timm, no network) is a :class:`UsageError` saying what to
+    pass instead."""
+    tv = _TORCHVISION_NAME.match(name)
+    if tv:
+        return _torchvision_weights(name, tv.group("enum"), tv.group("name"), arch)
+    if name.startswith(("timm/", "hf-hub:timm/")):
+        return _timm_weights(name.split("timm/", 1)[1])
+    return None
+
+
+def _torchvision_weights(full: str, enum: str | None, entry: str, arch: str | None) -> Path:
+    try:
+        import torchvision.models as tvm
+    except ImportError:
+        raise UsageError(
+            f"{full} names torchvision weights, and torchvision is not installed; install it, or pass the "
+            "weights file (.pth or .safetensors)"
+        ) from None
+    try:
+        weights = tvm.get_weight(full) if enum else tvm.get_model_weights(str(arch))[entry]
+    except (KeyError, ValueError, AttributeError):
+        raise UsageError(
+            f"{full} is not one of torchvision's weights for {arch or 'this model'}; list them with "
+            f"python -c \"import torchvision; print(list(torchvision.models.get_model_weights('{arch}')))\""
+        ) from None
+    return _cached_download(weights.url, f"torchvision's {weights}")
+
+
+def _timm_weights(name: str) -> Path:
+    try:
+        import timm
+    except ImportError:
+        raise UsageError(
+            f"timm/{name} names timm weights, and timm is not installed; pip install timm, or pass the "
+            "weights file (.safetensors or .pth)"
+        ) from None
+    try:
+        model = timm.create_model(name, pretrained=True)
+    except Exception as e:  # noqa: BLE001 - timm's download errors are many (network, hub, name)
+        raise UsageError(
+            f"could not load timm/{name} ({type(e).__name__}: {str(e)[:120]}); on a machine with internet "
+            f"save timm.create_model('{name}', pretrained=True).state_dict() and pass that file"
+        ) from None
+    from safetensors.torch import save_file
+
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / f"timm-{name.replace('/', '_')}.safetensors"
+    hub.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(hub))
+    return hub
+
+
+def _cached_download(url: str, what: str) -> Path:
+    """``url``'s file in torch's hub cache (``$TORCH_HOME/hub/checkpoints``), downloaded once."""
+    target = Path(torch.hub.get_dir()) / "checkpoints" / Path(urllib.parse.urlparse(url).path).name
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(target), progress=False)
+    except (OSError, urllib.error.URLError) as e:
+        raise UsageError(
+            f"could not download {what} from {url} ({e}); on a machine with internet download that file and pass "
+            f"it (or put it in {target.parent})"
+        ) from None
+    return target
+
+
+def _only_inputs_differ(src: Tensor, target: Tensor) -> bool:
+    return src.dim() == 4 and src.shape[0] == target.shape[0] and src.shape[2:] == target.shape[2:]
+
+
+def adapt_input_channels(weight: Tensor, channels: int) -> Tensor:
+    """A first convolution's filters for ``channels`` input channels instead of their own, such
+    that an image with all channels equal gets the response the original filters give to it: for
+    a multiple of the old count, the filters tiled and scaled by old / new channels (colour kept
+    per channel group); otherwise their sum over the inputs, spread evenly (one channel: the sum,
+    so a grey image x gives what the backbone gives for (x, x, x))."""
+    old = weight.shape[1]
+    if channels % old == 0:
+        return weight.repeat(1, channels // old, 1, 1) * (old / channels)
+    return weight.sum(dim=1, keepdim=True).repeat(1, channels, 1, 1) / channels
+
+
 def load_pretrained(model: nn.Module, source: str | Path | Mapping[str, Tensor]) -> PretrainedReport:
     """Copy a plain ResNet's weights into ``model`` (built with a technique) and set the
     technique's own parameters to keep the backbone's function where possible.
@@ -121,7 +217,7 @@ def load_pretrained(model: nn.Module, source: str | Path | Mapping[str, Tensor])
                 tech.from_plain(copy.deepcopy(first))
             except FunctionChanged:
                 pass
-    state = read_state_dict(source)
+    state = read_state_dict(source, getattr(spec, "name", None))
     own = model.state_dict()
     report = PretrainedReport()
 
@@ -133,9 +229,21 @@ def load_pretrained(model: nn.Module, source: str | Path | Mapping[str, Tensor])
             "they are for another architecture or technique"
         )
     to_load: dict[str, Tensor] = {}
+    stem = next((n for n, t in own.items() if t.dim() == 4), None)  # the first convolution
     for name, target in own.items():
         src = state.get(name)
         if src is None:
+            continue
+        if name == stem and src.shape != target.shape and _only_inputs_differ(src, target):
+            to_load[name] = adapt_input_channels(src, target.shape[1])
+            report.notes.append(
+                f"{name}: the backbone's {src.shape[1]} input channels adapted to the model's {target.shape[1]} "
+                + (
+                    "(filters summed: a grey image gives what the backbone gives for its grey RGB copy)"
+                    if target.shape[1] == 1
+                    else "(an image with equal channels gives the backbone's response to its grey copy)"
+                )
+            )
             continue
         if src.shape != target.shape:
             if name.startswith("fc."):
@@ -143,7 +251,7 @@ def load_pretrained(model: nn.Module, source: str | Path | Mapping[str, Tensor])
                 continue
             raise UsageError(
                 f"pretrained {name} has shape {tuple(src.shape)}, the model's is {tuple(target.shape)}; build the "
-                "model with the backbone's architecture (name, width, in_channels)"
+                "model with the backbone's architecture (its name and width)"
             )
         to_load[name] = src
     model.load_state_dict(to_load, strict=False)
