@@ -4,8 +4,10 @@ that every figure can be checked by hand."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
@@ -13,23 +15,27 @@ import yaml
 SEEDS = (0, 1, 2)
 
 
-def _register_labels() -> None:
-    """The made-up techniques the report's tests name by what they show (``up``, ``down``,
-    ``same``, ``noisy``, ``short``, ``boom``): registered as plugins with baseline's plain merge,
-    the way a user's own technique is, since a report refuses a grid.json naming a technique
-    reslab does not know."""
+#: made-up techniques the report's tests name by what they show
+LABELS = ("up", "down", "same", "noisy", "short", "boom")
+
+
+@contextlib.contextmanager
+def labelled_techniques() -> Iterator[None]:
+    """Register :data:`LABELS` as plugin techniques with baseline's plain merge, the way a user's
+    own technique is (a report refuses a grid.json naming a technique reslab does not know), and
+    remove them afterwards, so that no other test sees them in the registry."""
     import reslab.nn.techniques  # noqa: F401 - the built-in techniques, registered on import
-    from reslab.nn.registry import register, technique_class
+    from reslab.nn import registry
 
-    base = technique_class("baseline")
-    for label in ("up", "down", "same", "noisy", "short", "boom"):
-        try:
-            technique_class(label)
-        except ValueError:
-            register(type(f"Synthetic_{label}", (base,), {"name": label}))
-
-
-_register_labels()
+    base = registry.technique_class("baseline")
+    added = [n for n in LABELS if n not in registry._REGISTRY]
+    for label in added:
+        registry.register(type(f"Synthetic_{label}", (base,), {"name": label}))
+    try:
+        yield
+    finally:
+        for label in added:
+            registry._REGISTRY.pop(label, None)
 
 
 def write_run(
