@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import resource
 import shutil
 import signal
@@ -310,8 +311,16 @@ def _limited(argv: list[str], limit_bytes: int) -> subprocess.CompletedProcess[s
     def cap() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
+    # no bytecode: under the limit CPython would cache a truncated .pyc (its raw write returns short
+    # without an error) and every later import of that module would fail
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "reslab", *argv], capture_output=True, text=True, timeout=HANG_S, preexec_fn=cap
+        [sys.executable, "-m", "reslab", *argv],
+        capture_output=True,
+        text=True,
+        timeout=HANG_S,
+        preexec_fn=cap,
+        env=env,
     )
 
 
