@@ -32,7 +32,7 @@ def test_import_contracts_hold() -> None:
 
 
 def test_layers_are_subpackages_and_the_top_holds_only_leaves() -> None:
-    layers = {"nn", "engine", "study", "report", "deploy", "probe", "cli"}
+    layers = {"nn", "engine", "study", "report", "deploy", "probe", "cli", "api"}
     assert {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()} == layers
     top = {p.stem for p in PACKAGE.glob("*.py")}
     assert top == {

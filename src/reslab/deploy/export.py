@@ -30,6 +30,7 @@ from reslab.deploy.predict import (
     onnxruntime_available,
 )
 from reslab.deploy.sources import META_NAME
+from reslab.deploy.sources import load_source as load_source  # reslab 0.2's path: reslab.export.load_source
 from reslab.errors import UsageError
 from reslab.files import atomic_write
 

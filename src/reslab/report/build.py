@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from reslab.errors import UsageError
 from reslab.files import atomic_write_text
@@ -71,7 +72,29 @@ class ReportFiles:
     missing: list[str]
 
 
-def build_report(
+@dataclass
+class Gathered:
+    """What a report is drawn from: the runs read, their numbers and the decisions taken."""
+
+    out: Path
+    dirs: list[Path]
+    grid: dict[str, Any] | None
+    runs: dict[Any, Any]
+    cells: list[Any]
+    models: list[str]
+    targets: dict[str, float]
+    method: str
+    records: list[dict[str, Any]]
+    rows: list[dict[str, Any]]
+    expected: list[Any]
+    init_probe: dict[tuple[str, str], dict[str, Any]]
+    missing: list[str]
+    timing: dict[str, Any]
+    regimes: dict[str, Any]
+    decisions: list[Any]
+
+
+def gather(
     results_dir: str | Path,
     *,
     extra_dirs: Sequence[str | Path] = (),
@@ -79,13 +102,9 @@ def build_report(
     method: str | None = None,
     level: float = 0.95,
     references: Sequence[str | Path] = (),
-) -> ReportFiles:
-    """Read every run under ``results_dir`` (and ``extra_dirs``), write records, summary and report.
-
-    ``target_acc`` and ``method`` default to what the grid was run with (grid.json), else
-    0.9 and ``"t"``. ``references``: run folders of the grid's models trained long, against
-    which the report measures how far baseline was from its plateau.
-    """
+) -> Gathered:
+    """Read every run under ``results_dir`` (and ``extra_dirs``) and take the decisions, writing
+    nothing: what :func:`build_report` lays out, and what ``reslab.read_results`` returns."""
     out = Path(results_dir)
     dirs = [out, *(Path(d) for d in extra_dirs)]
     grid, runs = collect(dirs, strict=True)  # a corrupt summary.json is an error, not a guess
@@ -110,6 +129,47 @@ def build_report(
     regimes = regime_of(runs, models, margin_of(grid), [read_reference(r) for r in references])
     decisions = decide(grid, runs, timing, targets, regimes)
     apply_decisions(rows, decisions)
+    return Gathered(
+        out,
+        dirs,
+        grid,
+        runs,
+        cells,
+        models,
+        targets,
+        method,
+        records,
+        rows,
+        expected,
+        init_probe,
+        missing,
+        timing,
+        regimes,
+        decisions,
+    )
+
+
+def build_report(
+    results_dir: str | Path,
+    *,
+    extra_dirs: Sequence[str | Path] = (),
+    target_acc: float | None = None,
+    method: str | None = None,
+    level: float = 0.95,
+    references: Sequence[str | Path] = (),
+) -> ReportFiles:
+    """Read every run under ``results_dir`` (and ``extra_dirs``), write records, summary and report.
+
+    ``target_acc`` and ``method`` default to what the grid was run with (grid.json), else
+    0.9 and ``"t"``. ``references``: run folders of the grid's models trained long, against
+    which the report measures how far baseline was from its plateau.
+    """
+    g = gather(
+        results_dir, extra_dirs=extra_dirs, target_acc=target_acc, method=method, level=level, references=references
+    )
+    out, dirs, grid, runs, cells, models = g.out, g.dirs, g.grid, g.runs, g.cells, g.models
+    targets, method, records, rows, expected = g.targets, g.method, g.records, g.rows, g.expected
+    init_probe, missing, timing, regimes, decisions = g.init_probe, g.missing, g.timing, g.regimes, g.decisions
     # Derived files first: they are the machine-readable truth the report is drawn from.
     results_jsonl, summary_csv = write_derived_files(out, records, rows, decisions)
 
