@@ -31,14 +31,15 @@ def test_rise_is_the_mean_over_seeds_with_a_t_interval(tmp_path: Path) -> None:
     assert (r.rise_low, r.rise_high) == (pytest.approx(lo), pytest.approx(hi))
     assert r.end_acc == pytest.approx((0.8 + 0.76 + 0.72) / 3)
     assert r.epochs == 4 and r.seeds == 3
-    assert r.early and r.label == "early training" and "Early training" in r.words()
+    assert r.early and r.label == "early training"
+    assert "still rising" in r.sentence() and "convergence speed" in r.sentence()
 
 
 def test_flat_curves_are_not_early_training(tmp_path: Path) -> None:
     runs = _grid(tmp_path / "g", {0: [0.8, 0.85, 0.88, 0.88], 1: [0.8, 0.85, 0.87, 0.872]})
     r = regimes(runs, ["resnet8"], margin=0.005)["resnet8"]
     assert not r.early and r.label == "flat at the end"
-    assert "Flat at the end" in r.words()
+    assert "flat by then" in r.sentence() and "within the 0.5 pp margin" in r.sentence()
 
 
 def test_a_reference_run_trained_long_shows_the_gap(tmp_path: Path) -> None:
@@ -49,7 +50,7 @@ def test_a_reference_run_trained_long_shows_the_gap(tmp_path: Path) -> None:
     r = regimes(runs, ["resnet8"], margin=0.005, references=[ref])["resnet8"]
     # flat over its own last quarter, but 6 pp short of where the same model gets with longer training
     assert r.gap == pytest.approx(0.936 - 0.876)
-    assert r.early and ref_dir.name in r.words()
+    assert r.early and ref_dir.name in r.sentence() and "still rising" in r.sentence()
 
 
 def test_a_bad_reference_is_a_usage_error(tmp_path: Path) -> None:
@@ -68,4 +69,4 @@ def test_no_completed_baseline_measures_nothing(tmp_path: Path) -> None:
     write_grid(tmp_path, ["baseline"])
     write_run(tmp_path, "baseline", 0, [0.5, 0.6], status="diverged")
     r = regimes(collect([tmp_path])[1], ["resnet8"], 0.005)["resnet8"]
-    assert not r.measured and not r.early and math.isnan(r.rise) and "unknown" in r.words()
+    assert not r.measured and not r.early and math.isnan(r.rise) and "unknown" in r.sentence()

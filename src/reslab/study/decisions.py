@@ -85,15 +85,6 @@ class Decision:
     chance: float | None = None
 
     @property
-    def failure_words(self) -> str:
-        """'0 of 6 failed; failure rate ≤ 39% (95%)': the failures, and for a row that claims the
-        technique is as good (equivalent or better) the failure rate its seeds do not exclude."""
-        text = f"{self.tech_failed} of {self.trained} failed"
-        if self.decision in ("equivalent", "better") and math.isfinite(self.fail_bound):
-            text += f"; failure rate ≤ {100 * self.fail_bound:.0f}% (95%)"
-        return text
-
-    @property
     def seeds_for_bound(self) -> int | None:
         """Seeds that bring the failure-rate bound to 10% if no further run fails (None when it is there)."""
         if not math.isfinite(self.fail_bound) or self.fail_bound <= FAILURE_TARGET or not self.trained:

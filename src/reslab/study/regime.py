@@ -115,35 +115,6 @@ class Regime:
             )
         return f"{where}, flat by then ({rise}, within the {100 * self.margin:.2g} pp margin){ref}."
 
-    def words(self) -> str:
-        """One sentence on the regime, with its figures."""
-        if not self.measured:
-            return f"{self.model}: trained {self.length}; baseline has no completed curve, so the regime is unknown."
-        iv = (
-            f" [{100 * self.rise_low:+.1f}, {100 * self.rise_high:+.1f}]"
-            if math.isfinite(self.rise_low) and math.isfinite(self.rise_high)
-            else ""
-        )
-        text = (
-            f"{self.model}: trained {self.length}; baseline's validation accuracy ended at {100 * self.end_acc:.1f}% "
-            f"and rose {100 * self.rise:+.1f} pp{iv} over the last quarter of training "
-            f"(mean of {self.seeds} seed{'s' if self.seeds != 1 else ''}, 95% t interval)"
-        )
-        if self.reference is not None:
-            r = self.reference
-            text += (
-                f"; the reference run {r.path.name} ({r.epochs:g} epochs) ended at {100 * r.val_acc:.1f}%, "
-                f"{100 * self.gap:+.1f} pp from baseline's end (it rose {100 * r.rise:+.1f} pp over its own last "
-                "quarter)"
-            )
-        if self.early:
-            return (
-                text + f". Early training: baseline was more than the {100 * self.margin:.2g} pp margin from its "
-                "plateau, so this model's decisions are about accuracy after this much training (convergence "
-                "speed), not about accuracy at the end of full training; they may change with longer training."
-            )
-        return text + f". Flat at the end: within the {100 * self.margin:.2g} pp margin of its plateau by this measure."
-
 
 def read_reference(path: str | Path) -> Reference:
     """A reference run's folder (of 'reslab train' or of a compare grid's runs/); a
