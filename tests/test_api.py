@@ -18,9 +18,9 @@ import reslab
 TINY = {"width": 0.25, "train_subset": 256, "val_size": 200, "test_subset": 500, "epochs": 1, "batch_size": 64}
 
 
-def test_a_notebook_runs_a_comparison_reads_it_and_loads_its_models(tmp_path: Path) -> None:
-    out = tmp_path / "mine"
-    res = reslab.compare(
+def tiny_compare(out: Path, report: bool = True) -> reslab.Results:
+    """resnet8 with scale against baseline, 3 seeds of a few seconds each, one job."""
+    return reslab.compare(
         models=["resnet8"],
         techniques=["scale"],
         seeds=3,
@@ -28,7 +28,13 @@ def test_a_notebook_runs_a_comparison_reads_it_and_loads_its_models(tmp_path: Pa
         train={**TINY, "threads": 1},
         jobs=1,
         progress=False,
+        report=report,
     )
+
+
+def test_a_notebook_runs_a_comparison_reads_it_and_loads_its_models(tmp_path: Path) -> None:
+    out = tmp_path / "mine"
+    res = tiny_compare(out)
     assert isinstance(res, reslab.Results) and res.complete and not res.failed
     (row,) = res.rows
     assert (row["model"], row["technique"], row["seeds"]) == ("resnet8", "scale", 3)
@@ -60,16 +66,7 @@ def test_a_half_finished_grid_reads_back_with_what_is_missing(tmp_path: Path) ->
     import shutil
 
     out = tmp_path / "half"
-    reslab.compare(
-        models=["resnet8"],
-        techniques=["scale"],
-        seeds=3,
-        out=out,
-        train={**TINY, "threads": 1},
-        jobs=1,
-        progress=False,
-        report=False,
-    )
+    tiny_compare(out, report=False)
     shutil.rmtree(out / "runs" / "resnet8-scale-s2")
     res = reslab.read_results(out)
     assert not res.complete and any("scale / seed 2" in m for m in res.missing)

@@ -169,15 +169,20 @@ def test_damaged_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str],
     assert "damaged" in line and "--overwrite" in line
 
 
-def test_damaged_summaries(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def synthetic_grid(root: Path) -> Path:
+    """A results folder of finished made-up runs (tests/synthetic.py): baseline and scale, 3 seeds."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from synthetic import write_grid, write_run
 
-    root = tmp_path / "grid"
     write_grid(root, ["baseline", "scale"])
     for s in range(3):
         write_run(root, "baseline", s, [0.5, 0.8])
         write_run(root, "scale", s, [0.5, 0.81])
+    return root
+
+
+def test_damaged_summaries(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = synthetic_grid(tmp_path / "grid")
     (root / "runs" / "resnet8-scale-s1" / "summary.json").write_text('{"status": "compl')
     assert "summary.json" in refused(["report", str(root)], capsys, root)
 
@@ -197,14 +202,7 @@ def test_damaged_grid_files(
 ) -> None:
     """A hand-edited grid.json: compare and report both refuse it, naming the file and the key,
     and the file is unchanged byte for byte (compare used to rewrite it first)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from synthetic import write_grid, write_run
-
-    root = tmp_path / "grid"
-    write_grid(root, ["baseline", "scale"])
-    for s in range(3):
-        write_run(root, "baseline", s, [0.5, 0.8])
-        write_run(root, "scale", s, [0.5, 0.81])
+    root = synthetic_grid(tmp_path / "grid")
     grid = json.loads((root / "grid.json").read_text())
     if key.startswith("train."):
         grid["train"][key.split(".", 1)[1]] = value

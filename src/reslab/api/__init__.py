@@ -106,7 +106,6 @@ def compare(
     from reslab.paths import check_writable_dir
     from reslab.report.build import build_report
     from reslab.study.compare import run_grid
-    from reslab.study.grid import check_results
     from reslab.study.presets import grid_from_options
 
     setup = grid_from_options(
@@ -126,10 +125,7 @@ def compare(
         out=None if out is None else str(out),
     )
     grid, where = setup.grid, Path(setup.out)
-    check_writable_dir(where)
-    for cell in grid.cells():  # every run's settings, before anything is written
-        grid.config(cell)
-    check_results(where, grid)
+    check_writable_dir(where)  # run_grid checks every cell and the folder before it writes
     res = run_grid(grid, where, jobs=setup.jobs, progress=progress, report=build_report if report else None)
     results = read_results(where)
     results.failed = [c.name for c in res.failed]
