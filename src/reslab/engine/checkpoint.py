@@ -56,15 +56,15 @@ def read_checkpoint(out: Path, cfg: TrainConfig) -> dict[str, Any]:
     before it, with a line on stderr saying so."""
     damaged: list[str] = []
     for info in _candidates(out):
-        why = _damage(out / "checkpoint", info)
-        if why is None:
+        read = _read_intact(out / "checkpoint", info)
+        if not isinstance(read, str):
             if damaged:
                 print(
                     f"reslab: {'; '.join(damaged)}; resuming from the checkpoint of epoch {info['epoch']}",
                     file=sys.stderr,
                 )
-            return _check_compatible(out, cfg, info)
-        damaged.append(f"checkpoint of epoch {info.get('epoch', '?')} in {out / 'checkpoint'} is damaged ({why})")
+            return _check_compatible(out, cfg, info, *read)
+        damaged.append(f"checkpoint of epoch {info.get('epoch', '?')} in {out / 'checkpoint'} is damaged ({read})")
     what = "; ".join(damaged) if damaged else f"no checkpoint is listed in {out / 'checkpoint'}"
     raise UsageError(f"cannot resume {out}: {what}; pass --overwrite to restart this run from its first epoch")
 
@@ -85,8 +85,8 @@ def _candidates(out: Path) -> list[dict[str, Any]]:
     return [found[e] for e in sorted(found, reverse=True)]
 
 
-def _damage(ck: Path, info: dict[str, Any]) -> str | None:
-    """Why a checkpoint cannot be resumed from (None when it is intact)."""
+def _read_intact(ck: Path, info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | str:
+    """A checkpoint's weights metadata and state, read once; or why it cannot be resumed from."""
     if not isinstance(info.get("weights"), str) or not isinstance(info.get("state"), str):
         return "its record names no files"
     sums = info.get("sha256") or {}
@@ -97,18 +97,16 @@ def _damage(ck: Path, info: dict[str, Any]) -> str | None:
         if key in sums and file_sha256(path) != sums[key]:
             return f"{path.name} does not match its checksum"
     try:
-        read_metadata(ck / info["weights"])
-        torch_load_safe(ck / info["state"])
+        return read_metadata(ck / info["weights"]), torch_load_safe(ck / info["state"])
     except Exception as e:  # noqa: BLE001 - any failure to read it back is damage here; nothing is unpickled
         return str(e).split(";")[0][:200]
-    return None
 
 
-def _check_compatible(out: Path, cfg: TrainConfig, info: dict[str, Any]) -> dict[str, Any]:
-    """``info`` once its saved config and weights are the run ``cfg`` continues."""
-    saved_cfg = torch_load_safe(out / "checkpoint" / info["state"])["config"]
-    check_resume_config(saved_cfg, cfg, out)
-    meta = read_metadata(out / "checkpoint" / info["weights"])
+def _check_compatible(
+    out: Path, cfg: TrainConfig, info: dict[str, Any], meta: dict[str, Any], state: dict[str, Any]
+) -> dict[str, Any]:
+    """``info`` once its saved config (in ``state``) and weights (``meta``) are the run ``cfg`` continues."""
+    check_resume_config(state["config"], cfg, out)
     spec = spec_from_metadata(meta, out / "checkpoint" / info["weights"])
     if spec.name != cfg.model or spec.technique != cfg.technique:
         raise UsageError(
@@ -174,12 +172,13 @@ def save_checkpoint(out: Path, e: Engine, state: RunState, epoch: int) -> None:
     }
     buf = io.BytesIO()  # libtorch's file writer aborts on a failed write; Python's raises
     torch.save(payload, buf)
-    atomic_write(ck / st, lambda p: p.write_bytes(buf.getvalue()))
+    data = buf.getvalue()
+    atomic_write(ck / st, lambda p: p.write_bytes(data))
     info = {
         "epoch": epoch,
         "weights": weights,
         "state": st,
-        "sha256": {"weights": file_sha256(ck / weights), "state": file_sha256(ck / st)},
+        "sha256": {"weights": file_sha256(ck / weights), "state": hashlib.sha256(data).hexdigest()},
     }
     runs.write_json(ck / f"epoch-{epoch:04d}.json", info)  # the pair's own record, written last
     runs.write_json(ck / "latest.json", info)
