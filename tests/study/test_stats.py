@@ -193,3 +193,34 @@ def test_interval_coverage_at_three_seeds() -> None:
     se = math.sqrt(0.05 * 0.95 / sims)
     assert abs(cover_t / sims - 0.95) < 3 * se
     assert cover_b / sims < 0.80
+
+
+def test_bootstrap_draws_the_documented_resamples() -> None:
+    """The paired percentile bootstrap written out: row r of ``default_rng(seed).integers(0, n,
+    (n_resamples, n))`` picks the seeds of resample r for every sample, and the interval is the
+    linear-interpolated quantiles of the statistic over the rows. A seed therefore pins the interval."""
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(0.9, 0.02, 25), rng.normal(0.88, 0.02, 25)
+    for seed, level, resamples in ((0, 0.95, 4000), (7, 0.90, 999)):
+        iv = bootstrap_interval([a, b], lambda x, y: (x - y).mean(axis=1), level, resamples, seed)
+        idx = np.random.default_rng(seed).integers(0, len(a), size=(resamples, len(a)))
+        dist = (a[idx] - b[idx]).mean(axis=1)
+        lo, hi = np.quantile(dist, [(1 - level) / 2, (1 + level) / 2])
+        assert iv.estimate == pytest.approx(float((a - b).mean()), abs=1e-15)
+        assert iv.low == pytest.approx(lo, abs=1e-12) and iv.high == pytest.approx(hi, abs=1e-12)
+        assert iv.method == "bootstrap" and iv.level == level
+
+
+@pytest.mark.parametrize("n", [1, 3, 6, 20])
+def test_prob_improvement_closed_form_when_every_or_no_seed_wins(n: int) -> None:
+    # P(k = n | p) = p**n, so the exact two-sided bound at level 0.95 solves p**n = 0.025 when every
+    # seed wins, and (1 - p)**n = 0.025 when none does.
+    from reslab.study.stats import prob_improvement
+
+    edge = 0.025 ** (1 / n)
+    every = prob_improvement([0.1] * n)
+    assert every.estimate == 1.0 and every.high == 1.0
+    assert every.low == pytest.approx(edge, rel=1e-9)
+    none = prob_improvement([-0.1] * n)
+    assert none.estimate == 0.0 and none.low == 0.0
+    assert none.high == pytest.approx(1 - edge, rel=1e-9)

@@ -24,7 +24,7 @@ import numpy as np
 NAN = float("nan")
 METHODS = ("t", "bootstrap")
 #: the fewest seeds at which the percentile bootstrap is offered. Measured coverage of a
-#: nominal 95% percentile-bootstrap interval for a mean of normal values (tests/test_stats.py):
+#: nominal 95% percentile-bootstrap interval for a mean of normal values (tests/study/test_stats.py):
 #: about 74% at n = 3, 83% at n = 5, 90% at n = 10, 93% at n = 20; it cannot exceed 75% at
 #: n = 3, where its widest interval is [min, max]. Below this n reslab refuses it.
 BOOTSTRAP_MIN_N = 20
@@ -142,12 +142,22 @@ def bootstrap_interval(
     estimate = float(statistic(*(a[None, :] for a in arrays))[0])
     if n < 2:
         return Interval(estimate, NAN, NAN, level, "bootstrap")
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_resamples, n))
-    dist = np.asarray(statistic(*(a[idx] for a in arrays)), dtype=float)
-    alpha = (1 - level) / 2
-    low, high = np.quantile(dist, [alpha, 1 - alpha])
-    return Interval(estimate, float(low), float(high), level, "bootstrap")
+    from scipy import stats as _sps
+
+    # scipy's paired bootstrap resamples seed indices as (n_resamples, n) rows of one
+    # rng.integers call, so a seed gives the same resamples (and interval) as before.
+    res = _sps.bootstrap(
+        arrays,
+        lambda *rows, axis=-1: statistic(*rows),
+        n_resamples=n_resamples,
+        method="percentile",
+        paired=True,
+        vectorized=True,
+        confidence_level=level,
+        rng=np.random.default_rng(seed),
+    )
+    ci = res.confidence_interval
+    return Interval(estimate, float(ci.low), float(ci.high), level, "bootstrap")
 
 
 def _mean_rows(x: np.ndarray) -> np.ndarray:
@@ -258,13 +268,6 @@ def fmt_pct(x: float, digits: int = 2) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.{digits}f}%"
 
 
-def fmt_interval(iv: Interval, scale: float = 1.0, digits: int = 2, unit: str = "") -> str:
-    """``[low, high]`` scaled, or "n/a" when undefined."""
-    if not iv.defined:
-        return "n/a"
-    return f"[{iv.low * scale:.{digits}f}, {iv.high * scale:.{digits}f}]{unit}"
-
-
 def prob_improvement(diffs: Sequence[float], level: float = 0.95) -> Interval:
     """P(technique beats baseline in a seed): the share of paired seeds with a positive
     difference (a tie counts half), with an exact Clopper-Pearson interval (conservative at
@@ -277,6 +280,7 @@ def prob_improvement(diffs: Sequence[float], level: float = 0.95) -> Interval:
     wins = float(np.sum(d > 0) + 0.5 * np.sum(d == 0))
     from scipy import stats as _sps
 
+    # the closed form of binomtest(k, n).proportion_ci(method="exact"), which root-finds it per k
     a = (1 - level) / 2
     k_lo, k_hi = math.floor(wins), math.ceil(wins)
     low = 0.0 if k_lo == 0 else float(_sps.beta.ppf(a, k_lo, n - k_lo + 1))

@@ -288,6 +288,7 @@ def failure_bound(
     """The exact one-sided Clopper-Pearson upper bound on a failure rate from ``failed`` of ``seeds``
     (1 when every seed failed, nan without seeds): 0 of 6 gives 39.3% at 95%."""
     k, n = np.asarray(failed, float), np.asarray(seeds, float)
+    # scipy's beta quantile, not binomtest(...).proportion_ci: that takes one scalar k, n at a time
     with np.errstate(invalid="ignore", divide="ignore"):
         b = sps.beta.ppf(confidence, k + 1, np.maximum(n - k, 1e-300))
     return np.where(n <= 0, np.nan, np.where(k >= n, 1.0, b))
