@@ -18,9 +18,6 @@ from reslab.nn.blocks import ResidualBlock
 from reslab.nn.folding import FOLD_DTYPE, bn_affine, fold_is_current
 from reslab.nn.techniques import merge_fold
 
-FOLD_DT = FOLD_DTYPE  # fold in double precision, store in the model's dtype
-
-
 # A positive shortcut gain carried through ReLUs is kept inside this range, so that the
 # activations it rescales stay far from float32 overflow and underflow.
 _MAX_CARRIED_GAIN = 1e6
@@ -79,11 +76,11 @@ def folded_conv(m: nn.Conv2d) -> FoldedConv:
         raise UsageError(
             f"cannot fuse conv {m}: only groups=1, dilation=1, zero padding given as numbers are supported"
         )
-    w = m.weight.detach().to(FOLD_DT).clone()
+    w = m.weight.detach().to(FOLD_DTYPE).clone()
     b = (
-        m.bias.detach().to(FOLD_DT).clone()
+        m.bias.detach().to(FOLD_DTYPE).clone()
         if m.bias is not None
-        else torch.zeros(w.shape[0], dtype=FOLD_DT, device=w.device)
+        else torch.zeros(w.shape[0], dtype=FOLD_DTYPE, device=w.device)
     )
     return FoldedConv(w, b, tuple(m.stride), tuple(m.padding))  # type: ignore[arg-type]
 
@@ -104,7 +101,7 @@ def _norm_affine(norm: nn.Module, channels: int) -> tuple[Tensor, Tensor]:
         return bn_affine(norm)
     if _describes(norm, "fold_affine"):
         a, b = norm.fold_affine(channels)  # type: ignore[operator]
-        return torch.as_tensor(a, dtype=FOLD_DT), torch.as_tensor(b, dtype=FOLD_DT)
+        return torch.as_tensor(a, dtype=FOLD_DTYPE), torch.as_tensor(b, dtype=FOLD_DTYPE)
     raise UsageError(
         f"cannot fuse normalization {type(norm).__name__}: give it a fold_affine(channels) method returning "
         "its eval-mode (scale, shift) per channel"
@@ -139,9 +136,9 @@ def _merge_algebra(block: ResidualBlock, channels: int, device: torch.device) ->
     where = f"technique {block.technique.name!r} ({type(block.technique).__name__}).fold_merge"
 
     def matrix(v: Tensor | float, what: str) -> tuple[Tensor, bool]:
-        t = torch.as_tensor(v, dtype=FOLD_DT).to(device)
+        t = torch.as_tensor(v, dtype=FOLD_DTYPE).to(device)
         if t.numel() == 1:
-            return torch.eye(channels, dtype=FOLD_DT, device=device) * t.reshape(()), True
+            return torch.eye(channels, dtype=FOLD_DTYPE, device=device) * t.reshape(()), True
         if t.shape == (channels,):
             return torch.diag(t), True
         if t.shape == (channels, channels):
@@ -153,7 +150,7 @@ def _merge_algebra(block: ResidualBlock, channels: int, device: torch.device) ->
 
     gain, _ = matrix(fold.gain, "gain")
     coef, diagonal = matrix(fold.coef, "coef")
-    shift = torch.as_tensor(fold.shift, dtype=FOLD_DT).to(device)
+    shift = torch.as_tensor(fold.shift, dtype=FOLD_DTYPE).to(device)
     if shift.numel() == 1:
         shift = shift.reshape(()).expand(channels)
     if shift.shape != (channels,):
@@ -306,7 +303,7 @@ def fuse_plain_block(
     shortcut: Emitter | None = None
     scale: Tensor | None = None
     matmul = False
-    ones = torch.ones(channels, dtype=FOLD_DT, device=g.weight.device)
+    ones = torch.ones(channels, dtype=FOLD_DTYPE, device=g.weight.device)
     c_out = ones
     if block.downsample is not None:
         p = projection_conv(block)
@@ -332,7 +329,9 @@ def fuse_plain_block(
             matmul = True
             shortcut = Emitter()
             shortcut.conv(
-                FoldedConv(w[:, :, None, None], torch.zeros(channels, dtype=FOLD_DT, device=w.device), (1, 1), (0, 0)),
+                FoldedConv(
+                    w[:, :, None, None], torch.zeros(channels, dtype=FOLD_DTYPE, device=w.device), (1, 1), (0, 0)
+                ),
                 bias=False,
             )
     g.bias = g.bias + out_shift
@@ -368,7 +367,7 @@ def fuse_preact_block(
     """
     branch = Emitter()
     first = first_conv(block)
-    c_in = torch.ones(first.in_channels, dtype=FOLD_DT, device=first.weight.device)
+    c_in = torch.ones(first.in_channels, dtype=FOLD_DTYPE, device=first.weight.device)
     g = fold_branch(block, c_in, torch.zeros_like(c_in), branch)
     channels = g.out_channels
     merge = _merge_algebra(block, channels, g.weight.device)
@@ -393,7 +392,7 @@ def fuse_preact_block(
         assert not input_normalized
         if not (
             merge.coef_diagonal
-            and bool(torch.all(merge.coef == torch.eye(channels, dtype=FOLD_DT, device=g.weight.device)))
+            and bool(torch.all(merge.coef == torch.eye(channels, dtype=FOLD_DTYPE, device=g.weight.device)))
         ):
             raise UsageError("cannot fuse a pre-activation block whose merge scales the shortcut")
         if consumer is not None:

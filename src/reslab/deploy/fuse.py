@@ -56,7 +56,6 @@ import torch
 from torch import nn
 
 from reslab.deploy.fold import (
-    FOLD_DT,
     BlockPlan,
     Emitter,
     _describes,
@@ -78,7 +77,7 @@ from reslab.deploy.fused import (
 )
 from reslab.errors import UsageError
 from reslab.nn.blocks import BasicBlock, Bottleneck, DropPath, ResidualBlock
-from reslab.nn.folding import bn_affine
+from reslab.nn.folding import FOLD_DTYPE, bn_affine
 from reslab.nn.models import ResNet
 from reslab.nn.techniques import check_foldable, list_techniques, technique_class
 
@@ -172,7 +171,7 @@ def _fuse_standalone(block: ResidualBlock, dtype: torch.dtype, device: torch.dev
     if normalizes_input(block):
         plan = fuse_preact_block(block, input_normalized=False, consumer=None)
     else:
-        ones = torch.ones(first_conv(block).in_channels, dtype=FOLD_DT, device=device)
+        ones = torch.ones(first_conv(block).in_channels, dtype=FOLD_DTYPE, device=device)
         plan, _, _ = fuse_plain_block(block, ones, torch.zeros_like(ones), out_shift=0.0, carry=False)
     return plan.build(dtype, device)
 
@@ -209,7 +208,7 @@ def _fuse_resnet(model: ResNet, dtype: torch.dtype, device: torch.device) -> Fus
 
     plans: list[BlockPlan] = []
     channels = model.conv1.out_channels
-    c = torch.ones(channels, dtype=FOLD_DT, device=device)
+    c = torch.ones(channels, dtype=FOLD_DTYPE, device=device)
     d = -first_shift * c
     head_act: dict[str, Any] | None = None
     if preact:
@@ -230,7 +229,7 @@ def _fuse_resnet(model: ResNet, dtype: torch.dtype, device: torch.device) -> Fus
             plans.append(fuse_preact_block(b, normalized, consumer))
         head_act = {"type": "relu"}
         # The final BN went into the last block; its output is stored as it is.
-        c = torch.ones(model.fc.in_features, dtype=FOLD_DT, device=device)
+        c = torch.ones(model.fc.in_features, dtype=FOLD_DTYPE, device=device)
         d = torch.zeros_like(c)
     else:
         for k, b in enumerate(blocks):
@@ -240,9 +239,11 @@ def _fuse_resnet(model: ResNet, dtype: torch.dtype, device: torch.device) -> Fus
             plans.append(plan)
 
     fc = model.fc
-    w = fc.weight.detach().to(FOLD_DT)
+    w = fc.weight.detach().to(FOLD_DTYPE)
     fc_b = (
-        fc.bias.detach().to(FOLD_DT) if fc.bias is not None else torch.zeros(w.shape[0], dtype=FOLD_DT, device=device)
+        fc.bias.detach().to(FOLD_DTYPE)
+        if fc.bias is not None
+        else torch.zeros(w.shape[0], dtype=FOLD_DTYPE, device=device)
     )
     # The pooled features are c * mean(y) + d: fold that into the classifier.
     fc_b = fc_b + w @ d
