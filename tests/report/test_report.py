@@ -83,6 +83,25 @@ def test_summary_figures_match_hand_computation(grid_dir: Path) -> None:
     assert r["epochs_to_target"] == pytest.approx(1.9) and r["seconds_to_target"] == pytest.approx(19.0)
 
 
+def test_the_epochs_speedup_is_computed_once_by_the_decision(grid_dir: Path) -> None:
+    from reslab.report.aggregate import summarize_all
+    from reslab.report.build import gather
+
+    g = gather(grid_dir)
+    (d,) = g.decisions
+    row = next(r for r in g.rows if r["technique"] == "scale")
+    # epochs to 0.85 by hand (see test_summary_figures_match_hand_computation): baseline / scale per seed
+    b_ep, s_ep = [2 + 0.05 / 0.06, 2 + 0.04 / 0.06, 2 + 0.03 / 0.06], [2.0, 1.9, 1.0]
+    gm = math.exp(sum(math.log(b / m) for b, m in zip(b_ep, s_ep, strict=True)) / 3)
+    assert row["speedup_epochs"] == d.convergence["speedup"] == pytest.approx(gm)
+    assert row["speedup_pairs"] == d.convergence["pairs"] == 3
+    # the summary alone leaves the epochs speed-up to the decision: nothing computes a second one
+    alone = next(r for r in summarize_all(g.records, g.grid, g.targets, g.method) if r["technique"] == "scale")
+    assert math.isnan(alone["speedup_epochs"]) and math.isnan(alone["speedup_epochs_ci_low"])
+    assert alone["speedup_pairs"] == 0
+    assert alone["speedup_seconds"] == row["speedup_seconds"] == pytest.approx(gm)
+
+
 def test_report_files_and_verdict_words(grid_dir: Path) -> None:
     files = build_report(grid_dir)
     md = files.report_md.read_text()

@@ -222,16 +222,12 @@ def summarize_technique(
     row["row_error_rate"] = math.nan
     row["params_ratio"] = row["flops_ratio"] = math.nan
     if base:
-        b_ep = _vals(base, "epochs_to_target", seeds, inf_if_none=True)
+        # seconds-to-target speed-up = baseline time / technique time, on seeds where both reached the
+        # target; the epochs speed-up and its pairs are the decision's convergence (apply_decisions)
         b_s = _vals(base, "seconds_to_target", seeds, inf_if_none=True)
-        # speed-up = baseline time / technique time, on seeds where both reached the target
-        for k, num, den in (("speedup_epochs", b_ep, reached_ep), ("speedup_seconds", b_s, reached_s)):
-            iv = stats.ratio_interval(num, den, level, method)
-            row[k] = iv.estimate
-            row.update(_iv_fields(k, iv))
-        row["speedup_pairs"] = int(
-            sum(math.isfinite(a) and math.isfinite(b) for a, b in zip(b_ep, reached_ep, strict=True))
-        )
+        iv = stats.ratio_interval(b_s, reached_s, level, method)
+        row["speedup_seconds"] = iv.estimate
+        row.update(_iv_fields("speedup_seconds", iv))
         # the accuracy difference is the decision's (apply_decisions); AUC is described, not decided
         pt = stats.paired_test(_vals(records, "auc", seeds), _vals(base, "auc", seeds), level, method)
         row["auc_diff"] = pt.mean_diff
@@ -339,9 +335,10 @@ def summarize_all(
 
 
 def apply_decisions(rows: Sequence[dict[str, Any]], decisions: Sequence[Any]) -> None:
-    """Give each technique's summary row its decision and the decision's accuracy difference and
-    interval (the rule's, at its per-look level), so that no section of a report computes a second
-    one that could disagree (:class:`reslab.study.decisions.Decision`)."""
+    """Give each technique's summary row its decision, the decision's accuracy difference and
+    interval (the rule's, at its per-look level) and its epochs-to-target speed-up (its
+    convergence), so that no section of a report computes a second one that could disagree
+    (:class:`reslab.study.decisions.Decision`)."""
     by_key = {(d.model, d.technique): d for d in decisions}
     for row in rows:
         d = by_key.get((row["model"], row["technique"]))
@@ -355,7 +352,7 @@ def apply_decisions(rows: Sequence[dict[str, Any]], decisions: Sequence[Any]) ->
         row["baseline_diverged_where_it_did_not"] = d.base_diverged
         row["row_error_rate"] = d.level
         c = d.convergence or {}
-        if c:
+        if c:  # the one epochs speed-up (summarize_technique leaves it to the decision)
             row["speedup_epochs"], row["speedup_pairs"] = c["speedup"], c["pairs"]
             row["speedup_epochs_ci_low"], row["speedup_epochs_ci_high"] = c["low"], c["high"]
 
