@@ -82,14 +82,13 @@ def test_weight_decay_only_on_conv_and_linear_weights(technique):
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
-    expected = {
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
-        for pn, _ in m.named_parameters(recurse=False)
-        if pn == "weight"
-        for n in [f"{n}.weight"]
-    }
+    # resnet8 written out: the stem conv, two convs in each stage's one block, a projection
+    # conv where stages 2 and 3 halve the size, the classifier; fusion adds its 1x1 mixing conv.
+    expected = {"conv1.weight", "fc.weight"}
+    expected |= {f"layer{s}.0.conv{c}.weight" for s in (1, 2, 3) for c in (1, 2)}
+    expected |= {f"layer{s}.0.downsample.0.weight" for s in (2, 3)}
+    if technique == "fusion":
+        expected |= {f"layer{s}.0.feature_fusion.weight" for s in (1, 2, 3)}
     assert decayed == expected
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     # technique scalars (scale, alpha, gamma, fixup biases) and BN are never decayed
