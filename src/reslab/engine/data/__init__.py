@@ -15,7 +15,8 @@ does not hold the dataset, that is an error naming the folder and the files look
 ``dataset-fashion-mnist``); CIFAR in ``$RESLAB_DATA`` and the user cache, in
 torchvision's on-disk format (``cifar-10-batches-py``, ``cifar-100-python``). When
 nothing is found there, the official files are downloaded into the user cache and
-checked; offline, the error names the places looked and the fixes.
+checked, one process at a time (two commands started together download once; see
+:mod:`.download`); offline, the error names the places looked and the fixes.
 """
 
 from __future__ import annotations

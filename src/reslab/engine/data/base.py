@@ -1,18 +1,16 @@
 """What every dataset format shares: the in-memory :class:`ArrayDataset`, where a dataset's
-files are looked for and downloaded to (checked by MD5), and the checks and statistics
-of the arrays read."""
+files are looked for and downloaded to (the downloads themselves are :mod:`.download`), and
+the checks and statistics of the arrays read."""
 
 from __future__ import annotations
 
-import hashlib
 import os
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
+from torchvision.datasets.utils import calculate_md5
 
 from reslab.errors import UsageError
 
@@ -79,21 +77,6 @@ def cache_dir() -> Path:
     return (Path(base) if base else Path.home() / ".cache") / "reslab"
 
 
-def download_file(url: str, dest: Path, md5: str) -> None:
-    """Fetch ``url`` to ``dest`` through a temporary file, checking its md5."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    h = hashlib.md5()
-    with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
-        while chunk := r.read(1 << 20):
-            h.update(chunk)
-            f.write(chunk)
-    if h.hexdigest() != md5:
-        tmp.unlink(missing_ok=True)
-        raise UsageError(f"download of {url} has md5 {h.hexdigest()}, expected {md5}; try again later")
-    os.replace(tmp, dest)
-
-
 def given_dir_error(name: str, folder: Path, wanted: str) -> UsageError:
     """The error for a ``--data-dir`` that does not hold ``name``."""
     what = "does not exist" if not folder.exists() else ("is not a folder" if not folder.is_dir() else "")
@@ -131,9 +114,5 @@ def channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(round(float(m), 6) for m in mean), tuple(round(float(s), 6) for s in var.sqrt())
 
 
-def md5_of(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+#: the MD5 of a file, as torchvision computes it for its own datasets
+md5_of = calculate_md5

@@ -4,9 +4,9 @@ object (a restricted unpickler that only builds plain containers, bytes and numb
 from __future__ import annotations
 
 import pickle
+import shutil
 import tarfile
-import urllib.error
-import urllib.request
+import tempfile
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -19,11 +19,11 @@ from reslab.engine.data.base import (
     cache_dir,
     channel_stats,
     check_labels,
-    download_file,
     given_dir_error,
     md5_of,
     search_dirs,
 )
+from reslab.engine.data.download import fetch_file, file_lock, remove_leftovers
 from reslab.errors import UsageError
 
 # torchvision's CIFAR archives and the md5 of every file inside (its own table).
@@ -134,6 +134,37 @@ def _cifar_from(folder: Path, info: dict[str, Any], verify: bool) -> ArrayDatase
     )
 
 
+def _extract(archive: Path, target: Path, folder: str) -> None:
+    """Unpack ``archive``'s ``folder`` into ``target`` through a temporary folder beside it,
+    renamed into place whole: a reader never sees half a tree. Call it holding
+    ``file_lock(target / folder)``. (torchvision's ``extract_archive`` unpacks in place and
+    without tarfile's ``data`` filter, which refuses members that would land outside the folder;
+    Pythons before 3.11.4 lack the filter, and there the archive's checked MD5 is the guard.)"""
+    final = target / folder
+    remove_leftovers(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder}.", suffix=".part", dir=target))
+    try:
+        with tarfile.open(archive, "r:gz") as tf:
+            tf.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+        if final.exists():  # an incomplete tree (ours are renamed in whole; an older one may not be)
+            final.rename(tmp / "incomplete")
+        (tmp / folder).rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fetch_cifar(info: dict[str, Any], target: Path, verify: bool) -> ArrayDataset | None:
+    """Download and unpack ``info``'s archive into ``target``, one process at a time: one that
+    waited finds the tree the other unpacked and downloads nothing."""
+    with file_lock(target / info["folder"]):
+        ds = _cifar_from(target, info, verify)
+        if ds is None:
+            archive = fetch_file(info["url"], target / Path(info["url"]).name, info["tgz_md5"])
+            _extract(archive, target, info["folder"])
+            ds = _cifar_from(target, info, verify)
+    return ds
+
+
 def load_cifar(name: str, data_dir: str | Path | None, download: bool, verify: bool) -> ArrayDataset:
     info = CIFAR[name]
     dirs = search_dirs(name, data_dir)
@@ -146,16 +177,11 @@ def load_cifar(name: str, data_dir: str | Path | None, download: bool, verify: b
     target = cache_dir() / name
     err = ""
     if download:
-        archive = target / Path(info["url"]).name
         try:
-            if not archive.is_file():
-                download_file(info["url"], archive, info["tgz_md5"])
-            with tarfile.open(archive, "r:gz") as tf:
-                tf.extractall(target, filter="data")
-            ds = _cifar_from(target, info, verify)
+            ds = _fetch_cifar(info, target, verify)
             if ds is not None:
                 return ds
-        except (urllib.error.URLError, OSError, TimeoutError, tarfile.TarError) as e:
+        except (OSError, tarfile.TarError) as e:  # URLError and socket errors are OSErrors
             err = f"; download failed ({getattr(e, 'reason', e)})"
     looked = ", ".join(str(d / info["folder"]) for d in dirs)
     raise UsageError(

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +15,10 @@ from reslab.engine.data.base import (
     cache_dir,
     channel_stats,
     check_labels,
-    download_file,
     given_dir_error,
     search_dirs,
 )
+from reslab.engine.data.download import fetch_file
 from reslab.errors import UsageError
 
 FASHION_CLASSES = (
@@ -163,11 +161,10 @@ def load_fashion(data_dir: str | Path | None, download: bool, verify: bool) -> A
             for base in FASHION_URLS:
                 try:
                     for stem, md5 in FASHION_GZ_MD5.items():
-                        if not (target / f"{stem}.gz").is_file():
-                            download_file(base + f"{stem}.gz", target / f"{stem}.gz", md5)
+                        fetch_file(base + f"{stem}.gz", target / f"{stem}.gz", md5)
                     arrays = _fashion_from(target, verify)
                     break
-                except (urllib.error.URLError, OSError, TimeoutError) as e:
+                except OSError as e:  # URLError and socket errors are OSErrors
                     errors.append(f"{base}: {getattr(e, 'reason', e)}")
         if arrays is None:
             looked = ", ".join(str(d) for d in dirs)
