@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from patience import HANG_S
 from reslab.cli import main
+from reslab.engine.runs import write_json
 
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 TINY = ["--model", "resnet8", "--width", "0.25", "--batch-size", "64", "--train-subset", "256", "--val-size", "64"]
@@ -116,7 +117,7 @@ def test_checkpointed_unfinished_run_messages_agree(tmp_path, capsys, tiny_train
     train(tiny_train_config(epochs=1), out, progress=False)
     s = _summary(out)
     s.update(status="running", pid=2**22 + 12345)  # killed after its checkpoint: no such process
-    (out / "summary.json").write_text(json.dumps(s))
+    write_json(out / "summary.json", s)
     assert main(["train", "--out", str(out), *TINY, "--epochs", "1"]) == 2
     assert "pass --resume to continue it" in _err(capsys)
 

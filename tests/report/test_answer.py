@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from reslab.engine.runs import write_json
 from reslab.report.browser import SCREEN, find_browser, measure
 from reslab.report.build import build_report
+from reslab.study.gridfile import write_grid_file
 from synthetic import write_run, write_sequential_grid
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "docs" / "example-report"
@@ -27,7 +29,7 @@ def tiny_grid(root: Path, level: float = 0.80, chance: float = 0.1) -> None:
     write_sequential_grid(root, ["baseline", "same", "down"], max_seeds=6, min_seeds=6)
     grid = json.loads((root / "grid.json").read_text())
     grid["sequential"]["margin"] = 0.01
-    (root / "grid.json").write_text(json.dumps(grid))
+    write_grid_file(root, grid)
     for s in range(6):
         b = level + 0.003 * s
         write_run(root, "baseline", s, [level - 0.2, b], test_acc=b, chance=chance)
@@ -103,7 +105,7 @@ def test_a_grid_that_learned_nothing_decides_nothing_and_says_why(tmp_path: Path
         run = root / "runs" / f"resnet8-down-s{s}"
         summary = json.loads((run / "summary.json").read_text())
         summary["test_acc"] = max(summary["test_acc"], 0.1 + 0.012)
-        (run / "summary.json").write_text(json.dumps(summary))
+        write_json(run / "summary.json", summary)
     build_report(root)
     md = (root / "report.md").read_text()
     dec = json.loads((root / "decisions.json").read_text())

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from reslab.cli import main
+from reslab.engine.runs import write_json
 from reslab.errors import UsageError
 from reslab.study.plan import Plan
 from reslab.study.planning import detectable_difference
@@ -92,7 +93,7 @@ def test_accuracy_is_compared_on_the_seeds_where_both_finished(
     run = root / "runs" / "resnet8-baseline-s0"
     summary = json.loads((run / "summary.json").read_text())
     summary.update(status="diverged", test_acc=None)
-    (run / "summary.json").write_text(json.dumps(summary))
+    write_json(run / "summary.json", summary)
     _, dec = report(root, capsys)
     d = dec["up"]
     assert (d["diverged"], d["baseline_diverged"]) == (0, 1)

@@ -15,9 +15,11 @@ import pytest
 from scipy import stats as sps
 
 from reslab.cli import main
+from reslab.engine.runs import write_json
 from reslab.errors import UsageError
 from reslab.report.build import build_report
 from reslab.study import stats
+from reslab.study.gridfile import write_grid_file
 from reslab.study.results import collect
 from synthetic import SEEDS, read_summary, write_grid, write_run, write_sequential_grid
 
@@ -311,7 +313,7 @@ def test_several_models_get_their_own_sections_and_figures(tmp_path: Path) -> No
     write_grid(root, ["baseline", "norm"], seeds=(0, 1))
     grid = json.loads((root / "grid.json").read_text())
     grid["models"] = ["resnet8", "resnet14"]
-    (root / "grid.json").write_text(json.dumps(grid))
+    write_grid_file(root, grid)
     for model in ("resnet8", "resnet14"):
         for s in (0, 1):
             write_run(root, "baseline", s, [0.8, 0.86 + 0.01 * s], model=model)
@@ -387,7 +389,7 @@ def test_diverged_runs_are_failures_not_chance_level_accuracies(tmp_path: Path) 
         run = write_run(root, "boom", s, [0.3], status="diverged")
         summary = json.loads((run / "summary.json").read_text())
         summary["chance_acc"] = 0.1
-        (run / "summary.json").write_text(json.dumps(summary))
+        write_json(run / "summary.json", summary)
     build_report(root)
     (d,) = json.loads((root / "decisions.json").read_text())
     assert (d["decision"], d["seeds"], d["diverged"], d["baseline_diverged"]) == ("undecided", 3, 3, 0)

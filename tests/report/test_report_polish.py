@@ -11,6 +11,7 @@ import pytest
 
 from patience import HANG_S
 from reslab.cli import main
+from reslab.study.gridfile import write_grid_file
 from synthetic import write_grid, write_run
 
 
@@ -148,7 +149,7 @@ def test_the_title_and_settings_say_what_was_compared(tmp_path: Path, capsys: py
     grid = json.loads((root / "grid.json").read_text())
     grid["train"]["val_size"] = None  # left to the default by the grid
     grid["target_acc"] = "auto"
-    (root / "grid.json").write_text(json.dumps(grid))
+    write_grid_file(root, grid)
     for run in (root / "runs").iterdir():
         cfg = yaml.safe_load((run / "config.yaml").read_text())
         (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "val_size": 5000}))
@@ -163,7 +164,7 @@ def test_the_title_and_settings_say_what_was_compared(tmp_path: Path, capsys: py
 
     grid["preset"] = "quick"
     grid["target_acc"] = 0.7
-    (root / "grid.json").write_text(json.dumps(grid))
+    write_grid_file(root, grid)
     assert main(["report", str(root)]) == 0
     md = (root / "report.md").read_text()
     assert md.splitlines()[0] == "# reslab comparison: quick preset, resnet8"

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from reslab.cli import main
+from reslab.engine.runs import write_json
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def test_report_messages_for_a_file_and_a_missing_path(tmp_path, capsys):
 def test_report_on_a_run_before_its_first_epoch(tmp_path, capsys):
     run = tmp_path / "early"
     run.mkdir()
-    (run / "summary.json").write_text(json.dumps({"status": "running"}))
+    write_json(run / "summary.json", {"status": "running"})
     (run / "metrics.jsonl").write_text("")
     assert main(["report", str(run)]) == 2
     assert "no completed epoch" in capsys.readouterr().err

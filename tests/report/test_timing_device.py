@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
 from reslab.report.build import build_report
 from reslab.report.decision_table import timing_device_words
-from reslab.study.results import TIMING_FILE
+from reslab.study.gridfile import write_timing
 from synthetic import SEEDS, write_grid, write_run
 
 STEPS = {"resnet8/baseline": [0.010, 0.011, 0.010], "resnet8/scale": [0.012, 0.012, 0.013]}
@@ -21,7 +20,7 @@ def _grid(root: Path, timing: dict | None) -> str:
         write_run(root, "baseline", s, [0.70, 0.80, 0.86 + s / 100])
         write_run(root, "scale", s, [0.72, 0.81, 0.87 + s / 100])
     if timing is not None:
-        (root / TIMING_FILE).write_text(json.dumps(timing))
+        write_timing(root, timing)
     return build_report(root).report_md.read_text()
 
 

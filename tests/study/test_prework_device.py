@@ -10,6 +10,7 @@ import pytest
 
 from reslab.study.claims import Claims
 from reslab.study.grid import Grid
+from reslab.study.gridfile import write_timing
 from reslab.study.prework import check_data, probe_at_init, timing_if_needed
 from reslab.study.results import PROBE_FILE, TIMING_FILE
 from reslab.study.scheduler import GridProgress
@@ -72,8 +73,8 @@ def test_a_stored_pass_from_another_kind_of_device_is_measured_again(tmp_path: P
     out.mkdir()
     steps = {"resnet8/baseline": [0.01], "resnet8/scale": [0.01]}
     gpu = {"device": {"type": "cuda", "name": "NVIDIA H100 80GB HBM3"}, "steps": steps}
-    (out / TIMING_FILE).write_text(json.dumps(gpu))
+    write_timing(out, gpu)
     assert read_timing(grid, out) is None  # timed on a card, trained on the CPU: timed again
     old = {"settings": {"threads": 2}, "steps": steps}  # before the device was recorded: on the CPU
-    (out / TIMING_FILE).write_text(json.dumps(old))
+    write_timing(out, old)
     assert read_timing(grid, out) == old

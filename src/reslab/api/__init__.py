@@ -12,7 +12,6 @@ command line calls, with the same rules and checks (:mod:`reslab.study.presets` 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,14 +69,13 @@ def read_results(path: str | Path) -> Results:
     """The decision table of a results folder, finished or half-finished, taken from its runs as
     ``reslab report`` takes it (nothing is written)."""
     from reslab.report.build import gather
-    from reslab.report.derived import decision_record
+    from reslab.report.derived import decision_rows
 
     out = Path(path)
     if not out.is_dir():
         raise UsageError(f"{out} is not a results folder (it does not exist)")
     g = gather(out)
-    # the records of decisions.json, JSON-safe (a number that does not exist is None)
-    return Results(out, [json.loads(json.dumps(decision_record(d))) for d in g.decisions], list(g.missing))
+    return Results(out, decision_rows(g.decisions), list(g.missing))
 
 
 def compare(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +32,7 @@ from reslab.deploy.sources import META_NAME
 from reslab.deploy.sources import load_source as load_source  # reslab 0.2's path: reslab.export.load_source
 from reslab.errors import UsageError
 from reslab.files import atomic_write
+from reslab.nn.weights import encode_metadata
 
 FORMATS = ("torchscript", "exported", "onnx")
 SUFFIXES = {"torchscript": ".pt", "exported": ".pt2", "onnx": ".onnx"}
@@ -68,7 +68,7 @@ def export(
     device = next(model.parameters()).device
     # Batch 2: a batch of 1 would let tracing and export specialize the batch dimension.
     example = torch.randn(2, c, h, w, generator=gen).to(device)
-    text = json.dumps(metadata)
+    text = encode_metadata(metadata)
     with torch.no_grad():
         if fmt == "torchscript":
             # TorchScript is deprecated in favour of torch.export but still what libtorch loads.

@@ -4,19 +4,17 @@ anything (:func:`save_fused` writes the format, :func:`load_fused` reads it)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from reslab.errors import UsageError
-from reslab.files import atomic_write, load_state
+from reslab.files import load_state
 from reslab.nn.models import ModelSpec
-from reslab.nn.weights import METADATA_KEY, read_metadata
+from reslab.nn.weights import read_metadata, write_tensors
 
 LAYOUT_FORMAT = "reslab-fused"
 
@@ -192,8 +190,7 @@ def save_fused(path: str | Path, fused: FusedResNet, extra: dict[str, Any] | Non
     meta: dict[str, Any] = {"kind": "fused", "fused": fused.layout, **(extra or {})}
     if fused.spec is not None:
         meta["spec"] = {**fused.spec.__dict__}
-    tensors = {k: v.detach().contiguous().clone() for k, v in fused.state_dict().items()}
-    atomic_write(path, lambda p: save_file(tensors, str(p), metadata={METADATA_KEY: json.dumps(meta)}))
+    write_tensors(path, fused.state_dict(), meta)
 
 
 def is_fused_file(meta: dict[str, Any]) -> bool:

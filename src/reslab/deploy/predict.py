@@ -15,7 +15,6 @@ it is installed.
 from __future__ import annotations
 
 import io
-import json
 import warnings
 import zipfile
 from collections.abc import Callable, Sequence
@@ -29,6 +28,7 @@ from torch import Tensor
 from reslab.deploy.sources import META_NAME, export_metadata, fused_source
 from reslab.errors import UsageError
 from reslab.nn.normalize import Normalize
+from reslab.nn.weights import decode_metadata
 
 TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".torchscript", ".jit")
 
@@ -56,13 +56,7 @@ def read_archive_metadata(path: str | Path) -> dict[str, Any]:
             raw = z.read(names[0])
     except (zipfile.BadZipFile, OSError) as e:
         raise UsageError(f"{path} is not a readable TorchScript/.pt2 archive ({e}); export it again") from None
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError:
-        raise UsageError(f"{path} has corrupt reslab metadata; export it again") from None
-    if not isinstance(meta, dict):
-        raise UsageError(f"{path} has corrupt reslab metadata; export it again")
-    return meta
+    return decode_metadata(raw, path, "export it again")
 
 
 def onnxruntime_available() -> bool:
@@ -137,7 +131,7 @@ def _onnx_predictor(path: Path) -> Predictor:
         raise UsageError(f"{path} cannot be loaded by onnxruntime ({str(e).splitlines()[0][:200]})") from None
     if raw is None:
         raise UsageError(f"{path} has no reslab metadata; export it with 'reslab export --format onnx'")
-    meta = json.loads(raw)
+    meta = decode_metadata(raw, path, "export it again")
     name = sess.get_inputs()[0].name
 
     def run(x: Tensor) -> Tensor:

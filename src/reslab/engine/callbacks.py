@@ -13,7 +13,6 @@ and technique parameters included). Under DDP the gradients are the all-reduced 
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -150,7 +149,7 @@ class GradientNormProbe(Callback):
         if step % self.every == 0:
             norms = block_grad_norms(self.blocks)
             rec = {"step": step, "epoch": epoch, **{name: v for (name, _), v in zip(self.blocks, norms, strict=True)}}
-            self.file.write(json.dumps(rec) + "\n")
+            self.file.write(runs.jsonl_line(rec))
 
     def on_epoch_end(self, row: dict[str, Any]) -> None:
         self.file.flush()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,14 +74,15 @@ def _candidates(out: Path) -> list[dict[str, Any]]:
     ck = out / "checkpoint"
     found: dict[int, dict[str, Any]] = {}
     for p in ck.glob("epoch-*.json") if ck.is_dir() else []:
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            info = json.loads(p.read_text())
-            found[int(info["epoch"])] = info
+        _add_record(found, runs.read_json(p))
     if not found:
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            info = json.loads((ck / "latest.json").read_text())
-            found[int(info["epoch"])] = info
+        _add_record(found, runs.read_json(ck / "latest.json"))
     return [found[e] for e in sorted(found, reverse=True)]
+
+
+def _add_record(found: dict[int, dict[str, Any]], info: Any) -> None:
+    with contextlib.suppress(KeyError, TypeError, ValueError):
+        found[int(info["epoch"])] = info
 
 
 def _read_intact(ck: Path, info: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | str:

@@ -56,6 +56,42 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
+def jsonl_line(record: dict[str, Any]) -> str:
+    """One record of a JSON-lines file a run appends to (metrics, gradients), newline included."""
+    return json.dumps(record) + "\n"
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of a run folder (a checkpoint's record, say); ``None`` when missing or unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every record of a JSON-lines file a run wrote, for readers (reports): a line that is not
+    a JSON object (a torn last line, the writer killed mid-write) is skipped, not fatal."""
+    out: list[dict[str, Any]] = []
+    if not path.is_file():
+        return out
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            obj = json.loads(line) if line.strip() else None
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            out.append(obj)
+    return out
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append one record to a JSON-lines file of a run folder (created with its folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(jsonl_line(record))
+
+
 def read_jsonl_prefix(path: Path) -> list[dict[str, Any]]:
     """The records of a JSON-lines file this run appends to, up to the first torn line (a
     kill mid-write): what follows it was never part of a consistent state."""
@@ -85,11 +121,24 @@ def remove_run(out: Path) -> None:
 
 def read_summary(out: Path) -> dict[str, Any] | None:
     """``summary.json`` as a dict; ``None`` when it is missing or unreadable."""
-    try:
-        summary = json.loads((out / SUMMARY_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    summary = read_json(out / SUMMARY_FILE)
     return summary if isinstance(summary, dict) else None
+
+
+def summary_problem(file: Path) -> str | None:
+    """Why ``file`` (a summary.json that exists) cannot be read as one; ``None`` when it can or
+    does not exist (no summary yet: a run killed as it started)."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        return f"cannot be read ({e.__class__.__name__})"
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return "is not valid JSON"
+    return None if isinstance(obj, dict) else f"holds a JSON {type(obj).__name__}, not an object"
 
 
 def has_run(out: Path) -> bool:

@@ -32,8 +32,29 @@ def save_weights(path: str | Path, model: nn.Module, extra: dict[str, Any] | Non
     spec = spec_of(model)
     meta = {"spec": {**spec.__dict__}, **(extra or {})}
     # safetensors refuses shared or non-contiguous storage; a clone per tensor is cheap here.
-    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda p: save_file(tensors, str(p), metadata={METADATA_KEY: json.dumps(meta)}))
+    write_tensors(path, model.state_dict(), meta)
+
+
+def write_tensors(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """The one writer of reslab's safetensors files: ``state`` as tensors, ``meta`` as the metadata."""
+    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
+    atomic_write(path, lambda p: save_file(tensors, str(p), metadata={METADATA_KEY: encode_metadata(meta)}))
+
+
+def encode_metadata(meta: dict[str, Any]) -> str:
+    """reslab's metadata as the text stored beside a model (safetensors, TorchScript, ONNX)."""
+    return json.dumps(meta, allow_nan=False)
+
+
+def decode_metadata(raw: str | bytes, path: str | Path, again: str = "re-create it") -> dict[str, Any]:
+    """The metadata :func:`encode_metadata` wrote, or a one-line error naming ``path`` and the fix."""
+    try:
+        meta = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise UsageError(f"{path} has corrupt reslab metadata; {again}")
+    return meta
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -48,11 +69,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise UsageError(f"{path} is not a readable safetensors file ({e}); re-create it") from None
     if raw is None:
         raise UsageError(f"{path} has no reslab metadata: it was not written by reslab")
-    try:
-        meta = json.loads(raw)
-    except json.JSONDecodeError:
-        raise UsageError(f"{path} has corrupt reslab metadata; re-create it") from None
-    return meta
+    return decode_metadata(raw, path)
 
 
 def spec_from_metadata(meta: dict[str, Any], path: str | Path = "?") -> ModelSpec:

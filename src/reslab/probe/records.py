@@ -1,12 +1,16 @@
-"""The probe file format (``probe.json``): its one writer (:func:`entry_to_dict`) and one
-reader (:func:`read_probe`), with non-finite numbers as strings so the file is plain JSON."""
+"""The probe file format (``probe.json``, and a compare's ``probe-init.json``): its one writer
+(:func:`write_probe_file`, entries through :func:`entry_to_dict`) and its readers
+(:func:`read_probe`, :func:`read_probe_data`), with non-finite numbers as strings so the file
+is plain JSON."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from reslab.probe.measure import BlockProbe, ModelProbe, ProbeEntry, Verdict
@@ -77,10 +81,30 @@ def entry_from_dict(d: dict[str, Any]) -> ProbeEntry:
     return ProbeEntry(d["technique"], int(d["depth"]), probe, v, float(d["seconds"]))
 
 
+def write_probe_file(path: str | os.PathLike[str], config: dict[str, Any], results: Sequence[dict[str, Any]]) -> None:
+    """The one writer of probe files (``probe.json`` of ``reslab probe``, ``probe-init.json`` of
+    a compare): ``{"config": ..., "results": [entry_to_dict(...) (+ extra keys such as width)]}``.
+    Written atomically; no NaN (``allow_nan=False``: a probe's numbers are finite or None)."""
+    from reslab.files import atomic_write_text
+
+    atomic_write_text(
+        Path(path), json.dumps({"config": config, "results": list(results)}, indent=1, allow_nan=False) + "\n"
+    )
+
+
+def read_probe_data(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A probe file's raw content, ``{}`` when it is missing or unreadable: for readers that
+    skip what they cannot use (a report, the check whether a compare must probe again)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def read_probe(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[ProbeEntry]]:
     """``(config, entries)`` from a ``probe.json`` written by ``reslab probe``."""
-    import json
-
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)

@@ -30,7 +30,7 @@ from reslab.report.aggregate import (
     targets_for,
 )
 from reslab.report.decision_table import answer_section, methods_section, provenance_words
-from reslab.report.derived import write_derived_files
+from reslab.report.derived import has_records, write_derived_files
 from reslab.report.document import Doc
 from reslab.report.sections import (
     ModelView,
@@ -47,17 +47,15 @@ from reslab.report.sections import (
     training_gradient_section,
 )
 from reslab.study.decisions import decide, margin_of
+from reslab.study.gridfile import read_timing_file
 from reslab.study.regime import read_reference
 from reslab.study.regime import regimes as regime_of
 from reslab.study.results import (
     FIGURES_DIR,
     RUNS_DIR,
-    TIMING_FILE,
-    _read_json,
     collect,
     grid_cells,
     read_init_probe,
-    read_jsonl,
     read_probe_entries,
 )
 
@@ -108,7 +106,7 @@ def gather(
     out = Path(results_dir)
     dirs = [out, *(Path(d) for d in extra_dirs)]
     grid, runs = collect(dirs, strict=True)  # a corrupt summary.json is an error, not a guess
-    if not runs and read_jsonl(out / "results.jsonl"):
+    if not runs and has_records(out):
         # e.g. a copied report without its run folders: regenerating would replace the stored
         # figures with an empty report, so refuse rather than destroy them
         raise UsageError(
@@ -125,7 +123,7 @@ def gather(
     init_probe = read_init_probe(dirs)
     add_plan_and_init_probe(rows, grid, expected, runs, init_probe)
     missing = describe_missing(expected, runs)
-    timing = _read_json(out / TIMING_FILE)
+    timing = read_timing_file(out)
     regimes = regime_of(runs, models, margin_of(grid), [read_reference(r) for r in references])
     decisions = decide(grid, runs, timing, targets, regimes)
     apply_decisions(rows, decisions)

@@ -36,6 +36,19 @@ def write_derived_files(
     return results_jsonl, summary_csv
 
 
+def has_records(out: Path) -> bool:
+    """Whether ``out`` holds a results.jsonl with at least one record (a copied report)."""
+    try:
+        return any(line.strip() for line in (out / "results.jsonl").read_text(encoding="utf-8").splitlines())
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def decision_rows(decisions: Sequence[Decision]) -> list[dict[str, Any]]:
+    """decisions.json's records as plain JSON values (tuples as lists, a number that does not exist as None)."""
+    return json.loads(json.dumps([decision_record(d) for d in decisions]))
+
+
 #: the decision table, machine-readable (one object per model x technique)
 DECISIONS_FILE = "decisions.json"
 

@@ -8,16 +8,15 @@ Reads ``metrics.jsonl``, ``summary.json`` and ``gradients.jsonl``; never trains.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reslab.engine.runs import SUMMARY_FILE, read_jsonl, read_summary, summary_problem
 from reslab.errors import UsageError
 from reslab.files import atomic_write, atomic_write_text
 from reslab.report.aggregate import gradient_ratios
-from reslab.study.results import read_jsonl
 
 __all__ = ["RunReport", "is_run_folder", "write_run_report"]
 
@@ -97,10 +96,10 @@ def _plot_gradients(records: list[dict[str, Any]], title: str, path: Path) -> No
 def write_run_report(run: str | Path, out: str | Path | None = None) -> RunReport:
     """Write the figures of run folder ``run`` into ``out`` (default ``run/report``)."""
     run = Path(run)
-    try:
-        summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{run}/summary.json is unreadable ({e}); is {run} a run folder of 'reslab train'?") from None
+    summary = read_summary(run)
+    if summary is None:
+        why = summary_problem(run / SUMMARY_FILE) or "is missing"
+        raise UsageError(f"{run}/{SUMMARY_FILE} {why}; is {run} a run folder of 'reslab train'?")
     metrics = [r for r in read_jsonl(run / "metrics.jsonl") if "epoch" in r]
     if not metrics:
         raise UsageError(f"{run} has no completed epoch in metrics.jsonl yet; report it after the first epoch")

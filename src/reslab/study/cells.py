@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import _thread
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -23,13 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reslab.engine.runs import has_checkpoint, read_summary
-from reslab.files import atomic_write_text
+from reslab.engine.runs import append_jsonl, has_checkpoint, read_summary
 from reslab.study.claims import DEFAULT_LEASE_S, Claims
 from reslab.study.grid import Grid
+from reslab.study.gridfile import write_failure
 from reslab.study.results import (
     CLAIMS_DIR,
-    FAILED_DIR,
     FINISHED,
     RUNS_DIR,
     STARTS_FILE,
@@ -116,9 +114,7 @@ def append_start(run_dir: Path, resumed: bool) -> None:
         "resumed": resumed,
         "gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),  # the GPU(s) this worker was pinned to
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / STARTS_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+    append_jsonl(run_dir / STARTS_FILE, row)
 
 
 def _stop_when_lost(lost: threading.Event) -> Callable[[], None]:
@@ -231,5 +227,4 @@ def error_line(error: BaseException) -> str:
 def record_failure(results: Path, cell: Cell, error: BaseException | str) -> None:
     """``failed/NAME.json`` for a cell whose training raised ``error`` (or its :func:`error_line`)."""
     msg = error if isinstance(error, str) else error_line(error)
-    payload = {"model": cell.model, "technique": cell.technique, "seed": cell.seed, "error": msg}
-    atomic_write_text(results / FAILED_DIR / f"{cell.name}.json", json.dumps(payload) + "\n")
+    write_failure(results, cell.model, cell.technique, cell.seed, msg)

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from reslab.engine.runs import process_alive
 
@@ -314,6 +315,27 @@ class Claims:
                 on_wait = None  # say it once
             time.sleep(poll_s)
         return None
+
+
+#: in the claims folder: which results state the last report was written for, when and by whom
+REPORT_STAMP = "report.stamp"
+
+
+def write_report_stamp(claims: Claims, state: str) -> None:
+    """Record that the report for results ``state`` (a fingerprint) was written now, by this process."""
+    from reslab.files import atomic_write_text
+
+    stamp = {"state": state, "time": time.time(), "by": f"pid {os.getpid()} on {socket.gethostname()}"}
+    atomic_write_text(claims.root / REPORT_STAMP, json.dumps(stamp))
+
+
+def read_report_stamp(claims: Claims) -> dict[str, Any]:
+    """What :func:`write_report_stamp` last recorded (``{}`` when nothing readable was)."""
+    try:
+        stamp = json.loads((claims.root / REPORT_STAMP).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return stamp if isinstance(stamp, dict) else {}
 
 
 def describe(holder: Holder | None) -> str:

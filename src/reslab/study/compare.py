@@ -28,10 +28,8 @@ time estimates (:mod:`reslab.study.estimate`), the measurements before training
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,11 +38,10 @@ from typing import Any
 from reslab.engine.config import default_threads
 from reslab.engine.devices import pick_device
 from reslab.errors import UsageError
-from reslab.files import atomic_write_text
 from reslab.pool import STOP_GRACE_S, WorkerDied, WorkerPool, WorkerStopped
 from reslab.signals import Terminated
 from reslab.study.cells import claim_and_run_pack
-from reslab.study.claims import DEFAULT_LEASE_S, Claims, describe
+from reslab.study.claims import DEFAULT_LEASE_S, Claims, describe, read_report_stamp, write_report_stamp
 from reslab.study.estimate import LONG_RUN_S, Estimator, estimate_lines, fmt_duration, image_counts, timing_device
 from reslab.study.grid import Grid, prepare_results
 from reslab.study.packing import gain_words, resolve_pack
@@ -284,18 +281,11 @@ def report_if_last(
         return None, "another worker is writing the report"
     with lease.renewed():
         state = _results_state(results)
-        stamp_path = claims.root / "report.stamp"
-        try:
-            stamp = json.loads(stamp_path.read_text())
-        except (OSError, ValueError):
-            stamp = {}
+        stamp = read_report_stamp(claims)
         if stamp.get("state") == state and float(stamp.get("time", 0)) > time.time() - (time.perf_counter() - t0):
             return None, f"the report for these results was written by {stamp.get('by', 'another worker')}"
         rep = write(results)
-        atomic_write_text(
-            stamp_path,
-            json.dumps({"state": state, "time": time.time(), "by": f"pid {os.getpid()} on {socket.gethostname()}"}),
-        )
+        write_report_stamp(claims, state)
     return rep, None
 
 

@@ -1,6 +1,14 @@
-"""grid.json, the record of what a results folder's grid trains: its one reader
-(:func:`read_grid_file`, which checks every value before anything is written) and writer
-(:func:`write_grid_file`). The content is :meth:`reslab.study.grid.Grid.to_json`'s."""
+"""The JSON files a grid writes into its results folder beside the runs, each with its one
+reader and writer here:
+
+- ``grid.json``, the record of what the grid trains: :func:`read_grid_file` (which checks every
+  value before anything is written) and :func:`write_grid_file`; the content is
+  :meth:`reslab.study.grid.Grid.to_json`'s;
+- ``failed/NAME.json``, a cell whose training raised: :func:`write_failure`, :func:`read_failures`;
+- ``timing.json``, the dedicated step-time pass: :func:`write_timing`, :func:`read_timing_file`.
+
+Run folders' files are :mod:`reslab.engine.runs`'s, ``probe-init.json`` is
+:mod:`reslab.probe.records`' format and ``claims/`` is :mod:`reslab.study.claims`'."""
 
 from __future__ import annotations
 
@@ -14,12 +22,61 @@ from reslab.files import atomic_write_text
 from reslab.study.plan import ERROR_RATES, Plan
 
 GRID_FILE = "grid.json"
+FAILED_DIR = "failed"
+TIMING_FILE = "timing.json"
 
 
 def write_grid_file(out: Path, content: dict[str, Any]) -> None:
     """Write ``out/grid.json`` (atomically), after the same checks the reader makes."""
     path = out / GRID_FILE
     atomic_write_text(path, json.dumps(validate_grid(content, path), indent=2) + "\n")
+
+
+def _load(path: Path) -> Any:
+    """A JSON file of the results folder; ``None`` when missing or unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def peek_grid(path: Path) -> dict[str, Any]:
+    """grid.json's content unchecked, ``{}`` when it is missing or unreadable: for readers that
+    only take a hint from it (a width, say) and must not fail on a damaged file."""
+    obj = _load(path)
+    return obj if isinstance(obj, dict) else {}
+
+
+def write_failure(results: Path, model: str, technique: str, seed: int, error: str) -> Path:
+    """``failed/MODEL-TECHNIQUE-sSEED.json``: the cell's training raised ``error`` (one line)."""
+    path = results / FAILED_DIR / f"{model}-{technique}-s{seed}.json"
+    payload = {"model": model, "technique": technique, "seed": seed, "error": error}
+    atomic_write_text(path, json.dumps(payload) + "\n")
+    return path
+
+
+def read_failures(results: Path) -> list[tuple[str, str, int, str]]:
+    """``(model, technique, seed, error)`` of every readable failure record, in name order."""
+    out = []
+    folder = results / FAILED_DIR
+    for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        info = _load(f)
+        try:
+            out.append((str(info["model"]), str(info["technique"]), int(info["seed"]), str(info.get("error", ""))))
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
+
+
+def write_timing(results: Path, timing: dict[str, Any]) -> None:
+    """``timing.json``, as :func:`reslab.engine.timing.measure_step_times` returns it."""
+    atomic_write_text(results / TIMING_FILE, json.dumps(timing, indent=1) + "\n")
+
+
+def read_timing_file(results: Path) -> dict[str, Any]:
+    """``timing.json``'s content, ``{}`` when the folder has none (or it is unreadable)."""
+    obj = _load(results / TIMING_FILE)
+    return obj if isinstance(obj, dict) else {}
 
 
 def read_grid_file(path: Path) -> dict[str, Any]:

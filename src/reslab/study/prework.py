@@ -4,19 +4,18 @@ dataset check that precedes them."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from reslab.engine.timing import measure_step_times
 from reslab.errors import UsageError
-from reslab.files import atomic_write_text
+from reslab.probe.records import read_probe_data, write_probe_file
 from reslab.study.claims import Claims, describe
 from reslab.study.grid import Grid
+from reslab.study.gridfile import read_timing_file, write_timing
 from reslab.study.results import (
     PROBE_FILE,
-    TIMING_FILE,
 )
 from reslab.study.scheduler import GridProgress
 
@@ -79,7 +78,7 @@ def probe_at_init(grid: Grid, results: Path, batches: int = 1, batch_size: int =
     except Exception as e:  # noqa: BLE001 - a failed measurement must not stop the training grid
         config["error"] = f"{type(e).__name__}: {e}"
     path = results / PROBE_FILE
-    atomic_write_text(path, json.dumps({"config": config, "results": results_out}, indent=1) + "\n")
+    write_probe_file(path, config, results_out)
     return path
 
 
@@ -87,7 +86,7 @@ def probe_done(grid: Grid, results: Path) -> bool:
     """Does ``PROBE_FILE`` cover every technique at every target (a failed probe does not)?"""
     have: set[tuple[str, int, float]] = set()
     try:
-        old = json.loads((results / PROBE_FILE).read_text())
+        old = read_probe_data(results / PROBE_FILE)
         if "error" not in old.get("config", {}):  # a failed probe is tried again
             have = {(e["technique"], int(e["depth"]), float(e["width"])) for e in old["results"]}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -119,12 +118,11 @@ def read_timing(grid: Grid, results: Path) -> dict[str, Any] | None:
     """The stored step-time pass when it covers every model x technique of ``grid`` and was
     measured on the kind of device (CPU or CUDA) the grid trains on here. A file without a
     device record was written when the pass always ran on the CPU."""
-    try:
-        old = json.loads((results / TIMING_FILE).read_text())
-        if {f"{m}/{t}" for m in grid.models for t in grid.techniques} <= set(old.get("steps", {})):
-            return old if _same_device_type(grid, old) else None
-    except (OSError, ValueError, AttributeError):
-        pass
+    old = read_timing_file(results)
+    if isinstance(old.get("steps"), dict) and {f"{m}/{t}" for m in grid.models for t in grid.techniques} <= set(
+        old["steps"]
+    ):
+        return old if _same_device_type(grid, old) else None
     return None
 
 
@@ -169,7 +167,7 @@ def timing_if_needed(
             channels_last=bool(grid.train.get("channels_last", True)),
             cuda_graphs=bool(grid.train.get("cuda_graphs", False)),
         )
-        atomic_write_text(results / TIMING_FILE, json.dumps(timing, indent=1) + "\n")
+        write_timing(results, timing)
         dev = timing["device"]
         prog.line(f"compare: timed on {dev['name']} ({dev['type']}), {timing['settings']['precision']}")
     return timing

@@ -15,7 +15,6 @@ here, so the writer and the reader cannot disagree::
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,18 +23,18 @@ from typing import Any
 
 import yaml
 
-from reslab.engine.runs import SUMMARY_FILE, UNKNOWN, read_summary, status_of
+from reslab.engine.runs import SUMMARY_FILE, UNKNOWN, read_jsonl, read_summary, status_of, summary_problem
 from reslab.errors import UsageError
-from reslab.study.gridfile import GRID_FILE, read_grid_file
+from reslab.study.gridfile import FAILED_DIR as FAILED_DIR  # the layout, named here for its readers
+from reslab.study.gridfile import GRID_FILE, peek_grid, read_failures, read_grid_file
+from reslab.study.gridfile import TIMING_FILE as TIMING_FILE
 
 RUNS_DIR = "runs"
-FAILED_DIR = "failed"
 FIGURES_DIR = "figures"
 CLAIMS_DIR = "claims"
 #: inside a run folder: one line per training start (pid, host, time, resumed), written under the claim
 STARTS_FILE = "starts.jsonl"
 PROBE_FILE = "probe-init.json"
-TIMING_FILE = "timing.json"
 BASELINE = "baseline"
 FINISHED = ("completed", "diverged")
 
@@ -79,32 +78,6 @@ class RunData:
 
 # ---------------------------------------------------------------------------------------
 # Reading
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """JSON lines; a torn last line (the writer was killed mid-write) is skipped, not fatal."""
-    out: list[dict[str, Any]] = []
-    if not path.is_file():
-        return out
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            out.append(obj)
-    return out
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return obj if isinstance(obj, dict) else {}
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -154,21 +127,9 @@ def read_run(path: Path, *, strict: bool = False) -> RunData | None:
 
 def check_summary_file(file: Path) -> None:
     """Raise :class:`UsageError` when ``file`` exists but is not a JSON object."""
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return  # no summary yet: a run killed as it started
-    except (OSError, UnicodeDecodeError) as e:
-        why = f"cannot be read ({e.__class__.__name__})"
-    else:
-        try:
-            obj = json.loads(text)
-        except ValueError:
-            why = "is not valid JSON"
-        else:
-            if isinstance(obj, dict):
-                return
-            why = f"holds a JSON {type(obj).__name__}, not an object"
+    why = summary_problem(file)
+    if why is None:
+        return
     raise UsageError(
         f"{file} {why}, so this run's result is unknown; re-run the same compare command to retrain it, "
         f"or delete the run folder {file.parent}"
@@ -213,12 +174,8 @@ def collect(dirs: Sequence[Path], *, strict: bool = False) -> tuple[dict[str, An
             old = runs.get(run.cell)
             if old is None or (run.finished and not old.finished):
                 runs[run.cell] = run
-        for f in sorted((d / FAILED_DIR).glob("*.json")) if (d / FAILED_DIR).is_dir() else []:
-            info = _read_json(f)
-            try:
-                cell = Cell(str(info["model"]), str(info["technique"]), int(info["seed"]))
-            except (KeyError, TypeError, ValueError):
-                continue
+        for model, technique, seed, error in read_failures(d):
+            cell = Cell(model, technique, seed)
             if cell not in runs or not runs[cell].finished:
                 old = runs.get(cell)
                 runs[cell] = RunData(
@@ -228,7 +185,7 @@ def collect(dirs: Sequence[Path], *, strict: bool = False) -> tuple[dict[str, An
                     config=old.config if old else {},
                     summary=old.summary if old else {},
                     metrics=old.metrics if old else [],
-                    error=str(info.get("error", "unknown error")),
+                    error=error or "unknown error",
                 )
     if not runs and grid is None:
         raise UsageError(
@@ -262,8 +219,10 @@ def summary_value(status: str | None, summary: dict[str, Any]) -> float | None:
 def read_probe_entries(dirs: Sequence[Path]) -> list[dict[str, Any]]:
     """Init-probe entries (technique, depth, width, verdict, grad_ratio) of the first folder that
     has them, in reslab.probe's format (results folders of reslab 0.1 have no depth: skipped)."""
+    from reslab.probe.records import read_probe_data  # here: reading a results folder needs no torch
+
     for d in dirs:
-        data = _read_json(d / PROBE_FILE)
+        data = read_probe_data(d / PROBE_FILE)
         res = data.get("results")
         if isinstance(res, list) and res:
             return [e for e in res if isinstance(e, dict) and "technique" in e and "depth" in e]
@@ -273,14 +232,16 @@ def read_probe_entries(dirs: Sequence[Path]) -> list[dict[str, Any]]:
 def read_init_probe(dirs: Sequence[Path]) -> dict[tuple[str, str], dict[str, Any]]:
     """(model, technique) -> init-probe entry at that model, from the first probe-init.json found
     (reslab.probe's format, or the ``entries`` list of results folders written by reslab 0.1)."""
+    from reslab.probe.records import read_probe_data  # here: reading a results folder needs no torch
+
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for d in dirs:
-        data = _read_json(d / PROBE_FILE)
+        data = read_probe_data(d / PROBE_FILE)
         if isinstance(data.get("entries"), list):
             items = [e for e in data["entries"] if isinstance(e, dict) and "model" in e and "technique" in e]
         else:
             items = []
-            widths = {float((_read_json(d / GRID_FILE).get("train") or {}).get("width", 1.0))}
+            widths = {float((peek_grid(d / GRID_FILE).get("train") or {}).get("width", 1.0))}
             for e in data.get("results", []) if isinstance(data.get("results"), list) else []:
                 if isinstance(e, dict) and "depth" in e and float(e.get("width", 1.0)) in widths:
                     items.append({**e, "model": f"resnet{int(e['depth'])}", "blocks": e.get("num_blocks")})

@@ -15,7 +15,6 @@ instead, on batches of the dataset it was trained on: gradient flow after traini
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
@@ -237,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
 
     from reslab.engine.devices import describe_device
     from reslab.files import atomic_write_text
-    from reslab.probe.records import entry_to_dict
+    from reslab.probe.records import entry_to_dict, write_probe_file
     from reslab.probe.runner import default_workers
     from reslab.probe.summary import ratio_cell, render_markdown, table
 
@@ -285,8 +284,7 @@ def run(args: argparse.Namespace) -> int:
     when = "of trained weights" if extra else "at init"
     plot_signal_propagation(entries, out / "signal_propagation.png", when)
     plot_gradient_ratio(entries, out / "gradient_ratio.png", when)
-    payload = {"config": meta, "results": [entry_to_dict(e) for e in entries]}
-    atomic_write_text(out / "probe.json", json.dumps(payload, indent=1, allow_nan=False) + "\n")
+    write_probe_file(out / "probe.json", meta, [entry_to_dict(e) for e in entries])
     atomic_write_text(out / "probe.md", render_markdown(entries, techniques, depths, meta))
     print(f"wrote {out}/probe.md, probe.json, signal_propagation.png, gradient_ratio.png")
     return 0
