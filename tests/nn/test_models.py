@@ -122,6 +122,45 @@ def test_layerscale_init_value() -> None:
     assert all(torch.equal(b.gamma, torch.full_like(b.gamma, 1e-3)) for _, b in reslab.residual_blocks(model))
 
 
+class _CountedInit(reslab.Technique):
+    """The plain merge, recording every init rule applied (a private instance, not registered)."""
+
+    def __init__(self) -> None:
+        self.blocks: list[nn.Module] = []
+        self.models: list[nn.Module] = []
+
+    def init_block(self, block: nn.Module, num_blocks: int) -> None:
+        self.blocks.append(block)
+
+    def init_model(self, model: nn.Module) -> None:
+        self.models.append(model)
+
+
+@pytest.mark.parametrize("kind", [BasicBlock, Bottleneck])
+def test_a_model_initialises_each_block_once(kind: type[nn.Module]) -> None:
+    tech = _CountedInit()
+    model = reslab.nn.models.ResNet(kind, (2, 1), (4, 8), technique=tech)
+    blocks = [b for _, b in reslab.residual_blocks(model)]
+    assert len(blocks) == 3
+    assert len(tech.blocks) == 3 and {id(b) for b in tech.blocks} == {id(b) for b in blocks}
+    assert tech.models == [model]
+    # a block built on its own initialises itself, once; init=False leaves it to its owner
+    alone = _CountedInit()
+    block = kind(16, 4 if kind is Bottleneck else 16, technique=alone)
+    assert alone.blocks == [block]
+    deferred = _CountedInit()
+    kind(16, 4 if kind is Bottleneck else 16, technique=deferred, init=False)
+    assert deferred.blocks == []
+
+
+def test_zero_init_last_survives_the_models_he_init() -> None:
+    # the block's rule runs after the model's He init, which sets every BatchNorm weight to 1
+    model = build_model("resnet8", technique="zero_init")
+    for _, b in reslab.residual_blocks(model):
+        assert torch.count_nonzero(b.last_norm_layer().weight) == 0
+        assert torch.all(b.bn1.weight == 1)
+
+
 def test_fixup_init_and_bound() -> None:
     """Fixup ResNet-110 at init: logits exactly 0, and the feature scale bounded by e^2.
 

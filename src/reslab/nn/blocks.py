@@ -218,6 +218,8 @@ class BasicBlock(ResidualBlock):
         zero_init_last: start the last BN gamma at zero (default: the technique's).
         num_blocks: residual blocks in the whole network, for depth-aware init (Fixup).
         technique_args: keyword arguments for the technique's constructor.
+        init: apply the technique's init rule (:meth:`init_weights`) now. A :class:`~reslab.nn.models.ResNet`
+            passes False: it applies the rule once, after its He init of every conv.
     """
 
     expansion = 1
@@ -235,6 +237,7 @@ class BasicBlock(ResidualBlock):
         zero_init_last: bool | None = None,
         num_blocks: int = 1,
         technique_args: dict[str, Any] | None = None,
+        init: bool = True,
     ) -> None:
         super().__init__()
         tech = _resolve(technique, technique_args)
@@ -244,7 +247,8 @@ class BasicBlock(ResidualBlock):
         self.conv2 = tech.conv(out_channels, out_channels, 3, 1, conv_bias)
         self.bn2 = tech.norm(out_channels) if tech.preact else tech.last_norm(out_channels)
         self._setup(in_channels, out_channels, stride, downsample, tech, drop_path_rate, zero_init_last)
-        self.init_weights(num_blocks)
+        if init:
+            self.init_weights(num_blocks)
 
     def _branch(self, x: Tensor, gain: Tensor | None = None) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -277,6 +281,7 @@ class Bottleneck(ResidualBlock):
         zero_init_last: bool | None = None,
         num_blocks: int = 1,
         technique_args: dict[str, Any] | None = None,
+        init: bool = True,
     ) -> None:
         super().__init__()
         tech = _resolve(technique, technique_args)
@@ -289,7 +294,8 @@ class Bottleneck(ResidualBlock):
         self.conv3 = tech.conv(planes, out_channels, 1, 1, conv_bias)
         self.bn3 = tech.norm(planes) if tech.preact else tech.last_norm(out_channels)
         self._setup(in_channels, out_channels, stride, downsample, tech, drop_path_rate, zero_init_last)
-        self.init_weights(num_blocks)
+        if init:
+            self.init_weights(num_blocks)
 
     def _branch(self, x: Tensor, gain: Tensor | None = None) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))

@@ -118,6 +118,7 @@ class ResNet(nn.Module):
                         drop_path_rate=rate,
                         zero_init_last=zero_init_last,
                         num_blocks=num_blocks,
+                        init=False,  # once, by _init_weights, after the He init it would undo
                     )
                 )
                 channels = out
@@ -132,7 +133,8 @@ class ResNet(nn.Module):
         self._init_weights(num_blocks)
 
     def _init_weights(self, num_blocks: int) -> None:
-        # torchvision's init: He normal (fan_out) for convs, BN at identity.
+        """The model's one initialisation: torchvision's (He normal, fan_out, for convs; BN at
+        identity), then each block's technique rule, then the technique's model-level rule."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
