@@ -14,7 +14,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,9 +30,22 @@ def _write_lease(root: Path, name: str, gen: int, host: str, pid: int, start: st
     path = root / f"{name}.{gen}.lease"
     path.write_text(Holder(host, pid, start, "t" * 32).to_json())
     if age_s:
-        t = time.time() - age_s
-        os.utime(path, (t, t))
+        _backdate(path, age_s)
     return path
+
+
+def _backdate(path: Path, age_s: float) -> None:
+    """Make ``path`` look last renewed ``age_s`` seconds ago: a lease's age without waiting for it."""
+    t = time.time() - age_s
+    os.utime(path, (t, t))
+
+
+def _wait_for(cond: Callable[[], bool], what: str) -> None:
+    """Poll ``cond()`` until it holds; only a hang (HANG_S) fails."""
+    deadline = time.monotonic() + HANG_S
+    while not cond():
+        assert time.monotonic() < deadline, f"hung waiting for {what}"
+        time.sleep(0.01)
 
 
 def _dead_pid() -> int:
@@ -85,11 +100,12 @@ def test_remote_holder_is_judged_by_renewal_age(tmp_path: Path) -> None:
 
 
 def test_a_stalled_holder_learns_it_lost_the_claim(tmp_path: Path) -> None:
-    a = Claims(tmp_path, lease_s=0.5)
+    a = Claims(tmp_path, lease_s=60)
     lease = a.try_claim("cell")
     assert lease is not None
-    time.sleep(1.2)  # no renewal for longer than the lease: another worker may take over
-    taker = Claims(tmp_path, lease_s=0.5).try_claim("cell")
+    assert Claims(tmp_path, lease_s=60).try_claim("cell") is None  # renewed just now: held
+    _backdate(lease.path, 600)  # no renewal for ten leases: another worker may take over
+    taker = Claims(tmp_path, lease_s=60).try_claim("cell")
     assert taker is not None and taker.gen == 2
     assert not lease.renew() and not lease.held()
     lease.release()  # releasing a lost claim must not remove the taker's
@@ -97,23 +113,37 @@ def test_a_stalled_holder_learns_it_lost_the_claim(tmp_path: Path) -> None:
     # after the taker releases and a third worker claims generation 1 anew, the stalled
     # holder's name matches again, but its token does not
     taker.release()
-    third = Claims(tmp_path, lease_s=0.5).try_claim("cell")
+    third = Claims(tmp_path, lease_s=60).try_claim("cell")
     assert third is not None and third.gen == 1
     assert not lease.renew()
 
 
 def test_renewal_thread_keeps_a_claim_and_reports_a_loss(tmp_path: Path) -> None:
-    claims = Claims(tmp_path, lease_s=0.6)
+    """The lease is made stale by hand (its time set ten leases back) and the renewal thread makes
+    it fresh again, so no one can take it over; once its file is removed (what a takeover does),
+    on_lost is called, once. Every wait is for an event, never a fixed time."""
+    claims = Claims(tmp_path, lease_s=60)
     lease = claims.try_claim("cell")
     assert lease is not None
-    lost: list[bool] = []
-    with lease.renewed(lambda: lost.append(True), every=0.1):
-        time.sleep(1.5)  # 2.5 leases: without renewal it would be stale
-        assert Claims(tmp_path, lease_s=0.6).try_claim("cell") is None
+    _backdate(lease.path, 600)
+    stale_at = lease.path.stat().st_mtime
+    assert claims.holder("cell") is None  # stale: without a renewal another worker may take it
+    lost = threading.Event()
+    calls: list[bool] = []
+
+    def on_lost() -> None:
+        calls.append(True)
+        lost.set()
+
+    with lease.renewed(on_lost, every=0.05):
+        _wait_for(lambda: lease.path.stat().st_mtime > stale_at, "the renewal thread to renew")
+        assert claims.holder("cell") == lease.holder
+        assert Claims(tmp_path, lease_s=60).try_claim("cell") is None
+        assert not lost.is_set()
         # simulate a takeover by another host: remove our generation, as the winner does
         lease.path.unlink()
-        time.sleep(0.4)
-        assert lost == [True]
+        assert lost.wait(HANG_S), "the renewal thread did not report the loss"
+    assert calls == [True]
     assert claims.active() == {}
 
 
