@@ -96,6 +96,29 @@ def test_a_pack_of_one_is_a_run_alone_up_to_rounding(tiny_train_config, tmp_path
     assert records(tmp_path / "p")[0]["train_loss"] == pytest.approx(records(tmp_path / "a")[0]["train_loss"], rel=1e-4)
 
 
+@pytest.mark.parametrize("val_size", [200, 0])
+def test_a_pack_validates_once_per_epoch(tiny_train_config, tmp_path, monkeypatch, val_size):
+    from reslab.engine.sources import ArraySource
+
+    passes: list[str] = []
+    real = ArraySource.eval_batches
+
+    def counted(self, which, batch):
+        passes.append(which)
+        return real(self, which, batch)
+
+    monkeypatch.setattr(ArraySource, "eval_batches", counted)
+    cfgs = [tiny_train_config(seed=s, val_size=val_size) for s in (0, 1)]
+    summaries = train_pack(cfgs, [tmp_path / f"s{s}" for s in (0, 1)], progress=False)
+    # one pass of the pack per epoch for both runs; the test images get their own pass unless they are
+    # the validation images, whose last pass then is each run's test result
+    assert passes == ["val", "val"] + (["test"] if val_size else [])
+    for s, summary in zip((0, 1), summaries, strict=True):
+        assert summary["status"] == "completed"
+        if not val_size:
+            assert summary["test_acc"] == records(tmp_path / f"s{s}")[-1]["val_acc"]
+
+
 def nan_at(member: int, step: int):
     """A loss hook making ``member``'s loss non-finite from optimizer step ``step`` (1-based) on."""
 

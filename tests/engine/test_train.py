@@ -153,6 +153,44 @@ def test_run_folder_contents_and_test_accuracy(tmp_path, tiny_train_config):
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def count_eval_passes(monkeypatch) -> list[str]:
+    """The passes over evaluation images (``"val"`` or ``"test"``) of every in-memory run, in order."""
+    from reslab.engine.sources import ArraySource
+
+    passes: list[str] = []
+    real = ArraySource.eval_batches
+
+    def counted(self, which, batch):
+        passes.append(which)
+        return real(self, which, batch)
+
+    monkeypatch.setattr(ArraySource, "eval_batches", counted)
+    return passes
+
+
+@pytest.mark.parametrize(("val_size", "evals_per_epoch"), [(200, 1), (200, 3), (0, 1), (0, 2)])
+def test_validation_runs_once_per_epoch(tmp_path, monkeypatch, tiny_train_config, val_size, evals_per_epoch):
+    passes = count_eval_passes(monkeypatch)
+    out = tmp_path / "r"
+    cfg = tiny_train_config(val_size=val_size, evals_per_epoch=evals_per_epoch)
+    summary = train(cfg, out, progress=False)
+    assert summary["status"] == "completed"
+    # each of the 2 epochs validates once at its end and evals_per_epoch - 1 times inside it; the test
+    # images get a pass of their own unless they are the validation images (val_size 0): then the last
+    # validation was that pass
+    assert passes == ["val"] * (2 * evals_per_epoch) + (["test"] if val_size else [])
+    if not val_size:
+        # the reused figure is the test accuracy, computed here independently from the saved weights
+        meta = read_metadata(out / "model.safetensors")
+        model = load_model(out / "model.safetensors").eval()
+        ds = load_arrays("fashion-mnist")
+        x = (ds.test_x.float() / 255 - meta["mean"][0]) / meta["std"][0]
+        with torch.no_grad():
+            logits = torch.cat([model(x[i : i + 1000]) for i in range(0, len(x), 1000)])
+        assert summary["test_acc"] == pytest.approx((logits.argmax(1) == ds.test_y).double().mean().item(), abs=1e-4)
+        assert summary["test_acc"] == _rows(out)[-1]["val_acc"]
+
+
 def test_same_seed_same_weights_other_seed_differs(tmp_path, tiny_train_config):
     a = train(tiny_train_config(epochs=1), tmp_path / "a", progress=False)
     b = train(tiny_train_config(epochs=1), tmp_path / "b", progress=False)

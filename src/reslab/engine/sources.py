@@ -79,6 +79,8 @@ class ArraySource:
             self.val = (ds.test_x.to(device), ds.test_y.to(device))
         test_idx = test_subset(len(ds.test_x), cfg.test_subset)
         self.test = (ds.test_x[test_idx].to(device), ds.test_y[test_idx].to(device))
+        #: the validation images are the test images, in the same order (then the last validation is the test)
+        self.val_is_test = not val_size and len(test_idx) == len(ds.test_x)
         self.n_train = len(train_idx)
         self.chance_acc = chance_acc(ds.test_y[test_idx].tolist())
 
@@ -116,6 +118,8 @@ class FolderSource:
         self.train_files = train
         self.val_files = val if val_size else ds.test_files
         self.test_files = [ds.test_files[i] for i in test_subset(len(ds.test_files), cfg.test_subset).tolist()]
+        #: the validation images are the test images, in the same order (then the last validation is the test)
+        self.val_is_test = not val_size and len(self.test_files) == len(ds.test_files)
         self.n_train = len(train)
         self.chance_acc = chance_acc([label for _, label in self.test_files])
 

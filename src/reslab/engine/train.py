@@ -137,7 +137,7 @@ def _train(
             summary.update(elapsed_s=round(state.elapsed, 3))
             for cb in callbacks:
                 cb.on_epoch_end(row)
-        test_loss, test_acc = evaluate(engine, "test")
+        test_loss, test_acc = final_test_result(engine, state)
         run_end(callbacks, summary, status="completed", test_acc=test_acc, test_loss=test_loss)
         d.barrier()
         return summary
@@ -248,6 +248,16 @@ def evaluate(e: Engine, which: str) -> tuple[float, float]:
     model.train()
     n = max(float(totals[2]), 1.0)
     return float(totals[0]) / n, float(totals[1]) / n
+
+
+def final_test_result(e: Engine, state: RunState) -> tuple[float, float]:
+    """``(loss, accuracy)`` on the test images of the trained model: the last epoch's validation
+    when the validation images are the test images (``val_size`` 0, every test image used), which
+    was the same pass over the same weights, else a pass of its own."""
+    last = state.metrics[-1] if state.metrics else None
+    if e.source.val_is_test and last is not None and last["epoch"] == e.cfg.epochs:
+        return last["val_loss"], last["val_acc"]
+    return evaluate(e, "test")
 
 
 def raise_if_diverged(summary: dict[str, Any]) -> dict[str, Any]:

@@ -38,6 +38,7 @@ one a run alone writes, so such a member can always be resumed alone with
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -231,7 +232,7 @@ def _run(members: list[Member], say: Progress, loss_hook: LossHook | None, route
                 return
             accs = " ".join(f"{val[i][1]:.4f}" for i in alive)
             say.line(f"epoch {epoch}/{cfg.epochs}  val_acc {accs}  {epoch_s:.1f}s")
-        test = _evaluate(members, pack, "test")
+        test = _test_results(members, pack)
         for i, m in enumerate(members):
             if m.alive:
                 run_end(m.callbacks, m.summary, status="completed", test_acc=test[i][1], test_loss=test[i][0])
@@ -334,6 +335,18 @@ def _train_epoch(
         else:
             out.append(EpochResult(sums[i] / seen, float(correct[i]) / seen, float(seen), train_s, lr))
     return out
+
+
+def _test_results(members: list[Member], pack: PackedModel) -> list[tuple[float, float]]:
+    """Every member's ``(loss, accuracy)`` on the test images once trained: as alone
+    (:func:`reslab.engine.train.final_test_result`), the last epoch's validation where the
+    validation images are the test images, else a pass of the pack."""
+    e0 = members[0].engine
+    alive = [m for m in members if m.alive]
+    if e0.source.val_is_test and all(m.state.metrics and m.state.metrics[-1]["epoch"] == e0.cfg.epochs for m in alive):
+        last = [m.state.metrics[-1] if m.alive else {"val_loss": math.nan, "val_acc": math.nan} for m in members]
+        return [(r["val_loss"], r["val_acc"]) for r in last]
+    return _evaluate(members, pack, "test")
 
 
 def _evaluate(members: list[Member], pack: PackedModel, which: str) -> list[tuple[float, float]]:
