@@ -106,18 +106,34 @@ def write_run(
     return run
 
 
-def write_grid(root: Path, techniques: list[str], seeds=SEEDS, target: float = 0.85, interval: str = "t") -> None:
+def write_grid(
+    root: Path,
+    techniques: list[str],
+    seeds=SEEDS,
+    target: float = 0.85,
+    interval: str = "t",
+    sequential: dict | None = None,
+    error_rate: str | None = None,
+) -> None:
+    """``root/grid.json`` for a fashion-mnist grid of resnet8 and ``techniques``, written the way
+    ``reslab compare`` writes it: :meth:`Grid.to_json` through the one writer, which checks it.
+    ``sequential`` is a plan as a dict; ``error_rate`` ``None`` keeps the grid's default."""
+    from reslab.study.grid import Grid
+    from reslab.study.gridfile import write_grid_file
+
     root.mkdir(parents=True, exist_ok=True)
-    grid = {
-        "version": 1,
-        "models": ["resnet8"],
-        "techniques": techniques,
-        "seeds": list(seeds),
-        "target_acc": target,
-        "interval": interval,
-        "train": {"dataset": "fashion-mnist", "epochs": 3},
-    }
-    (root / "grid.json").write_text(json.dumps(grid))
+    extra = {} if error_rate is None else {"error_rate": error_rate}
+    grid = Grid(
+        models=["resnet8"],
+        techniques=list(techniques),
+        seeds=list(seeds),
+        train={"dataset": "fashion-mnist", "epochs": 3},
+        target_acc=target,
+        interval=interval,
+        sequential=sequential,
+        **extra,
+    )
+    write_grid_file(root, grid.to_json())
 
 
 def read_summary(path: Path) -> dict[str, dict[str, str]]:
@@ -128,9 +144,6 @@ def read_summary(path: Path) -> dict[str, dict[str, str]]:
 def write_sequential_grid(
     root: Path, techniques: list[str], max_seeds: int = 5, min_seeds: int = 3, error_rate: str | None = None
 ) -> None:
-    write_grid(root, techniques, seeds=range(max_seeds))
-    grid = json.loads((root / "grid.json").read_text())
-    grid["sequential"] = {"min_seeds": min_seeds, "max_seeds": max_seeds, "step": 1, "alpha": 0.05, "margin": 0.005}
-    if error_rate is not None:
-        grid["error_rate"] = error_rate
-    (root / "grid.json").write_text(json.dumps(grid))
+    """:func:`write_grid` with a sequential plan of looks from ``min_seeds`` to ``max_seeds``, one seed a look."""
+    plan = {"min_seeds": min_seeds, "max_seeds": max_seeds, "step": 1, "alpha": 0.05, "margin": 0.005}
+    write_grid(root, techniques, seeds=range(max_seeds), sequential=plan, error_rate=error_rate)
