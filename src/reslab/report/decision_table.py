@@ -14,11 +14,12 @@ from reslab.report.aggregate import (
     as_float,
 )
 from reslab.report.document import Doc
-from reslab.study.decisions import Decision, interval_pp, nothing_learned_words, pp
+from reslab.study.calibration import CALIBRATION_SHAPES
+from reslab.study.decisions import FAILURE_TARGET, Decision, interval_pp, nothing_learned_words, pp
 from reslab.study.regime import Regime
 from reslab.study.results import FIGURES_DIR
-from reslab.study.stepdown import CHANCE_TOL, LEARNED_MIN
-from reslab.version import __version__
+from reslab.study.stepdown import CHANCE_TOL, FAILURE_CONFIDENCE, LEARNED_MIN
+from reslab.version import __version__, source_commit
 
 
 def fmt_value(x: Any, spec: str = ".2f") -> str:
@@ -209,12 +210,14 @@ def answer_section(
     claims = [d for d in decisions if d.decision in ("equivalent", "better")]
     if claims:
         need = max((d.seeds_for_bound or 0) for d in claims)
+        example = f"{100 * claims[0].fail_bound:.0f}%"
         notes.append(
             "Equivalent and better bound the accuracy of the runs that finished, not how often the technique "
-            "fails: 'rate ≤ 39%' is the failure rate (diverged or stuck at chance) its seeds do not exclude "
-            "(exact one-sided Clopper-Pearson, 95%)"
+            f"fails: 'rate ≤ {example}' is the failure rate (diverged or stuck at chance) its seeds do not exclude "
+            f"(exact one-sided Clopper-Pearson, {100 * FAILURE_CONFIDENCE:g}%)"
             + (
-                f"; {need} seeds without a failure bring it to 10% (--seeds {need} --max-seeds {need})."
+                f"; {need} seeds without a failure bring it to {100 * FAILURE_TARGET:g}% "
+                f"(--seeds {need} --max-seeds {need})."
                 if need
                 else "."
             )
@@ -238,12 +241,13 @@ def methods_section(doc: Doc, decisions: Sequence[Decision]) -> None:
     if not decisions:
         return
     d0 = decisions[0]
+    max_skew = max(abs(skew) for _, skew in CALIBRATION_SHAPES)
     levels = ", ".join(sorted({f"{d.nominal:.2g}" for d in decisions if math.isfinite(d.nominal)})) or "n/a"
     doc.p(
         "The difference is technique minus baseline in test accuracy at the end of training, paired by seed "
         "(seed k sees the same data and augmentation in every technique), over the seeds where both runs "
         f"finished and learned. Its interval is read at the two-sided level the step-down gave the row ({levels}), "
-        "calibrated by simulation for differences skewed up to skewness 2. Better / worse: the interval "
+        f"calibrated by simulation for differences skewed up to skewness {max_skew:g}. Better / worse: the interval "
         f"excludes 0; equivalent: both one-sided bounds within +-{100 * d0.margin:.2g} pp (TOST). A run failed "
         f"when it diverged or ended within {100 * CHANCE_TOL:.0f} pp of chance: a technique that failed where "
         "baseline did not is never equivalent or better, and is worse when the imbalance of failures decides. "
@@ -263,27 +267,10 @@ def methods_section(doc: Doc, decisions: Sequence[Decision]) -> None:
 
 def provenance_words(grid: dict[str, Any] | None) -> str:
     """Which reslab wrote the report (and its git commit) and which trained the grid."""
-    commit = git_commit()
+    commit = source_commit()
     return (
         f"Written by reslab {__version__}"
         + (f" (git {commit})" if commit else "")
         + (f"; grid trained by reslab {grid.get('reslab')}" if grid and grid.get("reslab") else "")
         + "."
     )
-
-
-def git_commit() -> str | None:
-    """The commit of the reslab source tree, when it is a git checkout (None otherwise)."""
-    import subprocess
-
-    src = Path(__file__).resolve().parent
-    try:
-        res = subprocess.run(
-            ["git", "-C", str(src), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if res.returncode != 0:
-        return None
-    dirty = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--", "."], capture_output=True, text=True)
-    return res.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

@@ -32,6 +32,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,25 @@ def _gpu_env(grid: Grid, jobs: int) -> Callable[[int], dict[str, str]] | None:
     return lambda i: {"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}
 
 
+@dataclass
+class Setup:
+    """What the steps before training establish, and the steps after it read."""
+
+    grid: Grid
+    results: Path
+    claims: Claims
+    prog: GridProgress
+    jobs: int
+    threads: int
+    pack_size: int
+    pack_gain: float | None
+    sched: Scheduler
+    total_s: float
+    #: the time estimate in words, e.g. "estimated time 4m30s ... on Intel Xeon (training and evaluation; ...)"
+    estimate: str
+    t0: float
+
+
 def run_grid(
     grid: Grid,
     out: str | Path,
@@ -93,7 +113,6 @@ def run_grid(
     lease_s: float = DEFAULT_LEASE_S,
     threads: int | None = None,
     pack: int | str = "auto",
-    estimate_only: bool = False,
 ) -> CompareResult:
     """Train the cells ``grid`` needs (all of them, or seeds until decided) into ``out``, then
     call ``report(out)`` (the report writer the caller chose, e.g. :func:`reslab.report.build.build_report`).
@@ -105,13 +124,54 @@ def run_grid(
     the jobs; a launcher passes what its engine allotted (Ray does not narrow the affinity).
     The report is written by the process that finds the grid finished
     with no other worker still training. ``pack``: runs per packed model (an integer, or
-    ``"auto"``: :func:`reslab.study.packing.resolve_pack`). ``estimate_only``: take the
-    measurements the estimate needs (the timing pass and the pack probe, kept in ``out`` for the
-    real run), say the estimate, and train nothing.
+    ``"auto"``: :func:`reslab.study.packing.resolve_pack`).
 
-    Settings errors (unknown technique, missing dataset, a results folder made with other
-    settings) raise :class:`UsageError` before any training starts.
+    The steps, in order: :func:`set_up` (check, open the folder, probe at initialisation, time
+    the steps, plan packs and the estimate), :func:`announce`, :func:`train`, :func:`finish`
+    (the result, and the report when this process is the last). Settings errors (unknown
+    technique, missing dataset, a results folder made with other settings) raise
+    :class:`UsageError` in the first step, before any training starts.
     """
+    setup = set_up(grid, out, jobs, shard, progress, lease_s, threads, pack, probe_init=probe_init)
+    announce(setup, shard)
+    train(setup, lease_s)
+    return finish(setup, report)
+
+
+def estimate_grid(
+    grid: Grid,
+    out: str | Path,
+    *,
+    jobs: int = 1,
+    progress: bool = True,
+    lease_s: float = DEFAULT_LEASE_S,
+    threads: int | None = None,
+    pack: int | str = "auto",
+) -> str:
+    """How long ``grid`` would take, in words, after the measurements the estimate needs (the
+    timing pass and the pack probe, kept in ``out`` for the real run); nothing is trained."""
+    setup = set_up(grid, out, jobs, None, progress, lease_s, threads, pack, probe_init=False)
+    setup.prog.close()
+    size, gain = setup.pack_size, setup.pack_gain
+    packs = f", packs of up to {size} runs" + (f" ({gain_words(gain)})" if gain else "") if size > 1 else ""
+    return f"{setup.estimate}{packs}"
+
+
+def set_up(
+    grid: Grid,
+    out: str | Path,
+    jobs: int,
+    shard: tuple[int, int] | None,
+    progress: bool,
+    lease_s: float,
+    threads: int | None,
+    pack: int | str,
+    *,
+    probe_init: bool,
+) -> Setup:
+    """Everything before the first run trains: the settings checked, the results folder
+    opened, gradient flow probed at initialisation (``probe_init``), the step times measured,
+    packs sized and the time estimated."""
     t0 = time.perf_counter()
     results = Path(out)
     if jobs < 1:
@@ -122,14 +182,13 @@ def run_grid(
     grid = prepare_results(results, grid)
     claims = Claims(results / CLAIMS_DIR, lease_s)
     prog = GridProgress(progress)
-    if probe_init and not estimate_only:
+    if probe_init:
         probe_if_needed(grid, results, prog, claims)
     # threads set in the grid's settings (--set threads=N, --config) win over a launcher's
     # allotment, so every run of every launcher trains with them (threads change CPU results)
     threads = grid.train.get("threads") or threads or max(1, default_threads() // jobs)
     timing = timing_if_needed(grid, results, ds, threads, prog, claims)
-    settings = grid.shared_settings()
-    n_train, n_eval = image_counts(settings, ds)
+    n_train, n_eval = image_counts(grid.shared_settings(), ds)
     size, note, gain = resolve_pack(grid, pack, pick_device(str(grid.train.get("device") or "auto")), ds)
     if note:
         prog.line(note)
@@ -140,32 +199,44 @@ def run_grid(
     # the data; on a GPU, checking and timing the pack routes with cuDNN's autotuner, which
     # took minutes on an H100 shared with other work, benchmarks/README.md "GPU")
     words += f" on {timing_device(timing)} (training and evaluation; start-up not counted)"
-    if estimate_only:
-        prog.close()
-        packs = f", packs of up to {size} runs" + (f" ({gain_words(gain)})" if gain else "") if size > 1 else ""
-        return CompareResult(results, [], sched.skipped, [], [], time.perf_counter() - t0, estimate=f"{words}{packs}")
+    return Setup(grid, results, claims, prog, jobs, threads, size, gain, sched, total_s, words, t0)
+
+
+def announce(setup: Setup, shard: tuple[int, int] | None) -> None:
+    """Say what this process will do, and how long the grid should take."""
+    sched, prog = setup.sched, setup.prog
     prog.line(
         f"compare: {len(sched.cells)} cells at most, {len(sched.skipped)} already finished"
         + (f" (shard {shard[0]}/{shard[1]})" if shard else "")
-        + f"; {jobs} job(s) x {threads} thread(s)"
-        + (f", packs of up to {size} runs" if size > 1 else "")
-        + f"; {words}; results in {results}"
+        + f"; {setup.jobs} job(s) x {setup.threads} thread(s)"
+        + (f", packs of up to {setup.pack_size} runs" if setup.pack_size > 1 else "")
+        + f"; {setup.estimate}; results in {setup.results}"
     )
-    if total_s > LONG_RUN_S and not str(settings.get("device", "cpu")).startswith("cuda") and not _has_cuda():
+    device = str(setup.grid.shared_settings().get("device", "cpu"))
+    if setup.total_s > LONG_RUN_S and not device.startswith("cuda") and not _has_cuda():
         prog.line(
-            f"compare: note: this grid is estimated at {fmt_duration(total_s)} on this CPU (over 30 minutes); "
+            f"compare: note: this grid is estimated at {fmt_duration(setup.total_s)} on this CPU (over 30 minutes); "
             "Ctrl-C stops it at any time and the same command resumes it; '--preset quick' asks the "
             "question at 125 steps in about 5 minutes"
         )
+
+
+def train(setup: Setup, lease_s: float) -> None:
+    """Train what the scheduler asks for, in this process or in ``jobs`` workers."""
     try:
-        if jobs == 1:
-            _run_serial(sched, threads, lease_s, size)
+        if setup.jobs == 1:
+            _run_serial(setup.sched, setup.threads, lease_s, setup.pack_size)
         else:
-            _run_parallel(sched, threads, lease_s, size)
+            _run_parallel(setup.sched, setup.threads, lease_s, setup.pack_size)
     finally:
-        prog.close()
+        setup.prog.close()
+
+
+def finish(setup: Setup, report: Callable[[Path], Any] | None) -> CompareResult:
+    """This process's result; the report too, when no other worker is still training."""
+    sched, t0 = setup.sched, setup.t0
     res = CompareResult(
-        results,
+        setup.results,
         sched.ran,
         sched.skipped,
         sched.failed,
@@ -174,7 +245,8 @@ def run_grid(
         budget_spent=sched.budget_spent,
     )
     if report is not None:
-        res.report, res.report_note = report_if_last(results, claims, [c.name for c in sched.cells], t0, report)
+        cells = [c.name for c in sched.cells]
+        res.report, res.report_note = report_if_last(setup.results, setup.claims, cells, t0, report)
     res.wall_s = time.perf_counter() - t0
     return res
 

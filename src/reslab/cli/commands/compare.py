@@ -352,7 +352,7 @@ def _run(
     t0: float,
 ) -> int:
     from reslab.report.build import build_report
-    from reslab.study.compare import run_grid
+    from reslab.study.compare import estimate_grid, run_grid
     from reslab.study.estimate import fmt_duration
     from reslab.study.launch.common import LOST_STATUS, ClusterLost
 
@@ -379,6 +379,10 @@ def _run(
             file=sys.stderr,
         )
     try:
+        if launcher is None and args.estimate:
+            words = estimate_grid(grid, out, jobs=jobs, pack=args.pack, progress=progress)
+            print(f"{'preset ' + grid.preset if grid.preset else 'this grid'}: {words}")
+            return 0
         if launcher is None:
             res = run_grid(
                 grid,
@@ -389,11 +393,7 @@ def _run(
                 progress=progress,
                 report=None if args.no_report else build_report,
                 probe_init=not args.no_probe,
-                estimate_only=args.estimate,
             )
-            if res.estimate is not None:
-                print(f"{'preset ' + grid.preset if grid.preset else 'this grid'}: {res.estimate}")
-                return 0
         else:
             res, workers = session.run(
                 shard=shard,
