@@ -44,8 +44,6 @@ class CompareResult:
     budget_spent: bool = False
     #: why no report was written by this process (another worker writes it, or wrote it)
     report_note: str | None = None
-    #: with ``estimate_only``: the estimate said, e.g. "estimated time 28m05s on NVIDIA H200"
-    estimate: str | None = None
 
 
 def describe_outcome(cell: Cell, summary: dict[str, Any]) -> str:
