@@ -137,3 +137,54 @@ def test_the_readmes_python_example_runs_as_it_stands(tmp_path: Path, monkeypatc
     out = capsys.readouterr().out.splitlines()
     assert out[-1] == "True" and sum(line.startswith("resnet8 ") for line in out) == 2
     assert (tmp_path / "results" / "mine" / "report.md").is_file() and (tmp_path / "scale.safetensors").is_file()
+
+
+class Tilt(reslab.Technique):
+    """Outside the package: ``F + tilt * s + lift`` with a per-channel gain and a scalar shift,
+    and its own fold (a technique reslab has never seen, with parameter names it has never seen)."""
+
+    name = "api_outside_tilt"
+    summary = "F(x) + tilt * s + lift"
+    parameter_names = ("tilt", "lift")
+
+    def add_parameters(self, block: torch.nn.Module, channels: int) -> None:
+        block.tilt = torch.nn.Parameter(torch.full((channels, 1, 1), 0.5))
+        block.lift = torch.nn.Parameter(torch.zeros(1))
+
+    def merge(self, block: torch.nn.Module, branch: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        return branch + block.tilt * shortcut + block.lift
+
+    def fold_merge(self, block: torch.nn.Module, channels: int) -> reslab.MergeFold:
+        return reslab.MergeFold(coef=block.tilt.detach().double().reshape(-1), shift=block.lift.detach().double())
+
+
+def test_a_technique_from_outside_the_package_goes_through_reslab_compare(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Registered from a script, it trains in a comparison, is probed at initialisation, is
+    decided in the table, and its trained run fuses to the same outputs (relative error < 1e-4).
+    The CLI's route for the same kind of plugin: tests/nn/test_technique_contract.py."""
+    from reslab.nn import registry
+    from reslab.probe.records import read_probe_data
+    from reslab.study.results import PROBE_FILE
+
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # gone after this test
+    reslab.register(Tilt)
+    out = tmp_path / "outside"
+    res = reslab.compare(
+        models=["resnet8"], techniques=[Tilt.name], seeds=2, out=out, train={**TINY, "threads": 1}, jobs=1,
+        progress=False, report=False,
+    )  # fmt: skip
+    assert not res.failed and [r["technique"] for r in res.rows] == [Tilt.name]
+    assert res.rows[0]["trained"] == 2
+    probed = {e["technique"] for e in read_probe_data(out / PROBE_FILE)["results"]}
+    assert probed == {"baseline", Tilt.name}
+    model = reslab.load(out / "runs" / f"resnet8-{Tilt.name}-s1")
+    tilts = [b.tilt for _, b in reslab.residual_blocks(model)]
+    assert any(not torch.allclose(t, torch.full_like(t, 0.5)) for t in tilts)  # trained, not as built
+    fused = reslab.fuse(model)
+    assert not any(hasattr(m, "tilt") for m in fused.modules())
+    x = torch.rand(32, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = model(x), fused(x)
+    assert float((a - b).abs().max()) < 1e-4 * float(a.abs().max())
