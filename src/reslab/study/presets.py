@@ -22,8 +22,9 @@ from reslab.study.plan import PAPER, QUICK, Plan
 #: Presets, sized by measurement (benchmarks/README.md, "The quick preset").
 #:
 #: ``quick`` (what ``reslab compare`` runs with no options) asks the article's question where it
-#: can be asked on a 2-core CPU within 6 minutes: a shallow ResNet-8 and a deep ResNet-56, both at
-#: quarter width (4/8/16 channels), on a fixed 4,000-image Fashion-MNIST subset for one epoch of
+#: can be asked on a 2-core CPU in about 5 minutes (4 min 30 s measured on an idle one): a shallow
+#: ResNet-8 and a deep ResNet-56, both at quarter width (4/8/16 channels), on a fixed 4,000-image
+#: Fashion-MNIST subset for one epoch of
 #: 125 steps at batch 32 (learning rate 0.1, cosine after a 10% warm-up), validated twice on 500
 #: held-out images, tested on a fixed 2,000 test images; one look at 6 seeds, a margin of 1 pp,
 #: the table's error rate 0.05. That is early training: its verdicts are about how fast each
