@@ -40,6 +40,23 @@ def tiny_train_config():
     return make
 
 
+@pytest.fixture
+def cold_cache():
+    """``cold_cache(name, ...)`` empties those process-wide caches (:mod:`reslab.caches`) for the
+    test, and again after it, so that what the test cached reaches no other test."""
+    from reslab import caches
+
+    names: list[str] = []
+
+    def cold(*cache_names: str) -> None:
+        caches.clear(*cache_names)
+        names.extend(cache_names)
+
+    yield cold
+    if names:
+        caches.clear(*names)
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``cuda`` skip, with the reason, where no CUDA device is visible (CI)."""
     cuda_items = [i for i in items if i.get_closest_marker("cuda")]

@@ -38,6 +38,7 @@ def test_layers_are_subpackages_and_the_top_holds_only_leaves() -> None:
     assert top == {
         "__init__",
         "__main__",
+        "caches",
         "errors",
         "files",
         "paths",

@@ -3,16 +3,17 @@ can name them."""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
+
+from reslab.caches import memoize
 
 __version__ = "0.3.0"
 
 
-@functools.cache
+@memoize("version.source_commit", maxsize=None)
 def source_commit() -> str | None:
     """The git commit of the reslab source tree (``+dirty`` when it has changes), or None when
-    it is not a git checkout. Read once per process, here only (``source_commit.cache_clear()``
+    it is not a git checkout. Read once per process, here only (``reslab.caches.clear("version.source_commit")``
     reads it again)."""
     import subprocess
 

@@ -9,8 +9,8 @@ from reslab.nn import registry as technique_registry
 
 
 @pytest.fixture
-def registry(monkeypatch: pytest.MonkeyPatch) -> None:
+def registry(monkeypatch: pytest.MonkeyPatch, cold_cache) -> None:
     """A private copy of the technique registry for one test."""
     monkeypatch.setattr(technique_registry, "_REGISTRY", dict(technique_registry._REGISTRY))
-    monkeypatch.setattr(plugins, "_LOADED", set())
+    cold_cache("plugins.entry_points_loaded")
     monkeypatch.delenv(plugins.IMPORT_ENV, raising=False)

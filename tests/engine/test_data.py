@@ -19,6 +19,7 @@ import torchvision
 from PIL import Image
 
 from cifar_files import write_cifar
+from reslab import caches
 from reslab.engine import data
 from reslab.engine.data import base as data_base
 from reslab.engine.data import load_arrays, load_folder, parse_idx
@@ -41,9 +42,9 @@ def isolated(tmp_path, monkeypatch):
         raise urllib.error.URLError("network unreachable (test)")
 
     monkeypatch.setattr(urllib.request, "urlopen", offline)
-    data._CACHE.clear()
+    caches.clear("datasets.decoded")
     yield tmp_path
-    data._CACHE.clear()
+    caches.clear("datasets.decoded")
 
 
 def _copy_fashion(dest: Path) -> Path:

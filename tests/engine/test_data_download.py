@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from cifar_files import as_official, write_cifar
+from reslab import caches
 from reslab.engine import data
 from reslab.engine.data import load_arrays
 from reslab.engine.data.download import fetch_file
@@ -90,9 +91,9 @@ def cache(tmp_path, monkeypatch, server):
         return real(req, *a, **k)
 
     monkeypatch.setattr(urllib.request, "urlopen", local_only)
-    data._CACHE.clear()
+    caches.clear("datasets.decoded")
     yield tmp_path / "cache" / "reslab"
-    data._CACHE.clear()
+    caches.clear("datasets.decoded")
 
 
 def _served_cifar(tmp_path: Path, server: _Server, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, dict]:

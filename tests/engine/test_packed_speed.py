@@ -51,7 +51,9 @@ def test_a_route_that_runs_out_of_memory_is_left_out() -> None:
         speed.pick_route(["grouped", "vmap"], CUDA, 16, measure)
 
 
-def test_a_process_measures_the_same_settings_once(tiny_train_config, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_process_measures_the_same_settings_once(
+    tiny_train_config, monkeypatch: pytest.MonkeyPatch, cold_cache
+) -> None:
     calls: list[tuple[int, str]] = []
 
     def fake_rate(cfg, ds, device, k, route):
@@ -59,7 +61,7 @@ def test_a_process_measures_the_same_settings_once(tiny_train_config, monkeypatc
         return {"grouped": 3.0, "vmap": 2.0}[route]
 
     monkeypatch.setattr(speed, "packed_rate", fake_rate)
-    monkeypatch.setattr(speed, "_MEASURED", {})
+    cold_cache("packing.rates_measured")
     cfg = tiny_train_config()
     ds = open_run_dataset(cfg)
     for seed in (0, 1, 2):  # another seed is the same pack's settings
@@ -83,12 +85,12 @@ def test_the_rate_of_a_pack_is_measured_by_either_route(tiny_train_config) -> No
         assert speed.packed_rate(cfg, ds, CPU, 2, route) > 0
 
 
-def test_a_process_checks_the_routes_of_the_same_settings_once(tiny_train_config, monkeypatch) -> None:
+def test_a_process_checks_the_routes_of_the_same_settings_once(tiny_train_config, monkeypatch, cold_cache) -> None:
     from reslab.engine.packed import check
 
     calls = []
     real = check._check_routes
-    monkeypatch.setattr(check, "_CHECKED", {})
+    cold_cache("packing.routes_checked")
     monkeypatch.setattr(check, "_check_routes", lambda *a: calls.append(a) or real(*a))
     cfg = tiny_train_config(technique="scale")
     ds = open_run_dataset(cfg)

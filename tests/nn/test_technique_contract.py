@@ -37,11 +37,11 @@ REL_TOL = 1e-4
 
 
 @pytest.fixture
-def registry(monkeypatch: pytest.MonkeyPatch) -> dict[str, type[reslab.Technique]]:
+def registry(monkeypatch: pytest.MonkeyPatch, cold_cache) -> dict[str, type[reslab.Technique]]:
     """A private copy of the technique registry (and of the plugin bookkeeping) for one test."""
     reg = dict(technique_registry._REGISTRY)
     monkeypatch.setattr(technique_registry, "_REGISTRY", reg)
-    monkeypatch.setattr(plugins, "_LOADED", set())
+    cold_cache("plugins.entry_points_loaded")
     monkeypatch.delenv(plugins.IMPORT_ENV, raising=False)
     return reg
 

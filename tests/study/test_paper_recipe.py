@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from cifar_files import as_official, write_cifar
+from reslab import caches
 from reslab.cli import build_parser, main
 from reslab.cli.commands.compare import build_grid
 from reslab.engine import data
@@ -54,7 +55,7 @@ def test_a_cifar10_paper_grid_trains_on_files_in_cifar_format(
     root = tmp_path / "cifar"
     write_cifar(root, "cifar10", n_train=200, n_test=100, learnable=True)
     monkeypatch.setitem(data.CIFAR, "cifar10", as_official(root, "cifar10"))
-    data._CACHE.clear()
+    caches.clear("datasets.decoded")
     out = tmp_path / "r"
     shrink = ["epochs=3", "val_size=100", "width=0.25", "batch_size=50", "threads=1"]
     argv = ["compare", "--preset", "paper", "--dataset", "cifar10", "--data-dir", str(root), "--models", "resnet8"]

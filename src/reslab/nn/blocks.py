@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from reslab.caches import new_cache
 from reslab.nn.folding import fold_is_current
 from reslab.nn.ops import scaled_batch_norm
 from reslab.nn.techniques import Technique, get_technique
@@ -50,7 +51,7 @@ def drop_path(x: Tensor, p: float, dims: int = 1) -> Tensor:
     return x * mask.div_(keep)
 
 
-_GAIN_DESCRIBES_MERGE: dict[type, bool] = {}
+_GAIN_DESCRIBES_MERGE: dict[type, bool] = new_cache("blocks.gain_describes_merge")
 
 
 def _gain_describes_merge(technique: Technique) -> bool:

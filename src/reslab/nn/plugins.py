@@ -24,13 +24,14 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from importlib.metadata import entry_points
 
+from reslab.caches import new_cache
 from reslab.errors import UsageError
 
 ENTRY_POINT_GROUP = "reslab.techniques"
 IMPORT_ENV = "RESLAB_IMPORT"
 
 # Entry points already loaded, as (name, value): each is loaded once per process.
-_LOADED: set[tuple[str, str]] = set()
+_ENTRY_POINTS_LOADED: dict[tuple[str, str], bool] = new_cache("plugins.entry_points_loaded")
 
 
 def import_modules(names: Iterable[str]) -> None:
@@ -100,9 +101,9 @@ def load_entry_points() -> list[object]:
     loaded: list[object] = []
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         key = (ep.name, ep.value)
-        if key in _LOADED:
+        if key in _ENTRY_POINTS_LOADED:
             continue
-        _LOADED.add(key)
+        _ENTRY_POINTS_LOADED[key] = True
         try:
             loaded.append(ep.load())
         except Exception as e:  # noqa: BLE001 - a broken plugin is reported, not a traceback

@@ -12,7 +12,6 @@ measurements.
 
 from __future__ import annotations
 
-import functools
 import math
 import zlib
 
@@ -20,6 +19,7 @@ import numpy as np
 from scipy import stats as sps
 from scipy.optimize import brentq
 
+from reslab.caches import memoize
 from reslab.study.plan import DIVERGENCE_SHARE, Plan
 
 #: simulated null paths per calibration shape, and their seed (a fixed seed: reproducible levels)
@@ -54,7 +54,7 @@ def standard_noise(kind: str, rng: np.random.Generator, shape: tuple[int, ...], 
     raise ValueError(f"unknown noise kind {kind!r}")
 
 
-@functools.lru_cache(maxsize=64)
+@memoize("calibration.min_p", maxsize=64)
 def _min_p(looks: tuple[int, ...], kind: str, skew: float, tail: str = "two") -> np.ndarray:
     """Smallest t p-value over the looks on null paths of one shape (sorted): two-sided, or of the
     upper (mean too high) or lower tail. Every tail of a shape reads the same paths."""
@@ -81,7 +81,7 @@ def _check(looks: tuple[int, ...], alpha: float) -> None:
         raise ValueError(f"need 0 < alpha < 1 and looks of at least 2 seeds, got {alpha}, {looks}")
 
 
-@functools.lru_cache(maxsize=1024)
+@memoize("calibration.nominal_level", maxsize=1024)
 def nominal_level(looks: tuple[int, ...], alpha: float) -> float:
     """Two-sided level ``a`` of every look's interval: the smallest, over :data:`CALIBRATION_SHAPES`,
     of the ``alpha``-quantile of the smallest p-value over the looks (so P(any look errs) <= alpha)."""
@@ -89,7 +89,7 @@ def nominal_level(looks: tuple[int, ...], alpha: float) -> float:
     return min(float(np.quantile(_min_p(tuple(looks), k, s), alpha)) for k, s in CALIBRATION_SHAPES)
 
 
-@functools.lru_cache(maxsize=1024)
+@memoize("calibration.one_sided_level", maxsize=1024)
 def one_sided_level(looks: tuple[int, ...], alpha: float) -> float:
     """Level ``a`` of every look's one-sided bound (``mean - t_{1-a} se`` or ``mean + t_{1-a} se``):
     P(the bound misses at any look) <= alpha on either side, under every calibration shape."""

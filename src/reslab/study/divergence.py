@@ -9,9 +9,9 @@ grid of ``pi``, per-look bounds on S that are crossed with probability at most `
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
+
+from reslab.caches import memoize
 
 
 def _imbalance_tails(n_max: int) -> np.ndarray:
@@ -30,7 +30,7 @@ def _imbalance_tails(n_max: int) -> np.ndarray:
     return tails
 
 
-@functools.lru_cache(maxsize=256)
+@memoize("divergence.bounds", maxsize=256)
 def divergence_bounds(looks: tuple[int, ...], alpha: float) -> tuple[int | None, ...]:
     """Per look, the imbalance S (seeds where only the technique failed minus seeds where only
     baseline failed) at which the technique is called ``worse`` (None: no imbalance suffices).

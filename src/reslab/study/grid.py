@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reslab.caches import new_cache
 from reslab.engine.config import RESUMABLE_CHANGES, TrainConfig
 from reslab.errors import UsageError
 from reslab.study.gridfile import read_grid_file, write_grid_file
@@ -93,7 +94,7 @@ class Grid:
 
 
 #: Grid.shared_settings per grid (a grid's settings are built and validated once)
-_SHARED_SETTINGS: dict[str, dict[str, Any]] = {}
+_SHARED_SETTINGS: dict[str, dict[str, Any]] = new_cache("grid.shared_settings")
 
 
 def resolve_techniques(names: Sequence[str]) -> list[str]:

@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from reslab.caches import new_cache
 from reslab.engine.data.base import DATASETS, ArrayDataset, search_dirs
 from reslab.engine.data.cifar import CIFAR, load_cifar
 from reslab.engine.data.digits import load_digits
@@ -46,7 +47,7 @@ __all__ = [
 
 # Decoding and checksumming fashion-mnist takes seconds; a comparison trains many runs in
 # one process, so the last dataset loaded is kept (tensors are never modified in place).
-_CACHE: dict[tuple[Any, ...], ArrayDataset] = {}
+_DECODED_DATASETS: dict[tuple[Any, ...], ArrayDataset] = new_cache("datasets.decoded")
 
 
 def _file_stamps(name: str, data_dir: str | Path | None) -> tuple[tuple[str, int, int], ...]:
@@ -71,11 +72,11 @@ def load_arrays(
     """
     if name in ("fashion-mnist", *CIFAR):
         key = (name, str(data_dir), verify, os.environ.get("RESLAB_DATA"), _file_stamps(name, data_dir))
-        if key not in _CACHE:
+        if key not in _DECODED_DATASETS:
             loader = load_fashion if name == "fashion-mnist" else lambda *a: load_cifar(name, *a)
-            _CACHE.clear()  # one dataset at a time: a sweep over datasets should not pile them up
-            _CACHE[key] = loader(data_dir, download, verify)
-        return dataclasses.replace(_CACHE[key])
+            _DECODED_DATASETS.clear()  # one dataset at a time: a sweep over datasets should not pile them up
+            _DECODED_DATASETS[key] = loader(data_dir, download, verify)
+        return dataclasses.replace(_DECODED_DATASETS[key])
     if name == "digits":
         return load_digits()
     if name.startswith("folder:"):

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from reslab.caches import new_cache
 from reslab.engine.build import build_run_model
 from reslab.engine.config import TrainConfig
 from reslab.errors import UsageError
@@ -90,13 +91,14 @@ def pack_routes(cfg: TrainConfig, ds: Any, first_only: bool = False) -> tuple[li
         sort_keys=True,
         default=str,
     )
-    if key not in _CHECKED:
-        _CHECKED[key] = _check_routes(cfg, ds, first_only)
-    routes, why = _CHECKED[key]
+    if key not in _ROUTES_CHECKED:
+        _ROUTES_CHECKED[key] = _check_routes(cfg, ds, first_only)
+    routes, why = _ROUTES_CHECKED[key]
     return list(routes), why
 
 
-_CHECKED: dict[str, tuple[list[str], str]] = {}
+#: pack_routes's answers, by settings and technique class
+_ROUTES_CHECKED: dict[str, tuple[list[str], str]] = new_cache("packing.routes_checked")
 
 
 def _check_routes(cfg: TrainConfig, ds: Any, first_only: bool) -> tuple[list[str], str]:

@@ -18,13 +18,15 @@ from typing import Any
 
 import torch
 
+from reslab.caches import new_cache
 from reslab.engine.config import TrainConfig
 from reslab.engine.devices import synchronize
 
 #: timed packed steps per measurement (after one warm-up step)
 PROBE_STEPS = 3
 
-_MEASURED: dict[str, tuple[str, dict[str, float]]] = {}
+#: fastest_route's answers, by settings, device, pack size and routes
+_RATES_MEASURED: dict[str, tuple[str, dict[str, float]]] = new_cache("packing.rates_measured")
 
 
 def packed_rate(cfg: TrainConfig, ds: Any, device: torch.device, k: int, route: str) -> float:
@@ -103,9 +105,9 @@ def fastest_route(
     """:func:`pick_route` measured by :func:`packed_rate`, once per process for these settings."""
     settings = {n: v for n, v in cfg.to_dict().items() if n not in ("seed", "pack")}
     key = json.dumps([settings, str(device), k, list(routes)], sort_keys=True, default=str)
-    if key not in _MEASURED:
-        _MEASURED[key] = pick_route(routes, device, k, lambda r: packed_rate(cfg, ds, device, k, r))
-    return _MEASURED[key]
+    if key not in _RATES_MEASURED:
+        _RATES_MEASURED[key] = pick_route(routes, device, k, lambda r: packed_rate(cfg, ds, device, k, r))
+    return _RATES_MEASURED[key]
 
 
 __all__ = ["PROBE_STEPS", "fastest_route", "packed_rate", "pick_route"]
