@@ -11,7 +11,6 @@ Chromium is not a dependency of reslab: :func:`find_browser` returns None where 
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -29,23 +28,24 @@ RENDER_TIMEOUT_S = 120
 _MEASURE = """
 <script>
 window.addEventListener("load", () => {
-  const out = {};
-  for (const id of %s) {
+  // one line per element: id top bottom head_bottom natural_width line_height cell_height...
+  // (-1 where an element has no such thing); then "viewport width height"
+  const lines = [];
+  for (const id of [%s]) {
     const el = document.getElementById(id);
     if (!el) continue;
     const r = el.getBoundingClientRect();
     const head = el.querySelector("thead");
-    const h = head ? head.getBoundingClientRect() : r;
     const img = el.querySelector("img");
-    out[id] = {top: r.top, bottom: r.bottom, left: r.left, right: r.right, head_bottom: h.bottom,
-               natural_width: img ? img.naturalWidth : null,
-               cell_heights: Array.from(el.querySelectorAll("tbody td")).map((c) => c.getBoundingClientRect().height),
-               line_height: parseFloat(getComputedStyle(el.querySelector("td") || el).lineHeight) || null};
+    const lh = parseFloat(getComputedStyle(el.querySelector("td") || el).lineHeight) || -1;
+    const cells = Array.from(el.querySelectorAll("tbody td")).map((c) => c.getBoundingClientRect().height);
+    lines.push([id, r.top, r.bottom, (head ? head.getBoundingClientRect() : r).bottom,
+                img ? img.naturalWidth : -1, lh, ...cells].join(" "));
   }
-  out.viewport = {width: window.innerWidth, height: window.innerHeight};
+  lines.push(["viewport", window.innerWidth, window.innerHeight].join(" "));
   const pre = document.createElement("pre");
   pre.id = "reslab-layout";
-  pre.textContent = JSON.stringify(out);
+  pre.textContent = lines.join("\\n");
   document.body.appendChild(pre);
 });
 </script>"""
@@ -85,18 +85,20 @@ def measure(html: Path, screen: tuple[int, int] = SCREEN, browser: str | None = 
     page = html.read_text(encoding="utf-8")
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / "page.html"
-        probe.write_text(page.replace("</body>", _MEASURE % json.dumps(list(MEASURED)) + "</body>"), encoding="utf-8")
+        ids = ", ".join(f'"{m}"' for m in MEASURED)
+        probe.write_text(page.replace("</body>", _MEASURE % ids + "</body>"), encoding="utf-8")
         args = [f"--window-size={screen[0]},{screen[1]}", "--virtual-time-budget=5000", "--dump-dom", probe.as_uri()]
         dom = _run(browser, args).stdout
     start = dom.index('<pre id="reslab-layout">') + len('<pre id="reslab-layout">')
-    raw = json.loads(dom[start : dom.index("</pre>", start)].replace("&quot;", '"').replace("&amp;", "&"))
-    out = {
-        k: Box(v["top"], v["bottom"], v["head_bottom"], v["natural_width"], tuple(v["cell_heights"]), v["line_height"])
-        for k, v in raw.items()
-        if k in MEASURED
-    }
-    vp = raw["viewport"]
-    out["viewport"] = Box(0.0, float(vp["height"]), float(vp["height"]), int(vp["width"]), (), None)
+    out: dict[str, Box] = {}
+    for line in dom[start : dom.index("</pre>", start)].splitlines():
+        name, *nums = line.split()
+        v = [float(n) for n in nums]
+        if name == "viewport":
+            out["viewport"] = Box(0.0, v[1], v[1], int(v[0]), (), None)
+        elif name in MEASURED:
+            width = int(v[3]) if v[3] >= 0 else None
+            out[name] = Box(v[0], v[1], v[2], width, tuple(v[5:]), v[4] if v[4] >= 0 else None)
     return out
 
 
