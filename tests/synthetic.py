@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
+
+from reslab.engine import runs
 
 SEEDS = (0, 1, 2)
 
@@ -60,25 +61,23 @@ def write_run(
     epochs = epochs or len(val_acc)
     cfg = {"model": model, "technique": technique, "seed": seed, "dataset": "fashion-mnist", "epochs": epochs}
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
-    lines = []
+    rows = []
     for i, acc in enumerate(val_acc):
         e = i + 1
-        lines.append(
-            json.dumps(
-                {
-                    "epoch": e,
-                    "train_loss": 2.0 / e,
-                    "train_acc": acc,
-                    "val_loss": 1.0 / e,
-                    "val_acc": acc,
-                    "lr": 0.1,
-                    "epoch_s": epoch_s,
-                    "elapsed_s": epoch_s * e,
-                    "images_per_s": images_per_s,
-                }
-            )
+        rows.append(
+            {
+                "epoch": e,
+                "train_loss": 2.0 / e,
+                "train_acc": acc,
+                "val_loss": 1.0 / e,
+                "val_acc": acc,
+                "lr": 0.1,
+                "epoch_s": epoch_s,
+                "elapsed_s": epoch_s * e,
+                "images_per_s": images_per_s,
+            }
         )
-    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    runs.write_jsonl(run / "metrics.jsonl", rows)
     if status != "running":
         summary = {
             "status": status,
@@ -100,9 +99,9 @@ def write_run(
             summary["test_acc"] = None
         if chance is not None:
             summary["chance_acc"] = chance
-        (run / "summary.json").write_text(json.dumps(summary))
+        runs.write_json(run / "summary.json", summary)
     if gradients:
-        (run / "gradients.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gradients))
+        runs.write_jsonl(run / "gradients.jsonl", gradients)
     return run
 
 
