@@ -32,17 +32,65 @@ def test_cli_start_does_not_import_torch(argv):
 
 
 def test_models_listing_matches_the_registries():
-    from reslab.nn.catalog import MODELS, TECHNIQUES
+    from reslab.nn import catalog
     from reslab.nn.models import list_models, model_family
     from reslab.nn.techniques import list_techniques, technique_class
 
-    assert [(n, model_family(n)) for n in list_models()] == list(MODELS)
+    # what the catalog reads from the source without running it is what running it registers
+    # (user registrations, which tests make, come after the built-ins)
+    built_in_models, built_in = catalog.builtin_models(), catalog.builtin_techniques()
+    assert [(n, model_family(n)) for n in list_models()] == built_in_models  # no test registers a model
     live = [(n, technique_class(n).summary, technique_class(n).reference) for n in list_techniques()]
-    # user registrations (tests register some) come after the built-ins
-    assert live[: len(TECHNIQUES)] == list(TECHNIQUES)
+    assert live[: len(built_in)] == built_in and len(built_in) >= 9
+    # with the registries imported, the catalog lists them live
+    assert catalog.techniques() == live and catalog.TECHNIQUES == tuple(live)
     _, out = _imported_modules("models")
-    for name in list_models()[:3] + list_techniques()[: len(TECHNIQUES)]:
+    for name in list_models()[:3] + list_techniques()[: len(built_in)]:
         assert f"  {name} " in out
+
+
+def test_a_technique_registered_in_the_source_is_listed_with_no_edit_to_the_catalog():
+    from reslab.nn import catalog
+
+    source = (Path(SRC) / "reslab" / "nn" / "techniques.py").read_text(encoding="utf-8")
+    added = source + (
+        "\n\n@register\nclass Halved(Technique):\n"
+        '    name = "halved"\n    summary = "F(x) + s / 2"\n    reference = "a test"\n'
+        "\n\nclass Quiet(Baseline):\n"
+        '    name = "quiet"\n\n\nregister(Quiet)\n'
+    )
+    listed = catalog.builtin_techniques(added)
+    assert listed[: len(catalog.builtin_techniques())] == catalog.builtin_techniques()
+    # its own fields, and fields inherited from a built-in as Python would find them
+    assert listed[-2:] == [
+        ("halved", "F(x) + s / 2", "a test"),
+        ("quiet", "F(x) + s", "He et al. 2016, Deep Residual Learning"),
+    ]
+    by_name = "\n\nregister_model('resnet18d', 'imagenet')(lambda **kw: None)\n"
+    models_source = (Path(SRC) / "reslab" / "nn" / "models.py").read_text(encoding="utf-8")
+    with pytest.raises(Exception, match="registered by name"):  # a model of no depth table: run it
+        catalog.builtin_models(models_source + by_name)
+    computed = added + '\n\n@register\nclass Computed(Technique):\n    name = "c"\n    summary = "a" + "b"\n'
+    with pytest.raises(Exception, match="not a plain string"):  # then the catalog runs it (the live registry)
+        catalog.builtin_techniques(computed)
+
+
+def test_a_plugin_technique_is_listed_by_reslab_models(tmp_path):
+    (tmp_path / "halved_plugin.py").write_text(
+        "import reslab\n\n\n@reslab.register\nclass Halved(reslab.Technique):\n"
+        '    name = "halved_plugin"\n    summary = "F(x) + s, listed from a plugin"\n'
+    )
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run(
+        [sys.executable, "-m", "reslab", "--import", "halved_plugin", "models"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "  halved_plugin F(x) + s, listed from a plugin\n" in r.stdout
+    assert "  preact " in r.stdout  # the built-ins too
 
 
 def test_export_choices_match_reslab_export():
