@@ -124,6 +124,18 @@ tests_rc=$?
 wait "$deep_pid"
 mkdir -p "$out/evidence" && cp "$out/deep-study/"{report.md,decisions.json,summary.csv,grid.json} "$out/evidence/" 2>/dev/null
 
+# 5b. One call of the accumulating evidence study (reslab evidence, issue 29), alone on the card, with
+#    what is left of the budget (at most its default 8 minutes; ONLY=evidence gives it the whole call).
+#    It continues docs/evidence/ from its committed runs (run folders in the ignored
+#    results/evidence-work/, kept on a warm machine so a stopped pack resumes); its three files are
+#    copied to $out/evidence-study/ so they come back: commit them to docs/evidence/, then run
+#    'python -m reslab.report.evidence --readme'.
+ev_budget=$((deadline - SECONDS - 30))
+if [ "$ev_budget" -gt 480 ]; then ev_budget=480; fi
+if [ "$ev_budget" -lt 60 ]; then ev_budget=60; fi
+step evidence "$PYTHON" -m reslab evidence --device cuda --budget "${ev_budget}s" --out docs/evidence
+[ -n "${LIST:-}" ] || { mkdir -p "$out/evidence-study" && cp docs/evidence/{runs.jsonl,summary.json,study.md} "$out/evidence-study/" 2>/dev/null; }
+
 # 6. Extras, alone again, with what is left of the budget (ONLY="..." runs them in a call of their own):
 # the overheads in a pack (8 resnet20 runs of one technique): each row's packed img/s over baseline's row
 tpack=resnet20:8:128

@@ -57,10 +57,19 @@ def _parse_benchmark(path: Path, args: list[str]) -> argparse.Namespace:
 def test_every_step_of_gpu_sh_is_accepted_by_its_program(tmp_path):
     from reslab.cli import build_parser
     from reslab.cli.commands.compare import build_grid
+    from reslab.study.presets import parse_duration
 
     steps = _steps(tmp_path)
     # the steps the acceptance needs, each present
-    needed = ("cuda-tests", "pack-speed", "train-speed-graphs", "technique-overhead", "paper-estimate", "deep-study")
+    needed = (
+        "cuda-tests",
+        "pack-speed",
+        "train-speed-graphs",
+        "technique-overhead",
+        "paper-estimate",
+        "deep-study",
+        "evidence",
+    )
     for name in needed:
         assert name in steps, f"gpu.sh no longer runs {name}"
     deep = steps["deep-study"]  # the evidence: resnet56, full width, all images, >= 5 epochs, >= 3 seeds
@@ -75,6 +84,10 @@ def test_every_step_of_gpu_sh_is_accepted_by_its_program(tmp_path):
             continue
         if argv[1:3] == ["-m", "reslab"]:
             args = build_parser(argv[3:]).parse_args(argv[3:])
+            if args.command == "evidence":  # one call of the evidence study, on the card, within the script's budget
+                assert args.device == "cuda" and args.out == "docs/evidence", name
+                assert 60 <= parse_duration(args.budget) <= 480 and not (args.plan or args.no_train), name
+                continue
             assert args.command == "compare", name
             grid, _, _ = build_grid(args)
             config = grid.config(grid.cells()[0])  # the training settings are valid
