@@ -80,3 +80,14 @@ def test_no_module_keeps_a_cache_of_its_own() -> None:
                 if any("cache" in w and not w.startswith("memoize(") for w in words):
                     found.add((rel, node.name))
     assert found <= set(NOT_LISTED), sorted(found - set(NOT_LISTED))
+
+
+def test_cache_keys_are_equal_exactly_when_the_settings_are() -> None:
+    from reslab.caches import cache_key
+
+    a = {"lr": 0.1, "width": 1, "aug": ["crop", "flip"], "extra": {"x": None, "y": "s"}}
+    b = {"extra": {"y": "s", "x": None}, "aug": ["crop", "flip"], "width": 1, "lr": 0.1}
+    assert cache_key(a) == cache_key(b) and hash(cache_key(a)) == hash(cache_key(b))
+    assert len({cache_key(v) for v in (1, 1.0, True, "1", None)}) == 5  # Python's 1 == 1.0 == True
+    assert cache_key({**a, "aug": ["flip", "crop"]}) != cache_key(a)  # a list's order matters
+    assert cache_key(["cpu", object]) == cache_key(["cpu", object])

@@ -15,7 +15,7 @@ techniques and models by name) are not caches: clearing them would lose what was
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -80,6 +80,19 @@ def memoize(name: str, maxsize: int | None = 128) -> Callable[[Callable[..., T]]
     return decorate
 
 
+def cache_key(value: Any) -> Hashable:
+    """A hashable key for settings made of dicts, lists and scalars, equal exactly when the
+    settings are: dicts compare regardless of order, and a scalar keeps its type (``1``, ``1.0``
+    and ``True`` are three keys); anything else is keyed by its ``repr``."""
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((str(k), cache_key(v)) for k, v in value.items())))
+    if isinstance(value, list | tuple):
+        return ("seq", tuple(cache_key(v) for v in value))
+    if value is None or isinstance(value, str | int | float | bool):
+        return (type(value).__name__, value)
+    return ("repr", repr(value))
+
+
 def clear(*names: str) -> None:
     """Empty the caches named (all of them when none is), those made so far in this process."""
     unknown = [n for n in names if n not in CACHES]
@@ -96,4 +109,4 @@ def sizes() -> dict[str, int]:
     return {name: size() for name, (_, size) in _MADE.items()}
 
 
-__all__ = ["CACHES", "clear", "memoize", "new_cache", "sizes"]
+__all__ = ["CACHES", "cache_key", "clear", "memoize", "new_cache", "sizes"]

@@ -9,13 +9,12 @@ cell's estimated time; ``reslab report`` reads the whole folder at any time.
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reslab.caches import new_cache
+from reslab.caches import cache_key, new_cache
 from reslab.engine.config import RESUMABLE_CHANGES, TrainConfig
 from reslab.errors import UsageError
 from reslab.study.gridfile import read_grid_file, write_grid_file
@@ -69,7 +68,7 @@ class Grid:
     def shared_settings(self) -> dict[str, Any]:
         """The settings every cell trains with (all TrainConfig fields, validated, defaults filled)."""
         values = {**self.train, "model": self.models[0], "technique": self.techniques[0], "seed": self.seeds[0]}
-        key = json.dumps(values, sort_keys=True, default=repr)
+        key = cache_key(values)
         if key not in _SHARED_SETTINGS:
             full = TrainConfig.from_dict(values, source="compare options").to_dict()
             _SHARED_SETTINGS[key] = {k: v for k, v in full.items() if k not in CELL_FIELDS and k not in FREE_FIELDS}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from reslab.caches import new_cache
+from reslab.caches import cache_key, new_cache
 from reslab.engine.build import build_run_model
 from reslab.engine.config import TrainConfig
 from reslab.errors import UsageError
@@ -86,11 +85,7 @@ def pack_routes(cfg: TrainConfig, ds: Any, first_only: bool = False) -> tuple[li
     # pack it with a module of their own, so the comparison is made without it
     cfg = dataclasses.replace(cfg, drop_path_rate=0.0)
     settings = {n: v for n, v in cfg.to_dict().items() if n not in ("seed", "pack")}
-    key = json.dumps(
-        [settings, id(technique_class(cfg.technique)), list(ds.input_size), ds.num_classes, first_only],
-        sort_keys=True,
-        default=str,
-    )
+    key = cache_key([settings, id(technique_class(cfg.technique)), list(ds.input_size), ds.num_classes, first_only])
     if key not in _ROUTES_CHECKED:
         _ROUTES_CHECKED[key] = _check_routes(cfg, ds, first_only)
     routes, why = _ROUTES_CHECKED[key]

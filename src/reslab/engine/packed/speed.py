@@ -11,14 +11,13 @@ process, so a grid's later packs of the same settings do not measure again.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from reslab.caches import new_cache
+from reslab.caches import cache_key, new_cache
 from reslab.engine.config import TrainConfig
 from reslab.engine.devices import synchronize
 
@@ -104,7 +103,7 @@ def fastest_route(
 ) -> tuple[str, dict[str, float]]:
     """:func:`pick_route` measured by :func:`packed_rate`, once per process for these settings."""
     settings = {n: v for n, v in cfg.to_dict().items() if n not in ("seed", "pack")}
-    key = json.dumps([settings, str(device), k, list(routes)], sort_keys=True, default=str)
+    key = cache_key([settings, str(device), k, list(routes)])
     if key not in _RATES_MEASURED:
         _RATES_MEASURED[key] = pick_route(routes, device, k, lambda r: packed_rate(cfg, ds, device, k, r))
     return _RATES_MEASURED[key]
