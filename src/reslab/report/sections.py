@@ -17,7 +17,7 @@ from reslab.report.aggregate import (
 from reslab.report.decision_table import fmt_value, step_ms, step_ratio_text
 from reslab.report.document import Doc
 from reslab.study import stats
-from reslab.study.decisions import AUTO_TARGET_FRACTION, Decision, interval_ratio
+from reslab.study.decisions import AUTO_TARGET_FRACTION, Decision, interval_ratio, situation
 from reslab.study.regime import Regime
 from reslab.study.results import (
     BASELINE,
@@ -257,38 +257,38 @@ def _accuracy_words(r: dict[str, Any]) -> str:
 
 
 def advice(d: Decision) -> str:
-    """What to do about one row, in words that add to the verdict table rather than repeat it."""
+    """What to do about one row, in words that add to the verdict table rather than repeat it
+    (the numbers are in the table; :func:`reslab.study.decisions.situation` reads the row)."""
     early = d.regime is not None and d.regime.early
-    if d.why_open == "nothing learned":
+    lead = "it fails where baseline does not, so it is never equivalent or better; " if d.diverged else ""
+    what = situation(d)
+    if what == "nothing learned":
         return "nothing to compare: train longer, or with a learning rate that learns, before comparing."
-    if d.decision == "worse" and d.outcome is not None and d.outcome.basis == "divergence":
+    if what == "fails":
         return "avoid at this depth: it fails where baseline does not."
-    if d.decision == "better":
-        if early:
-            return (
-                "faster to learn at this depth; confirm with longer training before adopting, "
-                "and weigh its time per step."
-            )
-        return "adopt at this depth if its time per step is worth the gain."
-    if d.decision == "worse":
+    if what == "faster":
         return (
-            "slower to learn at this depth (convergence speed, not accuracy after full training)."
-            if early
-            else "avoid at this depth: it ends less accurate."
+            "faster to learn at this depth; confirm with longer training before adopting, "
+            "and weigh its time per step."
         )
-    if d.decision == "equivalent":
-        keep = "keep baseline, which is cheaper per step" if d.step and d.step[0] > 1.02 else "either will do"
+    if what == "better":
+        return "adopt at this depth if its time per step is worth the gain."
+    if what == "slower":
+        return "slower to learn at this depth (convergence speed, not accuracy after full training)."
+    if what == "worse":
+        return "avoid at this depth: it ends less accurate."
+    if what in ("keep baseline", "either"):
+        keep = "keep baseline, which is cheaper per step" if what == "keep baseline" else "either will do"
         return f"{keep}; the failure rate it does not exclude is in the table" + (
             ", and longer training may still separate them." if early else "."
         )
-    lead = "it fails where baseline does not, so it is never equivalent or better; " if d.diverged else ""
-    if d.why_open == "too few seeds":
+    if what == "too few seeds":
         return lead + "too few finished seeds for a first look."
-    if d.why_open == "budget or interrupted":
+    if what == "stopped":
         return lead + f"re-run the same command to continue up to {d.max_seeds} seeds."
-    if d.outcome is not None and "ties decide nothing" in d.outcome.reason:
+    if what == "ties":
         return lead + "every seed gave the same difference, and ties decide nothing."
-    if d.seeds_needed:
+    if what == "more seeds":
         n = d.seeds_needed
         return lead + f"no answer yet: at this spread about {n} seeds would settle it (--seeds {n} --max-seeds {n})."
     return lead + "no answer, and its spread is too large to settle with a practical number of seeds."

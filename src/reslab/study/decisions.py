@@ -403,56 +403,88 @@ def interval_ratio(low: float, high: float) -> str:
     return f"[{low:.2f}, {high:.2f}]"
 
 
+def situation(d: Decision) -> str:
+    """What a row calls for, as one of :data:`SITUATIONS`: the one place that reads a decision for
+    advice, so the report's short advice (:func:`reslab.report.sections.advice`) and
+    decisions.json's recommendation (:func:`recommend`) cannot disagree."""
+    early = d.regime is not None and d.regime.early
+    if d.why_open == "nothing learned":
+        return "nothing learned"
+    if d.decision == "worse" and d.outcome is not None and d.outcome.basis == "divergence":
+        return "fails"
+    if d.decision == "better":
+        return "faster" if early else "better"
+    if d.decision == "worse":
+        return "slower" if early else "worse"
+    if d.decision == "equivalent":
+        return "keep baseline" if d.step is not None and d.step[0] > 1.02 else "either"
+    if d.why_open == "too few seeds":
+        return "too few seeds"
+    if d.why_open == "budget or interrupted":
+        return "stopped"
+    if d.outcome is not None and "ties decide nothing" in d.outcome.reason:
+        return "ties"
+    return "more seeds" if d.seeds_needed else "unsettled"
+
+
+#: every value :func:`situation` returns
+SITUATIONS = (
+    "nothing learned", "fails", "faster", "better", "slower", "worse", "keep baseline", "either",
+    "too few seeds", "stopped", "ties", "more seeds", "unsettled",
+)  # fmt: skip
+
+
 def recommend(d: Decision) -> str:
-    """One line a user can act on, claiming no more than the decision supports."""
+    """One line a user can act on, claiming no more than the decision supports, with its numbers."""
     cost = f"{100 * (d.step[0] - 1):+.0f}% time per training step" if d.step is not None else ""
     div = d.divergence_words
     bounded = math.isfinite(d.low) and -1.0 <= d.low and d.high <= 1.0
     span = f"lies between {pp(d.low)} and {pp(d.high)} pp" if bounded else "is not bounded yet"
-    if d.why_open == "nothing learned":
-        return nothing_learned_words(d) + "; train longer or with a working learning rate before comparing."
-    if d.decision == "worse" and d.outcome and d.outcome.basis == "divergence":
-        return f"Avoid at this depth: it {div}."
     r = d.regime
     early = r is not None and r.early
     after = f"after {r.length}" if r is not None else "at the end of training"
-    if d.decision == "better":
-        if early:
-            return (
-                f"Faster to learn at this depth: {after} accuracy is {pp(d.low)} to {pp(d.high)} pp higher, "
-                "while baseline was still rising; confirm with longer training before adopting "
-                f"({cost or 'its cost'})."
-            )
+    m = f"{100 * d.margin:.2g}"
+    when = f" {after}" + (" (early training: says nothing yet about full training)" if early else "")
+    lead = f"Not equivalent or better: it {div}. " if div else ""
+    what = situation(d)
+    if what == "nothing learned":
+        return nothing_learned_words(d) + "; train longer or with a working learning rate before comparing."
+    if what == "fails":
+        return f"Avoid at this depth: it {div}."
+    if what == "faster":
+        return (
+            f"Faster to learn at this depth: {after} accuracy is {pp(d.low)} to {pp(d.high)} pp higher, "
+            "while baseline was still rising; confirm with longer training before adopting "
+            f"({cost or 'its cost'})."
+        )
+    if what == "better":
         return (
             f"Adopt at this depth if {cost or 'its cost'} is worth it: accuracy {after} (flat by then) gains "
             f"{pp(d.low)} to {pp(d.high)} pp."
         )
-    if d.decision == "worse":
-        also = f"; it also {div}" if div else ""
-        if early:
-            return (
-                f"Slower to learn at this depth: {after} accuracy is {pp(-d.high, False)} to {pp(-d.low, False)} pp "
-                f"lower, while baseline was still rising (convergence speed, not accuracy after full training){also}."
-            )
+    also = f"; it also {div}" if div else ""
+    if what == "slower":
+        return (
+            f"Slower to learn at this depth: {after} accuracy is {pp(-d.high, False)} to {pp(-d.low, False)} pp "
+            f"lower, while baseline was still rising (convergence speed, not accuracy after full training){also}."
+        )
+    if what == "worse":
         return (
             f"Avoid at this depth: accuracy {after} (flat by then) drops by {pp(-d.high, False)} to "
             f"{pp(-d.low, False)} pp{also}."
         )
-    if d.decision == "equivalent":
-        m = f"{100 * d.margin:.2g}"
-        when = f" {after}" + (" (early training: says nothing yet about full training)" if early else "")
-        if d.step is not None and d.step[0] > 1.02:
-            return f"Keep baseline: accuracy{when} equal within +-{m} pp, and the technique costs {cost}."
+    if what == "keep baseline":
+        return f"Keep baseline: accuracy{when} equal within +-{m} pp, and the technique costs {cost}."
+    if what == "either":
         return f"Either: accuracy{when} equal within +-{m} pp at about the same training cost."
-    lead = f"Not equivalent or better: it {div}. " if div else ""
-    if d.why_open == "too few seeds":
+    if what == "too few seeds":
         return f"{lead}No answer yet: {d.trained} paired seeds have finished, too few for a first look."
-    if d.why_open == "budget or interrupted":
+    if what == "stopped":
         return (
             f"{lead}No answer yet after {d.trained} seeds (the difference {span}): re-run the same command to "
             f"continue up to {d.max_seeds} seeds."
         )
-    if d.outcome and "ties decide nothing" in d.outcome.reason:
+    if what == "ties":
         return f"{lead}No answer: every paired seed gave the same difference, and ties decide nothing."
     more = (
         f"; at this spread about {d.seeds_needed} seeds would settle it"
