@@ -184,7 +184,7 @@ def test_plain_techniques_fuse_to_a_plain_resnet(technique: str, arch: str) -> N
     # classifier: nothing of it is left in the blocks (shortcut_scale is None above). That
     # holds because the scales of the model that was fused are positive, and not all 1.
     if technique == "scale":
-        scales = [float(p) for n, p in model.named_parameters() if n.endswith(".scale")]
+        scales = [float(p.detach()) for n, p in model.named_parameters() if n.endswith(".scale")]
         assert scales and all(v > 0 for v in scales) and any(v != 1.0 for v in scales)
 
 
