@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from grids import run_starts, tiny_args, wait_for
@@ -136,6 +137,10 @@ def test_packs_reach_the_launchers_workers(tmp_path: Path) -> None:
         (["--pack", "0"], "--pack must be at least 1, got 0"),
         (["--pack", "many"], "--pack must be a positive number of runs or 'auto', got 'many'"),
         (["--pack", "2", "--probe-every", "4"], "--pack 2: the gradient-norm probe is not recorded in a pack"),
+        (
+            ["--pack", "2", "--set", "cuda_graphs=true", "--device", "cpu"],
+            "--pack 2: cuda_graphs: CUDA graphs need a CUDA device, not cpu",
+        ),
     ],
 )
 def test_bad_pack_options_are_one_line_before_any_work(
@@ -169,6 +174,22 @@ def test_pack_sizes_resolve_from_the_grid_and_the_device() -> None:
     # the gain is the chosen size's throughput over one run's: 1 when it keeps 1, and a doubling
     # is taken only when it gained AUTO_GAIN
     assert (k, gain) == (1, 1.0) or (k == 2 and gain >= AUTO_GAIN)
+
+
+def test_cuda_graphs_refuse_packs_only_where_a_graph_cannot_run() -> None:
+    """A pack replays its step as a CUDA graph on a CUDA device; elsewhere, and with what packs
+    refuse anyway (compile, probe_every), the refusal stays, in words."""
+    from reslab.engine.config import TrainConfig
+    from reslab.study.packing import refusal
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert refusal(TrainConfig(cuda_graphs=True, device="cuda")) == ""
+    assert refusal(TrainConfig(cuda_graphs=True), cuda) == ""  # auto, decided where it runs
+    assert refusal(TrainConfig(cuda_graphs=True)) == ""
+    for cfg, device in ((TrainConfig(cuda_graphs=True, device="cpu"), None), (TrainConfig(cuda_graphs=True), cpu)):
+        assert refusal(cfg, device) == "cuda_graphs: CUDA graphs need a CUDA device, not cpu (drop cuda_graphs)"
+    assert "torch.compile" in refusal(TrainConfig(cuda_graphs=True, compile=True), cuda)
+    assert "gradient-norm probe" in refusal(TrainConfig(cuda_graphs=True, probe_every=5), cuda)
 
 
 def test_a_pack_that_fails_fails_its_runs_not_the_cells_held_elsewhere(tmp_path: Path, monkeypatch) -> None:

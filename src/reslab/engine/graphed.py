@@ -22,6 +22,11 @@ engine's per-epoch reseeding keeps a graphed run reproducible.
 
 Where it does not apply (:func:`graphs_refusal`): the CPU, several processes (DDP),
 ``compile`` and ``probe_every`` (which reads gradients every K steps).
+
+A pack of runs (:mod:`reslab.engine.packed`) replays its step the same way
+(:mod:`reslab.engine.packed.graphed`): one graph for all its members, whose learning rates
+are a K-vector on the device (:class:`CapturableSGD` moves each member's slice of the stacked
+parameters by its own), captured again when a member freezes.
 """
 
 from __future__ import annotations
@@ -57,10 +62,16 @@ def graphs_refusal(
 
 class CapturableSGD:
     """``torch.optim.SGD``'s update (momentum, dampening, Nesterov, weight decay per group) on
-    that optimizer's own parameters and momentum buffers, with the learning rate a 0-d
-    tensor on the device, so that a CUDA graph can capture it. The arithmetic and its order
-    are the optimizer's own (``torch.optim.sgd._multi_tensor_sgd``); ``lr`` multiplies the
-    update as a tensor rather than as the ``alpha`` of the final add."""
+    that optimizer's own parameters and momentum buffers, with the learning rate a tensor on
+    the device, so that a CUDA graph can capture it. The arithmetic and its order are the
+    optimizer's own (``torch.optim.sgd._multi_tensor_sgd``); ``lr`` multiplies the update as a
+    tensor rather than as the ``alpha`` of the final add.
+
+    The learning rate is a 0-d tensor (one run) or a K-vector (a pack,
+    :mod:`reslab.engine.packed.graphed`): the parameters are then stacked, their leading
+    dimension the K members, and member ``i``'s slice moves by ``lr[i]``. A parameter without a
+    momentum buffer gets one as torch's first step makes it (the update itself), which only an
+    eager step may do: a capture needs every buffer made before (:meth:`ready`)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         if type(optimizer) is not torch.optim.SGD:
@@ -82,8 +93,9 @@ class CapturableSGD:
 
     @torch.no_grad()
     def step(self, lr: dict[torch.dtype, Tensor]) -> None:
-        """One update; ``lr`` holds the learning rate as a 0-d device tensor per parameter
-        dtype (the fused foreach kernels take a scalar tensor of their lists' own dtype)."""
+        """One update; ``lr`` holds the learning rate per parameter dtype (the fused foreach
+        kernels take a scalar tensor of their lists' own dtype): a 0-d device tensor, or a
+        K-vector of per-member rates for stacked parameters."""
         for g in self.optimizer.param_groups:
             params = [p for p in g["params"] if p.grad is not None]
             if not params:
@@ -92,9 +104,16 @@ class CapturableSGD:
             wd, momentum, dampening = g["weight_decay"], g["momentum"], g["dampening"]
             d = torch._foreach_add(grads, params, alpha=wd) if wd != 0 else grads
             if momentum != 0:
-                bufs = [self.optimizer.state[p]["momentum_buffer"] for p in params]
-                torch._foreach_mul_(bufs, momentum)
-                torch._foreach_add_(bufs, d, alpha=1 - dampening)
+                states = [self.optimizer.state[p] for p in params]
+                old = [i for i, st in enumerate(states) if st.get("momentum_buffer") is not None]
+                if old:
+                    bufs = [states[i]["momentum_buffer"] for i in old]
+                    torch._foreach_mul_(bufs, momentum)
+                    torch._foreach_add_(bufs, [d[i] for i in old], alpha=1 - dampening)
+                for i, st in enumerate(states):  # torch's first step: the buffer is the update itself
+                    if st.get("momentum_buffer") is None:
+                        st["momentum_buffer"] = torch.clone(d[i]).detach()
+                bufs = [st["momentum_buffer"] for st in states]
                 if g["nesterov"]:
                     torch._foreach_add_(d, bufs, alpha=momentum)
                 else:
@@ -103,7 +122,13 @@ class CapturableSGD:
             for i, p in enumerate(params):
                 by_dtype.setdefault(p.dtype, []).append(i)
             for dtype, idx in by_dtype.items():
-                torch._foreach_sub_([params[i] for i in idx], torch._foreach_mul([d[i] for i in idx], lr[dtype]))
+                rate = lr[dtype]
+                if rate.dim() == 0:
+                    torch._foreach_sub_([params[i] for i in idx], torch._foreach_mul([d[i] for i in idx], rate))
+                    continue
+                for i in idx:  # member k's slice of each stacked parameter moves by rate[k]
+                    p = params[i]
+                    p.addcmul_(d[i], rate.view(-1, *[1] * (p.dim() - 1)), value=-1)
 
 
 class GraphedStep:

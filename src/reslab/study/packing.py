@@ -22,6 +22,7 @@ import torch
 from reslab.engine.config import TrainConfig
 from reslab.engine.packed import speed
 from reslab.engine.packed.check import pack_routes
+from reslab.engine.packed.graphed import pack_graphs_refusal
 from reslab.errors import UsageError
 from reslab.study.grid import Grid
 
@@ -54,21 +55,26 @@ def seeds_at_once(grid: Grid) -> int:
     return min(plan.min_seeds, len(grid.seeds)) if plan else len(grid.seeds)
 
 
-def refusal(cfg: TrainConfig) -> str:
-    """Why runs with these settings cannot train packed ("" when they can)."""
+def refusal(cfg: TrainConfig, device: torch.device | None = None) -> str:
+    """Why runs with these settings cannot train packed ("" when they can). With
+    ``cuda_graphs`` a pack replays its step as a CUDA graph, which needs a CUDA device:
+    ``device``, or the config's own where it names one (``auto`` is decided where it runs)."""
     if cfg.compile:
         return "a pack does not torch.compile its model (drop compile)"
     if cfg.probe_every:
         return "the gradient-norm probe is not recorded in a pack (--probe-every 0, or --set probe_every=0)"
-    if cfg.cuda_graphs:
-        return "a pack does not replay CUDA graphs (drop cuda_graphs)"
+    if device is None and cfg.device != "auto":
+        device = torch.device(cfg.device)
+    if cfg.cuda_graphs and device is not None and (why := pack_graphs_refusal(device, False, False, 0)):
+        return f"cuda_graphs: {why} (drop cuda_graphs)"
     return ""
 
 
-def check_pack_option(grid: Grid, pack: int | str) -> None:
+def check_pack_option(grid: Grid, pack: int | str, device: torch.device | None = None) -> None:
     """A :class:`UsageError` when ``--pack K`` (K > 1) asks for packs these settings cannot
-    train: said before any work starts, not after the measurements."""
-    if pack not in (1, "auto") and (why := refusal(grid.config(grid.cells()[0]))):
+    train (on ``device`` where it is known): said before any work starts, not after the
+    measurements."""
+    if pack not in (1, "auto") and (why := refusal(grid.config(grid.cells()[0]), device)):
         raise UsageError(f"--pack {pack}: {why}; or leave --pack out to train every run alone")
 
 
@@ -95,12 +101,12 @@ def resolve_pack(grid: Grid, pack: int | str, device: torch.device, ds: Any) -> 
         if device.type == "cpu" or at_once == 1:
             return PackChoice(1, "", {})
         cfg = grid.config(grid.cells()[0])
-        if why := refusal(cfg):
+        if why := refusal(cfg, device):
             return PackChoice(1, f"compare: --pack auto: {why}, so every run trains alone", {})
         k, gain = choose_pack(cfg, ds, device, at_once)
         gains = pack_gains(grid, ds, device, k, {cfg.model: gain})
         return PackChoice(k, f"compare: --pack auto chose packs of {k} runs on {device} ({gain_words(gains)})", gains)
-    check_pack_option(grid, pack)
+    check_pack_option(grid, pack, device)
     k, note = int(pack), ""
     if k > at_once:
         k, note = (

@@ -2,7 +2,8 @@
 model (:mod:`.stack`): one network of grouped layers where the model has that form
 (:mod:`.grouped`), else the model mapped over the runs with ``torch.func.vmap``; each run
 writes the run folder it would write alone (:mod:`.loop`). Which runs may pack, and by
-which route: :mod:`.check`."""
+which route: :mod:`.check`. With ``cuda_graphs`` the pack's step is one replayed CUDA graph
+(:mod:`.graphed`)."""
 
 from reslab.engine.packed.check import check_pack, pack_groups, pack_route, packable
 from reslab.engine.packed.loop import train_pack

@@ -49,8 +49,6 @@ def check_pack(configs: Sequence[TrainConfig], outs: Sequence[Path]) -> None:
         raise UsageError("a pack does not torch.compile its model yet; train it without compile")
     if c.probe_every:
         raise UsageError("the gradient-norm probe (probe_every) is not recorded in a pack; train these runs alone")
-    if c.cuda_graphs:
-        raise UsageError("a pack does not replay CUDA graphs yet; train it without cuda_graphs")
 
 
 #: how close a pack's forward pass and gradients must come to its members' run alone, on

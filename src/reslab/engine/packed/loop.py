@@ -33,6 +33,18 @@ would have gone on uninterrupted (and with ``drop_path_rate > 0`` its draws diff
 all its members it continues exactly. A member's checkpoint is the
 one a run alone writes, so such a member can always be resumed alone with
 ``train(config, out, resume=True)``, and a run started alone can join a pack.
+
+CUDA graphs (``cuda_graphs``, on a CUDA device): the pack's whole step, the members' SGD
+update included, is captured once as one graph and replayed
+(:class:`~reslab.engine.packed.graphed.GraphedPackStep`: three eager warm-up steps, then the
+capture), each member's learning rate written into a device vector before every replay. It
+trains each member as the eager pack does, to rounding; a member whose loss turns
+non-finite is frozen after that step's update rather than before it (never saved again, so
+recorded the same), and the graph is captured again without it. Checkpoints hold each
+member's momentum as the eager pack's do, so resume (kill -9 included) is as exact. The
+pack says its start-up once (build, warm-up, capture, first step) and keeps it in every
+member's summary (``pack_startup_s``). Refused, in one line, on the CPU, under torchrun,
+with ``compile`` and with ``probe_every`` (the last two as for any pack).
 """
 
 from __future__ import annotations
@@ -55,6 +67,7 @@ from reslab.engine.devices import device_name
 from reslab.engine.distributed import resolve_device, setup_distributed
 from reslab.engine.optim import lr_at
 from reslab.engine.packed.check import check_pack, pack_routes
+from reslab.engine.packed.graphed import GraphedPackStep, pack_graphs_refusal
 from reslab.engine.packed.speed import fastest_route
 from reslab.engine.packed.stack import PackedModel
 from reslab.engine.sources import augment_gather, derive_seed, epoch_draws
@@ -87,6 +100,7 @@ def train_pack(
     overwrite: bool | Sequence[bool] = False,
     progress: bool | None = None,
     loss_hook: LossHook | None = None,
+    graph_capture: bool = True,
 ) -> list[dict[str, Any]]:
     """Train the runs ``configs`` (which differ only in ``seed``) into ``out_dirs`` as one
     pack; return each run's summary.json content, in order.
@@ -100,9 +114,14 @@ def train_pack(
     model neither route can pack is said so on stderr and its runs train one after another
     with ``train``. ``progress``: ``False`` = silent, otherwise one line
     per epoch of the pack.
+
+    With ``cuda_graphs`` the pack's step is captured as a CUDA graph and replayed
+    (:mod:`~reslab.engine.packed.graphed`), on a CUDA device only; ``graph_capture=False`` runs
+    the graphed step's arithmetic eagerly instead, on any device (for tests on the CPU).
     """
     from reslab.engine.train import train
 
+    started = time.perf_counter()
     configs = [c.ensure_valid() for c in configs]
     outs = [Path(o) for o in out_dirs]
     check_pack(configs, outs)
@@ -114,6 +133,11 @@ def train_pack(
     set_threads(configs[0], d)
     ds = open_run_dataset(configs[0])
     device = resolve_device(configs[0], d)
+    c0 = configs[0]
+    if c0.cuda_graphs and (
+        why := pack_graphs_refusal(device, d.enabled, c0.compile, c0.probe_every, None, graph_capture)
+    ):
+        raise UsageError(f"cuda_graphs: {why}; or train the pack without cuda_graphs")
     # on a GPU both correct routes are candidates, the faster taken; elsewhere the first
     routes, why = pack_routes(configs[0], ds, first_only=device.type != "cuda")
     if why:
@@ -123,7 +147,9 @@ def train_pack(
             for c, o, r, w in zip(configs, outs, resumes, overwrites, strict=True)
         ]
     with runs.locked(outs):  # every member's folder, for the whole pack
-        return _train_pack(configs, outs, resumes, overwrites, ds, device, d, routes, say, loss_hook)
+        return _train_pack(
+            configs, outs, resumes, overwrites, ds, device, d, routes, say, loss_hook, graph_capture, started
+        )
 
 
 def _train_pack(
@@ -137,6 +163,8 @@ def _train_pack(
     routes: Sequence[str],
     say: Progress,
     loss_hook: LossHook | None,
+    graph_capture: bool,
+    started: float,
 ) -> list[dict[str, Any]]:
     """:func:`train_pack` once its folders are locked: plan, build the members, train them."""
     plans = [runs.plan_run(o, c, r, w) for c, o, r, w in zip(configs, outs, resumes, overwrites, strict=True)]
@@ -156,7 +184,16 @@ def _train_pack(
         # one process; the members' own modules never run a step, so their layout is moot
         cfg = dataclasses.replace(resolve_config(c, ds, device), channels_last=False, pack=pack)
         ckpt = read_checkpoint(o, cfg) if res else None
-        engine, state = build_engine(cfg, ds, d, device, o, ckpt, source)
+        # the pack replays a graph of its own (.graphed): a member's engine never steps, so it is
+        # built without one (and without a run's refusal of the CPU), its config still saying cuda_graphs
+        engine, state = build_engine(dataclasses.replace(cfg, cuda_graphs=False), ds, d, device, o, ckpt, source)
+        engine.cfg = dataclasses.replace(engine.cfg, cuda_graphs=cfg.cuda_graphs)
+        if (
+            cfg.cuda_graphs
+            and not members
+            and (why := pack_graphs_refusal(device, False, False, 0, engine.raw_model, graph_capture))
+        ):
+            raise UsageError(f"cuda_graphs: {why}; or train the pack without cuda_graphs")
         source = engine.source  # the members share one copy of the data
         summary = initial_summary(engine, state)
         summary["pack_size"] = len(configs)  # its elapsed_s is the pack's time, shared by pack_size runs
@@ -173,7 +210,7 @@ def _train_pack(
                 f"the pack's runs stand at different epochs ({at}); a pack resumes only from one epoch: resume "
                 "each run alone (train(config, out, resume=True)) or pack the runs that stand together"
             )
-        _run(members, say, loss_hook, route)
+        _run(members, say, loss_hook, route, graph_capture, started)
     by_out = {m.out: m.summary for m in members}
     return [finished[i] if i in finished else by_out[o] for i, o in enumerate(outs)]
 
@@ -187,7 +224,9 @@ def _per_run(flag: bool | Sequence[bool], n: int, name: str) -> list[bool]:
     return flags
 
 
-def _run(members: list[Member], say: Progress, loss_hook: LossHook | None, route: str) -> None:
+def _run(
+    members: list[Member], say: Progress, loss_hook: LossHook | None, route: str, capture: bool, started: float
+) -> None:
     e0 = members[0].engine
     cfg = e0.cfg
     pack = PackedModel(
@@ -200,8 +239,10 @@ def _run(members: list[Member], say: Progress, loss_hook: LossHook | None, route
         route=route,
         channels_last=e0.device.type == "cuda",  # grouped convolutions are fastest so on a GPU
     )
+    graphed = _graphed_step(members, pack, say, loss_hook, capture, started) if cfg.cuda_graphs else None
     say.line(
-        f"training {len(members)} runs of {cfg.model} ({cfg.technique}) packed ({route}), seeds "
+        f"training {len(members)} runs of {cfg.model} ({cfg.technique}) packed ({route}"
+        f"{', CUDA graph' if graphed is not None else ''}), seeds "
         f"{', '.join(str(m.engine.cfg.seed) for m in members)}: {e0.source.n_train} images, "
         f"{e0.steps_per_epoch} steps/epoch, {cfg.epochs} epochs, device {e0.device}"
     )
@@ -209,7 +250,7 @@ def _run(members: list[Member], say: Progress, loss_hook: LossHook | None, route
     try:
         for epoch in range(start, cfg.epochs + 1):
             t0 = time.perf_counter()
-            results = _train_epoch(members, pack, epoch, loss_hook)
+            results = _train_epoch(members, pack, epoch, loss_hook, graphed)
             val = _evaluate(members, pack, "val")
             epoch_s = time.perf_counter() - t0
             alive = []
@@ -253,6 +294,31 @@ def _run(members: list[Member], say: Progress, loss_hook: LossHook | None, route
                 cb.close()
 
 
+def _graphed_step(
+    members: list[Member], pack: PackedModel, say: Progress, loss_hook: LossHook | None, capture: bool, started: float
+) -> GraphedPackStep:
+    """The pack's graphed step; its start-up (build, warm-up, capture, first step) is said
+    once, after the first replay, and kept in every member's summary (``pack_startup_s``).
+    ``loss_hook`` gets the step's number as in the eager loop."""
+    built = time.perf_counter() - started
+    state0 = members[0].state
+
+    def said(t: dict[str, float]) -> None:
+        total = built + t["warmup_s"] + t["capture_s"] + t["first_step_s"]
+        parts = {"build": built, "warmup": t["warmup_s"], "capture": t["capture_s"], "first_step": t["first_step_s"]}
+        for m in members:
+            m.summary["pack_startup_s"] = {k: round(v, 3) for k, v in {**parts, "total": total}.items()}
+        say.line(
+            f"pack start-up {total:.1f} s: build {built:.1f} s, warm-up {t['warmup_s']:.1f} s "
+            f"({t['warmup_steps']:.0f} eager steps), capture {t['capture_s']:.2f} s, first step "
+            f"{t['first_step_s']:.2f} s" + ("" if capture else " (the graph's work run eagerly, not captured)")
+        )
+
+    e0 = members[0].engine
+    hook = None if loss_hook is None else (lambda losses: loss_hook(state0.step + 1, losses))
+    return GraphedPackStep(pack, e0.autocast, e0.cfg.label_smoothing, capture, hook, said)
+
+
 def _diverge(m: Member, pack: PackedModel, i: int, epoch: int, epoch_s: float) -> None:
     """Record member ``i`` as a run alone records a divergence: its earlier epochs kept, no weights."""
     pack.freeze(i)
@@ -263,10 +329,15 @@ def _diverge(m: Member, pack: PackedModel, i: int, epoch: int, epoch_s: float) -
 
 
 def _train_epoch(
-    members: list[Member], pack: PackedModel, epoch: int, loss_hook: LossHook | None
+    members: list[Member],
+    pack: PackedModel,
+    epoch: int,
+    loss_hook: LossHook | None,
+    graphed: GraphedPackStep | None = None,
 ) -> list[EpochResult | None]:
     """Train epoch ``epoch`` of every live member; per member its result, or ``None`` when
-    its loss became non-finite in this epoch (it is frozen from that step on)."""
+    its loss became non-finite in this epoch (it is frozen from that step on). ``graphed``:
+    each step is that replayed graph (which calls ``loss_hook`` itself)."""
     e0 = members[0].engine
     cfg, k = e0.cfg, len(members)
     t0 = time.perf_counter()
@@ -292,22 +363,28 @@ def _train_epoch(
         x = e0.norm.from_uint8(augment_gather(xb, aug[0], aug[1], aug[2], pad, False), False)
         x = x.view(k, -1, *x.shape[1:])
         y = torch.stack([b[1] for b in batches])
-        with e0.autocast():
-            losses, logits = pack.train_losses(x, y, cfg.label_smoothing)
-        if loss_hook is not None:
-            losses = loss_hook(state0.step + 1, losses)
-        pack.optimizer.zero_grad(set_to_none=True)
-        losses.sum().backward()
-        for m in members:
-            m.state.step += 1
-        if (step_i + 1) % e0.check_every == 0 or step_i + 1 == e0.steps_per_epoch:
-            finite = torch.isfinite(losses.detach()).tolist()
-            for i, ok in enumerate(finite):
-                if not ok and not failed[i]:
-                    failed[i] = True
-                    newly.add(i)
-                    pack.freeze(i)  # before the step: its state stays the last good one
-        pack.step()
+        check = (step_i + 1) % e0.check_every == 0 or step_i + 1 == e0.steps_per_epoch
+        if graphed is not None:
+            # the whole step, update included, in one replay, each member at its own rate: a
+            # non-finite loss is seen after its update, and the member frozen from then on (its
+            # state is never saved again, so it records what the eager pack records)
+            losses, logits = graphed(x, y, [lr_at(m.state.step, m.engine.total_steps, m.engine.cfg) for m in members])
+            for m in members:
+                m.state.step += 1
+            if check:
+                _freeze_failed(pack, losses, failed, newly)
+        else:
+            with e0.autocast():
+                losses, logits = pack.train_losses(x, y, cfg.label_smoothing)
+            if loss_hook is not None:
+                losses = loss_hook(state0.step + 1, losses)
+            pack.optimizer.zero_grad(set_to_none=True)
+            losses.sum().backward()
+            for m in members:
+                m.state.step += 1
+            if check:
+                _freeze_failed(pack, losses, failed, newly)  # before the step: its state stays the last good one
+            pack.step()
         ld = losses.detach()
         loss_sum += ld.double() * y.shape[1]
         correct += (logits.detach().argmax(2) == y).sum(1).double()
@@ -335,6 +412,16 @@ def _train_epoch(
         else:
             out.append(EpochResult(sums[i] / seen, float(correct[i]) / seen, float(seen), train_s, lr))
     return out
+
+
+def _freeze_failed(pack: PackedModel, losses: torch.Tensor, failed: list[bool], newly: set[int]) -> None:
+    """Freeze every member whose loss is not finite and was not failed before."""
+    finite = torch.isfinite(losses.detach()).tolist()
+    for i, ok in enumerate(finite):
+        if not ok and not failed[i]:
+            failed[i] = True
+            newly.add(i)
+            pack.freeze(i)
 
 
 def _test_results(members: list[Member], pack: PackedModel) -> list[tuple[float, float]]:

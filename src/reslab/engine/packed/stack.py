@@ -27,7 +27,7 @@ trained alone.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
@@ -156,7 +156,7 @@ class PackedModel:
         """One optimizer step; frozen members get their frozen state back."""
         self.optimizer.step()
         if self.frozen:
-            self._restore_frozen()
+            self.restore_frozen()
 
     def _momentum(self) -> dict[str, Tensor]:
         out = {}
@@ -177,10 +177,14 @@ class PackedModel:
         snap.update({f"m:{n}": t[i].clone() for n, t in self._momentum().items()})
         self.frozen[i] = snap
 
-    def _restore_frozen(self) -> None:
+    def restore_frozen(self, members: Collection[int] | None = None) -> None:
+        """Put every frozen member's (or those of ``members``) parameters, buffers and momentum
+        back to its snapshot."""
         momentum = self._momentum()
         with torch.no_grad():
             for i, snap in self.frozen.items():
+                if members is not None and i not in members:
+                    continue
                 for key, v in snap.items():
                     kind, n = key.split(":", 1)
                     table = self.params if kind == "p" else self.buffers if kind == "b" else momentum
