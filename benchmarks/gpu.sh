@@ -90,9 +90,11 @@ compare=("$PYTHON" -m reslab compare)
 
 # 1. Timings, alone on the card, what issue 19 asks first: packed runs (reslab.engine.packed,
 #    both routes) against one run at a time, same card, same call; at least 5x at 16 resnet56
-#    runs and 10x at 32 resnet20 runs
+#    runs and 10x at 32 resnet20 runs. --graphs adds the grouped pack replayed as a CUDA graph
+#    (issue 29: at least 8x and 25x), its start-up, TFLOP/s and fraction of the card's bf16 peak
+#    (a warm-up, a capture and a few replays more per size: seconds)
 step pack-speed "$PYTHON" benchmarks/pack_speed.py --device cuda --width 1 --rounds 3 --steps 3 \
-  --configs resnet56:16:512,resnet20:32:128
+  --configs resnet56:16:512,resnet20:32:128 --graphs
 # 2. the paper preset's estimated time on this card (at most 45 minutes on one H100), from its
 #    own timing pass and pack probe
 step paper-estimate "${compare[@]}" --preset paper --device cuda --estimate --out "$out/paper-estimate"
@@ -137,6 +139,10 @@ step evidence "$PYTHON" -m reslab evidence --device cuda --budget "${ev_budget}s
 [ -n "${LIST:-}" ] || { mkdir -p "$out/evidence-study" && cp docs/evidence/{runs.jsonl,summary.json,study.md} "$out/evidence-study/" 2>/dev/null; }
 
 # 6. Extras, alone again, with what is left of the budget (ONLY="..." runs them in a call of their own):
+# a graphed pack's start-up as train_pack has it (data, route check and measurement, members,
+# warm-up, capture, first step; issue 29: at most 20 s), one short epoch per size, no speed table
+CAP=180 step pack-startup "$PYTHON" benchmarks/pack_speed.py --device cuda --width 1 --rounds 0 \
+  --configs resnet56:16:512,resnet20:32:128 --train-pack-startup
 # the overheads in a pack (8 resnet20 runs of one technique): each row's packed img/s over baseline's row
 tpack=resnet20:8:128
 for t in scale skipinit layerscale norm fusion; do tpack+=",resnet20:8:128:$t"; done

@@ -64,6 +64,7 @@ def test_every_step_of_gpu_sh_is_accepted_by_its_program(tmp_path):
     needed = (
         "cuda-tests",
         "pack-speed",
+        "pack-startup",
         "train-speed-graphs",
         "technique-overhead",
         "paper-estimate",
@@ -97,5 +98,9 @@ def test_every_step_of_gpu_sh_is_accepted_by_its_program(tmp_path):
         assert path.parent.name == "benchmarks" and path.is_file(), name
         ns = _parse_benchmark(path, argv[2:])
         assert ns.device == "cuda", f"{name} would not measure the GPU"
-        if name == "pack-speed":  # the sizes the issue's targets are about
+        if name in ("pack-speed", "pack-startup"):  # the sizes the issues' targets are about
             assert {"resnet56:16:512", "resnet20:32:128"} <= set(ns.configs.split(",")), ns.configs
+        if name == "pack-speed":  # issue 29: packed and graphed, beside one run at a time and the eager pack
+            assert ns.graphs and ns.rounds > 0, name
+        if name == "pack-startup":  # issue 29: train_pack's start-up with cuda_graphs
+            assert ns.train_pack_startup, name
