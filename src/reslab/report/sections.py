@@ -268,8 +268,7 @@ def advice(d: Decision) -> str:
         return "avoid at this depth: it fails where baseline does not."
     if what == "faster":
         return (
-            "faster to learn at this depth; confirm with longer training before adopting, "
-            "and weigh its time per step."
+            "faster to learn at this depth; confirm with longer training before adopting, and weigh its time per step."
         )
     if what == "better":
         return "adopt at this depth if its time per step is worth the gain."
