@@ -69,7 +69,7 @@ def test_the_first_section_holds_the_regime_the_plot_and_a_short_verdict_table(t
         "seeds",
         "failures",
         "time/step",
-        "gradients",
+        "gradients at init",
     ]
     # the HTML has the same figure, first, with the table after it
     html = files.report_html.read_text()

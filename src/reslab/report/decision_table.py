@@ -21,6 +21,12 @@ from reslab.study.results import FIGURES_DIR
 from reslab.study.stepdown import CHANCE_TOL, FAILURE_CONFIDENCE, LEARNED_MIN
 from reslab.version import __version__, source_commit
 
+#: the verdict table's columns, the answer's first table (at most 8, so it fits one screen)
+VERDICT_COLUMNS = (
+    *("model", "technique", "verdict", "difference, pp [interval]"),
+    *("seeds", "failures", "time/step", "gradients at init"),
+)
+
 
 def fmt_value(x: Any, spec: str = ".2f") -> str:
     v = as_float(x) if not isinstance(x, str) else math.nan
@@ -190,7 +196,7 @@ def answer_section(
     alt = "decision plot: each technique's difference from baseline and its interval"
     doc.img(path, f"{FIGURES_DIR}/{path.name}", alt, anchor="decision-plot")
     doc.table(
-        ["model", "technique", "verdict", "difference, pp [interval]", "seeds", "failures", "time/step", "gradients"],
+        list(VERDICT_COLUMNS),
         [
             [
                 d.model,
@@ -226,7 +232,7 @@ def answer_section(
     for model in dict.fromkeys(d.model for d in nothing):
         notes.append(nothing_learned_words(next(d for d in nothing if d.model == model)) + f" ({model}).")
     notes.append(
-        f"Time/step: ratio to baseline in a dedicated timing pass on {timing_device_words(timing)}; gradients: "
+        f"Time/step: ratio to baseline in a dedicated timing pass on {timing_device_words(timing)}; gradients at init: "
         "reslab.probe's verdict at initialisation at the model's own depth. Details per model follow; the method "
         "is at the end."
     )
