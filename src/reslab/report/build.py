@@ -165,51 +165,47 @@ def build_report(
     g = gather(
         results_dir, extra_dirs=extra_dirs, target_acc=target_acc, method=method, level=level, references=references
     )
-    out, dirs, grid, runs, cells, models = g.out, g.dirs, g.grid, g.runs, g.cells, g.models
-    targets, method, records, rows, expected = g.targets, g.method, g.records, g.rows, g.expected
-    init_probe, missing, timing, regimes, decisions = g.init_probe, g.missing, g.timing, g.regimes, g.decisions
     # Derived files first: they are the machine-readable truth the report is drawn from.
-    results_jsonl, summary_csv = write_derived_files(out, records, rows, decisions)
+    results_jsonl, summary_csv = write_derived_files(g.out, g.records, g.rows, g.decisions)
 
     from reslab.report import figures as plots  # matplotlib only when drawing
 
-    fig_dir = out / FIGURES_DIR
+    fig_dir = g.out / FIGURES_DIR
     fig_dir.mkdir(parents=True, exist_ok=True)
-    probe_entries = read_probe_entries(dirs)
-    doc, title = Doc(), report_title(grid, models)
+    probe_entries = read_probe_entries(g.dirs)
+    doc, title = Doc(), report_title(g.grid, g.models)
     doc.h(1, title)
-    doc.p(provenance_words(grid))
+    doc.p(provenance_words(g.grid))
     # the answer first: regime, decision plot, verdict table; then the details that back it
-    figures = answer_section(doc, decisions, regimes, init_probe, timing, fig_dir, plots)
-    shown = list(dict.fromkeys(r["model"] for r in rows))
+    figures = answer_section(doc, g.decisions, g.regimes, g.init_probe, g.timing, fig_dir, plots)
+    shown = list(dict.fromkeys(r["model"] for r in g.rows))
     for model in shown:
-        mine = {d.technique: d for d in decisions if d.model == model}
-        view = ModelView(
-            model, [r for r in rows if r["model"] == model], len(shown) > 1, targets, level, mine, regimes.get(model)
-        )
+        mine = {d.technique: d for d in g.decisions if d.model == model}
+        rows = [r for r in g.rows if r["model"] == model]
+        view = ModelView(model, rows, len(shown) > 1, g.targets, level, mine, g.regimes.get(model))
         details_heading(doc, view)
         accuracy_section(doc, view)
         convergence_section(doc, view)
-        by_tech = runs_by_technique(runs, model)
+        by_tech = runs_by_technique(g.runs, model)
         figures += curves_section(doc, view, by_tech, fig_dir, plots)
-        cost_section(doc, view, timing)
+        cost_section(doc, view, g.timing)
         figures += training_gradient_section(doc, view, by_tech, fig_dir, plots)
-    init_gradient_section(doc, rows, probe_entries)
+    init_gradient_section(doc, g.rows, probe_entries)
     settings_section(
         doc,
-        grid,
-        runs,
-        targets,
-        method,
+        g.grid,
+        g.runs,
+        g.targets,
+        g.method,
         level,
-        len(cells),
-        expected,
-        missing,
-        auto_target=is_auto_target(target_acc, grid),
+        len(g.cells),
+        g.expected,
+        g.missing,
+        auto_target=is_auto_target(target_acc, g.grid),
     )
-    methods_section(doc, decisions)
-    files_section(doc, out)
-    report_md, report_html = out / "report.md", out / "report.html"
+    methods_section(doc, g.decisions)
+    files_section(doc, g.out)
+    report_md, report_html = g.out / "report.md", g.out / "report.html"
     atomic_write_text(report_md, doc.markdown())
     atomic_write_text(report_html, doc.html(title))
-    return ReportFiles(results_jsonl, summary_csv, report_md, report_html, figures, missing)
+    return ReportFiles(results_jsonl, summary_csv, report_md, report_html, figures, g.missing)
