@@ -71,3 +71,13 @@ def test_old_timing_file_without_a_device_still_renders(tmp_path: Path) -> None:
 )
 def test_device_words_without_a_usable_record(timing: dict | None, words: str) -> None:
     assert timing_device_words(timing) == words
+
+
+def test_a_timing_pass_whose_rounds_disagree_says_its_ratios_are_rough(tmp_path: Path) -> None:
+    """Rounds 1.2 s, 0.25 s and 0.24 s of one variant (a busy machine): the note says the ratios are
+    rough by how much (1.2 / 0.24 = 5.0x) and how to measure again; steady rounds say nothing."""
+    device = {"type": "cpu", "name": "AMD EPYC", "threads": 1}
+    busy = {"device": device, "steps": {**STEPS, "resnet8/baseline": [1.2, 0.25, 0.24]}}
+    note = _decision_paragraph(_grid(tmp_path / "busy", busy))
+    assert "differ by up to 5.0x" in note and "delete timing.json" in note
+    assert "rough" not in _decision_paragraph(_grid(tmp_path / "quiet", {"device": device, "steps": STEPS}))

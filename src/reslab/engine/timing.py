@@ -81,8 +81,9 @@ def measure_step_times(
                 x = torch.randn(batch_size, c, h, w, generator=gen).to(dev).contiguous(memory_format=fmt)
                 y = torch.randint(0, num_classes, (batch_size,), generator=gen).to(dev)
                 variants[f"{m}/{t}"] = step = training_step(model, opt, x, y, autocast, graphs)
-                # warm-up: first-call allocations and kernel choices (and a graph's capture)
-                for _ in range(WARMUP_STEPS + 1 if graphs else 1):
+                # warm-up: first-call allocations and kernel choices (and a graph's capture); the
+                # CPU's second step still paid for some of them on a cold install (1.2 s, not 0.03)
+                for _ in range(WARMUP_STEPS + 1 if graphs else 2):
                     step()
         synchronize(dev)
         times: dict[str, list[float]] = {k: [] for k in variants}

@@ -47,6 +47,22 @@ def step_ratio_text(timing: dict[str, Any], model: str, technique: str) -> str:
     return "n/a" if r is None else f"{r[0]:.3f}x [{r[1]:.3f}, {r[2]:.3f}]"
 
 
+#: rounds of the timing pass further apart than this (slowest / fastest, one variant) make its
+#: ratios rough: the machine was busy, or a first step paid for its set-up
+TIMING_SPREAD_WARN = 1.5
+
+
+def timing_spread(timing: dict[str, Any] | None) -> float:
+    """The largest slowest-to-fastest ratio of one variant's rounds in the timing pass (nan without one)."""
+    steps = timing.get("steps") if isinstance(timing, dict) else None
+    spreads = [
+        max(v) / min(v)
+        for v in (steps.values() if isinstance(steps, dict) else ())
+        if isinstance(v, list) and v and all(isinstance(x, int | float) and x > 0 for x in v)
+    ]
+    return max(spreads) if spreads else math.nan
+
+
 def timing_device_words(timing: dict[str, Any] | None) -> str:
     """Which machine the timing pass measured, from its ``device`` record: e.g. "NVIDIA H100
     80GB HBM3 (CUDA, compute capability 9.0), bf16, torch 2.11" or "the CPU (AMD EPYC 7B13,
@@ -236,6 +252,13 @@ def answer_section(
         "reslab.probe's verdict at initialisation at the model's own depth. Details per model follow; the method "
         "is at the end."
     )
+    spread = timing_spread(timing)
+    if spread > TIMING_SPREAD_WARN:
+        notes.append(
+            f"The timing pass's rounds of one variant differ by up to {spread:.1f}x, so its time/step ratios are "
+            "rough (the machine was busy while it ran): delete timing.json and re-run the same command on a "
+            "quiet machine to measure them again."
+        )
     doc.p(" ".join(notes))
     return [path]
 
