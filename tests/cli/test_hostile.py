@@ -181,10 +181,16 @@ def synthetic_grid(root: Path) -> Path:
     return root
 
 
-def test_damaged_summaries(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [('{"status": "compl', "not valid JSON"), ('{"status": "completed", "test_acc": "high"}', "test_acc 'high'")],
+)
+def test_damaged_summaries(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, named: str) -> None:
+    """Torn JSON, or a value of the wrong kind: the report names the file and what is wrong with it."""
     root = synthetic_grid(tmp_path / "grid")
-    (root / "runs" / "resnet8-scale-s1" / "summary.json").write_text('{"status": "compl')
-    assert "summary.json" in refused(["report", str(root)], capsys, root)
+    (root / "runs" / "resnet8-scale-s1" / "summary.json").write_text(text)
+    line = refused(["report", str(root)], capsys, root)
+    assert "summary.json" in line and named in line
 
 
 @pytest.mark.parametrize(

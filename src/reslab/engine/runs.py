@@ -119,10 +119,28 @@ def remove_run(out: Path) -> None:
 # Reading the status
 
 
+#: summary.json's numbers: each a number or null (a string here is damage, not a result)
+SUMMARY_NUMBERS = ("test_acc", "test_loss", "best_val_acc", "elapsed_s", "chance_acc", "params", "flops")
+
+
+def _summary_fault(obj: Any) -> str | None:
+    """Why a parsed summary.json is not one reslab wrote (None when it could be)."""
+    if not isinstance(obj, dict):
+        return f"holds a JSON {type(obj).__name__}, not an object"
+    if "status" in obj and not isinstance(obj["status"], str):
+        return f"has status {obj['status']!r}, not a word"
+    for key in SUMMARY_NUMBERS:
+        v = obj.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
+            return f"has {key} {v!r}, not a number"
+    return None
+
+
 def read_summary(out: Path) -> dict[str, Any] | None:
-    """``summary.json`` as a dict; ``None`` when it is missing or unreadable."""
+    """``summary.json`` as a dict; ``None`` when it is missing, unreadable or damaged (a value of
+    the wrong kind, :func:`summary_problem` says which)."""
     summary = read_json(out / SUMMARY_FILE)
-    return summary if isinstance(summary, dict) else None
+    return summary if _summary_fault(summary) is None else None
 
 
 def summary_problem(file: Path) -> str | None:
@@ -138,7 +156,7 @@ def summary_problem(file: Path) -> str | None:
         obj = json.loads(text)
     except ValueError:
         return "is not valid JSON"
-    return None if isinstance(obj, dict) else f"holds a JSON {type(obj).__name__}, not an object"
+    return _summary_fault(obj)
 
 
 def has_run(out: Path) -> bool:
