@@ -174,6 +174,15 @@ def error_rate_words(decisions: Sequence[Decision]) -> str:
     return f"Error rate: {rate}; {plan}; equivalence margin +-{100 * d0.margin:.2g} pp."
 
 
+def regime_line(regime: Regime, decisions: Sequence[Decision]) -> str:
+    """A model's line in the answer: its regime, or, when its baseline learned nothing, that (a
+    baseline flat at chance is not a plateau)."""
+    nothing = next((d for d in decisions if d.model == regime.model and d.why_open == "nothing learned"), None)
+    if nothing is None:
+        return regime.sentence()
+    return f"{regime.model}: {regime.length}; {nothing_learned_words(nothing)}."
+
+
 def answer_section(
     doc: Doc,
     decisions: Sequence[Decision],
@@ -190,7 +199,7 @@ def answer_section(
         doc.p("No technique has paired runs with baseline yet, so nothing is decided.")
         return []
     if regimes:
-        doc.ul([r.sentence() for r in regimes.values()])
+        doc.ul([regime_line(r, decisions) for r in regimes.values()])
     path = fig_dir / "decisions.png"
     plots.plot_decisions(
         [
@@ -244,9 +253,6 @@ def answer_section(
                 else "."
             )
         )
-    nothing = [d for d in decisions if d.why_open == "nothing learned"]
-    for model in dict.fromkeys(d.model for d in nothing):
-        notes.append(nothing_learned_words(next(d for d in nothing if d.model == model)) + f" ({model}).")
     notes.append(
         f"Time/step: ratio to baseline in a dedicated timing pass on {timing_device_words(timing)}; gradients at init: "
         "reslab.probe's verdict at initialisation at the model's own depth. Details per model follow; the method "
