@@ -6,7 +6,7 @@ ResNet-8 and a deep ResNet-56 (quarter width, a 4,000-image Fashion-MNIST subset
 125 steps), 6 seeds read once, in about 5 minutes on a 2-core CPU: early training, and at 6 seeds
 most rows stay undecided ('--preset quick --max-seeds 24 --budget 15m' reads them at 6, 12, 18 and 24 seeds and
 decides about 4 of 6; benchmarks/README.md, "The quick preset"). '--preset paper' runs
-resnet20/56/110 with every technique on full data (for a GPU). Any grid or training option
+resnet20/56/110 with baseline, scale, norm and fusion on full data (for a GPU). Any grid or training option
 without --preset starts a custom grid from the training engine's defaults (resnet20, full
 data, fixed seeds); '--preset quick --epochs 3' changes one setting of a
 preset. The header states the preset, the grid and an estimated time before training.
