@@ -392,3 +392,10 @@ def test_estimate_measures_and_trains_nothing(tmp_path: Path, capsys: pytest.Cap
     err = capsys.readouterr().err
     assert "--estimate measures this machine" in err and "Traceback" not in err
     assert not (tmp_path / "r2").exists()
+
+
+def test_one_seed_trains_and_says_it_cannot_decide(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(tiny_args(tmp_path / "one", "--no-report", seeds="1", quiet=False)) == 0
+    err = capsys.readouterr().err
+    assert "one seed gives no interval, so no row can be decided" in err and "--seeds 3" in err
+    assert sorted(p.name for p in (tmp_path / "one" / "runs").iterdir()) == ["resnet8-baseline-s0", "resnet8-scale-s0"]

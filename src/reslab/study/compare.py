@@ -212,6 +212,11 @@ def announce(setup: Setup, shard: tuple[int, int] | None) -> None:
         + (f", packs of up to {setup.pack_size} runs" if setup.pack_size > 1 else "")
         + f"; {setup.estimate}; results in {setup.results}"
     )
+    if len(setup.grid.seeds) < 2:
+        prog.line(
+            "compare: note: one seed gives no interval, so no row can be decided; it trains the runs, and "
+            "--seeds 3 (or more) makes it a comparison"
+        )
     device = str(setup.grid.shared_settings().get("device", "cpu"))
     if setup.total_s > LONG_RUN_S and not device.startswith("cuda") and not _has_cuda():
         prog.line(
