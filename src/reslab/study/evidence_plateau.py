@@ -53,7 +53,7 @@ class Plateau:
         """The measurement in words."""
         if self.state == "pending":
             on = f" on {self.card}" if self.card else ""
-            return f"epochs not chosen yet: baseline's plateau is being measured{on} ({self._points()})"
+            return f"epochs not chosen yet: baseline's plateau is measured first{on} ({self._points()})"
         if self.state == "set":
             return f"{self.epochs} epochs, set (the ladder has one length: the plateau was not measured)"
         e, f = self.pair or (self.epochs, self.epochs)

@@ -79,10 +79,12 @@ def run(args: argparse.Namespace) -> int:
             info = describe_device(pick_device(args.device))
         except ValueError as e:
             raise UsageError(str(e)) from None
+        if info["type"] == "cpu" and args.device == "auto":
+            print("note: no GPU is visible here, so a call would refuse to train (it would with --device cpu)")
+        if not out.is_dir():
+            print(f"note: {out} does not exist, so no run is recorded there (the study is docs/evidence of a checkout)")
         for line in evidence_run.plan_call(out, info["name"], budget_s=budget):
             print(line)
-        if info["type"] == "cpu" and args.device == "auto":
-            print("note: no GPU is visible here, so a call would refuse to train without --device cpu")
         return 0
     check_writable_dir(out)
     if args.no_train:
