@@ -251,7 +251,14 @@ def test_cli_report_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFi
 def test_cli_report_regenerates(grid_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(grid_dir), "--target-acc", "0.8", "--interval", "t"]) == 0
     assert float(read_summary(grid_dir)["baseline"]["target_acc"]) == 0.8
-    assert "report.md" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "report.md" in out
+    # the verdict table, a line per row, as decisions.json has it
+    rows = json.loads((grid_dir / "decisions.json").read_text())
+    lines = [line for line in out.splitlines() if line.startswith("resnet8 ")]
+    assert rows and lines
+    assert [line.split(":")[0] for line in lines] == [f"resnet8 {r['technique']}" for r in rows]
+    assert all(line.split(": ")[1].split(",")[0].startswith(r["decision"]) for line, r in zip(lines, rows, strict=True))
 
 
 def test_lower_sections_tell_the_decision_tables_story(tmp_path: Path) -> None:

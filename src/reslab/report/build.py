@@ -12,7 +12,7 @@ merged shards of several machines. Layout of a results folder: :mod:`reslab.stud
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from reslab.report.aggregate import (
     summarize_all,
     targets_for,
 )
-from reslab.report.decision_table import answer_section, methods_section, provenance_words
+from reslab.report.decision_table import answer_section, methods_section, provenance_words, verdict_line
 from reslab.report.derived import has_records, write_derived_files
 from reslab.report.document import Doc
 from reslab.report.sections import (
@@ -68,6 +68,8 @@ class ReportFiles:
     report_html: Path
     figures: list[Path]
     missing: list[str]
+    #: the verdict table, a line per row (:func:`reslab.report.decision_table.verdict_line`)
+    verdicts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -208,4 +210,5 @@ def build_report(
     report_md, report_html = g.out / "report.md", g.out / "report.html"
     atomic_write_text(report_md, doc.markdown())
     atomic_write_text(report_html, doc.html(title))
-    return ReportFiles(results_jsonl, summary_csv, report_md, report_html, figures, g.missing)
+    verdicts = [verdict_line(d) for d in g.decisions]
+    return ReportFiles(results_jsonl, summary_csv, report_md, report_html, figures, g.missing, verdicts)

@@ -131,6 +131,11 @@ def seeds_words(d: Decision) -> str:
     return text
 
 
+def verdict_line(d: Decision) -> str:
+    """A row of the verdict table as one terminal line, for the commands that write the report."""
+    return f"{d.model} {d.technique}: {verdict_words(d)}, {difference_words(d)} pp, {seeds_words(d)} seeds"
+
+
 def failures_cell(d: Decision) -> str:
     """The technique's failed runs, baseline's beside them, and for an equivalent or better row the
     failure rate its seeds do not exclude."""

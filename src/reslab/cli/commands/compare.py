@@ -430,6 +430,8 @@ def _run(
     if res.report is not None:
         if res.report.missing:
             print(f"incomplete grid: {len(res.report.missing)} runs missing or unfinished (see the report)")
+        for line in res.report.verdicts:
+            print(line)
         print(f"report: {res.report.report_md}  {res.report.report_html}")
         print(f"tables: {res.report.summary_csv}  {res.report.results_jsonl}")
     elif res.report_note:

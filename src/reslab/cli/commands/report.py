@@ -89,5 +89,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(e)) from None
     if files.missing:
         print(f"incomplete grid: {len(files.missing)} runs missing or unfinished (listed in the report)")
+    for line in files.verdicts:
+        print(line)
     print(f"wrote {files.report_md}, {files.report_html}, {files.summary_csv}, {files.results_jsonl}")
     return 0
