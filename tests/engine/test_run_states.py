@@ -126,6 +126,9 @@ def test_extend_a_finished_constant_run_equals_training_longer(tmp_path, capsys)
     opts = [*TINY, "--schedule", "constant", "--warmup", "0", "--lr", "0.05"]
     short, long_ = tmp_path / "short", tmp_path / "long"
     assert main(["train", "--out", str(short), *opts, "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(short), *opts, "--epochs", "1", "--quiet"]) == 2
+    assert "or --resume --epochs N to extend it" in _err(capsys)  # offered where it works
     assert main(["train", "--out", str(short), "--resume", "--epochs", "2", "--quiet"]) == 0
     assert main(["train", "--out", str(long_), *opts, "--epochs", "2"]) == 0
     s = _summary(short)
@@ -139,6 +142,10 @@ def test_a_finished_onecycle_run_is_not_extended(tmp_path, capsys):
     assert main(["train", "--out", str(out), *TINY, "--epochs", "1"]) == 0
     before = (out / "model.safetensors").read_bytes()
     capsys.readouterr()
+    # training it again offers only what works: --overwrite or another folder, not --resume --epochs
+    assert main(["train", "--out", str(out), *TINY, "--epochs", "1", "--quiet"]) == 2
+    err = _err(capsys)
+    assert "--overwrite" in err and "another --out" in err and "--resume" not in err
     assert main(["train", "--out", str(out), "--resume", "--epochs", "3", "--quiet"]) == 2
     err = _err(capsys)
     assert "cannot be extended honestly" in err and "down to zero" in err and "--schedule constant" in err

@@ -352,10 +352,13 @@ def plan_run(out: Path, cfg: TrainConfig, resume: bool, overwrite: bool) -> tupl
         if restartable:
             return resume, True
         if state == "completed":
-            raise UsageError(
-                f"{out} already holds a completed run; pass --overwrite to replace it, "
-                "or --resume --epochs N to extend it"
+            saved = read_config_file(out / "config.yaml") if (out / "config.yaml").is_file() else {}
+            more = (
+                ", or --resume --epochs N to extend it"
+                if extendable(saved)
+                else f", or another --out (its {saved.get('schedule', 'learning-rate')} schedule cannot be extended)"
             )
+            raise UsageError(f"{out} already holds a completed run; pass --overwrite to replace it{more}")
         if state == "diverged":
             raise UsageError(f"{out} already holds a diverged run; pass --overwrite to replace it (try a lower --lr)")
         raise UsageError(
