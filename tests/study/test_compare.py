@@ -119,7 +119,7 @@ def test_resume_after_killing_the_grid(tmp_path: Path) -> None:
     # the same command again: the finished run is kept byte for byte, the killed one resumes
     res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=HANG_S)
     assert res.returncode == 0, res.stderr
-    assert "1 runs trained (0 diverged), 1 already finished" in res.stdout
+    assert "1 run trained (0 diverged), 1 already finished" in res.stdout
     assert {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()} == first_files
     rows = [json.loads(x) for x in (second / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]

@@ -203,7 +203,7 @@ def test_ray_task_killed_mid_run_is_retried_and_resumes(tmp_path: Path, long_ref
     os.kill(_worker_mid_run(out, proc), signal.SIGKILL)
     stdout, _ = proc.communicate(timeout=HANG_S)
     assert proc.returncode == 0, stdout
-    assert "1 runs trained (0 diverged), 0 already finished, 0 failed" in stdout
+    assert "1 run trained (0 diverged), 0 already finished, 0 failed" in stdout
     _assert_resumed_once(out, long_reference)
 
 

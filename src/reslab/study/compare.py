@@ -206,7 +206,7 @@ def announce(setup: Setup, shard: tuple[int, int] | None) -> None:
     """Say what this process will do, and how long the grid should take."""
     sched, prog = setup.sched, setup.prog
     prog.line(
-        f"compare: {len(sched.cells)} cells at most, {len(sched.skipped)} already finished"
+        f"compare: {len(sched.cells)} runs at most, {len(sched.skipped)} already finished"
         + (f" (shard {shard[0]}/{shard[1]})" if shard else "")
         + f"; {setup.jobs} job(s) x {setup.threads} thread(s)"
         + (f", packs of up to {setup.pack_size} runs" if setup.pack_size > 1 else "")

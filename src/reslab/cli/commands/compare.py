@@ -372,9 +372,10 @@ def _run(
             if plan
             else f"seeds {', '.join(map(str, grid.seeds))}"
         )
+        pairs = _count(len(grid.models) * len(grid.techniques), "model x technique pair")
         print(
             f"compare: {'preset ' + grid.preset if grid.preset else 'custom grid'}: {', '.join(grid.models)} x "
-            f"{', '.join(grid.techniques)} ({len(grid.models) * len(grid.techniques)} model x technique pairs); "
+            f"{', '.join(grid.techniques)} ({pairs}); "
             f"{seeds}" + (f"; training budget {fmt_duration(grid.budget_s)}" if grid.budget_s else ""),
             file=sys.stderr,
         )
@@ -419,7 +420,7 @@ def _run(
         return exit_status(e)
     wall = time.perf_counter() - t0
     print(
-        f"{len(res.ran)} runs trained ({len(res.diverged)} diverged), {len(res.skipped)} already finished, "
+        f"{_count(len(res.ran), 'run')} trained ({len(res.diverged)} diverged), {len(res.skipped)} already finished, "
         f"{len(res.failed)} failed; wall-clock {fmt_duration(wall)}"
     )
     if res.budget_spent:
@@ -443,3 +444,8 @@ def _run(
     if launcher is not None and any(w.error for w in workers):
         return 1
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    """'1 run', '3 runs'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

@@ -1,5 +1,5 @@
 """Print a model's parameters and forward FLOPs with a technique, and the overhead of the
-technique over ``baseline``. FLOPs count convolutions and matrix products (a multiply-add
+technique over baseline. FLOPs count convolutions and matrix products (a multiply-add
 is 2 FLOPs), for one image of the given input size."""
 
 from __future__ import annotations
