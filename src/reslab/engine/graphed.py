@@ -60,6 +60,24 @@ def graphs_refusal(
     return ""
 
 
+def on_side_stream(
+    side: bool, device: torch.device, step: Callable[[], tuple[Tensor, Tensor]]
+) -> tuple[Tensor, Tensor]:
+    """``step()`` (one eager training step), on a side stream when ``side`` (PyTorch's advice for the
+    steps before a capture), its outputs handed back to the current stream; else just ``step()``."""
+    stream = torch.cuda.Stream(device=device) if side else None
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):  # None: a no-op context, here and on a CPU-only build
+        out = step()
+    if stream is not None:
+        main = torch.cuda.current_stream(device)
+        main.wait_stream(stream)
+        for t in out:  # made on the side stream, read on the main one: their memory is not reused before that
+            t.record_stream(main)
+    return out
+
+
 class CapturableSGD:
     """``torch.optim.SGD``'s update (momentum, dampening, Nesterov, weight decay per group) on
     that optimizer's own parameters and momentum buffers, with the learning rate a tensor on
@@ -182,21 +200,15 @@ class GraphedStep:
         """The engine's ordinary step, on a side stream while warming up for a capture."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        side = self.capture and self.graph is None and x.is_cuda
-        stream = torch.cuda.Stream(device=x.device) if side else None
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(stream):  # None: a no-op context, here and on a CPU-only build
+
+        def step() -> tuple[Tensor, Tensor]:
             # once a graph exists its gradients stay the ones the eager step fills (no second set)
             self.optimizer.zero_grad(set_to_none=self.graph is None)
-            loss, logits = self._forward_backward(x, y, True)
+            out = self._forward_backward(x, y, True)
             self.optimizer.step()
-        if stream is not None:
-            main = torch.cuda.current_stream(x.device)
-            main.wait_stream(stream)
-            # made on the side stream, read on the main one: their memory is not reused before that
-            loss.record_stream(main)
-            logits.record_stream(main)
+            return out
+
+        loss, logits = on_side_stream(self.capture and self.graph is None and x.is_cuda, x.device, step)
         self.eager_steps += 1
         return loss, logits
 
@@ -238,4 +250,4 @@ class GraphedStep:
         return self.static["loss"], self.static["logits"]
 
 
-__all__ = ["WARMUP_STEPS", "CapturableSGD", "GraphedStep", "graphs_refusal"]
+__all__ = ["WARMUP_STEPS", "CapturableSGD", "GraphedStep", "graphs_refusal", "on_side_stream"]

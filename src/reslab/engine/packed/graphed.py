@@ -45,7 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from reslab.engine.devices import synchronize
-from reslab.engine.graphed import WARMUP_STEPS, CapturableSGD, graphs_refusal
+from reslab.engine.graphed import WARMUP_STEPS, CapturableSGD, graphs_refusal, on_side_stream
 from reslab.engine.packed.stack import PackedModel
 
 
@@ -161,21 +161,15 @@ class GraphedPackStep:
 
     def _eager(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """One step of the graph's arithmetic, eagerly; on a side stream while warming up for a capture."""
-        side = self.capture and self.graph is None and x.is_cuda
-        stream = torch.cuda.Stream(device=x.device) if side else None
-        if stream is not None:
-            stream.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.cuda.stream(stream):  # None: a no-op context, here and on a CPU-only build
+
+        def step() -> tuple[Tensor, Tensor]:
             # once a graph exists its gradients stay the ones the eager step fills (no second set)
             self.pack.optimizer.zero_grad(set_to_none=self.graph is None)
-            losses, logits = self._forward_backward(x, y, True)
+            out = self._forward_backward(x, y, True)
             self._update(frozenset(self.pack.frozen))
-        if stream is not None:
-            main = torch.cuda.current_stream(x.device)
-            main.wait_stream(stream)
-            # made on the side stream, read on the main one: their memory is not reused before that
-            losses.record_stream(main)
-            logits.record_stream(main)
+            return out
+
+        losses, logits = on_side_stream(self.capture and self.graph is None and x.is_cuda, x.device, step)
         self.eager_steps += 1
         return losses, logits
 
