@@ -31,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,19 +91,24 @@ def _is_int(v: Any) -> bool:
     return type(v) is int
 
 
+def _check_object_and_version(obj: Any, version: int, not_object: str, bad: Callable[[str], UsageError]) -> None:
+    """``bad(...)`` unless ``obj`` is a JSON object of this ``version``."""
+    if not isinstance(obj, dict):
+        raise bad(not_object)
+    if obj.get("version") != version:
+        raise bad(
+            f"version is {obj.get('version')!r}; this reslab reads version {version} (written by another "
+            "version of reslab?)"
+        )
+
+
 def validate_record(obj: Any, where: str) -> dict[str, Any]:
     """One record of runs.jsonl, checked; a :class:`UsageError` starting with ``where`` otherwise."""
 
     def bad(what: str) -> UsageError:
         return UsageError(f"{where}: {what}")
 
-    if not isinstance(obj, dict):
-        raise bad("a record is a JSON object")
-    if obj.get("version") != RUNS_VERSION:
-        raise bad(
-            f"version is {obj.get('version')!r}; this reslab reads version {RUNS_VERSION} (written by another "
-            "version of reslab?)"
-        )
+    _check_object_and_version(obj, RUNS_VERSION, "a record is a JSON object", bad)
     for key in ("model", "technique", "device"):
         if not isinstance(obj.get(key), str) or not obj[key]:
             raise bad(f"{key} must be a non-empty name")
@@ -218,13 +223,7 @@ def validate_summary(obj: Any, path: Path | str) -> dict[str, Any]:
     def bad(what: str) -> UsageError:
         return UsageError(f"{path}: {what}; {_summary_fix(path)}")
 
-    if not isinstance(obj, dict):
-        raise bad("the content must be a JSON object")
-    if obj.get("version") != SUMMARY_VERSION:
-        raise bad(
-            f"version is {obj.get('version')!r}; this reslab reads version {SUMMARY_VERSION} (written by another "
-            "version of reslab?)"
-        )
+    _check_object_and_version(obj, SUMMARY_VERSION, "the content must be a JSON object", bad)
     for key in ("runs", "decided"):
         if not _is_int(obj.get(key)) or obj[key] < 0:
             raise bad(f"{key} must be a whole number >= 0")
