@@ -19,6 +19,7 @@ import yaml
 from torch import Tensor, nn
 
 import reslab
+from packs import nan_at
 from patience import HANG_S
 from reslab.engine.build import open_run_dataset
 from reslab.engine.optim import param_groups
@@ -117,19 +118,6 @@ def test_a_pack_validates_once_per_epoch(tiny_train_config, tmp_path, monkeypatc
         assert summary["status"] == "completed"
         if not val_size:
             assert summary["test_acc"] == records(tmp_path / f"s{s}")[-1]["val_acc"]
-
-
-def nan_at(member: int, step: int):
-    """A loss hook making ``member``'s loss non-finite from optimizer step ``step`` (1-based) on."""
-
-    def hook(s: int, losses: Tensor) -> Tensor:
-        if s >= step:
-            bad = torch.ones_like(losses)
-            bad[member] = float("nan")
-            return losses * bad
-        return losses
-
-    return hook
 
 
 def test_a_diverging_run_is_frozen_and_the_others_are_unchanged(reference, tiny_train_config, tmp_path):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
+from packs import nan_at, startup_line
 from patience import HANG_S
 from reslab.engine.graphed import WARMUP_STEPS
 from reslab.engine.optim import param_groups
@@ -261,29 +261,8 @@ def test_a_graphed_pack_reports_its_start_up(tiny_train_config, tmp_path, capsys
         parts = startup["build"] + startup["warmup"] + startup["capture"] + startup["first_step"]
         assert startup["total"] == pytest.approx(parts, abs=0.003)
     assert "packed (grouped, CUDA graph)" in err
-    [line] = [x for x in err.splitlines() if x.startswith("pack start-up")]
-    number = r"(\d+\.\d+)"
-    m = re.fullmatch(
-        rf"pack start-up {number} s: build {number} s, warm-up {number} s \({WARMUP_STEPS} eager steps\), "
-        rf"capture {number} s, first step {number} s \(the graph's work run eagerly, not captured\)",
-        line,
-    )
-    assert m, line
-    total, *parts = (float(v) for v in m.groups())
+    total, parts = startup_line(err, r" \(the graph's work run eagerly, not captured\)")
     assert total == pytest.approx(sum(parts), abs=0.2)  # each part rounded for the line
-
-
-def nan_at(member: int, step: int):
-    """A loss hook making ``member``'s loss non-finite from optimizer step ``step`` (1-based) on."""
-
-    def hook(s: int, losses: Tensor) -> Tensor:
-        if s >= step:
-            bad = torch.ones_like(losses)
-            bad[member] = float("nan")
-            return losses * bad
-        return losses
-
-    return hook
 
 
 def test_a_diverging_member_of_a_graphed_pack_is_frozen_and_the_others_are_unchanged(
